@@ -1,0 +1,71 @@
+"""`ldm-lightning` — the command-line face. Nothing in the package imports this module.
+
+Training subcommands (`fit`, `validate`, `test`) are LightningCLI / jsonargparse:
+    ldm-lightning fit -c configs/autoencoder/kl-f8.yaml --trainer.max_steps 1000
+Tool subcommands each own an argparse parser in the module that implements them:
+    ldm-lightning data pack | data encode | sample | export | demo
+Heavy imports happen only inside the chosen subcommand, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module path, one-line help). Each module exposes `main(argv: list[str]) -> int | None`.
+TOOLS = {
+    ("data", "pack"): ("ldm_lightning.data.pack", "Pack MNIST or an image folder into WebDataset shards + manifest.json"),
+    ("data", "encode"): ("ldm_lightning.diffusion.encode", "Encode image shards into latent shards with a trained autoencoder"),
+    ("sample",): ("ldm_lightning.diffusion.sample", "Sample images from a trained diffusion checkpoint"),
+    ("export",): ("ldm_lightning.export", "Export an autoencoder (diffusers/safetensors) or denoiser (safetensors)"),
+    ("demo",): ("ldm_lightning.demo", "The end-to-end MNIST demo: both stages, sampling, measured quality"),
+}
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
+
+
+def _usage() -> str:
+    lines = ["usage: ldm-lightning <command> [options]", "", "training (LightningCLI; -c CONFIG.yaml, --print_config):"]
+    for sub in LIGHTNING_SUBCOMMANDS:
+        lines.append(f"  {sub:<14} {sub} a model from a config")
+    lines.append("")
+    lines.append("tools:")
+    for words, (_, help_) in TOOLS.items():
+        lines.append(f"  {' '.join(words):<14} {help_}")
+    lines.append("")
+    lines.append("Run `ldm-lightning <command> --help` for the options of a command.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from ldm_lightning import __version__
+        print(__version__)
+        return 0
+    if argv[0] in LIGHTNING_SUBCOMMANDS:
+        from ldm_lightning.training.lightning_cli import run_lightning_cli
+        run_lightning_cli(argv)
+        return 0
+    for n in (2, 1):
+        key = tuple(argv[:n])
+        if key in TOOLS:
+            module = importlib.import_module(TOOLS[key][0])
+            rc = module.main(argv[n:])
+            return int(rc or 0)
+    if argv[0] == "data":
+        print("usage: ldm-lightning data {pack,encode} [options]\n\n"
+              + "\n".join(f"  {w[1]:<8} {h}" for w, (_, h) in TOOLS.items() if w[0] == "data"))
+        return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
+    print(f"ldm-lightning: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def console_main() -> None:
+    sys.exit(main())

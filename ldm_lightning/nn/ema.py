@@ -1,0 +1,49 @@
+"""Exponential moving average of a module's weights (Polyak averaging, as in LDM/DiT/EDM)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """Holds a frozen copy of `model` whose weights track `decay * ema + (1 - decay) * model`.
+
+    The copy is an ordinary submodule, so it is saved in (and restored from) the owner's state dict,
+    exported with it, and moved across devices with it. Its parameters never require grad, so optimizers
+    built from ``requires_grad`` parameters never see them.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup_steps: int = 0):
+        super().__init__()
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema.decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        # Early in training the average would be dominated by the random init; ramp the decay up
+        # (the (1 + n) / (10 + n) rule from LDM's LitEma) unless an explicit warmup is set.
+        n = int(self.num_updates)
+        if self.warmup_steps > 0:
+            return self.decay * min(1.0, n / self.warmup_steps)
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params = dict(self.module.named_parameters())
+        for name, p in model.named_parameters():
+            e = ema_params[name]
+            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+        ema_buffers = dict(self.module.named_buffers())
+        for name, b in model.named_buffers():
+            ema_buffers[name].copy_(b)
+        self.num_updates += 1
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

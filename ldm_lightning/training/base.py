@@ -1,0 +1,211 @@
+"""What both training stages share: optimizer + warmup, EMA, NaN guard, deterministic per-step noise.
+
+`AutoencoderModule` and `DiffusionModule` subclass `TrainingModule`. The subclass implements
+`compute_loss(batch) -> (loss, terms)`; the base turns that into a guarded training step.
+
+Determinism: every random draw a training step makes (noise, timesteps, posterior samples, condition
+dropout) comes from `self.step_generator(tag)`, a generator seeded by (seed, global step, rank, tag).
+Noise is therefore a pure function of the step, so a resumed run draws exactly what an uninterrupted
+run would, with no RNG state to carry (RNG states are still checkpointed for user code that uses
+the global generators — see training/checkpointing.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import nn
+
+from ldm_lightning.nn.ema import EMA
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to `lr` over this many optimizer steps."""
+    schedule: str = "constant"
+    """After warmup: 'constant' or 'cosine' (to 0 at trainer.max_steps)."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule must be one of 'constant', 'cosine'; got {self.schedule!r}")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trained network's weights."""
+
+    enabled: bool = True
+    """Keep an EMA copy (used for validation samples and exported by default)."""
+    decay: float = 0.9999
+    """Target decay; ramps up as (1+n)/(10+n) early in training unless warmup_steps > 0."""
+    warmup_steps: int = 0
+    """If > 0, decay ramps linearly from 0 to `decay` over this many updates instead."""
+
+
+@dataclass
+class GuardConfig:
+    """Non-finite loss / gradient protection."""
+
+    enabled: bool = True
+    """Skip optimizer steps whose loss or gradients are NaN/Inf (decided jointly by all ranks)."""
+    max_consecutive: int = 20
+    """After this many consecutive skipped steps: save `nonfinite-stop.ckpt` and stop with an error."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after `GuardConfig.max_consecutive` consecutive non-finite steps."""
+
+
+def _seed_from(*parts) -> int:
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class TrainingModule(L.LightningModule):
+    """Base LightningModule. Subclasses set `self.ema_target` (the nn.Module whose weights get an EMA)
+    in `__init__` before calling `self.setup_ema()`, and implement `compute_loss`."""
+
+    def __init__(self, optim: OptimConfig | None = None, ema: EMAConfig | None = None,
+                 guard: GuardConfig | None = None, seed: int = 0):
+        super().__init__()
+        self.optim_cfg = optim or OptimConfig()
+        self.ema_cfg = ema or EMAConfig()
+        self.guard_cfg = guard or GuardConfig()
+        self.seed = seed
+        self.ema: EMA | None = None
+        self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.long), persistent=True)
+        self.register_buffer("nonfinite_consecutive", torch.zeros((), dtype=torch.long), persistent=True)
+        self._last_step_skipped = False
+
+    # --- EMA -------------------------------------------------------------------------------------
+    def setup_ema(self, target: nn.Module) -> None:
+        self._ema_target_name = next(n for n, m in self.named_children() if m is target)
+        if self.ema_cfg.enabled:
+            self.ema = EMA(target, self.ema_cfg.decay, self.ema_cfg.warmup_steps)
+
+    def ema_or_live(self) -> nn.Module:
+        """The network to evaluate with: EMA weights when kept, else the live weights."""
+        target = getattr(self, self._ema_target_name)
+        return self.ema.module if self.ema is not None else target
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None and not self._last_step_skipped:
+            self.ema.update(getattr(self, self._ema_target_name))
+
+    # --- randomness ------------------------------------------------------------------------------
+    def step_generator(self, tag: str = "noise", device: torch.device | None = None) -> torch.Generator:
+        """A generator seeded by (seed, global_step, global_rank, tag): noise as a pure function of the step."""
+        g = torch.Generator(device=device or self.device)
+        g.manual_seed(_seed_from(self.seed, int(self.global_step), int(self.global_rank), tag))
+        return g
+
+    # --- the step --------------------------------------------------------------------------------
+    def compute_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        loss, terms = self.compute_loss(batch)
+        loss = self.guard_loss(loss, terms)
+        if loss is not None:
+            self.log_dict({f"train/{k}": v.detach().float() for k, v in terms.items()},
+                          prog_bar=False, sync_dist=False)
+            self.log("train/loss", loss.detach().float(), prog_bar=True)
+        self.log("train/nonfinite_skipped", self.nonfinite_skipped.float())
+        return loss
+
+    def _all_ranks_finite(self, value: torch.Tensor) -> bool:
+        ok = torch.isfinite(value.detach()).all().float().reshape(1)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            ok = self.trainer.strategy.reduce(ok, reduce_op="min")
+        return bool(ok.item() > 0)
+
+    def _is_deepspeed(self) -> bool:
+        return self.trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__
+
+    def guard_loss(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]):
+        """Returns the loss to backpropagate, or None / a zero-gradient loss when the step must be skipped."""
+        self._last_step_skipped = False
+        if not self.guard_cfg.enabled or self._all_ranks_finite(loss):
+            self.nonfinite_consecutive.zero_()
+            return loss
+        self._register_bad_step("loss", terms, loss)
+        if self._is_deepspeed():
+            # DeepSpeed's engine must run backward+step every iteration; a graph with all-zero
+            # gradients keeps params unchanged apart from optimizer momentum/decay.
+            return sum((p * 0).sum() for p in self.parameters() if p.requires_grad)
+        return None
+
+    def on_before_optimizer_step(self, optimizer):
+        # Gradients that are non-finite on any rank: drop them all, so torch optimizers skip every
+        # parameter (they ignore params whose .grad is None) — the update is skipped exactly.
+        if not self.guard_cfg.enabled or self._is_deepspeed():
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.stack([g.detach().float().norm() for g in grads]).sum()
+        if not self._all_ranks_finite(norm):
+            self._register_bad_step("gradients", {"grad_norm": norm}, norm)
+            for p in self.parameters():
+                p.grad = None
+
+    def _register_bad_step(self, what: str, terms: dict[str, torch.Tensor], value: torch.Tensor) -> None:
+        self._last_step_skipped = True
+        self.nonfinite_skipped += 1
+        self.nonfinite_consecutive += 1
+        n = int(self.nonfinite_consecutive)
+        term_str = ", ".join(f"{k}={float(v.detach().float().mean()):.4g}" for k, v in terms.items())
+        msg = (f"non-finite {what} at global step {self.global_step} ({term_str}); "
+               f"step skipped ({n} in a row, {int(self.nonfinite_skipped)} in total)")
+        if self.global_rank == 0:
+            print(f"[ldm-lightning] WARNING: {msg}", flush=True)
+        if n >= self.guard_cfg.max_consecutive:
+            path = None
+            if self.trainer is not None and self.trainer.log_dir is not None:
+                import os
+                path = os.path.join(self.trainer.log_dir, "nonfinite-stop.ckpt")
+                self.trainer.save_checkpoint(path)
+            raise NonFiniteLossError(
+                f"{msg}. Stopping after {n} consecutive non-finite steps "
+                f"(guard.max_consecutive={self.guard_cfg.max_consecutive}); last good weights saved to {path}. "
+                "Lower the learning rate, enable gradient clipping, or check the data for bad samples.")
+
+    # --- optimizer -------------------------------------------------------------------------------
+    def optimizer_param_groups(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        c = self.optim_cfg
+        opt = torch.optim.AdamW(self.optimizer_param_groups(), lr=c.lr, betas=tuple(c.betas),
+                                weight_decay=c.weight_decay, eps=c.eps)
+        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
+
+        def factor(step: int) -> float:
+            if c.warmup_steps and step < c.warmup_steps:
+                return (step + 1) / c.warmup_steps
+            if c.schedule == "cosine" and total:
+                progress = min(1.0, (step - c.warmup_steps) / max(1, total - c.warmup_steps))
+                return 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
