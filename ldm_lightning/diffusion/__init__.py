@@ -1,0 +1,23 @@
+"""Stage 2: denoiser backbones, schedules, objectives, losses, samplers, guidance, conditioning.
+
+Everything meets at one interface, `Denoiser(x_t, t, cond) -> Prediction(x0, eps, ...)`:
+the loss (`DiffusionObjective.loss`) and every sampler (`SAMPLERS[name](fn, x_T, schedule, steps)`)
+talk only to it, so backbones, prediction types and schedules combine freely.
+"""
+
+from .conditioning import Conditioner, ConditioningConfig, FrozenTextEncoder
+from .dit import DiT, DiTConfig
+from .guidance import cfg_denoiser, concat_cond
+from .loss import DiffusionObjective, LossOutput, ObjectiveConfig, loss_by_bin
+from .objectives import PREDICTIONS, Denoiser, Prediction, from_x0_eps, to_x0_eps
+from .presets import PRESETS, build_backbone
+from .samplers import SAMPLERS, get_sampler
+from .schedules import FlowSchedule, VPSchedule, build_schedule, make_betas, rescale_zero_terminal_snr
+from .unet import UNet, UNetConfig
+
+__all__ = [
+    "Conditioner", "ConditioningConfig", "FrozenTextEncoder", "DiT", "DiTConfig", "cfg_denoiser", "concat_cond",
+    "DiffusionObjective", "LossOutput", "ObjectiveConfig", "loss_by_bin", "PREDICTIONS", "Denoiser", "Prediction",
+    "from_x0_eps", "to_x0_eps", "PRESETS", "build_backbone", "SAMPLERS", "get_sampler", "FlowSchedule",
+    "VPSchedule", "build_schedule", "make_betas", "rescale_zero_terminal_snr", "UNet", "UNetConfig",
+]

@@ -95,6 +95,7 @@ class TrainingModule(L.LightningModule):
         self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("nonfinite_consecutive", torch.zeros((), dtype=torch.long), persistent=True)
         self._last_step_skipped = False
+        self._ema_updated_this_batch = False
 
     # --- EMA -------------------------------------------------------------------------------------
     def setup_ema(self, target: nn.Module) -> None:
@@ -107,9 +108,30 @@ class TrainingModule(L.LightningModule):
         target = getattr(self, self._ema_target_name)
         return self.ema.module if self.ema is not None else target
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema is not None and not self._last_step_skipped:
+    def update_ema(self) -> None:
+        """One EMA update for the optimizer step just taken (none when the guard skipped it).
+
+        Runs inside `optimizer_step` (automatic optimization), i.e. before any callback's
+        `on_train_batch_end` — where ModelCheckpoint saves — so a checkpoint holds the weights and the
+        EMA of the same step and a resume is exact. Manual-optimization subclasses call it right after
+        their last `opt.step()`; otherwise it runs (later) in `on_train_batch_end`.
+        """
+        if self.ema is not None and not self._last_step_skipped and not self._ema_updated_this_batch:
             self.ema.update(getattr(self, self._ema_target_name))
+        self._ema_updated_this_batch = True
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._ema_updated_this_batch = False
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # Automatic optimization updated in optimizer_step (not at all on gradient-accumulation
+        # micro-batches, where the weights did not change).
+        if not self.automatic_optimization and not self._ema_updated_this_batch:
+            self.update_ema()
 
     # --- randomness ------------------------------------------------------------------------------
     def step_generator(self, tag: str = "noise", device: torch.device | None = None) -> torch.Generator:

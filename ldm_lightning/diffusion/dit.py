@@ -1,0 +1,211 @@
+"""DiT: a ViT over latent patches with AdaLN-Zero conditioning (Peebles & Xie 2023; facebookresearch/DiT
+`models.py`).
+
+The timestep (+ class) embedding c regresses per-block shift/scale/gate vectors; the modulation MLPs
+and the final layer start at zero, so every block is the identity and the output is 0 at init.
+Text conditioning (optional): 'cross_attn' adds a cross-attention sub-block after self-attention in
+each block (PixArt-alpha), its output projection zero-initialised to keep the identity at init;
+'in_context' appends projected text tokens to the sequence (DiT §3.2 "in-context conditioning").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm_lightning.nn.attention import Attention
+from ldm_lightning.nn.embeddings import TimestepEmbedder, sincos_2d
+
+TEXT_MODES = ("cross_attn", "in_context")
+
+
+@dataclass
+class DiTConfig:
+    """DiT hyper-parameters (defaults: DiT-S/2 on 32x32x4 latents, i.e. 256 px with an f8 autoencoder)."""
+
+    input_size: int = 32
+    """Latent height = width the fixed position embedding is built for (other sizes are recomputed)."""
+    in_channels: int = 4
+    """Latent channels (out channels are the same: learn_sigma is off)."""
+    patch_size: int = 2
+    """Patch side p; tokens = (input_size / p)^2."""
+    hidden_size: int = 384
+    """Token width."""
+    depth: int = 12
+    """Number of DiT blocks."""
+    num_heads: int = 6
+    """Attention heads."""
+    mlp_ratio: float = 4.0
+    """MLP hidden = mlp_ratio * hidden_size."""
+    num_classes: int | None = None
+    """Class conditioning: embedding of num_classes + 1 rows (last = null class)."""
+    context_dim: int | None = None
+    """Width of text tokens; None = no text conditioning."""
+    text_mode: str = "cross_attn"
+    """'cross_attn' or 'in_context'."""
+    qk_norm: bool = False
+    """RMSNorm on queries and keys (SD3: stabilises mixed-precision training)."""
+    grad_checkpointing: bool = False
+    """Recompute each block in backward (torch.utils.checkpoint, use_reentrant=False)."""
+
+    def __post_init__(self):
+        if self.input_size % self.patch_size:
+            raise ValueError(f"dit.input_size={self.input_size} must be divisible by dit.patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads or self.hidden_size % 4:
+            raise ValueError(f"dit.hidden_size={self.hidden_size} must be divisible by dit.num_heads="
+                             f"{self.num_heads} and by 4 (2-D sin-cos position embedding)")
+        if self.text_mode not in TEXT_MODES:
+            raise ValueError(f"dit.text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]  # (B, N, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig, cross: bool):
+        super().__init__()
+        D = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(D, cfg.num_heads, qk_norm=cfg.qk_norm)
+        self.cross = Attention(D, cfg.num_heads, cfg.context_dim, cfg.qk_norm) if cross else None
+        self.norm_c = nn.LayerNorm(D, eps=1e-6) if cross else None
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+
+    def forward(self, x, c, context=None, mask=None, self_mask=None):
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, D) each, once per image
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), key_padding_mask=self_mask)  # (B, N, D)
+        if self.cross is not None:
+            x = x + self.cross(self.norm_c(x), context, mask)
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, D: int, patch: int, out: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(D, patch * patch * out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*C)
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, p = cfg.hidden_size, cfg.patch_size
+        self.x_embedder = nn.Conv2d(cfg.in_channels, D, p, stride=p)  # patchify
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes else None
+        g = cfg.input_size // p
+        self.register_buffer("pos_embed", sincos_2d(D, g, g)[None], persistent=False)  # (1, N, D), fixed
+        cross = cfg.context_dim is not None and cfg.text_mode == "cross_attn"
+        self.context_embedder = (nn.Linear(cfg.context_dim, D)
+                                 if cfg.context_dim is not None and cfg.text_mode == "in_context" else None)
+        self.blocks = nn.ModuleList(DiTBlock(cfg, cross) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(D, p, cfg.in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # As DiT `initialize_weights`: xavier Linear, patch embed as a Linear, N(0, 0.02) embeddings,
+        # then adaLN modulation and the final layer to zero (AdaLN-Zero).
+        def _basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(_basic)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+            if blk.cross is not None:
+                nn.init.zeros_(blk.cross.proj.weight)
+                nn.init.zeros_(blk.cross.proj.bias)
+        for m in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        p, C = self.cfg.patch_size, self.cfg.in_channels
+        x = x.reshape(x.shape[0], h, w, p, p, C)  # (B, h, w, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, h * p, w * p)  # (B, C, H, W)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D_ctx); mask (B, L)."""
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"DiT input {tuple(x.shape)}: H and W must be divisible by dit.patch_size={p}")
+        h, w = H // p, W // p
+        pos = self.pos_embed if h * w == self.pos_embed.shape[1] and h == w == self.cfg.input_size // p \
+            else sincos_2d(self.cfg.hidden_size, h, w).to(x.device)[None]
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + pos.to(x.dtype)  # (B, N, D)
+        c = self.t_embedder(t)  # (B, D)
+        if self.y_embedder is not None:
+            if y is None:
+                raise ValueError("this DiT is class-conditional: pass y (use index num_classes for 'no class')")
+            c = c + self.y_embedder(y)
+        if self.cfg.context_dim is not None and context is None:
+            raise ValueError("this DiT is text-conditional (context_dim set): pass context (B, L, context_dim)")
+        self_mask, N = None, tokens.shape[1]
+        if self.context_embedder is not None:  # in-context: [image tokens | text tokens]
+            tokens = torch.cat([tokens, self.context_embedder(context)], dim=1)  # (B, N + L, D)
+            if context_mask is not None:
+                keep = torch.ones(B, N, dtype=torch.bool, device=x.device)
+                self_mask = torch.cat([keep, context_mask.bool()], dim=1)  # (B, N + L)
+            context = context_mask = None
+        for blk in self.blocks:
+            if self.cfg.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(blk, tokens, c, context, context_mask, self_mask, use_reentrant=False)
+            else:
+                tokens = blk(tokens, c, context, context_mask, self_mask)
+        out = self.final_layer(tokens[:, :N], c)  # (B, N, p*p*C)
+        return self.unpatchify(out, h, w)  # (B, C, H, W)
+
+    def flops_per_image(self, input_size: int | None = None, context_len: int = 0, training: bool = False) -> float:
+        """Analytic matmul FLOPs for one image (2 per multiply-add), counting the adaLN / timestep / class
+        path ONCE per image rather than per token: 6*N*T overcounts DiT-XL/2 by ~1.5x since ~1/3 of its
+        parameters are adaLN weights. training=True multiplies by 3 (forward + 2x backward)."""
+        cfg, D = self.cfg, self.cfg.hidden_size
+        s = input_size or cfg.input_size
+        N = (s // cfg.patch_size) ** 2
+        L = context_len if cfg.context_dim is not None else 0
+        T = N + (L if self.context_embedder is not None else 0)  # sequence length
+        mlp = int(D * cfg.mlp_ratio)
+        per_block = T * (4 * D * D + 2 * D * mlp) + 2 * T * T * D  # qkv + proj + mlp; QK^T and AV
+        per_block += 6 * D * D  # adaLN modulation: once per image
+        if self.cfg.context_dim is not None and self.context_embedder is None:
+            per_block += N * 2 * D * D + L * 2 * cfg.context_dim * D + 2 * N * L * D  # q, out; k, v; attention
+        macs = cfg.depth * per_block
+        macs += N * cfg.in_channels * cfg.patch_size ** 2 * D  # patch embed
+        macs += N * D * cfg.patch_size ** 2 * cfg.in_channels + 2 * D * D  # final linear + final adaLN
+        macs += self.t_embedder.freq_dim * D + D * D  # timestep MLP (once)
+        if self.context_embedder is not None:
+            macs += L * cfg.context_dim * D
+        return 2.0 * macs * (3 if training else 1)

