@@ -195,13 +195,22 @@ class AutoencoderModule(TrainingModule):
     def update_scale_factor(self, loader=None) -> dict[str, torch.Tensor]:
         """Compute latent statistics with the exported (EMA) weights on `scale_batches` batches of
         `loader` (default: the train loader) and store them in both the live and EMA autoencoder."""
+        dm, data_state = None, None
         if loader is None:
             dm = getattr(self.trainer, "datamodule", None)
             loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
+            # A fresh pass over a resumable loader (ShardDataModule) moves its position: put it back,
+            # so the checkpoint's data position is the training run's, not this side pass's.
+            if dm is not None and hasattr(dm, "state_dict") and hasattr(dm, "load_state_dict"):
+                data_state = dm.state_dict()
         net = self.ema_or_live()
         batches = ({"image": b["image"].to(self.device)} for b in loader)
-        stats = net.compute_scale_factor(batches, max_batches=self.scale_batches, use_shift=self.scale_use_shift,
-                                         generator=self.step_generator("scale"))
+        try:
+            stats = net.compute_scale_factor(batches, max_batches=self.scale_batches,
+                                             use_shift=self.scale_use_shift, generator=self.step_generator("scale"))
+        finally:
+            if data_state is not None:
+                dm.load_state_dict(data_state)
         for m in (self.autoencoder, net):
             for k in ("scale_factor", "shift_factor", "latent_mean", "latent_std"):
                 getattr(m, k).copy_(stats[k])
@@ -211,13 +220,24 @@ class AutoencoderModule(TrainingModule):
         self._scale_done = True
         return stats
 
-    def on_train_epoch_end(self) -> None:
-        # Runs before ModelCheckpoint's epoch-end save (a monitoring callback), so the last
-        # checkpoint of the run already carries the factor.
+    def _at_last_step(self, epoch_done: bool = False) -> bool:
+        """After the run's final optimizer step (max_steps reached, or the last batch of max_epochs)."""
         t = self.trainer
-        last = (0 < t.max_steps <= t.global_step) or (t.max_epochs not in (None, -1)
-                                                      and t.current_epoch + 1 >= t.max_epochs)
-        if last and self.scale_batches > 0:
+        if t is None:
+            return False
+        by_epochs = epoch_done and t.max_epochs not in (None, -1) and t.current_epoch + 1 >= t.max_epochs
+        return (0 < t.max_steps <= t.global_step) or by_epochs
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        # After the final optimizer step and before the end-of-run validation and checkpoints
+        # (ModelCheckpoint saves on validation end or train-epoch end), so they carry the factor.
+        epoch_done = batch_idx + 1 >= self.trainer.num_training_batches
+        if not self._scale_done and self.scale_batches > 0 and self._at_last_step(epoch_done):
+            self.update_scale_factor()
+
+    def on_train_epoch_end(self) -> None:
+        if not self._scale_done and self.scale_batches > 0 and self._at_last_step(epoch_done=True):
             self.update_scale_factor()
 
     def on_fit_end(self) -> None:
@@ -225,5 +245,14 @@ class AutoencoderModule(TrainingModule):
             self.update_scale_factor()
 
     def on_save_checkpoint(self, checkpoint) -> None:
+        # A checkpoint written at the final step by a callback that ran before our batch-end hook
+        # (e.g. ModelCheckpoint(every_n_train_steps)): compute the factor now and patch it in.
+        if not self._scale_done and self.scale_batches > 0 and self._at_last_step():
+            self.update_scale_factor()
+            sd = checkpoint.get("state_dict", {})
+            for prefix, net in (("autoencoder.", self.autoencoder), ("ema.module.", self.ema_or_live())):
+                for k in ("scale_factor", "shift_factor", "latent_mean", "latent_std"):
+                    if prefix + k in sd:
+                        sd[prefix + k] = getattr(net, k).detach().clone()
         # What `load_autoencoder` and `ldm-lightning export` dispatch on.
         checkpoint["ldm_lightning"] = {"module": CHECKPOINT_TAG, "autoencoder": self.autoencoder.config.to_dict()}

@@ -7,6 +7,7 @@ talk only to it, so backbones, prediction types and schedules combine freely.
 
 from .conditioning import Conditioner, ConditioningConfig, FrozenTextEncoder
 from .dit import DiT, DiTConfig
+from .gmm import GaussianMixture
 from .guidance import cfg_denoiser, concat_cond
 from .loss import DiffusionObjective, LossOutput, ObjectiveConfig, loss_by_bin
 from .objectives import PREDICTIONS, Denoiser, Prediction, from_x0_eps, to_x0_eps
@@ -16,7 +17,7 @@ from .schedules import FlowSchedule, VPSchedule, build_schedule, make_betas, res
 from .unet import UNet, UNetConfig
 
 __all__ = [
-    "Conditioner", "ConditioningConfig", "FrozenTextEncoder", "DiT", "DiTConfig", "cfg_denoiser", "concat_cond",
+    "Conditioner", "ConditioningConfig", "FrozenTextEncoder", "DiT", "DiTConfig", "GaussianMixture", "cfg_denoiser", "concat_cond",
     "DiffusionObjective", "LossOutput", "ObjectiveConfig", "loss_by_bin", "PREDICTIONS", "Denoiser", "Prediction",
     "from_x0_eps", "to_x0_eps", "PRESETS", "build_backbone", "SAMPLERS", "get_sampler", "FlowSchedule",
     "VPSchedule", "build_schedule", "make_betas", "rescale_zero_terminal_snr", "UNet", "UNetConfig",

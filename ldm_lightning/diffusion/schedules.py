@@ -145,7 +145,8 @@ class FlowSchedule:
         return t.double()
 
     def inference_times(self, steps: int, spacing: str = "linspace") -> torch.Tensor:
-        """(steps,) descending t from 1 (pure noise) to 1/steps before the shift; 0 is appended by samplers."""
+        """(steps,) descending t from 1 (pure noise) to 1/steps before the shift; 0 is appended by samplers.
+        `spacing` is validated for a uniform signature; the flow grid is always uniform in t before the shift."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if spacing not in SPACINGS:

@@ -170,9 +170,13 @@ class TrainingModule(L.LightningModule):
             self.nonfinite_consecutive.zero_()
             return loss
         self._register_bad_step("loss", terms, loss)
-        if self._is_deepspeed():
-            # DeepSpeed's engine must run backward+step every iteration; a graph with all-zero
-            # gradients keeps params unchanged apart from optimizer momentum/decay.
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        if self._is_deepspeed() or distributed:
+            # DeepSpeed's engine must run backward+step every iteration, and Lightning refuses a None
+            # training_step under DDP (ranks would disagree on the gradient all-reduce): backprop a
+            # graph with all-zero gradients instead. For torch optimizers on_before_optimizer_step
+            # then drops those gradients so the step is skipped exactly; DeepSpeed keeps params
+            # unchanged apart from optimizer momentum/decay.
             return sum((p * 0).sum() for p in self.parameters() if p.requires_grad)
         return None
 
@@ -180,6 +184,10 @@ class TrainingModule(L.LightningModule):
         # Gradients that are non-finite on any rank: drop them all, so torch optimizers skip every
         # parameter (they ignore params whose .grad is None) — the update is skipped exactly.
         if not self.guard_cfg.enabled or self._is_deepspeed():
+            return
+        if self._last_step_skipped:  # non-finite loss under DDP: zero gradients, drop them (see guard_loss)
+            for p in self.parameters():
+                p.grad = None
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:

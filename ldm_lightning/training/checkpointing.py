@@ -297,16 +297,29 @@ class StepCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str | os.PathLike | None = None, every_n_train_steps: int = 1000,
-                 keep_last_k: int = 3, **kwargs):
+                 keep_last_k: int = 3, filename: str = "step={step:08d}", enable_version_counter: bool = False,
+                 **kwargs):
+        """
+        Args:
+            dirpath: Checkpoint directory (default: Lightning's `<logger dir>/checkpoints`).
+            every_n_train_steps: Save every this many optimizer steps.
+            keep_last_k: How many step checkpoints to keep (plus `last.ckpt`).
+            filename: Step checkpoint name pattern.
+            enable_version_counter: False: overwrite `last.ckpt` instead of writing `last-v1.ckpt` when a
+                resumed run (whose restored `last_model_path` differs, e.g. after a preemption save) finds it.
+            kwargs: Other `ModelCheckpoint` arguments (`monitor`, `mode`, `save_top_k`, `save_last` are fixed).
+        """
         if every_n_train_steps < 1:
             raise ValueError(f"every_n_train_steps must be >= 1, got {every_n_train_steps}")
         if keep_last_k < 1:
             raise ValueError(f"keep_last_k must be >= 1 (use -1 in ModelCheckpoint to keep all), got {keep_last_k}")
+        fixed = {"monitor", "mode", "save_top_k", "save_last", "auto_insert_metric_name"} & kwargs.keys()
+        if fixed:
+            raise ValueError(f"StepCheckpoint sets {sorted(fixed)} itself; use ModelCheckpoint to choose them")
         # monitor="step" with mode="max" is Lightning's way to say "the K most recent".
-        kwargs.setdefault("filename", "step={step:08d}")
-        super().__init__(dirpath=dirpath, monitor="step", mode="max", save_top_k=keep_last_k,
-                         every_n_train_steps=every_n_train_steps, save_last=True,
-                         auto_insert_metric_name=False, **kwargs)
+        super().__init__(dirpath=dirpath, filename=filename, monitor="step", mode="max", save_top_k=keep_last_k,
+                         every_n_train_steps=every_n_train_steps, save_last=True, auto_insert_metric_name=False,
+                         enable_version_counter=enable_version_counter, **kwargs)
 
     def _find_last_checkpoints(self, trainer) -> set[str]:
         directory = self.dirpath or self._ModelCheckpoint__resolve_ckpt_dir(trainer)

@@ -33,10 +33,12 @@ from ldm_lightning.training.preemption import PreemptionCallback, slurm_environm
 
 
 class TinyModule(TrainingModule):
-    def __init__(self, seed: int = 0, nan_at: tuple[int, ...] = (), max_consecutive: int = 20, dim: int = 8):
+    def __init__(self, seed: int = 0, nan_at: tuple[int, ...] = (), max_consecutive: int = 20, dim: int = 8,
+                 nan_rank: int | None = None):
         super().__init__(optim=OptimConfig(lr=1e-2, warmup_steps=3, schedule="cosine", weight_decay=0.01),
                          ema=EMAConfig(decay=0.9), guard=GuardConfig(max_consecutive=max_consecutive), seed=seed)
-        self.nan_at = set(nan_at)
+        self.nan_at = set(nan_at)  # indices of training batches (counted from 0 over the run) with a NaN loss
+        self.nan_rank = nan_rank  # only this rank sees the NaN (None: all ranks)
         self.net = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Dropout(0.2), nn.Linear(32, dim))
         self.setup_ema(self.net)
 
@@ -46,7 +48,9 @@ class TinyModule(TrainingModule):
         pred = self.net(x + 0.1 * noise)  # (B, D)
         mse = F.mse_loss(pred, y)
         reg = 1e-3 * pred.pow(2).mean()
-        if int(self.global_step) in self.nan_at:
+        # Keyed by the batch counter, not global_step: a skipped step does not advance global_step.
+        batch_no = self.trainer.fit_loop.epoch_loop.total_batch_idx if self._trainer is not None else -1
+        if batch_no in self.nan_at and self.nan_rank in (None, self.global_rank):
             mse = mse * float("nan")
         return mse + reg, {"mse": mse, "reg": reg}
 
@@ -121,7 +125,7 @@ class Progress(L.Callback):
         if trainer.is_global_zero:
             with open(self.path, "a") as f:
                 f.write(f"{trainer.global_step} {trainer.current_epoch} {batch_idx}\n")
-        if self.kill_self_at is not None and trainer.global_step == self.kill_self_at:
+        if self.kill_self_at is not None and trainer.global_step >= self.kill_self_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.sleep:
             time.sleep(self.sleep)
@@ -135,12 +139,14 @@ def parse(argv):
     p.add_argument("--every", type=int, default=4, help="checkpoint every N train steps")
     p.add_argument("--keep", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--devices", type=int, default=1)
-    p.add_argument("--num_nodes", type=int, default=1)
+    # --trainer.*: the names the sbatch templates pass (LightningCLI syntax).
+    p.add_argument("--devices", "--trainer.devices", dest="devices", type=int, default=1)
+    p.add_argument("--num_nodes", "--trainer.num_nodes", dest="num_nodes", type=int, default=1)
     p.add_argument("--strategy", default="auto")
     p.add_argument("--n", type=int, default=48, help="dataset size")
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--nan_at", default="", help="comma-separated global steps whose loss is NaN")
+    p.add_argument("--nan_at", default="", help="comma-separated batch indices (from 0) whose loss is NaN")
+    p.add_argument("--nan_rank", type=int, default=None, help="only this rank gets the NaN loss")
     p.add_argument("--max_consecutive", type=int, default=20)
     p.add_argument("--step_sleep", type=float, default=0.0)
     p.add_argument("--kill_self_at", type=int, default=None)
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     L.seed_everything(args.seed, workers=True, verbose=False)
     ckpt_dir = os.path.join(args.out, "checkpoints")
-    model = TinyModule(seed=args.seed, max_consecutive=args.max_consecutive,
+    model = TinyModule(seed=args.seed, max_consecutive=args.max_consecutive, nan_rank=args.nan_rank,
                        nan_at=tuple(int(s) for s in args.nan_at.split(",") if s))
     dm = TinyDataModule(n=args.n, batch_size=args.batch_size, seed=args.seed)
     env = slurm_environment()

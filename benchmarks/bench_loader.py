@@ -1,0 +1,125 @@
+"""Loader throughput: the streaming ShardDataModule vs the decode-only limit vs a map-style PNG folder.
+
+    python benchmarks/bench_loader.py --quick          # 10k MNIST images, < 1 min on 2 cores
+    python benchmarks/bench_loader.py --size 64        # MNIST re-packed at 64×64 (more decode work per image)
+
+(a) stream: one epoch of `ShardDataModule` (tar reading, shuffle buffer, decode, pad, batch, IPC).
+(b) decode-only: the same PNG bytes, already in memory, decoded by the same number of worker processes
+    with no framework around them — the ceiling for any PNG loader on this machine.
+(c) folder: a plain map-style `torch.utils.data.Dataset` over the same PNGs as files, same workers.
+Target: (a) ≥ 0.9 × (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _decode_chunk(chunk: list[bytes]) -> int:
+    for b in chunk:
+        np.asarray(Image.open(io.BytesIO(b)).convert("L"))
+    return len(chunk)
+
+
+class _FolderDataset(torch.utils.data.Dataset):
+    def __init__(self, files: list[Path], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        a = np.asarray(Image.open(self.files[i]).convert("L"))  # (H, W)
+        pad = (self.size - a.shape[0]) // 2
+        a = np.pad(a, pad) if pad > 0 else a
+        return torch.from_numpy(a)[None].float().div(127.5).sub(1)  # (1, size, size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="10,000 images instead of 60,000")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="best of N runs per loader (the machine is shared)")
+    p.add_argument("--size", type=int, default=None, help="re-pack MNIST at this size (default: native 28)")
+    args = p.parse_args(argv)
+
+    from ldm_lightning.data import ShardDataModule, pack
+
+    n = 10_000 if args.quick else 60_000
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    shards = tmp / "shards"
+    t0 = time.perf_counter()
+    pack_args = ["--source", "mnist", "--out", str(shards), "--limit", str(n), "--workers", str(args.workers),
+                 "--samples-per-shard", str(max(1, n // (4 * args.workers))), "--no-progress"]
+    pack.main(pack_args + (["--size", str(args.size)] if args.size else []))
+    t_pack = time.perf_counter() - t0
+    pngs = []
+    for f in sorted(shards.glob("shard-*.tar")):
+        with tarfile.open(f) as tar:
+            pngs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")]
+    size = (args.size or 28) + 4 if not args.size else args.size
+
+    folder = tmp / "folder"
+    folder.mkdir()
+    files = []
+    for i, b in enumerate(pngs):
+        files.append(folder / f"{i:06d}.png")
+        files[-1].write_bytes(b)
+
+    def stream() -> dict[str, float]:
+        dm = ShardDataModule(str(shards), batch_size=args.batch_size, num_workers=args.workers, image_size=size,
+                             resize_mode="pad", shuffle_buffer=1000)
+        t0 = time.perf_counter()
+        it = iter(dm.train_dataloader())
+        seen = next(it)["image"].shape[0]
+        t1 = time.perf_counter()  # worker start-up excluded below, as the decode-only pool's is
+        rest = sum(b["image"].shape[0] for b in it)
+        t2 = time.perf_counter()
+        return {"stream (ShardDataModule)": rest / (t2 - t1), "stream incl. worker start-up": (seen + rest) / (t2 - t0)}
+
+    def decode_only() -> dict[str, float]:
+        chunks = [pngs[i::args.workers] for i in range(args.workers)]
+        with mp.get_context("fork").Pool(args.workers) as pool:
+            pool.map(_decode_chunk, [[pngs[0]]] * args.workers)  # start the processes outside the timing
+            t0 = time.perf_counter()
+            done = sum(pool.map(_decode_chunk, chunks))
+            return {"decode-only limit": done / (time.perf_counter() - t0)}
+
+    def folder_ds() -> dict[str, float]:
+        dl = torch.utils.data.DataLoader(_FolderDataset(files, size), batch_size=args.batch_size, shuffle=True,
+                                         num_workers=args.workers)
+        it = iter(dl)
+        next(it)
+        t0 = time.perf_counter()
+        return {"map-style folder": sum(b.shape[0] for b in it) / (time.perf_counter() - t0)}
+
+    results: dict[str, float] = {}
+    for _ in range(args.repeats):  # interleaved, best of N: other load on the machine hits all alike
+        for fn in (stream, decode_only, folder_ds):
+            for k, v in fn().items():
+                results[k] = max(results.get(k, 0.0), v)
+    limit = results["decode-only limit"]
+    print(f"\n{n} MNIST images ({size}x{size} out), {args.workers} workers, batch {args.batch_size}; "
+          f"pack took {t_pack:.1f}s ({n / t_pack:.0f} img/s)")
+    print(f"{'loader':<28}{'images/s':>12}{'vs decode-only':>16}")
+    for name, v in results.items():
+        print(f"{name:<28}{v:>12.0f}{v / limit:>15.2f}x")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""`load_autoencoder(path)`: the one way the rest of the project gets a frozen stage-1 model.
+
+Accepts, by what is at `path`:
+- our Lightning checkpoint (`.ckpt` with an `ldm_lightning` entry): EMA weights unless `weights='live'`;
+- our export: a folder (or its `model.safetensors`) with `config.json` holding `ldm_lightning_autoencoder`;
+- a diffusers `AutoencoderKL` folder: `config.json` + `diffusion_pytorch_model.safetensors`;
+- a CompVis / Stable Diffusion state dict (`.ckpt` / `.safetensors`, `first_stage_model.` prefix or bare).
+Everything is read with `torch.load(weights_only=True)` or safetensors: loading never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ldm_lightning.autoencoder.autoencoder import Autoencoder, AutoencoderConfig
+from ldm_lightning.autoencoder import interop
+
+EXPORT_CONFIG_KEY = "ldm_lightning_autoencoder"
+EXPORT_WEIGHTS = "model.safetensors"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """torch.load(weights_only=True) with errors that name the path and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by "
+                                "`ldm-lightning fit` (see the run's checkpoints/ folder)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle with disallowed globals, ...
+        raise RuntimeError(f"could not read checkpoint {str(path)!r} ({type(err).__name__}: {str(err)[:200]}); the "
+                           "file is truncated/corrupt or not a PyTorch checkpoint: re-copy it or use an earlier "
+                           "checkpoint") from err
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:
+        raise RuntimeError(f"could not read safetensors file {str(path)!r} ({type(err).__name__}: {err}); the file "
+                           "is truncated or corrupt: re-copy or re-export it") from err
+
+
+def _build(cfg: AutoencoderConfig, sd: dict[str, torch.Tensor], source: str) -> Autoencoder:
+    ae = Autoencoder(cfg)
+    missing, unexpected = ae.load_state_dict(sd, strict=False)
+    # Latent statistics buffers are optional in foreign formats (their config carries the scale).
+    missing = [k for k in missing if k not in ("scale_factor", "shift_factor", "latent_mean", "latent_std")]
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the autoencoder config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    if "scale_factor" not in sd:
+        ae.scale_factor.fill_(cfg.scale_factor)
+        ae.shift_factor.fill_(cfg.shift_factor)
+    return ae.eval().requires_grad_(False)
+
+
+def _from_lightning(ckpt: dict, path: Path, weights: str) -> Autoencoder:
+    meta = ckpt.get("ldm_lightning", {})
+    cfg = AutoencoderConfig.from_dict(meta["autoencoder"])
+    prefix = {"ema": "ema.module.", "live": "autoencoder."}[weights]
+    sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not sd and weights == "ema":
+        raise ValueError(f"{path}: checkpoint has no EMA weights (ema.enabled was false); pass weights='live'")
+    return _build(cfg, sd, str(path))
+
+
+def load_autoencoder(path: str | os.PathLike, weights: str = "ema", config: AutoencoderConfig | dict | None = None,
+                     device: str | torch.device = "cpu") -> Autoencoder:
+    """A frozen `Autoencoder` in eval mode from any supported format (module docstring).
+
+    weights: 'ema' (default) or 'live' — which weights of our Lightning checkpoint to take.
+    config: override the architecture for a bare SD state dict (inferred from tensor shapes otherwise).
+    """
+    if weights not in ("ema", "live"):
+        raise ValueError(f"weights must be 'ema' or 'live'; got {weights!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"autoencoder {str(path)!r} does not exist: give a .ckpt, an export folder, a "
+                                "diffusers AutoencoderKL folder or an SD .ckpt/.safetensors")
+    if path.is_file() and path.name == EXPORT_WEIGHTS and (path.parent / "config.json").is_file():
+        path = path.parent
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{path} is a folder without config.json: not an autoencoder export")
+        dc = json.loads(cfg_file.read_text())
+        if EXPORT_CONFIG_KEY in dc:  # our export
+            cfg = AutoencoderConfig.from_dict(dc[EXPORT_CONFIG_KEY])
+            ae = _build(cfg, _read_safetensors(path / EXPORT_WEIGHTS), str(path))
+        else:  # diffusers AutoencoderKL
+            cfg = interop.config_from_diffusers(dc)
+            wfile = next((path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file()), None)
+            if wfile is None:
+                raise FileNotFoundError(f"{path}: diffusers folder without {DIFFUSERS_WEIGHTS[0]}")
+            sd = _read_safetensors(wfile) if wfile.suffix == ".safetensors" else read_checkpoint(wfile)
+            ae = _build(cfg, interop.from_diffusers_state_dict(sd, cfg), str(path))
+        return ae.to(device)
+    if path.suffix == ".safetensors":
+        sd = _read_safetensors(path)
+    else:
+        ckpt = read_checkpoint(path)
+        if isinstance(ckpt, dict) and "ldm_lightning" in ckpt and "state_dict" in ckpt:
+            return _from_lightning(ckpt, path, weights).to(device)
+        sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: not a state dict or a Lightning checkpoint")
+    sd = interop.strip_sd_prefix(sd)
+    if config is not None:
+        cfg = config if isinstance(config, AutoencoderConfig) else AutoencoderConfig.from_dict(config)
+    else:
+        cfg = interop.config_from_sd_state_dict(sd)
+    # SD checkpoints hold the loss's logvar etc. under other prefixes; keep the autoencoder's tensors only.
+    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}
+    return _build(cfg, sd, str(path)).to(device)

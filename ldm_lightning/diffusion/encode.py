@@ -1,0 +1,228 @@
+"""`ldm-lightning data encode`: image shards -> latent shards through a frozen autoencoder (LDM's latent cache).
+
+    ldm-lightning data encode --autoencoder ae.ckpt --shards data/mnist/train --out data/mnist-latents/train
+
+Every sample keeps its key, `cls`, `txt` and `json` members and gains `moments.npy`: float32 (2c, h, w),
+the posterior mean ‖ logvar, UNSCALED (the trainer applies (z - shift) * scale, so a latent cache stays
+valid if only the scale factor changes). `--mode sample` stores one posterior sample as the mean with the
+logvar at the clamp floor (a point mass), so readers see one format.
+
+The manifest records the autoencoder's content hash (`autoencoder_hash`: sha256 over its config and
+every tensor of its state dict, independent of the file format it was loaded from), its scale / shift
+factor and the latent shape; `DiffusionModule` refuses latent shards whose hash differs from the
+autoencoder it is configured with (`check_latent_manifest`).
+
+Distributed: rank r of W (RANK / WORLD_SIZE, as torchrun and Slurm set them) encodes input shards
+r, r + W, ...; each shard is written to a temporary name and renamed (atomic), with a per-shard record
+in `.encode-state/`. Whichever rank sees all records first writes the manifest (the same bytes from any
+rank, written atomically), so no rank waits for another and nothing is rank-0-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+STATE_DIR = ".encode-state"
+LATENT_FORMAT = "ldm-lightning-latents/1"
+MODES = ("moments", "sample")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------
+# the autoencoder's identity, and the check the trainer runs
+# ------------------------------------------------------------------------------------------------
+def autoencoder_hash(ae) -> str:
+    """sha256 of an autoencoder's config and weights (names, dtypes, shapes, bytes; sorted by name)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(ae.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in sorted(ae.state_dict().items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def find_manifest(shards) -> Path | None:
+    """The manifest.json next to a shard spec (directory, file, glob, or a list: its first entry)."""
+    if isinstance(shards, (list, tuple)):
+        shards = shards[0] if shards else None
+    if shards is None or str(shards).startswith(("http://", "https://", "pipe:")):
+        return None
+    p = Path(os.path.expanduser(str(shards)))
+    cand = p / MANIFEST if p.is_dir() else Path(os.path.dirname(os.path.abspath(str(p)))) / MANIFEST
+    return cand if cand.is_file() else None
+
+
+def check_latent_manifest(manifest: dict | str | os.PathLike, ae_hash: str, autoencoder: str = "") -> dict:
+    """Raise a ValueError naming both hashes when latent shards were encoded by another autoencoder."""
+    where = str(manifest) if not isinstance(manifest, dict) else "latent shards"
+    if not isinstance(manifest, dict):
+        manifest = json.loads(Path(manifest).read_text())
+    enc = manifest.get("autoencoder")
+    if not isinstance(enc, dict) or "hash" not in enc:
+        raise ValueError(f"{where}: not a latent-shard manifest (no 'autoencoder.hash'); latent shards must be "
+                         "written by `ldm-lightning data encode`, or train on image shards (data.kind='image')")
+    if enc["hash"] != ae_hash:
+        raise ValueError(
+            f"{where} were encoded by autoencoder hash {enc['hash'][:16]}... ({enc.get('path', '?')}), but the "
+            f"configured model.autoencoder {autoencoder!r} has hash {ae_hash[:16]}...; the latents would be "
+            "meaningless to its decoder. Re-encode with `ldm-lightning data encode --autoencoder "
+            f"{autoencoder or 'AE'} ...`, or set model.autoencoder to the autoencoder the shards were made with")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# shard writing
+# ------------------------------------------------------------------------------------------------
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def encode_batch(ae, images: torch.Tensor, mode: str, dtype: torch.dtype,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> (B, 2c, h, w) float32 moments (mean ‖ logvar), unscaled.
+
+    bf16 runs the encoder under autocast (never fp16: its range overflows in VAE encoders)."""
+    from ldm_lightning.autoencoder.distributions import LOGVAR_MIN
+    dev = images.device
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        post = ae.encode(images)
+    if mode == "moments":
+        return torch.cat([post.mean.float(), post.logvar.float()], dim=1)  # (B, 2c, h, w)
+    z = post.sample(generator=generator).float()  # (B, c, h, w)
+    return torch.cat([z, torch.full_like(z, LOGVAR_MIN)], dim=1)
+
+
+def _encode_shard(ae, url: str, final: Path, transform, args, device) -> dict:
+    from ldm_lightning.data.pack import _add_member, sha256_file
+    from ldm_lightning.data.tario import iter_samples
+    from ldm_lightning.data.transforms import BadSample, to_model_range
+
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    # Posterior samples (--mode sample) are a pure function of (seed, shard name): re-runs are identical.
+    g = torch.Generator(device=device).manual_seed(int.from_bytes(
+        hashlib.blake2b(f"{args.seed}|{final.name}".encode(), digest_size=7).digest(), "little"))
+    n, skipped, latent_shape = 0, [], None
+
+    def flush(tar, pending):
+        nonlocal n, latent_shape
+        x = to_model_range(np.stack([p[1] for p in pending])).to(device)  # (B, C, H, W) in [-1, 1]
+        m = encode_batch(ae, x, args.mode, DTYPES[args.dtype], g).cpu().numpy()  # (B, 2c, h, w)
+        latent_shape = [m.shape[1] // 2, m.shape[2], m.shape[3]]
+        for (s, _), mom in zip(pending, m):
+            _add_member(tar, f"{s['__key__']}.moments.npy", _npy_bytes(np.ascontiguousarray(mom)))
+            for ext in ("cls", "txt", "json"):
+                if ext in s:
+                    _add_member(tar, f"{s['__key__']}.{ext}", s[ext])
+            n += 1
+
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            pending = []
+            for s in iter_samples(url):
+                try:
+                    pending.append((s, transform(s, None)))  # uint8 (C, H, W)
+                except BadSample as e:
+                    skipped.append({"source": s["__key__"], "reason": str(e)})
+                    continue
+                if len(pending) == args.batch_size:
+                    flush(tar, pending)
+                    pending = []
+            if pending:
+                flush(tar, pending)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return {"name": final.name, "num_samples": n, "bytes": final.stat().st_size, "sha256": sha256_file(final),
+            "skipped": skipped, "latent_shape": latent_shape}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldm-lightning data encode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--autoencoder", required=True, help="autoencoder: .ckpt, export folder, diffusers folder")
+    p.add_argument("--shards", required=True, help="image shards: a directory with manifest.json, glob or list")
+    p.add_argument("--out", required=True, help="output directory for the latent shards + manifest.json")
+    p.add_argument("--mode", default="moments", choices=MODES,
+                   help="store posterior moments (default; the trainer samples each step) or one sample")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=None, help="default: the autoencoder's resolution")
+    p.add_argument("--resize-mode", default="pad", help="as ShardDataModule.resize_mode (default pad)")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="encoder precision (never fp16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of --mode sample draws")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    from ldm_lightning.autoencoder.load import load_autoencoder
+    from ldm_lightning.data.pack import _atomic_json
+    from ldm_lightning.data.stream import resolve_shards
+    from ldm_lightning.data.transforms import ImageTransform
+
+    device = torch.device(args.device)
+    ae = load_autoencoder(args.autoencoder, device=device).eval().requires_grad_(False)
+    ae_hash = autoencoder_hash(ae)
+    size = args.image_size or int(ae.config.resolution)
+    if size % ae.downsample_factor:
+        raise SystemExit(f"--image-size {size} is not divisible by the autoencoder's downsampling factor "
+                         f"{ae.downsample_factor}")
+    transform = ImageTransform(size, int(ae.config.in_channels), args.resize_mode, False)
+    shards = resolve_shards(args.shards)
+    if not shards:
+        raise SystemExit(f"--shards {args.shards!r} names no shards")
+    names = [os.path.basename(s.url.split()[-1] if s.url.startswith("pipe:") else s.url) for s in shards]
+    if len(set(names)) != len(names):
+        raise SystemExit("--shards: input shard names must be unique (outputs keep the input names)")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    out = Path(args.out)
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    for i in range(rank, len(shards), world):
+        rec = _encode_shard(ae, shards[i].url, out / names[i], transform, args, device)
+        _atomic_json(out / STATE_DIR / f"{names[i]}.json", rec)
+        print(f"[rank {rank}] encoded {names[i]}: {rec['num_samples']} samples", flush=True)
+
+    recs = [out / STATE_DIR / f"{n}.json" for n in names]
+    if not all(r.is_file() for r in recs):
+        return 0  # another rank is still encoding; the last one to finish writes the manifest
+    recs = [json.loads(r.read_text()) for r in recs]
+    shapes = {tuple(r["latent_shape"]) for r in recs if r["latent_shape"]}
+    if len(shapes) > 1:
+        raise SystemExit(f"latent shapes differ between shards: {sorted(shapes)}")
+    manifest = {
+        "format": LATENT_FORMAT,
+        "kind": "latent",
+        "num_samples": sum(r["num_samples"] for r in recs),
+        "shards": [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in recs],
+        "latent_shape": list(shapes.pop()) if shapes else None,
+        "mode": args.mode,
+        "autoencoder": {"hash": ae_hash, "path": str(args.autoencoder), "scale_factor": float(ae.scale_factor),
+                        "shift_factor": float(ae.shift_factor), "config": ae.config.to_dict()},
+        "image_size": size,
+        "source": str(args.shards),
+        "skipped": [s for r in recs for s in r["skipped"]],
+    }
+    _atomic_json(out / MANIFEST, manifest)
+    print(f"encoded {manifest['num_samples']} samples into {len(recs)} latent shards in {out} "
+          f"(latent {manifest['latent_shape']}, autoencoder {ae_hash[:12]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""`DiffusionModule`: stage 2, a denoiser trained in a frozen autoencoder's latent space (LDM, Rombach et al. 2022).
+
+Batches (README contract) carry either `image` (B, C, H, W) in [-1, 1] — encoded here under no_grad by the
+frozen autoencoder, in fp32 or bf16 (never fp16: VAE encoders overflow it) — or `moments` (B, 2c, h, w)
+from latent shards written by `ldm-lightning data encode`. Both give z ~ q(z|x) drawn with the same
+`step_generator("posterior")`, normalised as (z - shift) * scale, so the two paths train identically.
+
+The autoencoder and the text encoder are held OUTSIDE the module tree: never trained, never EMA'd, never
+in a checkpoint (the checkpoint records the autoencoder's path and content hash instead), never sharded.
+Validation: loss per timestep bin with a fixed generator, and a sample grid from the EMA weights with a
+fixed seed (the logger's `log_image` when it has one, else `<log_dir>/samples/step_XXXXXXX.png`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
+
+from .conditioning import Conditioner, ConditioningConfig
+from .dit import DiT, DiTConfig
+from .loss import DiffusionObjective, ObjectiveConfig, loss_by_bin
+from .objectives import Denoiser
+from .presets import PRESETS
+from .samplers import SAMPLERS
+from .schedules import build_schedule
+from .unet import UNet, UNetConfig
+
+CHECKPOINT_TAG = "ldm_lightning.diffusion.DiffusionModule"
+ENCODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _as(cls, value):
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    return cls(**dict(value))
+
+
+def _plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def build_denoiser_parts(meta: dict) -> tuple[Denoiser, Conditioner]:
+    """(Denoiser, Conditioner) from the `ldm_lightning` checkpoint / export metadata (random weights)."""
+    family = meta["backbone_family"]
+    cls, cfg_cls = (DiT, DiTConfig) if family == "dit" else (UNet, UNetConfig)
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["backbone"].items() if k in fields})
+    sched = dict(meta["schedule"])
+    schedule = build_schedule(sched.pop("kind", "vp"), **sched)
+    denoiser = Denoiser(cls(cfg), schedule, meta["objective"]["prediction"])
+    return denoiser, Conditioner(ConditioningConfig(**meta["conditioning"]))
+
+
+class DiffusionModule(TrainingModule):
+    def __init__(self, autoencoder: str, backbone: str = "unet-tiny", backbone_config: dict | None = None,
+                 schedule: dict | None = None, objective: ObjectiveConfig | dict | None = None,
+                 conditioning: ConditioningConfig | dict | None = None, encode_dtype: str = "fp32",
+                 sample_posterior: bool = True, check_latent_hash: bool = True, loss_bins: int = 10,
+                 val_sampler: str = "ddim", val_steps: int = 25, val_cfg: float = 3.0, val_num: int = 16,
+                 val_seed: int = 0, optim: OptimConfig | dict | None = None, ema: EMAConfig | dict | None = None,
+                 guard: GuardConfig | dict | None = None, seed: int = 0):
+        """
+        Args:
+            autoencoder: Path of the frozen stage-1 autoencoder (.ckpt, export folder, diffusers folder);
+                encodes image batches, decodes validation samples, and its content hash must match the one
+                in a latent-shard manifest.
+            backbone: A preset of `diffusion/presets.py` ('unet-tiny', 'dit-tiny', 'DiT-B/4', ...), or 'unet' /
+                'dit' for the bare UNetConfig / DiTConfig defaults.
+            backbone_config: UNetConfig / DiTConfig fields overriding the preset. in_channels, num_classes,
+                context_dim and (DiT) input_size are filled from the autoencoder and conditioning.
+            schedule: {'kind': 'vp' | 'flow', ...VPSchedule / FlowSchedule fields}; default VP scaled_linear.
+            objective: ObjectiveConfig (prediction eps/v/x0/flow, loss_space — JiT: x0 with 'v' —,
+                timestep sampling, min-SNR weighting).
+            conditioning: ConditioningConfig ('none' | 'class' with num_classes | 'text'; drop_prob for CFG).
+            encode_dtype: 'fp32' or 'bf16' precision of on-the-fly encoding (fp16 is refused: it overflows).
+            sample_posterior: Train on z ~ q(z|x) (LDM); False trains on the posterior mean.
+            check_latent_hash: Refuse latent shards whose manifest names another autoencoder hash.
+            loss_bins: Number of timestep bins of the logged `train/loss_bin_k` (0 = off).
+            val_sampler: Sampler of validation samples (one of samplers.SAMPLERS).
+            val_steps: Sampler steps of validation samples.
+            val_cfg: Classifier-free guidance scale of validation samples (1 = conditional only).
+            val_num: Number of validation samples in the grid (0 = no sampling).
+            val_seed: Seed of the validation noise (fixed: the grids of successive validations compare).
+            optim / ema / guard / seed: See training/base.py.
+        """
+        super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed)
+        if backbone not in PRESETS and backbone not in ("unet", "dit"):
+            raise ValueError(f"model.backbone must be one of {sorted(PRESETS) + ['unet', 'dit']}; got {backbone!r}")
+        if encode_dtype not in ENCODE_DTYPES:
+            raise ValueError(f"model.encode_dtype must be one of {tuple(ENCODE_DTYPES)} (fp16 overflows in VAE "
+                             f"encoders); got {encode_dtype!r}")
+        if val_sampler not in SAMPLERS:
+            raise ValueError(f"model.val_sampler must be one of {sorted(SAMPLERS)}; got {val_sampler!r}")
+        for name, v, lo in (("loss_bins", loss_bins, 0), ("val_steps", val_steps, 1), ("val_num", val_num, 0)):
+            if v < lo:
+                raise ValueError(f"model.{name} must be >= {lo}; got {v}")
+        sched = dict(schedule or {"kind": "vp"})
+        sched.setdefault("kind", "vp")
+        obj_cfg = _as(ObjectiveConfig, objective)
+        cond_cfg = _as(ConditioningConfig, conditioning)
+        self.autoencoder_path = str(autoencoder)
+        from ldm_lightning.autoencoder.load import load_autoencoder
+
+        from .encode import autoencoder_hash
+        ae = load_autoencoder(autoencoder).eval().requires_grad_(False)
+        self._ae = [ae]  # a list: not a submodule (not trained / saved / EMA'd / sharded)
+        self.autoencoder_hash = autoencoder_hash(ae)
+
+        self.conditioner = Conditioner(cond_cfg)
+        family, base = ("dit", {}) if backbone == "dit" else ("unet", {}) if backbone == "unet" else PRESETS[backbone]
+        cfg = dict(base, **(backbone_config or {}))
+        cfg["in_channels"] = ae.latent_channels
+        if family == "unet":
+            cfg["out_channels"] = ae.latent_channels
+        if cond_cfg.kind == "class":
+            cfg["num_classes"] = cond_cfg.num_classes
+        if cond_cfg.kind == "text":
+            cfg["context_dim"] = self.conditioner.context_dim
+        if family == "dit":
+            cfg.setdefault("input_size", int(ae.config.resolution) // ae.downsample_factor)
+        cfg_cls, cls = (DiTConfig, DiT) if family == "dit" else (UNetConfig, UNet)
+        bb_cfg = cfg_cls(**cfg)
+        self.latent_size = int(bb_cfg.input_size) if family == "dit" else \
+            int(ae.config.resolution) // ae.downsample_factor
+        self.meta = {"module": CHECKPOINT_TAG, "backbone_family": family, "backbone": dataclasses.asdict(bb_cfg),
+                     "schedule": sched, "objective": _plain(obj_cfg), "conditioning": _plain(cond_cfg),
+                     "latent_shape": [ae.latent_channels, self.latent_size, self.latent_size],
+                     "autoencoder": {"path": self.autoencoder_path, "hash": self.autoencoder_hash}}
+        schedule_obj = build_schedule(**sched)
+        self.denoiser = Denoiser(cls(bb_cfg), schedule_obj, obj_cfg.prediction)
+        self.objective = DiffusionObjective(obj_cfg, schedule_obj)
+        self.encode_dtype, self.sample_posterior = encode_dtype, sample_posterior
+        self.check_latent_hash, self.loss_bins = check_latent_hash, loss_bins
+        self.val_sampler, self.val_steps, self.val_cfg = val_sampler, val_steps, val_cfg
+        self.val_num, self.val_seed = val_num, val_seed
+        # Plain values only: checkpoints stay loadable with torch.load(weights_only=True).
+        self.save_hyperparameters({
+            "autoencoder": self.autoencoder_path, "backbone": backbone, "backbone_config": backbone_config,
+            "schedule": sched, "objective": _plain(obj_cfg), "conditioning": _plain(cond_cfg),
+            "encode_dtype": encode_dtype, "sample_posterior": sample_posterior,
+            "check_latent_hash": check_latent_hash, "loss_bins": loss_bins, "val_sampler": val_sampler,
+            "val_steps": val_steps, "val_cfg": val_cfg, "val_num": val_num, "val_seed": val_seed,
+            "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
+            "seed": seed})
+        self.setup_ema(self.denoiser)
+        self._val_txt: list[str] | None = None
+        self._latents_checked = False
+
+    # --- the frozen autoencoder ------------------------------------------------------------------
+    @property
+    def autoencoder(self):
+        ae = self._ae[0]
+        if next(ae.parameters()).device != self.device:
+            self._ae[0] = ae = ae.to(self.device)
+        return ae
+
+    def check_latent_shards(self, shards) -> None:
+        """Refuse latent shards made by another autoencoder (manifest next to `shards`)."""
+        from .encode import check_latent_manifest, find_manifest
+        path = find_manifest(shards)
+        if path is None:
+            raise FileNotFoundError(f"latent shards {shards!r}: no manifest.json next to them, so the autoencoder "
+                                    "that made them cannot be checked; keep the manifest written by `ldm-lightning "
+                                    "data encode`, or set model.check_latent_hash=false")
+        check_latent_manifest(path, self.autoencoder_hash, self.autoencoder_path)
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.check_latent_hash and dm is not None and getattr(dm, "kind", None) == "latent":
+            for shards in (dm.train_shards, getattr(dm, "val_shards", None)):
+                if shards is not None:
+                    self.check_latent_shards(shards)
+
+    @torch.no_grad()
+    def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised latents (B, c, h, w) of a batch of images or of latent-shard moments."""
+        from ldm_lightning.autoencoder.distributions import DiagonalGaussian
+        ae = self.autoencoder
+        if "moments" in batch:
+            m = batch["moments"].float()  # (B, 2c, h, w)
+            if m.shape[1] != 2 * ae.latent_channels:
+                raise ValueError(f"latent batch has {m.shape[1]} moment channels; the autoencoder needs "
+                                 f"{2 * ae.latent_channels} (mean ‖ logvar of {ae.latent_channels} channels)")
+            post = DiagonalGaussian(m)
+        elif "image" in batch:
+            x = batch["image"]  # (B, C, H, W) in [-1, 1]
+            dtype = ENCODE_DTYPES[self.encode_dtype]
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                post = ae.encode(x)
+            post = DiagonalGaussian(torch.cat([post.mean.float(), post.logvar.float()], 1))  # fp32 from here
+        else:
+            raise KeyError(f"batch has neither 'image' nor 'moments' (keys: {sorted(batch)}); use ShardDataModule "
+                           "with kind='image' or kind='latent'")
+        z = post.sample(generator) if self.sample_posterior else post.mode()  # (B, c, h, w)
+        return (z - ae.shift_factor) * ae.scale_factor
+
+    # --- the step --------------------------------------------------------------------------------
+    def _loss(self, batch, denoiser, g_post, g_cond, g_noise, drop: float | None = None):
+        z0 = self.latents(batch, g_post)  # (B, c, h, w)
+        cond = self.conditioner(batch, g_cond, drop_prob=drop)
+        out = self.objective.loss(denoiser, z0, cond, g_noise)  # per-sample (B,)
+        return out.loss.mean(), out
+
+    def compute_loss(self, batch):
+        loss, out = self._loss(batch, self.denoiser, self.step_generator("posterior"),
+                               self.step_generator("cond_drop"), self.step_generator("noise"))
+        terms = {}
+        if self.loss_bins:
+            terms = {f"loss_bin_{k[6:]}": v for k, v in loss_by_bin(out.loss, out.t_fraction, self.loss_bins).items()}
+        return loss, terms
+
+    def validation_step(self, batch, batch_idx):
+        # Fixed draws per validation batch: val/loss of successive validations differ only by the weights.
+        g = [torch.Generator(self.device).manual_seed(self.val_seed * 1_000_003 + batch_idx * 7 + k) for k in range(3)]
+        loss, out = self._loss(batch, self.ema_or_live(), *g, drop=0.0)
+        self.log("val/loss", loss, sync_dist=True, batch_size=out.loss.shape[0])
+        if batch_idx == 0 and "txt" in batch:
+            self._val_txt = list(batch["txt"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_num == 0 or self.trainer.sanity_checking or self.global_rank != 0:
+            return
+        from .sample import make_grid, sample_images
+        kind = self.conditioner.cfg.kind
+        spec = {}
+        if kind == "class":
+            spec = {"labels": [i % self.conditioner.cfg.num_classes for i in range(self.val_num)]}
+        elif kind == "text":
+            txt = self._val_txt or [""]
+            spec = {"prompts": [txt[i % len(txt)] for i in range(self.val_num)]}
+        images = sample_images(self.ema_or_live(), self.conditioner, self.autoencoder, self.meta["latent_shape"],
+                               self.val_num, self.val_sampler, self.val_steps, self.val_cfg, self.val_seed, **spec)
+        grid = make_grid(images)  # (H, W, C) uint8
+        logger = self.logger
+        if logger is not None and hasattr(logger, "log_image"):
+            logger.log_image("val/samples", [grid], step=self.global_step)
+        else:
+            from PIL import Image
+            out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+            out.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(
+                out / f"step_{self.global_step:07d}.png")
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        # What `ldm-lightning sample` / `export` rebuild the denoiser from (plain values: weights_only loads).
+        checkpoint["ldm_lightning"] = dict(self.meta)
+
+    def optimizer_param_groups(self):
+        return [p for p in self.denoiser.parameters() if p.requires_grad]

@@ -1,0 +1,74 @@
+"""`ldm-lightning export`: turn a training checkpoint into a self-contained, pickle-free model folder.
+
+    ldm-lightning export --checkpoint run/checkpoints/last.ckpt --format diffusers --out vae/
+    ldm-lightning export --checkpoint vae.ckpt --format safetensors --out vae/
+
+Dispatch is on the checkpoint's `ldm_lightning.module` tag: autoencoder checkpoints are exported here;
+denoiser checkpoints go to `ldm_lightning.diffusion.export.export_denoiser` (imported lazily, so this
+module knows nothing of stage 2).
+- `safetensors`: `model.safetensors` + `config.json` (`ldm_lightning_autoencoder`: the AutoencoderConfig);
+  any arch; the scale/shift/latent stats travel as tensors. `load_autoencoder(folder)` reads it.
+- `diffusers`: a `diffusers.AutoencoderKL.from_pretrained` folder (KL arch, no down-block attention);
+  `scaling_factor` / `shift_factor` carry our measured factors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from ldm_lightning.autoencoder.module import CHECKPOINT_TAG
+
+FORMATS = ("diffusers", "safetensors")
+
+
+def export_autoencoder(ae, out: str | os.PathLike, fmt: str = "safetensors") -> Path:
+    """Write `ae` (an `Autoencoder`) to folder `out` in format `fmt`; returns the folder."""
+    from safetensors.torch import save_file
+
+    from ldm_lightning.autoencoder import interop
+    from ldm_lightning.autoencoder.load import EXPORT_CONFIG_KEY, EXPORT_WEIGHTS
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}; got {fmt!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in ae.state_dict().items()}
+    if fmt == "safetensors":
+        save_file(sd, str(out / EXPORT_WEIGHTS))
+        (out / "config.json").write_text(json.dumps({EXPORT_CONFIG_KEY: ae.config.to_dict()}, indent=2))
+    else:
+        cfg = interop.config_to_diffusers(ae.config, float(ae.scale_factor), float(ae.shift_factor))
+        save_file(interop.to_diffusers_state_dict(sd, ae.config), str(out / "diffusion_pytorch_model.safetensors"))
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def export_checkpoint(checkpoint: str, out: str, fmt: str, weights: str = "ema") -> Path:
+    from ldm_lightning.autoencoder.load import load_autoencoder, read_checkpoint
+    ckpt = read_checkpoint(checkpoint)
+    module = (ckpt.get("ldm_lightning") or {}).get("module") if isinstance(ckpt, dict) else None
+    if module == CHECKPOINT_TAG:
+        return export_autoencoder(load_autoencoder(checkpoint, weights=weights), out, fmt)
+    if module is not None and "diffusion" in module.lower():
+        from ldm_lightning.diffusion.export import export_denoiser  # stage 2 owns its export
+        return export_denoiser(ckpt, out, fmt, weights)
+    raise ValueError(f"{checkpoint}: not an ldm-lightning training checkpoint (no 'ldm_lightning.module' tag; "
+                     f"found {module!r}); pass a .ckpt written by `ldm-lightning fit`")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ldm-lightning export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="Lightning .ckpt written by `ldm-lightning fit`")
+    p.add_argument("--format", default="safetensors", choices=FORMATS)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--weights", default="ema", choices=("ema", "live"), help="which weights to export")
+    a = p.parse_args(argv)
+    out = export_checkpoint(a.checkpoint, a.out, a.format, a.weights)
+    print(f"exported {a.checkpoint} -> {out} ({a.format})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

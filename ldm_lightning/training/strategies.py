@@ -1,0 +1,149 @@
+"""Strategies: DeepSpeed that also runs on the CPU accelerator, and compile without `_orig_mod.` keys.
+
+`AnyDeviceDeepSpeedStrategy` is Lightning's `DeepSpeedStrategy` with two CUDA-only assumptions removed,
+so the very same ZeRO-1/2/3 configs run in CI on CPU (`DS_ACCELERATOR=cpu`, gloo) and on GPUs:
+  * `setup_environment` refuses any accelerator but CUDA ("only supported on CUDA GPUs");
+  * `setup_distributed` validates `cuda:<i>` device indices, and `deepspeed.initialize` is given
+    `device_rank=root_device.index`, which is `None` for `cpu` (DeepSpeed then fails on `None >= 0`).
+On a CUDA accelerator every method defers to Lightning unchanged — it *is* the normal GPU path.
+
+Registered names (usable as `trainer.strategy: deepspeed_stage_2_anydevice` etc. once this module has
+been imported — `ldm_lightning.training.lightning_cli` imports it):
+  deepspeed_anydevice, deepspeed_stage_{1,2,3}_anydevice, deepspeed_stage_{2,3}_offload_anydevice.
+
+Use a torch optimizer (what `TrainingModule.configure_optimizers` returns): DeepSpeed's own fused CPU
+Adam is JIT-compiled (~100 s on CPU), and `zero_force_ds_cpu_optimizer` is switched off here so ZeRO
+accepts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from lightning.pytorch.accelerators.cuda import CUDAAccelerator
+from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
+from lightning.pytorch.strategies.ddp import DDPStrategy
+from lightning.fabric.utilities.seed import reset_seed
+from torch import nn
+
+
+class AnyDeviceDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, also on `accelerator: cpu` (gloo). Same arguments as
+    `lightning.pytorch.strategies.DeepSpeedStrategy`."""
+
+    strategy_name = "deepspeed_anydevice"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._on_cpu_env() and "DS_ACCELERATOR" not in os.environ:
+            # DeepSpeed picks its accelerator at import; without CUDA it warns and picks CPU anyway.
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+    @staticmethod
+    def _on_cpu_env() -> bool:
+        return not torch.cuda.is_available()
+
+    def _on_cuda(self) -> bool:
+        return isinstance(self.accelerator, CUDAAccelerator)
+
+    def setup_environment(self) -> None:
+        if self._on_cuda():
+            return super().setup_environment()
+        # Skip DeepSpeedStrategy's CUDA check; keep DDP's environment setup (ranks, process group).
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:
+        if self._on_cuda():
+            return super().setup_distributed()
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _get_process_group_backend(self) -> str:
+        # Lightning would choose gloo for CPU too; pin it so DeepSpeed's CPU accelerator ("ccl") is never asked.
+        return super()._get_process_group_backend() if self._on_cuda() else "gloo"
+
+    def _ds_args(self) -> argparse.Namespace:
+        # DeepSpeed calls accelerator.set_device(device_rank): the CUDA index on GPUs, the local rank on CPU.
+        index = self.root_device.index
+        return argparse.Namespace(device_rank=self.local_rank if index is None else index)
+
+    def _init_config_if_needed(self) -> None:
+        super()._init_config_if_needed()
+        # Accept torch optimizers under ZeRO (DeepSpeed otherwise insists on its compiled CPU Adam on CPU).
+        self.config.setdefault("zero_allow_untested_optimizer", True)
+        self.config.setdefault("zero_force_ds_cpu_optimizer", False)
+
+    def _auto_select_batch_size(self) -> int:
+        # Lightning reads `train_dataloader.batch_sampler.batch_size`, which is None for loaders over
+        # IterableDatasets that batch inside the dataset (our WebDataset stream). DeepSpeed uses the
+        # value only for its throughput timer / batch bookkeeping, so fall back to the datamodule's.
+        try:
+            return super()._auto_select_batch_size()
+        except AttributeError:
+            datamodule = getattr(self.lightning_module.trainer, "datamodule", None)
+            return int(getattr(datamodule, "batch_size", 1) or 1)
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        import deepspeed
+
+        model_parameters = filter(lambda p: p.requires_grad, model.parameters())
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=self._ds_args(), config=self.config, model=model, model_parameters=model_parameters,
+            optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False)
+        return engine, ds_optimizer
+
+    def _initialize_deepspeed_inference(self, model: nn.Module) -> None:
+        if self._on_cuda():
+            return super()._initialize_deepspeed_inference(model)
+        import deepspeed
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        config = {"train_micro_batch_size_per_gpu": 1}
+        for key in ("bf16", "fp16"):
+            if key in self.config:
+                config[key] = self.config[key]
+        if self.zero_stage_3:
+            config["zero_allow_untested_optimizer"] = self.config["zero_allow_untested_optimizer"]
+            config["zero_optimization"] = self.config["zero_optimization"]
+        remove_module_hooks(model)
+        self.model, _, _, _ = deepspeed.initialize(
+            args=self._ds_args(), config=config, model=model, optimizer=None, lr_scheduler=None,
+            model_parameters=[], dist_init_required=False)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        reg = strategy_registry.register
+        reg("deepspeed_anydevice", cls, description="DeepSpeed (CPU or GPU)")
+        for stage in (1, 2, 3):
+            reg(f"deepspeed_stage_{stage}_anydevice", cls, description=f"DeepSpeed ZeRO-{stage} (CPU or GPU)",
+                stage=stage)
+        reg("deepspeed_stage_2_offload_anydevice", cls, description="DeepSpeed ZeRO-2 + optimizer offload",
+            stage=2, offload_optimizer=True)
+        reg("deepspeed_stage_3_offload_anydevice", cls, description="DeepSpeed ZeRO-3 + param/optimizer offload",
+            stage=3, offload_optimizer=True, offload_parameters=True)
+
+
+if "deepspeed_stage_2_anydevice" not in StrategyRegistry:
+    AnyDeviceDeepSpeedStrategy.register_strategies(StrategyRegistry)
+
+
+def maybe_compile(module: nn.Module, enabled: bool, **compile_kwargs) -> nn.Module:
+    """`torch.compile` a submodule *in place* when `enabled` (a config flag of each stage).
+
+    `nn.Module.compile()` compiles the forward without wrapping the module in an `OptimizedModule`, so
+    parameter names — and thus checkpoint keys — stay identical: a checkpoint of a compiled run loads
+    into an uncompiled model and back (no `_orig_mod.` prefixes; Lightning issue #17415).
+    Returns the same module object.
+    """
+    if enabled:
+        module.compile(**compile_kwargs)
+    return module
+
+
+def strip_orig_mod(state_dict: dict) -> dict:
+    """Remove `_orig_mod.` segments that `torch.compile(module)` wrappers add to state-dict keys, so
+    checkpoints written by code that wrapped a module still load into plain modules."""
+    return {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}

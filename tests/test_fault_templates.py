@@ -1,0 +1,34 @@
+"""The shipped sbatch templates: valid bash, the directives the preemption protocol relies on."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = [ROOT / "slurm" / "train_1node.sbatch", ROOT / "slurm" / "train_multinode.sbatch"]
+
+
+@pytest.mark.parametrize("path", TEMPLATES + [ROOT / "slurm" / "common.sh", ROOT / "tests" / "slurm" / "cluster.sh"],
+                         ids=lambda p: p.name)
+def test_bash_syntax(path):
+    r = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
+def test_directives(path):
+    d = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", path.read_text(), re.M))
+    assert d["signal"] == "USR1@90" and "requeue" in d and d["open-mode"] == "append"
+    assert d["ntasks-per-node"] == d["gpus-per-node"], "one task per GPU"
+    assert "time" in d and "output" in d
+
+
+def test_missing_config_is_a_clear_error(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_ID": "1",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1"}
+    r = subprocess.run(["bash", str(TEMPLATES[0])], capture_output=True, text=True, env=env, timeout=30)
+    assert r.returncode != 0 and "set CONFIG=" in r.stderr
