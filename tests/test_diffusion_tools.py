@@ -196,13 +196,25 @@ def test_diffusion_configs_validate():
         build_schedule(sched.pop("kind"), **sched)
 
 
+# config -> (sample CLI condition, file names it writes, fixed-draw loss must fall below this fraction).
+# The flow target (eps - x0) keeps a large irreducible part near t = 0.5, where logit-normal t concentrates.
+FIT_CONFIGS = {
+    "mnist-unet-class": (["--classes", "0-1"], ["0_0.png", "1_0.png", "grid.png"], 0.85),
+    "mnist-dit-text-latents": (["--prompt", "a handwritten digit one"],
+                               ["a-handwritten-digit-one_0.png", "grid.png"], 0.95),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_cli_fit_on_latent_shards_then_sample(latents, aes, tmp_path):
-    """`ldm-lightning fit` with a shipped config on `data encode` output (2-process DDP, gloo), then
-    `ldm-lightning sample` on the last checkpoint."""
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("config", list(FIT_CONFIGS))
+def test_cli_fit_on_latent_shards_then_sample(config, latents, aes, tmp_path):
+    """`ldm-lightning fit` with a shipped config (UNet class-conditional; DiT text-conditional with MiniLM)
+    on `data encode` output under 2-process DDP (gloo): the loss falls; `ldm-lightning sample` works on
+    the last checkpoint; the wrong autoencoder is refused."""
     from scale_run import TRAINER_CFG, run_cli
-    cfg = ["-c", str(CONFIGS / "diffusion" / "mnist-unet-class.yaml"), "-c", str(TRAINER_CFG / "cpu-debug.yaml")]
+    condition, files, max_ratio = FIT_CONFIGS[config]
+    cfg = ["-c", str(CONFIGS / "diffusion" / f"{config}.yaml"), "-c", str(TRAINER_CFG / "cpu-debug.yaml")]
     over = ["--model.init_args.autoencoder", aes["a"], "--model.init_args.val_steps", "2",
             "--model.init_args.val_num", "4", "--data.init_args.kind", "latent",
             "--data.init_args.train_shards", latents, "--data.init_args.val_shards", latents,
@@ -215,24 +227,26 @@ def test_cli_fit_on_latent_shards_then_sample(latents, aes, tmp_path):
     run_cli(["fit", *cfg, *over], tmp_path)
     last = sorted((tmp_path / "run").rglob("last.ckpt"))
     assert len(last) == 1, list((tmp_path / "run").rglob("*"))
-    # the loss fell: same fixed draws on a held-out latent batch, trained weights vs a fresh (zero-output) init
+    # the loss fell: same fixed draws on a held-out latent batch, trained weights vs a fresh init of the
+    # same module (rebuilt from the checkpoint's hyper-parameters, i.e. from the shipped config)
     from ldm_lightning.data import ShardDataModule
     from ldm_lightning.diffusion.export import load_denoiser
-    from test_diffusion_module import make_module
+    from ldm_lightning.diffusion.module import DiffusionModule
     dm = ShardDataModule(latents, batch_size=64, num_workers=0, shuffle_buffer=1, kind="latent", rank=0,
                          world_size=1, seed=123)
     probe = next(iter(dm.train_dataloader()))
-    fresh = make_module(aes["a"], objective={"prediction": "eps", "weighting": "min_snr"})
+    hparams = torch.load(last[0], map_location="cpu", weights_only=True)["hyper_parameters"]
+    fresh = DiffusionModule(**hparams)
     trained, _, _ = load_denoiser(last[0], weights="live")
     g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
     with torch.no_grad():
         before = float(fresh._loss(probe, fresh.denoiser, g(1), g(2), g(3), drop=0.0)[0])
         after = float(fresh._loss(probe, trained, g(1), g(2), g(3), drop=0.0)[0])
-    print(f"2-process DDP, 20 steps: fixed-draw loss {before:.4f} -> {after:.4f}")
-    assert after < 0.85 * before, (before, after)
-    run_cli(["sample", "--checkpoint", str(last[0]), "--classes", "0-1", "--num", "1", "--steps", "2",
+    print(f"{config}, 2-process DDP, 20 steps: fixed-draw loss {before:.4f} -> {after:.4f}")
+    assert after < max_ratio * before, (before, after)
+    run_cli(["sample", "--checkpoint", str(last[0]), *condition, "--num", "1", "--steps", "2",
              "--out", str(tmp_path / "s")], tmp_path)
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["0_0.png", "1_0.png", "grid.png"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == files
     # the wrong autoencoder is refused at start-up with the fix in the message
     proc = run_cli(["fit", *cfg, *over[:-2], "--trainer.devices", "1", "--trainer.strategy", "auto",
                     "--model.init_args.autoencoder", aes["b"], "--trainer.default_root_dir", str(tmp_path / "r2")],

@@ -19,6 +19,7 @@ from ldm_lightning.autoencoder.autoencoder import Autoencoder, AutoencoderConfig
 from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
+from ldm_lightning.training.strategies import maybe_compile
 
 CHECKPOINT_TAG = "ldm_lightning.autoencoder.AutoencoderModule"
 
@@ -40,7 +41,7 @@ class AutoencoderModule(TrainingModule):
                  loss: LossConfig | None = None, optim: OptimConfig | None = None, ema: EMAConfig | None = None,
                  guard: GuardConfig | None = None, seed: int = 0, image_size: int | None = None,
                  sample_posterior: bool = True, scale_batches: int = 4, scale_use_shift: bool = False,
-                 fid_inception_weights: str | None = None, log_images: int = 8):
+                 fid_inception_weights: str | None = None, log_images: int = 8, compile: bool = False):
         """
         Args:
             preset: autoencoder preset name (presets.py) or None for AutoencoderConfig defaults.
@@ -53,6 +54,8 @@ class AutoencoderModule(TrainingModule):
             scale_use_shift: also store the latent mean as shift_factor (else shift 0, as LDM/SD).
             fid_inception_weights: local FID Inception weights (pt_inception-2015-12-05); rFID skipped if None.
             log_images: images in the validation reconstruction grid (W&B only).
+            compile: `torch.compile` the encoder and decoder of the trained (live) autoencoder in place;
+                parameter names do not change, so checkpoints load with or without it.
         """
         super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed)
         if preset is not None and preset not in PRESETS:
@@ -73,10 +76,13 @@ class AutoencoderModule(TrainingModule):
             "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
             "seed": seed, "image_size": image_size, "sample_posterior": sample_posterior,
             "scale_batches": scale_batches, "scale_use_shift": scale_use_shift,
-            "fid_inception_weights": fid_inception_weights, "log_images": log_images})
+            "fid_inception_weights": fid_inception_weights, "log_images": log_images, "compile": compile})
         self.autoencoder = Autoencoder(cfg)
         self.loss = AutoencoderLoss(self.loss_cfg, cfg.out_channels or cfg.in_channels)
         self.setup_ema(self.autoencoder)
+        # After the EMA copy: the EMA weights only evaluate (validation, scale factor), eagerly.
+        for part in (self.autoencoder.encoder, self.autoencoder.decoder):
+            maybe_compile(part, compile)
         self._data_checked = False
         self._scale_done = False
 

@@ -10,6 +10,7 @@ never sharded — it follows the conditioner's device on first use.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ def default_text_encoder_path() -> str:
 class FrozenTextEncoder:
     """Per-token last hidden states of a local Hugging Face encoder: list[str] -> (B, L, D), (B, L) bool."""
 
-    def __init__(self, path: str | None = None, max_length: int = 32):
+    def __init__(self, path: str | None = None, max_length: int = 32, cache_size: int = 4096):
         path = path or default_text_encoder_path()
         if not os.path.isdir(path):
             raise FileNotFoundError(
@@ -64,15 +65,39 @@ class FrozenTextEncoder:
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
+        # caption -> ((L, D) states, (L,) mask) on the CPU. Captions repeat (class-templated captions,
+        # the empty CFG prompt), and each is padded to max_length alone, so a cached row is the row a
+        # batched call would give: only captions not seen before go through the encoder.
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @torch.no_grad()
-    def __call__(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uncached: (B, L, D) float32 states and (B, L) bool mask on `device`."""
         if next(self.model.parameters()).device != device:
             self.model.to(device)
         tok = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
                              return_tensors="pt").to(device)
         h = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
         return h.float(), tok["attention_mask"].bool()  # (B, L, D), (B, L)
+
+    def __call__(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D), (B, L) for `texts`, through the per-caption cache (cache_size 0 disables it)."""
+        texts = list(texts)
+        if self.cache_size <= 0:
+            return self.encode(texts, device)
+        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if new:
+            h, m = self.encode(new, device)
+            for t, hi, mi in zip(new, h.cpu(), m.cpu()):
+                self._cache[t] = (hi, mi)
+        rows = [self._cache[t] for t in texts]
+        for t in dict.fromkeys(texts):
+            self._cache.move_to_end(t)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        h = torch.stack([r[0] for r in rows]).to(device)  # (B, L, D)
+        return h, torch.stack([r[1] for r in rows]).to(device)  # (B, L)
 
 
 class Conditioner(nn.Module):

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
+from ldm_lightning.training.strategies import maybe_compile
 
 from .conditioning import Conditioner, ConditioningConfig
 from .dit import DiT, DiTConfig
@@ -64,7 +65,7 @@ class DiffusionModule(TrainingModule):
                  sample_posterior: bool = True, check_latent_hash: bool = True, loss_bins: int = 10,
                  val_sampler: str = "ddim", val_steps: int = 25, val_cfg: float = 3.0, val_num: int = 16,
                  val_seed: int = 0, optim: OptimConfig | dict | None = None, ema: EMAConfig | dict | None = None,
-                 guard: GuardConfig | dict | None = None, seed: int = 0):
+                 guard: GuardConfig | dict | None = None, seed: int = 0, compile: bool = False):
         """
         Args:
             autoencoder: Path of the frozen stage-1 autoencoder (.ckpt, export folder, diffusers folder);
@@ -88,6 +89,9 @@ class DiffusionModule(TrainingModule):
             val_num: Number of validation samples in the grid (0 = no sampling).
             val_seed: Seed of the validation noise (fixed: the grids of successive validations compare).
             optim / ema / guard / seed: See training/base.py.
+            compile: `torch.compile` the trained (live) backbone in place; parameter names do not change, so
+                checkpoints load with or without it. Activation checkpointing is the backbone's own flag
+                (`backbone_config: {grad_checkpointing: true}`).
         """
         super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed)
         if backbone not in PRESETS and backbone not in ("unet", "dit"):
@@ -147,8 +151,9 @@ class DiffusionModule(TrainingModule):
             "check_latent_hash": check_latent_hash, "loss_bins": loss_bins, "val_sampler": val_sampler,
             "val_steps": val_steps, "val_cfg": val_cfg, "val_num": val_num, "val_seed": val_seed,
             "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
-            "seed": seed})
+            "seed": seed, "compile": compile})
         self.setup_ema(self.denoiser)
+        maybe_compile(self.denoiser.backbone, compile)  # after the EMA copy: EMA weights sample eagerly
         self._val_txt: list[str] | None = None
         self._latents_checked = False
 
