@@ -361,6 +361,41 @@ def phase_text_evaluate(out: Path, plan: DemoPlan, classifier, text_ckpt: Path, 
     return res
 
 
+def results_table(m: dict) -> str:
+    """The README's results table (markdown) from a demo's metrics.json, every row with its command."""
+    cmd = f"`{m['command']}`"
+    ae, d = m["autoencoder"], m["diffusion"]
+    g, u = d[f"cfg_{m['plan']['cfg']:g}"], d["cfg_1"]
+    w = m["plan"]["cfg"]
+    lpips = "L1 + KL + PatchGAN + LPIPS" if ae.get("lpips_vgg_weights") else "L1 + KL + PatchGAN (no local VGG16: LPIPS off)"
+    rows = [
+        ("MNIST classifier (the instrument), real test accuracy", f"{m['classifier']['test_accuracy']:.4f}", cmd),
+        (f"autoencoder 32×32×1 → 8×8×4 ({lpips}), test PSNR / SSIM ({ae['images']} images)",
+         f"{ae['psnr']:.2f} dB / {ae['ssim']:.4f}", cmd),
+        ("latent scale factor (1 / std of the latents)", f"{ae['scale_factor']:.4f}", cmd),
+        (f"class-conditional UNet, DPM-Solver++(2M) {m['plan']['sampler_steps']} steps: class accuracy, CFG {w:g} / "
+         "no CFG", f"{g['class_accuracy']:.4f} / {u['class_accuracy']:.4f}", cmd),
+        (f"class-conditional UNet: MNIST-FID ({d['num_samples']} samples vs real test), CFG {w:g} / no CFG",
+         f"{g['fid']:.2f} / {u['fid']:.2f}", cmd),
+        (f"reference: MNIST-FID of {d['num_samples']} real train images vs real test", f"{d['fid_real_train_vs_test']:.2f}",
+         cmd),
+    ]
+    t = m.get("diffusion_text")
+    if t:
+        tg, tu = t[f"cfg_{w:g}"], t["cfg_1"]
+        rows += [
+            (f"text-conditional DiT (MiniLM), prompts \"{t['prompt_template']}\", {t['sampler']}: class accuracy, "
+             f"CFG {w:g} / no CFG", f"{tg['class_accuracy']:.4f} / {tu['class_accuracy']:.4f}", cmd),
+            (f"text-conditional DiT: MNIST-FID, CFG {w:g} / no CFG", f"{tg['fid']:.2f} / {tu['fid']:.2f}", cmd),
+        ]
+    ws = m["wall_seconds"]
+    phases = ", ".join(f"{k} {v:.0f}" for k, v in ws.items() if k != "total")
+    rows.append((f"wall time on {m['device']} (s): {phases}", f"{ws['total'] / 60:.1f} min", cmd))
+    lines = ["| measured | value | command |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -415,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics["diffusion_text"] = phases.run("text_evaluate", phase_text_evaluate, out, plan, classifier,
                                                text_ckpt, ae_ckpt, device)
         save()
-    print(f"\nmetrics → {out / 'metrics.json'}; total wall time {phases.total / 60:.1f} min")
+    (out / "results.md").write_text(results_table(metrics))
+    print(f"\nmetrics → {out / 'metrics.json'}, table → {out / 'results.md'}; total wall time "
+          f"{phases.total / 60:.1f} min")
     for name, s in phases.seconds.items():
         print(f"  {name:<15} {s:8.1f}s")
     return 0

@@ -81,6 +81,12 @@ class AutoencoderModule(TrainingModule):
         self.loss = AutoencoderLoss(self.loss_cfg, cfg.out_channels or cfg.in_channels)
         self.setup_ema(self.autoencoder)
         # After the EMA copy: the EMA weights only evaluate (validation, scale factor), eagerly.
+        if compile and self.loss.discriminator is not None and self.loss_cfg.adaptive_weight:
+            # The adaptive GAN weight takes autograd.grad(..., retain_graph=True) through the decoder;
+            # AOTAutograd's donated buffers forbid retaining a compiled backward graph. Process-wide,
+            # and it only costs the memory that buffer donation would have saved.
+            import torch._functorch.config
+            torch._functorch.config.donated_buffer = False
         for part in (self.autoencoder.encoder, self.autoencoder.decoder):
             maybe_compile(part, compile)
         self._data_checked = False
