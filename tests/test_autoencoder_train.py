@@ -145,3 +145,30 @@ def test_fit_with_shard_datamodule_keeps_data_position(mnist_shards, tmp_path):
         L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                   enable_checkpointing=False).fit(AutoencoderModule(preset="tiny-mnist",
                                                                     loss=dict(perceptual_weight=0.0)), datamodule=bad)
+
+
+def _random_fid_inception(path) -> str:
+    """A stand-in for torch-fidelity's pt_inception-2015-12-05 file: the FID InceptionV3 with random weights
+    and the real key layout (the real file cannot be downloaded here)."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    with mock.patch.object(fe, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", return_value=None):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+def test_rfid_is_computed_from_local_inception_weights_or_refused_clearly(mnist, tmp_path):
+    import lightning as L
+    val = DataLoader(_Images(mnist[:32]), batch_size=16)
+    weights = _random_fid_inception(tmp_path / "pt_inception.pth")
+    m = _module(fid_inception_weights=weights)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    (out,) = trainer.validate(m, val)
+    assert "val/rfid" in out and out["val/rfid"] >= 0 and out["val/rfid"] == out["val/rfid"], out  # finite
+    m2 = _module(fid_inception_weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(FileNotFoundError, match="fid_inception_weights"):
+        trainer.validate(m2, val)

@@ -159,6 +159,12 @@ class AutoencoderModule(TrainingModule):
                                "pt_inception-2015-12-05 weights file to compute it")
                 self._fid_msg = True
             return None
+        import os
+        if not os.path.isfile(self.fid_inception_weights):
+            raise FileNotFoundError(
+                f"model.init_args.fid_inception_weights={self.fid_inception_weights!r} does not exist; fix: point it "
+                "at a local pt_inception-2015-12-05-6726825d.pth (torch-fidelity's FID Inception weights), or "
+                "set it to null to skip rFID")
         from torchmetrics.image.fid import FrechetInceptionDistance
         return FrechetInceptionDistance(feature=2048, normalize=True,
                                         feature_extractor_weights_path=self.fid_inception_weights)
