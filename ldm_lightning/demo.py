@@ -69,7 +69,7 @@ class DemoPlan:
 
 PLANS = {
     "full": DemoPlan(train_images=None, test_images=None, ae_steps=500, ae_disc_start=350,
-                     diffusion_steps=900, text_steps=600, samples_per_class=100),
+                     diffusion_steps=800, text_steps=500, samples_per_class=100),
     "fast": DemoPlan(train_images=10000, test_images=2000, ae_steps=300, ae_disc_start=200,
                      diffusion_steps=600, text_steps=300, samples_per_class=20),
 }
@@ -363,7 +363,7 @@ def phase_text_evaluate(out: Path, plan: DemoPlan, classifier, text_ckpt: Path, 
 
 def results_table(m: dict) -> str:
     """The README's results table (markdown) from a demo's metrics.json, every row with its command."""
-    cmd = f"`{m['command']}`"
+    cmd = f"`{m['command'].strip()}`"
     ae, d = m["autoencoder"], m["diffusion"]
     g, u = d[f"cfg_{m['plan']['cfg']:g}"], d["cfg_1"]
     w = m["plan"]["cfg"]
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     phases = Phases()
     metrics: dict = {"mode": "fast" if args.fast else "full", "device": device, "plan": asdict(plan),
-                     "command": "ldm-lightning demo " + " ".join(argv if argv is not None else sys.argv[2:])}
+                     "command": " ".join(["ldm-lightning demo", *(argv if argv is not None else sys.argv[2:])])}
 
     def save():
         metrics["wall_seconds"] = dict(phases.seconds, total=round(phases.total, 2))

@@ -88,11 +88,12 @@ def test_fast_demo_end_to_end(tmp_path, tmp_path_factory):
 
     k = m["plan"]["samples_per_class"]
     assert len(list((out / "samples").glob("[0-9]_*.png"))) == 10 * k
-    for f in ("samples/grid.png", "reconstructions.png", "checkpoints/autoencoder.ckpt",
-              "checkpoints/diffusion.ckpt"):
+    for f in ("samples/grid.png", "samples/text_grid.png", "reconstructions.png", "checkpoints/autoencoder.ckpt",
+              "checkpoints/diffusion.ckpt", "checkpoints/diffusion-text.ckpt", "results.md"):
         assert (out / f).is_file(), f
     assert list((out / "runs").rglob("offline-run-*")), "no W&B offline run written"
-    assert set(m["wall_seconds"]) >= {"pack", "autoencoder", "encode", "diffusion", "sample", "evaluate", "total"}
+    assert set(m["wall_seconds"]) >= {"pack", "autoencoder", "encode", "diffusion", "sample", "evaluate",
+                                      "diffusion_text", "text_evaluate", "total"}
 
     assert m["classifier"]["test_accuracy"] >= 0.98
     assert m["autoencoder"]["psnr"] > 18.0 and m["autoencoder"]["ssim"] > 0.6
@@ -102,6 +103,11 @@ def test_fast_demo_end_to_end(tmp_path, tmp_path_factory):
     assert guided["class_accuracy"] >= plain["class_accuracy"] - 0.05  # guidance must not hurt accuracy
     # Random noise scores MNIST-FID in the thousands with this classifier (test_evaluation.py).
     assert guided["fid"] < 20 * max(d["fid_real_train_vs_test"], 1.0), d
+    # the text model, prompted "a handwritten digit K": a broken text path (conditioning ignored) gives ~0.1
+    t = m["diffusion_text"][f"cfg_{m['plan']['cfg']:g}"]
+    assert t["class_accuracy"] >= 0.5, m["diffusion_text"]
+    table = (out / "results.md").read_text()
+    assert f"{guided['class_accuracy']:.4f}" in table and f"{t['class_accuracy']:.4f}" in table
 
 
 # ------------------------------------------------------------------------------------------ benchmarks/run_all.py

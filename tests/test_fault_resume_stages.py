@@ -1,5 +1,6 @@
-"""Exact resume of the REAL autoencoder stage through the REAL CLI (`ldm-lightning fit`) on real MNIST
-shards streamed by `ShardDataModule`: SIGKILL mid-epoch, `--ckpt_path last`, bitwise-equal weights.
+"""Exact resume of the REAL stages (autoencoder with its GAN running; class-conditional latent diffusion
+encoding images on the fly through a frozen autoencoder) through the REAL CLI (`ldm-lightning fit`) on real
+MNIST shards streamed by `ShardDataModule`: SIGKILL mid-epoch, `--ckpt_path last`, bitwise-equal weights.
 
 The fault-tolerance pieces are listed in the config the way the CLI defaults should add them
 (StepCheckpoint, RNGStateCallback, PreemptionCallback, AtomicCheckpointIO).
@@ -21,7 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 
 
-def config(shards: str, out: Path, kill_at: int | None) -> Path:
+def stage_model(stage: str, ae: str | None) -> dict:
+    if stage == "autoencoder":
+        return {"class_path": "ldm_lightning.autoencoder.AutoencoderModule", "init_args": {
+            "preset": "tiny-mnist", "optim": {"lr": 2e-3}, "ema": {"decay": 0.99},
+            # The discriminator starts at step 6: the kill happens with the GAN running.
+            "loss": {"perceptual_weight": 0.0, "disc_start": 6, "disc_warmup_train": 2, "disc_layers": 2,
+                     "disc_ndf": 16, "kl_weight": 1e-6}}}
+    # posterior sampling, condition dropout and the diffusion noise all draw from the step generators
+    return {"class_path": "ldm_lightning.diffusion.module.DiffusionModule", "init_args": {
+        "autoencoder": ae, "backbone": "unet-tiny", "conditioning": {"kind": "class", "num_classes": 10},
+        "optim": {"lr": 1e-3}, "ema": {"decay": 0.99}, "val_num": 0}}
+
+
+def config(shards: str, out: Path, kill_at: int | None, stage: str = "autoencoder", ae: str | None = None) -> Path:
     callbacks = [
         {"class_path": "ldm_lightning.training.checkpointing.StepCheckpoint",
          "init_args": {"dirpath": str(out / "checkpoints"), "every_n_train_steps": 4, "keep_last_k": 2}},
@@ -33,14 +47,10 @@ def config(shards: str, out: Path, kill_at: int | None) -> Path:
                           "init_args": {"path": str(out / "progress.txt"), "sleep": 0.0, "kill_self_at": kill_at}})
     cfg = {
         "seed_everything": 0,
-        "model": {"class_path": "ldm_lightning.autoencoder.AutoencoderModule", "init_args": {
-            "preset": "tiny-mnist", "optim": {"lr": 2e-3}, "ema": {"decay": 0.99},
-            # The discriminator starts at step 6: the kill happens with the GAN running.
-            "loss": {"perceptual_weight": 0.0, "disc_start": 6, "disc_warmup_train": 2, "disc_layers": 2,
-                     "disc_ndf": 16, "kl_weight": 1e-6}}},
+        "model": stage_model(stage, ae),
         "data": {"class_path": "ldm_lightning.data.ShardDataModule", "init_args": {
             "train_shards": shards, "val_shards": None, "batch_size": 16, "num_workers": 0, "seed": 0,
-            "shuffle_buffer": 50}},
+            "shuffle_buffer": 50, "image_size": 32, "channels": 1, "resize_mode": "pad"}},
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": STEPS, "logger": False,
                     "enable_progress_bar": False, "enable_model_summary": False,
                     "default_root_dir": str(out), "callbacks": callbacks,
@@ -62,22 +72,32 @@ def fit(cfg: Path, *extra, check=True):
     return r
 
 
+@pytest.fixture(scope="module")
+def tiny_ae(tmp_path_factory) -> str:
+    from ldm_lightning.autoencoder import Autoencoder, get_preset
+    from ldm_lightning.export import export_autoencoder
+    torch.manual_seed(0)
+    return str(export_autoencoder(Autoencoder(get_preset("tiny-mnist")), tmp_path_factory.mktemp("ae")))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_autoencoder_sigkill_resume_is_bitwise_exact(tmp_path, mnist_shards):
+@pytest.mark.parametrize("stage", ["autoencoder", "diffusion"])
+def test_stage_sigkill_resume_is_bitwise_exact(stage, tmp_path, mnist_shards, tiny_ae):
+    cfg = lambda out, kill_at: config(mnist_shards["train"], out, kill_at, stage, tiny_ae)  # noqa: E731
     ref = tmp_path / "ref"
-    fit(config(mnist_shards["train"], ref, None))
+    fit(cfg(ref, None))
     run = tmp_path / "killed"
     # 2,000 samples / batch 16 = 125 batches per epoch: everything below is mid-epoch 0.
-    r = fit(config(mnist_shards["train"], run, kill_at=7), check=False)
+    r = fit(cfg(run, 7), check=False)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert not (run / "checkpoints" / f"step={STEPS:08d}.ckpt").exists()
-    fit(config(mnist_shards["train"], run, None), "--ckpt_path", "last")
+    fit(cfg(run, None), "--ckpt_path", "last")
     a = torch.load(ref / "checkpoints" / f"step={STEPS:08d}.ckpt", weights_only=False)
     b = torch.load(run / "checkpoints" / f"step={STEPS:08d}.ckpt", weights_only=False)
     assert a["global_step"] == b["global_step"] == STEPS
     diff = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
-    assert not diff, f"resumed autoencoder differs in {len(diff)} tensors, e.g. {diff[:5]}"
+    assert not diff, f"resumed {stage} differs in {len(diff)} tensors, e.g. {diff[:5]}"
     assert any(k.startswith("ema.") for k in a["state_dict"])
     assert a["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == \
         b["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
