@@ -283,18 +283,40 @@ def _sample_batches(denoiser, conditioner, ae, meta: dict, n: int, sampler: str,
     return torch.cat(chunks)
 
 
+def _load_for_sampling(ckpt: Path, ae_ckpt: Path, device: str):
+    """(denoiser with EMA weights, conditioner, meta, autoencoder) on `device`."""
+    from ldm_lightning.autoencoder.load import load_autoencoder
+    from ldm_lightning.diffusion.export import load_denoiser
+
+    denoiser, conditioner, meta = load_denoiser(ckpt, weights="ema")
+    return denoiser.to(device), conditioner.to(device), meta, load_autoencoder(ae_ckpt, device=device)
+
+
+def _save_class_grid(images, k: int, path: Path) -> None:
+    """Class-major `images` (10·k, C, H, W) → a grid with one row per digit, at most 10 per row."""
+    from ldm_lightning.evaluation import save_grid
+
+    per_row = min(k, 10)
+    rows = images.reshape(10, k, *images.shape[1:])[:, :per_row]  # (10, per_row, C, H, W)
+    save_grid(rows.flatten(0, 1), path, nrow=per_row)
+
+
+def _score(classifier, images, labels, test_x) -> dict:
+    """Class accuracy (overall, per class) of conditioned samples and their MNIST-FID vs the real test set."""
+    from ldm_lightning.evaluation import mnist_fid, sample_accuracy
+
+    acc = sample_accuracy(classifier, images, labels)
+    return {"class_accuracy": acc["accuracy"], "class_accuracy_per_class": acc["per_class"],
+            "fid": mnist_fid(classifier, images, test_x)}
+
+
 def phase_sample(out: Path, plan: DemoPlan, dm_ckpt: Path, ae_ckpt: Path, device: str) -> dict:
     """{cfg scale: (N, 1, 32, 32) images}, class-major (sample i has class i // samples_per_class)."""
     import torch
 
-    from ldm_lightning.autoencoder.load import load_autoencoder
-    from ldm_lightning.diffusion.export import load_denoiser
     from ldm_lightning.diffusion.sample import save_png, to_uint8
-    from ldm_lightning.evaluation import save_grid
 
-    denoiser, conditioner, meta = load_denoiser(dm_ckpt, weights="ema")
-    denoiser, conditioner = denoiser.to(device), conditioner.to(device)
-    ae = load_autoencoder(ae_ckpt, device=device)
+    denoiser, conditioner, meta, ae = _load_for_sampling(dm_ckpt, ae_ckpt, device)
     k = plan.samples_per_class
     labels = [c for c in range(10) for _ in range(k)]
     results = {scale: _sample_batches(denoiser, conditioner, ae, meta, len(labels), "dpmpp_2m", plan.sampler_steps,
@@ -305,26 +327,22 @@ def phase_sample(out: Path, plan: DemoPlan, dm_ckpt: Path, ae_ckpt: Path, device
     sdir.mkdir(parents=True, exist_ok=True)
     for j, img in enumerate(to_uint8(guided)):
         save_png(img, sdir / f"{labels[j]}_{j % k}.png")
-    per_row = min(k, 10)
-    rows = guided.reshape(10, k, *guided.shape[1:])[:, :per_row]  # (10, per_row, 1, 32, 32)
-    save_grid(rows.flatten(0, 1), sdir / "grid.png", nrow=per_row)
+    _save_class_grid(guided, k, sdir / "grid.png")
     return {"images": results, "labels": torch.tensor(labels)}
 
 
 def phase_evaluate(plan: DemoPlan, classifier, samples: dict) -> dict:
-    from ldm_lightning.evaluation import load_mnist_32, mnist_fid, sample_accuracy
+    from ldm_lightning.evaluation import load_mnist_32, mnist_fid
 
     test_x, _ = load_mnist_32("test")  # (10000, 1, 32, 32): FID reference set
     n = len(samples["labels"])
     train_x, _ = load_mnist_32("train", limit=n)
     out = {"fid_real_train_vs_test": mnist_fid(classifier, train_x, test_x), "num_samples": n}
     for scale, images in samples["images"].items():
-        acc = sample_accuracy(classifier, images, samples["labels"])
         key = f"cfg_{scale:g}"
-        out[key] = {"class_accuracy": acc["accuracy"], "class_accuracy_per_class": acc["per_class"],
-                    "fid": mnist_fid(classifier, images, test_x)}
-        print(f"samples cfg={scale:g}: class accuracy {acc['accuracy']:.4f}, MNIST-FID {out[key]['fid']:.2f} "
-              f"(real train {n} vs test: {out['fid_real_train_vs_test']:.2f})")
+        out[key] = _score(classifier, images, samples["labels"], test_x)
+        print(f"samples cfg={scale:g}: class accuracy {out[key]['class_accuracy']:.4f}, MNIST-FID "
+              f"{out[key]['fid']:.2f} (real train {n} vs test: {out['fid_real_train_vs_test']:.2f})")
     return out
 
 
@@ -333,14 +351,10 @@ def phase_text_evaluate(out: Path, plan: DemoPlan, classifier, text_ckpt: Path, 
     class accuracy and MNIST-FID with CFG and without; `samples/text_grid.png` (one row per digit)."""
     import torch
 
-    from ldm_lightning.autoencoder.load import load_autoencoder
     from ldm_lightning.data.mnist import caption
-    from ldm_lightning.diffusion.export import load_denoiser
-    from ldm_lightning.evaluation import load_mnist_32, mnist_fid, sample_accuracy, save_grid
+    from ldm_lightning.evaluation import load_mnist_32
 
-    denoiser, conditioner, meta = load_denoiser(text_ckpt, weights="ema")
-    denoiser, conditioner = denoiser.to(device), conditioner.to(device)
-    ae = load_autoencoder(ae_ckpt, device=device)
+    denoiser, conditioner, meta, ae = _load_for_sampling(text_ckpt, ae_ckpt, device)
     k = plan.samples_per_class
     labels = torch.tensor([c for c in range(10) for _ in range(k)])
     prompts = [caption(c) for c in labels.tolist()]
@@ -349,15 +363,10 @@ def phase_text_evaluate(out: Path, plan: DemoPlan, classifier, text_ckpt: Path, 
     for scale in (plan.cfg, 1.0):
         images = _sample_batches(denoiser, conditioner, ae, meta, len(prompts), "flow_heun", plan.sampler_steps,
                                  scale, f"text sample cfg={scale}", prompts=prompts)  # (10k, 1, 32, 32)
-        acc = sample_accuracy(classifier, images, labels)
-        res[f"cfg_{scale:g}"] = {"class_accuracy": acc["accuracy"], "class_accuracy_per_class": acc["per_class"],
-                                 "fid": mnist_fid(classifier, images, test_x)}
-        print(f"text samples cfg={scale:g}: class accuracy {acc['accuracy']:.4f}, "
-              f"MNIST-FID {res[f'cfg_{scale:g}']['fid']:.2f}")
+        r = res[f"cfg_{scale:g}"] = _score(classifier, images, labels, test_x)
+        print(f"text samples cfg={scale:g}: class accuracy {r['class_accuracy']:.4f}, MNIST-FID {r['fid']:.2f}")
         if scale == plan.cfg:
-            per_row = min(k, 10)
-            rows = images.reshape(10, k, *images.shape[1:])[:, :per_row]  # (10, per_row, 1, 32, 32)
-            save_grid(rows.flatten(0, 1), out / "samples" / "text_grid.png", nrow=per_row)
+            _save_class_grid(images, k, out / "samples" / "text_grid.png")
     return res
 
 
