@@ -232,3 +232,16 @@ def test_resume_skips_without_decoding(mnist_shards, monkeypatch):
     dm.load_state_dict({"epoch": 0, "consumed": 30})
     batches = _epoch(dm)
     assert len(batches) == 40 - 30 and len(calls) == 10 * 50  # only the played batches were decoded
+
+
+def test_to_model_range_is_exact_for_every_pixel_value():
+    import numpy as np
+
+    from ldm_lightning.data.transforms import to_model_range
+    x = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
+    ref = x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)  # the elementwise definition
+    y = to_model_range(x)
+    assert y.dtype == torch.float32 and np.array_equal(y.numpy(), ref)
+    assert y.flatten()[0] == -1.0 and y.flatten()[-1] == 1.0
+    with pytest.raises(TypeError, match="uint8"):
+        to_model_range(x.astype(np.float32))
