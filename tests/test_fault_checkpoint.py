@@ -46,7 +46,7 @@ def test_atomic_save_roundtrip_fsyncs_and_leaves_no_temp(tmp_path, monkeypatch):
     monkeypatch.setattr(ck.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
     path = tmp_path / "sub" / "a.ckpt"
     AtomicCheckpointIO().save_checkpoint(fake_ckpt(3), path)
-    assert torch.equal(torch.load(path)["state_dict"]["w"], torch.full((64, 64), 3.0))
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.full((64, 64), 3.0))
     assert len(synced) >= 2, "file and directory must both be fsync'ed"
     assert sorted(os.listdir(path.parent)) == ["a.ckpt"]
     # Same permissions as a plain open() would give (mkstemp alone gives 0600).

@@ -131,6 +131,6 @@ def test_usr1_saves_requeues_resumes_exactly(tmp_path, uninterrupted):
     assert sorted(os.listdir(out / "checkpoints")) == ["last.ckpt"]
     last = results(out)[-1]
     assert last["job_id"] == job and last["restart_count"] >= 1 and last["global_step"] == STEPS
-    ref, got = torch.load(ref_out / "final.pt"), torch.load(out / "final.pt")
+    ref, got = torch.load(ref_out / "final.pt", weights_only=True), torch.load(out / "final.pt", weights_only=True)
     diff = [k for k in ref if not torch.equal(ref[k], got[k])]
     assert not diff, f"resumed job differs from the uninterrupted one in {diff}"

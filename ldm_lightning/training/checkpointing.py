@@ -13,7 +13,7 @@ Three pieces, all wired in by default by the training CLI:
   `ckpt_path="last"` resolution validates candidates and falls back to the newest good one.
 
 `resolve_resume_checkpoint(dir_or_path)` is the same resolution for callers (CLI, sbatch scripts).
-Validation is `torch.load(mmap=True)` + the expected top-level keys: it catches the failure modes of
+Validation is `torch.load(mmap=True, weights_only=...)` + the expected top-level keys: it catches the failure modes of
 crashes (truncated files, empty files, missing zip central directory, non-checkpoint pickles), not
 random bit flips inside tensor data.
 """
