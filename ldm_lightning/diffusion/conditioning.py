@@ -86,13 +86,14 @@ class FrozenTextEncoder:
         texts = list(texts)
         if self.cache_size <= 0:
             return self.encode(texts, device)
-        new = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        unique = list(dict.fromkeys(texts))  # first-seen order
+        new = [t for t in unique if t not in self._cache]
         if new:
             h, m = self.encode(new, device)
             for t, hi, mi in zip(new, h.cpu(), m.cpu()):
                 self._cache[t] = (hi, mi)
         rows = [self._cache[t] for t in texts]
-        for t in dict.fromkeys(texts):
+        for t in unique:
             self._cache.move_to_end(t)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
