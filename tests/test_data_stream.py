@@ -33,9 +33,13 @@ def _keys(batches) -> list[str]:
     return [k for b in batches for k in b["key"]]
 
 
-def test_batches_follow_contract(mnist_shards):
-    b = _epoch(_dm(mnist_shards["train"], num_workers=0, channels=3), 1)[0]
+@pytest.mark.parametrize("on_device", [True, False], ids=["uint8-workers", "float-workers"])
+def test_batches_follow_contract(mnist_shards, on_device):
+    dm = _dm(mnist_shards["train"], num_workers=0, channels=3, normalize_on_device=on_device)
+    b = _epoch(dm, 1)[0]
     assert set(b) == {"image", "cls", "txt", "key"}
+    assert b["image"].dtype == (torch.uint8 if on_device else torch.float32)
+    b = dm.on_after_batch_transfer(b, 0)  # what a Trainer does after moving the batch to the device
     assert b["image"].dtype == torch.float32 and b["image"].shape == (50, 3, 32, 32)
     assert b["image"].min() == -1 and b["image"].max() == 1
     assert (b["image"][:, :, :2] == -1).all() and (b["image"][:, :, :, -2:] == -1).all()  # 2-px pad border
@@ -175,6 +179,20 @@ def test_wrong_size_is_bad_sample(mnist_shards):
         _epoch(dm, 1)
 
 
+def test_all_bad_or_empty_slot_fails_instead_of_spinning(mnist_shards, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for i in range(2):  # the manifest promises samples, the shards hold none
+        tarfile.open(empty / f"shard-{i:06d}.tar", "w").close()
+    (empty / "manifest.json").write_text(json.dumps(
+        {"shards": [{"name": f"shard-{i:06d}.tar", "num_samples": 10} for i in range(2)]}))
+    with pytest.raises(RuntimeError, match=r"read no sample at all from its shards .*shard-00000[01].tar"):
+        _epoch(_dm(str(empty), batch_size=5, num_workers=0), 1)
+    tiny = _dm(mnist_shards["test"], image_size=16, num_workers=0, max_bad_fraction=1.0)  # every sample too big
+    with pytest.raises(RuntimeError, match="has no usable sample"):
+        _epoch(tiny, 1)
+
+
 def test_latent_shards(tmp_path):
     import numpy as np
 
@@ -245,3 +263,13 @@ def test_to_model_range_is_exact_for_every_pixel_value():
     assert y.flatten()[0] == -1.0 and y.flatten()[-1] == 1.0
     with pytest.raises(TypeError, match="uint8"):
         to_model_range(x.astype(np.float32))
+    assert torch.equal(to_model_range(torch.from_numpy(x)), y)  # tensors: the same table
+
+
+def test_uint8_and_float_workers_give_the_same_model_input(mnist_shards):
+    from ldm_lightning.data import ensure_model_range
+    a = _epoch(_dm(mnist_shards["train"], normalize_on_device=True), 3)
+    b = _epoch(_dm(mnist_shards["train"], normalize_on_device=False), 3)
+    assert all(x["image"].dtype == torch.uint8 for x in a)
+    assert all(torch.equal(ensure_model_range(x["image"]), y["image"]) for x, y in zip(a, b))
+    assert ensure_model_range(b[0]["image"]) is b[0]["image"]  # float passes through

@@ -1,7 +1,9 @@
-"""The package installs, imports, and its CLI answers --help for every subcommand."""
+"""The package installs and imports, its CLI answers --help for every subcommand, its layers import downwards."""
+import ast
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +30,38 @@ def test_cli_help_lists_every_command():
 def test_cli_unknown_command_fails_clearly():
     r = subprocess.run([sys.executable, "-m", "ldm_lightning", "frobnicate"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
+
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = {  # package → packages it must not import (the layout's directions)
+    "ldm_lightning.data": ("ldm_lightning.autoencoder", "ldm_lightning.diffusion", "ldm_lightning.training"),
+    "ldm_lightning.autoencoder": ("ldm_lightning.diffusion",),
+    "ldm_lightning.nn": ("ldm_lightning.autoencoder", "ldm_lightning.diffusion", "ldm_lightning.data"),
+}
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """ldm_lightning modules a source file imports (absolute and relative, anywhere in the file)."""
+    package = module.split(".")[:-1] if path.name != "__init__.py" else module.split(".")
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            out.add(".".join(base + ([node.module] if node.module else [])))
+    return {m for m in out if m.startswith("ldm_lightning")}
+
+
+def test_layers_import_only_downwards():
+    bad = []
+    for f in sorted((ROOT / "ldm_lightning").rglob("*.py")):
+        mod = ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for imp in _imports(f, mod):
+            if imp.startswith("ldm_lightning.cli") and mod not in ("ldm_lightning.cli", "ldm_lightning.__main__"):
+                bad.append(f"{mod} imports {imp} (nothing imports the CLI)")
+            for pkg, banned in RULES.items():
+                if mod == pkg or mod.startswith(pkg + "."):
+                    bad += [f"{mod} imports {imp}" for b in banned if imp.startswith(b)]
+    assert not bad, "\n".join(bad)

@@ -20,6 +20,7 @@ from ldm_lightning.autoencoder.dcae import DCDecoder, DCEncoder
 from ldm_lightning.autoencoder.distributions import DiagonalGaussian, PointPosterior
 from ldm_lightning.autoencoder.kl import Decoder, Encoder
 from ldm_lightning.autoencoder.vq import VectorQuantizer
+from ldm_lightning.data.transforms import ensure_model_range
 
 ARCHS = ("kl", "dcae")
 REGULARIZERS = ("kl", "vq", "none")
@@ -218,7 +219,7 @@ class Autoencoder(nn.Module):
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            x = batch["image"] if isinstance(batch, dict) else batch
+            x = ensure_model_range(batch["image"] if isinstance(batch, dict) else batch)  # uint8 pixels too
             post = self.encode(x.to(device=device, dtype=torch.float32))
             z = (post.sample(generator=generator) if sample else post.mode()).double()  # (B, e, h, w)
             s1 += z.sum(dim=(0, 2, 3))

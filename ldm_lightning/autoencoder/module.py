@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ldm_lightning.autoencoder.autoencoder import Autoencoder, AutoencoderConfig
 from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
+from ldm_lightning.data.transforms import ensure_model_range
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.strategies import maybe_compile
 
@@ -121,7 +122,7 @@ class AutoencoderModule(TrainingModule):
 
     # --- training --------------------------------------------------------------------------------
     def compute_loss(self, batch):
-        x = batch["image"]                                       # (B, C, H, W) in [-1, 1]
+        x = ensure_model_range(batch["image"])                   # (B, C, H, W) in [-1, 1]
         if not self._data_checked:
             self.check_images(x)
             self._data_checked = True
@@ -170,7 +171,7 @@ class AutoencoderModule(TrainingModule):
                                         feature_extractor_weights_path=self.fid_inception_weights)
 
     def validation_step(self, batch, batch_idx):
-        x = batch["image"]
+        x = ensure_model_range(batch["image"])                   # (B, C, H, W) in [-1, 1]
         net = self.ema_or_live()
         posterior = net.encode(x)
         recon = net.decode_latent(posterior.mode()).float()      # (B, C, H, W)
@@ -222,7 +223,7 @@ class AutoencoderModule(TrainingModule):
             if dm is not None and hasattr(dm, "state_dict") and hasattr(dm, "load_state_dict"):
                 data_state = dm.state_dict()
         net = self.ema_or_live()
-        batches = ({"image": b["image"].to(self.device)} for b in loader)
+        batches = ({"image": ensure_model_range(b["image"].to(self.device))} for b in loader)
         try:
             stats = net.compute_scale_factor(batches, max_batches=self.scale_batches,
                                              use_shift=self.scale_use_shift, generator=self.step_generator("scale"))

@@ -12,6 +12,8 @@ _EXPORTS = {
     "ShardStream": "ldm_lightning.data.stream",
     "Shard": "ldm_lightning.data.stream",
     "resolve_shards": "ldm_lightning.data.stream",
+    "to_model_range": "ldm_lightning.data.transforms",
+    "ensure_model_range": "ldm_lightning.data.transforms",
 }
 __all__ = list(_EXPORTS)
 

@@ -147,14 +147,15 @@ def _seed(*parts: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 class ShardStream(IterableDataset):
     """Yields full batches (dicts per the README contract, plus `bad_samples`: samples skipped while
-    building this batch). Use with `DataLoader(batch_size=None)`; `len()` is exact for this rank."""
+    building this batch). Use with `DataLoader(batch_size=None)`; `len()` is exact for this rank.
+    Images are float32 in [-1, 1], or with `uint8_images` the uint8 pixels (convert with `to_model_range`)."""
 
     def __init__(self, shards: list[Shard], batch_size: int, *, num_workers: int, rank: int, world_size: int,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, kind: str = "image",
-                 transform: ImageTransform | None = None, max_bad_fraction: float = 0.01):
+                 transform: ImageTransform | None = None, max_bad_fraction: float = 0.01, uint8_images: bool = False):
         self.shards, self.batch_size, self.seed, self.shuffle = shards, batch_size, seed, shuffle
         self.shuffle_buffer, self.kind, self.transform = shuffle_buffer, kind, transform
-        self.max_bad_fraction = max_bad_fraction
+        self.max_bad_fraction, self.uint8_images = max_bad_fraction, uint8_images
         self.workers, self.rank, self.world = max(1, num_workers), rank, world_size
         slots = self.world * self.workers
         if len(shards) < slots:
@@ -221,55 +222,70 @@ class ShardStream(IterableDataset):
         shapes = {it["x"].shape for it in items}
         if len(shapes) != 1:
             raise BadSample(f"samples of different shapes in one batch: {sorted(shapes)}")
-        x = np.stack([it["x"] for it in items])  # (B, C, H, W)
-        out = {"image": to_model_range(x)} if self.kind == "image" else {"moments": torch.from_numpy(x)}
+        if self.kind == "image" and self.uint8_images:  # 4× fewer bytes through IPC and host→device
+            out = {"image": torch.from_numpy(np.stack([it["x"] for it in items]))}  # (B, C, H, W) uint8
+        elif self.kind == "image":
+            out = {"image": to_model_range(np.stack([it["x"] for it in items]))}  # (B, C, H, W)
+        else:
+            out = {"moments": torch.from_numpy(np.stack([it["x"] for it in items]))}
         out["cls"] = torch.tensor([it["cls"] for it in items], dtype=torch.int64)  # (B,)
         out["txt"] = [it["txt"] for it in items]
         out["key"] = [it["key"] for it in items]
         out["bad_samples"] = bad
         return out
 
+    def _numbered_raw(self, epoch: int, group: int) -> Iterator[tuple[int, int, dict]]:
+        """(cycle, position, raw sample) of a slot, cycling through its samples again for as long as asked
+        (only a slot that lost samples to bad ones reaches a second cycle, to fill its last batches)."""
+        for cycle in itertools.count():
+            pos = -1
+            for pos, s in enumerate(self._slot_raw(epoch, group)):
+                yield cycle, pos, s
+            if pos < 0:
+                raise RuntimeError(f"reader slot {group} read no sample at all from its shards "
+                                   f"{[self.shards[i].url for i in self.groups[group]]} (empty or unreadable)")
+
     def slot_batches(self, epoch: int, rank: int, logical_worker: int, skip: int = 0) -> Iterator[dict]:
-        """The batches of one logical slot in one epoch, after skipping its first `skip` (without decoding)."""
+        """The batches of one logical slot in one epoch, after skipping its first `skip` (without decoding).
+
+        Batch-phased on purpose: a batch's raw samples are read first, then decoded in one tight loop.
+        Interleaving tar parsing with each decode was measured 5–7% slower (the decoder's code and data
+        leave the CPU caches between samples)."""
         group = self.group_of(epoch, rank, logical_worker)
         planned = self.group_samples[group]
-        bs, n_batches = self.batch_size, self.batches_per_slot
-        produced, seen, bad, batch, batch_bad = 0, 0, 0, [], 0
-        for cycle in itertools.count():
-            good_in_cycle = 0
-            for pos, s in enumerate(self._slot_raw(epoch, group)):
-                if produced >= n_batches:
-                    return
-                seen += 1
-                skipping = produced < skip
-                try:
-                    if skipping:  # header-level check only: any sample it rejects, a full decode rejects too
-                        quick_check(s, self.kind, self.transform)
-                        item = None
-                    else:
-                        rng = np.random.default_rng(_seed(self.seed, epoch, group, cycle, pos)) \
-                            if self.needs_rng else None  # a Generator costs ~20 µs: only when augmenting
-                        item = self._decode(s, rng)
-                except BadSample as e:
-                    bad += 1
-                    batch_bad += 1
-                    if bad > self.max_bad_fraction * planned:
-                        raise RuntimeError(
-                            f"too many bad samples: {bad} of {seen} read so far in this reader slot "
-                            f"(planned {planned}; max_bad_fraction={self.max_bad_fraction}); latest: shard "
-                            f"{s.get('__url__')!r} key {s.get('__key__')!r}: {e}") from None
-                    continue
-                good_in_cycle += 1
-                batch.append(item)
-                if len(batch) == bs:
-                    if not skipping:
-                        yield self._collate(batch, batch_bad)
-                    produced += 1
-                    batch, batch_bad = [], 0
-            if produced >= n_batches:
-                return
-            if good_in_cycle == 0:
-                raise RuntimeError(f"reader slot {group} has no usable sample (all {seen} bad)")
+        raw = self._numbered_raw(epoch, group)
+        seen, bad, good_in_cycle, cycle_now = 0, 0, 0, 0
+        for b in range(self.batches_per_slot):
+            skipping = b < skip
+            items: list = []
+            batch_bad = 0
+            while len(items) < self.batch_size:
+                for cycle, pos, s in list(itertools.islice(raw, self.batch_size - len(items))):
+                    if cycle != cycle_now:
+                        if good_in_cycle == 0:
+                            raise RuntimeError(f"reader slot {group} has no usable sample (all {seen} bad)")
+                        cycle_now, good_in_cycle = cycle, 0
+                    seen += 1
+                    try:
+                        if skipping:  # header-level check only: any sample it rejects, a full decode rejects too
+                            quick_check(s, self.kind, self.transform)
+                            items.append(None)
+                        else:
+                            rng = np.random.default_rng(_seed(self.seed, epoch, group, cycle, pos)) \
+                                if self.needs_rng else None  # a Generator costs ~20 µs: only when augmenting
+                            items.append(self._decode(s, rng))
+                    except BadSample as e:
+                        bad += 1
+                        batch_bad += 1
+                        if bad > self.max_bad_fraction * planned:
+                            raise RuntimeError(
+                                f"too many bad samples: {bad} of {seen} read so far in this reader slot "
+                                f"(planned {planned}; max_bad_fraction={self.max_bad_fraction}); latest: shard "
+                                f"{s.get('__url__')!r} key {s.get('__key__')!r}: {e}") from None
+                        continue
+                    good_in_cycle += 1
+            if not skipping:
+                yield self._collate(items, batch_bad)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

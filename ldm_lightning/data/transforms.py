@@ -1,6 +1,7 @@
 """Per-sample decoding and geometry: raw shard bytes → uint8 (C, H, W) arrays, or a `BadSample` reason.
 
-Float conversion to [-1, 1] happens once per batch (`to_model_range`), on the stacked uint8 tensor.
+Float conversion to [-1, 1] happens once per batch (`to_model_range`) on the stacked uint8 tensor: in the
+worker, or — `ShardDataModule(normalize_on_device=True)` — on the training device after the transfer.
 All randomness (crop offset, flip) comes from the `numpy.random.Generator` the stream passes in,
 which is seeded by the sample's position in the stream, so augmentation is part of the
 deterministic, resumable stream.
@@ -12,6 +13,7 @@ import io
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 RESIZE_MODES = ("pad", "resize", "center_crop", "random_crop")
@@ -28,6 +30,19 @@ def image_key(sample: dict) -> str:
     raise BadSample(f"no image member (expected one of {', '.join(IMAGE_KEYS)}; has {sorted(k for k in sample if not k.startswith('__'))})")
 
 
+_PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",), "webp": ("WEBP",)}
+
+
+def open_image(data: bytes, key: str):
+    """PIL image of a shard member (header parsed, pixels not yet decoded). The member's extension names the
+    format, so PIL tries that plugin first: ~10% of a small PNG's decode is PIL probing plugins in turn.
+    A member whose bytes do not match its extension still opens, through the full probe."""
+    try:
+        return Image.open(io.BytesIO(data), formats=_PIL_FORMATS.get(key))
+    except UnidentifiedImageError:
+        return Image.open(io.BytesIO(data))
+
+
 def quick_check(sample: dict, kind: str, transform: "ImageTransform | None" = None) -> None:
     """What can be checked without decoding pixels (used to skip consumed samples on resume): the payload
     key exists, the image header parses, and (resize_mode='pad') the size fits. Every sample rejected here
@@ -37,11 +52,9 @@ def quick_check(sample: dict, kind: str, transform: "ImageTransform | None" = No
         if "moments.npy" not in sample:
             raise BadSample("no 'moments.npy' member in a latent shard sample")
         return
-    from PIL import Image
-
     k = image_key(sample)
     try:
-        img = Image.open(io.BytesIO(sample[k]))  # header only
+        img = open_image(sample[k], k)  # header only
     except Exception as e:  # noqa: BLE001
         raise BadSample(f"undecodable {k}: {type(e).__name__}: {e}") from None
     if transform is not None:
@@ -55,11 +68,9 @@ class ImageTransform:
         self.size, self.channels, self.mode, self.flip = image_size, channels, resize_mode, random_flip
 
     def __call__(self, sample: dict, rng: np.random.Generator | None) -> np.ndarray:
-        from PIL import Image
-
         k = image_key(sample)
         try:
-            img = Image.open(io.BytesIO(sample[k]))
+            img = open_image(sample[k], k)
             img.load()  # full decode: truncated data fails here
         except Exception as e:  # noqa: BLE001
             raise BadSample(f"undecodable {k}: {type(e).__name__}: {e}") from None
@@ -71,6 +82,8 @@ class ImageTransform:
         if self.mode == "pad":
             a = np.asarray(img, dtype=np.uint8)
             a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, h, w)
+            if (h, w) == (s, s):
+                return self._flip(a, rng)
             top, left = (s - h) // 2, (s - w) // 2
             out = np.zeros((a.shape[0], s, s), dtype=np.uint8)  # black border (→ -1): MNIST 28 → 32 with 2 px
             out[:, top:top + h, left:left + w] = a
@@ -118,15 +131,31 @@ def decode_moments(sample: dict) -> np.ndarray:
 
 # uint8 value v -> v / 127.5 - 1 in float32, the same two float32 operations an elementwise pass does.
 _MODEL_RANGE_LUT = (np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
+_DEVICE_LUTS: dict[torch.device, torch.Tensor] = {}
 
 
-def to_model_range(x: np.ndarray) -> torch.Tensor:
-    """uint8 (B, C, H, W) in [0, 255] → float32 tensor in [-1, 1] (0 → -1, 255 → +1, exactly).
+def to_model_range(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) in [0, 255] → float32 tensor in [-1, 1] (0 → -1, 255 → +1, exactly), on x's device.
 
-    One gather through a 256-entry table: bitwise equal to astype + divide + subtract and measured 1.8×
-    faster than those three passes (a 250×1×256×256 batch: 23 ms vs 41 ms). Done in numpy on purpose: on
-    an oversubscribed CPU, torch's multi-threaded elementwise kernels in the main process (num_workers=0)
-    were measured 50× slower than a single-threaded pass."""
+    One gather through a 256-entry table, so every device gives bitwise the same values (CUDA's divide by a
+    scalar multiplies by the reciprocal, which is not exact). On the CPU it is done in numpy on purpose:
+    measured 1.8× faster than astype + divide + subtract (a 250×1×256×256 batch: 23 ms vs 41 ms), and on an
+    oversubscribed CPU torch's multi-threaded elementwise kernels in the main process were measured 50×
+    slower than a single-threaded pass."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype != torch.uint8:
+            raise TypeError(f"to_model_range expects uint8 pixels, got {x.dtype}")
+        if x.device.type == "cpu":
+            return torch.from_numpy(np.take(_MODEL_RANGE_LUT, x.numpy()))
+        if x.device not in _DEVICE_LUTS:
+            _DEVICE_LUTS[x.device] = torch.from_numpy(_MODEL_RANGE_LUT).to(x.device)
+        return _DEVICE_LUTS[x.device][x.long()]
     if x.dtype != np.uint8:
         raise TypeError(f"to_model_range expects uint8 pixels, got {x.dtype}")
     return torch.from_numpy(np.take(_MODEL_RANGE_LUT, x))
+
+
+def ensure_model_range(x: torch.Tensor) -> torch.Tensor:
+    """Images as a model takes them: uint8 batches (ShardDataModule(normalize_on_device=True) used without a
+    Trainer) are converted with `to_model_range`; float images are already in [-1, 1] and pass through."""
+    return to_model_range(x) if x.dtype == torch.uint8 else x

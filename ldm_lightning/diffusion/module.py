@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ldm_lightning.data.transforms import ensure_model_range
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.strategies import maybe_compile
 
@@ -194,7 +195,7 @@ class DiffusionModule(TrainingModule):
                                  f"{2 * ae.latent_channels} (mean ‖ logvar of {ae.latent_channels} channels)")
             post = DiagonalGaussian(m)
         elif "image" in batch:
-            x = batch["image"]  # (B, C, H, W) in [-1, 1]
+            x = ensure_model_range(batch["image"])  # (B, C, H, W) in [-1, 1]
             dtype = ENCODE_DTYPES[self.encode_dtype]
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 post = ae.encode(x)
