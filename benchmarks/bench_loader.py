@@ -1,7 +1,7 @@
 """Loader throughput: the streaming ShardDataModule vs the decode-only limit vs a map-style PNG folder.
 
-    python benchmarks/bench_loader.py --quick          # 10k MNIST images, < 1 min on 2 cores
-    python benchmarks/bench_loader.py --size 64        # MNIST re-packed at 64×64 (more decode work per image)
+    python benchmarks/bench_loader.py --quick              # 10k MNIST images at 28², 64², 256²: ~3 min on 2 cores
+    python benchmarks/bench_loader.py --sizes 256          # 60k images re-packed at 256×256 (LDM's resolution)
 
 (a) stream: one epoch of `ShardDataModule` (tar reading, shuffle buffer, decode, pad, batch, IPC) with its
     default `normalize_on_device=True`: uint8 batches, turned into float on the training device (a GPU
@@ -10,6 +10,7 @@
 (b) decode-only: the same PNG bytes, already in memory, decoded by the same number of worker processes
     with no framework around them — the ceiling for any PNG loader on this machine.
 (c) folder: a plain map-style `torch.utils.data.Dataset` over the same PNGs as files, same workers.
+(d) webdataset: the reference library's own pipeline over the same shards (shuffle, PIL decode, batch).
 Target: (a) ≥ 0.9 × (b).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing as mp
+import shutil
 import tarfile
 import tempfile
 import time
@@ -55,24 +57,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="best of N runs per loader (the machine is shared)")
-    p.add_argument("--size", type=int, default=None, help="re-pack MNIST at this size (default: native 28)")
+    p.add_argument("--sizes", default="28,64,256",
+                   help="comma-separated sizes to store MNIST at (28: as shipped; others re-packed with --size)")
     args = p.parse_args(argv)
 
+    n = 10_000 if args.quick else 60_000
+    sizes = [int(v) for v in args.sizes.split(",")]
+    for src in sizes:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+        try:
+            run_size(args, n, src, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def run_size(args: argparse.Namespace, n: int, src: int, tmp: Path) -> None:
+    """Pack n MNIST images at src×src (28: as shipped) and print every loader's rate and its ratio."""
     from ldm_lightning.data import ShardDataModule, pack
 
-    n = 10_000 if args.quick else 60_000
-    tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     shards = tmp / "shards"
     t0 = time.perf_counter()
     pack_args = ["--source", "mnist", "--out", str(shards), "--limit", str(n), "--workers", str(args.workers),
                  "--samples-per-shard", str(max(1, n // (4 * args.workers))), "--no-progress"]
-    pack.main(pack_args + (["--size", str(args.size)] if args.size else []))
+    pack.main(pack_args + (["--size", str(src)] if src != 28 else []))
     t_pack = time.perf_counter() - t0
     pngs = []
     for f in sorted(shards.glob("shard-*.tar")):
         with tarfile.open(f) as tar:
             pngs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")]
-    size = (args.size or 28) + 4 if not args.size else args.size
+    size = 32 if src == 28 else src  # as the MNIST configs train: 28 padded to 32
 
     folder = tmp / "folder"
     folder.mkdir()
@@ -102,6 +116,24 @@ def main(argv: list[str] | None = None) -> int:
             done = sum(pool.map(_decode_chunk, chunks))
             return {"decode-only limit": done / (time.perf_counter() - t0)}
 
+    def webdataset_ref() -> dict[str, float]:
+        # The reference library's own pipeline on the same shards: shard + sample shuffle, PIL decode, pad,
+        # batch in the workers (its defaults; no exact epoch length or resume).
+        import webdataset as wds
+
+        def pad(img):
+            a = np.asarray(img)  # (h, w)
+            p = (size - a.shape[0]) // 2
+            return np.pad(a, p)[None] if p > 0 else a[None]
+
+        ds = (wds.WebDataset([str(f) for f in sorted(shards.glob("shard-*.tar"))], shardshuffle=100, seed=0,
+                             empty_check=False).shuffle(1000).decode("pill").to_tuple("png", "cls")
+              .map_tuple(pad, int).batched(args.batch_size))
+        it = iter(wds.WebLoader(ds, batch_size=None, num_workers=args.workers))
+        next(it)
+        t0 = time.perf_counter()
+        return {"webdataset pipeline": sum(b[0].shape[0] for b in it) / (time.perf_counter() - t0)}
+
     def folder_ds() -> dict[str, float]:
         dl = torch.utils.data.DataLoader(_FolderDataset(files, size), batch_size=args.batch_size, shuffle=True,
                                          num_workers=args.workers)
@@ -112,19 +144,15 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, float] = {}
     for _ in range(args.repeats):  # interleaved, best of N: other load on the machine hits all alike
-        for fn in (stream, decode_only, folder_ds, lambda: stream(on_device=False)):
+        for fn in (stream, decode_only, folder_ds, lambda: stream(on_device=False), webdataset_ref):
             for k, v in fn().items():
                 results[k] = max(results.get(k, 0.0), v)
     limit = results["decode-only limit"]
-    print(f"\n{n} MNIST images ({size}x{size} out), {args.workers} workers, batch {args.batch_size}; "
-          f"pack took {t_pack:.1f}s ({n / t_pack:.0f} img/s)")
-    print(f"{'loader':<28}{'images/s':>12}{'vs decode-only':>16}")
+    print(f"\n{n} MNIST images stored at {src}x{src} ({size}x{size} out), {args.workers} workers, batch "
+          f"{args.batch_size}; pack took {t_pack:.1f}s ({n / t_pack:.0f} img/s)")
+    print(f"{'loader':<36}{'images/s':>12}{'vs decode-only':>16}")
     for name, v in results.items():
-        print(f"{name:<28}{v:>12.0f}{v / limit:>15.2f}x")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+        print(f"{f'{src}² {name}':<36}{v:>12.0f}{v / limit:>15.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared fixtures. `mnist_shards`: a small real-MNIST pack made once per test session."""
+"""Shared fixtures, made once per test session: `mnist_shards` (a small real-MNIST pack) and `tiny_ae`
+(an untrained tiny-mnist autoencoder export)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,15 @@ def mnist_shards(tmp_path_factory) -> dict[str, str]:
         assert rc == 0, f"packing MNIST {split} failed (rc={rc})"
         dirs[split] = str(out)
     return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_ae(tmp_path_factory) -> str:
+    """An untrained tiny-mnist autoencoder (32x32x1 -> 8x8x4, torch seed 0) exported to a folder: enough for
+    stage-2 plumbing, DDP/DeepSpeed and resume tests, which need a frozen autoencoder but not a good one."""
+    import torch
+
+    from ldm_lightning.autoencoder import Autoencoder, get_preset
+    from ldm_lightning.export import export_autoencoder
+    torch.manual_seed(0)
+    return str(export_autoencoder(Autoencoder(get_preset("tiny-mnist")), tmp_path_factory.mktemp("ae") / "tiny"))

@@ -273,3 +273,14 @@ def test_uint8_and_float_workers_give_the_same_model_input(mnist_shards):
     assert all(x["image"].dtype == torch.uint8 for x in a)
     assert all(torch.equal(ensure_model_range(x["image"]), y["image"]) for x, y in zip(a, b))
     assert ensure_model_range(b[0]["image"]) is b[0]["image"]  # float passes through
+
+
+def test_member_whose_bytes_do_not_match_its_extension_still_decodes():
+    import numpy as np
+    from PIL import Image
+
+    from ldm_lightning.data.transforms import ImageTransform
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 24), 200, np.uint8)).save(buf, format="JPEG")
+    x = ImageTransform(24, 1, "pad", False)({"png": buf.getvalue()}, None)  # JPEG bytes under a .png key
+    assert x.shape == (1, 24, 24) and abs(int(x[0, 12, 12]) - 200) <= 2 and x[0, 0, 0] == 0

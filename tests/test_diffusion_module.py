@@ -7,17 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_lightning.autoencoder import Autoencoder, get_preset
 from ldm_lightning.data.mnist import caption, load_mnist
-
-
-@pytest.fixture(scope="module")
-def tiny_ae(tmp_path_factory) -> str:
-    """An untrained tiny-mnist autoencoder (32x32x1 -> 8x8x4) exported to a folder (enough for plumbing)."""
-    from ldm_lightning.export import export_autoencoder
-    torch.manual_seed(0)
-    ae = Autoencoder(get_preset("tiny-mnist"))
-    return str(export_autoencoder(ae, tmp_path_factory.mktemp("ae") / "tiny"))
 
 
 def mnist_batches(n_batches: int, batch_size: int, start: int = 0) -> list[dict]:

@@ -72,14 +72,6 @@ def fit(cfg: Path, *extra, check=True):
     return r
 
 
-@pytest.fixture(scope="module")
-def tiny_ae(tmp_path_factory) -> str:
-    from ldm_lightning.autoencoder import Autoencoder, get_preset
-    from ldm_lightning.export import export_autoencoder
-    torch.manual_seed(0)
-    return str(export_autoencoder(Autoencoder(get_preset("tiny-mnist")), tmp_path_factory.mktemp("ae")))
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage", ["autoencoder", "diffusion"])

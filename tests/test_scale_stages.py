@@ -31,11 +31,8 @@ STRATEGIES = {
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict[str, str]:
-    from ldm_lightning.autoencoder import Autoencoder, get_preset
-    from ldm_lightning.export import export_autoencoder
-    torch.manual_seed(0)
-    return {"ae": str(export_autoencoder(Autoencoder(get_preset("tiny-mnist")), tmp_path_factory.mktemp("ae")))}
+def inputs(tiny_ae) -> dict[str, str]:
+    return {"ae": tiny_ae}
 
 
 @pytest.mark.slow
