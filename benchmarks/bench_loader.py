@@ -47,7 +47,7 @@ class _FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         a = np.asarray(Image.open(self.files[i]).convert("L"))  # (H, W)
         pad = (self.size - a.shape[0]) // 2
-        a = np.pad(a, pad) if pad > 0 else a
+        a = np.pad(a, pad) if pad > 0 else a.copy()  # (size, size), writable
         return torch.from_numpy(a)[None].float().div(127.5).sub(1)  # (1, size, size)
 
 
