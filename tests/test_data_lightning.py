@@ -32,11 +32,12 @@ class _Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(shards, root, max_steps, ckpt_path=None, callbacks=()):
+def _fit(shards, root, max_steps, ckpt_path=None, callbacks=(), precision="32-true"):
     dm = ShardDataModule(shards["train"], shards["test"], batch_size=100, num_workers=2, val_samples=100,
                          shuffle_buffer=200)
     model = _Tiny()
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        precision=precision,
                         enable_model_summary=False, default_root_dir=root, callbacks=list(callbacks),
                         num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
@@ -79,3 +80,10 @@ def test_bad_samples_logged_in_fit(mnist_shards, tmp_path):
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
     logged = [float(r["data/bad_samples"]) for r in rows if r.get("data/bad_samples")]
     assert logged and logged[-1] == 2.0
+
+
+def test_uint8_batches_reach_the_model_in_its_precision(mnist_shards, tmp_path):
+    # 'bf16-true' casts float inputs before the device transfer, when images are still uint8: the
+    # DataModule must cast them after converting, or the bf16 Linear gets float32 input and fails.
+    model, trainer = _fit(mnist_shards, tmp_path, 3, precision="bf16-true")
+    assert model.net.weight.dtype == torch.bfloat16 and len(model.seen) == 3

@@ -215,8 +215,11 @@ class ShardDataModule(L.LightningDataModule):
         return self._epoch, self._consumed
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor):
+        if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor) \
+                and batch["image"].dtype == torch.uint8:
             batch["image"] = ensure_model_range(batch["image"])  # uint8 → float32 [-1, 1], on the device
+            if self.trainer is not None:  # Lightning cast float inputs before the transfer ('bf16-true' etc.):
+                batch["image"] = self.trainer.precision_plugin.convert_input(batch["image"])  # redo it here
         # Counted here, when the training step is about to receive the batch; not when the loader yields
         # (Lightning prefetches one batch ahead, which would make a checkpoint one batch off).
         if self.trainer is not None and self.trainer.training:
