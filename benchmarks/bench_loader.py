@@ -37,6 +37,12 @@ def _decode_chunk(chunk: list[bytes]) -> int:
     return len(chunk)
 
 
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+    """(h, w) gray → (1, size, size), centred on black (as the stream's resize_mode='pad'), writable."""
+    p = (size - a.shape[0]) // 2
+    return (np.pad(a, p) if p > 0 else a.copy())[None]
+
+
 class _FolderDataset(torch.utils.data.Dataset):
     def __init__(self, files: list[Path], size: int):
         self.files, self.size = files, size
@@ -45,10 +51,8 @@ class _FolderDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        a = np.asarray(Image.open(self.files[i]).convert("L"))  # (H, W)
-        pad = (self.size - a.shape[0]) // 2
-        a = np.pad(a, pad) if pad > 0 else a.copy()  # (size, size), writable
-        return torch.from_numpy(a)[None].float().div(127.5).sub(1)  # (1, size, size)
+        a = _pad(np.asarray(Image.open(self.files[i]).convert("L")), self.size)  # (1, size, size)
+        return torch.from_numpy(a).float().div(127.5).sub(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,14 +125,9 @@ def run_size(args: argparse.Namespace, n: int, src: int, tmp: Path) -> None:
         # batch in the workers (its defaults; no exact epoch length or resume).
         import webdataset as wds
 
-        def pad(img):
-            a = np.asarray(img)  # (h, w)
-            p = (size - a.shape[0]) // 2
-            return np.pad(a, p)[None] if p > 0 else a[None]
-
         ds = (wds.WebDataset([str(f) for f in sorted(shards.glob("shard-*.tar"))], shardshuffle=100, seed=0,
                              empty_check=False).shuffle(1000).decode("pill").to_tuple("png", "cls")
-              .map_tuple(pad, int).batched(args.batch_size))
+              .map_tuple(lambda img: _pad(np.asarray(img), size), int).batched(args.batch_size))
         it = iter(wds.WebLoader(ds, batch_size=None, num_workers=args.workers))
         next(it)
         t0 = time.perf_counter()

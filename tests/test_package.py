@@ -32,7 +32,6 @@ def test_cli_unknown_command_fails_clearly():
     assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
 
 
-
 ROOT = Path(__file__).resolve().parents[1]
 RULES = {  # package → packages it must not import (the layout's directions)
     "ldm_lightning.data": ("ldm_lightning.autoencoder", "ldm_lightning.diffusion", "ldm_lightning.training"),

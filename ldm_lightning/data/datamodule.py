@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ldm_lightning.data.stream import ShardStream, _raw_samples, resolve_shards
-from ldm_lightning.data.transforms import RESIZE_MODES, BadSample, ImageTransform, ensure_model_range
+from ldm_lightning.data.transforms import RESIZE_MODES, BadSample, ImageTransform, to_model_range
 
 KINDS = ("image", "latent")
 
@@ -217,7 +217,7 @@ class ShardDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor) \
                 and batch["image"].dtype == torch.uint8:
-            batch["image"] = ensure_model_range(batch["image"])  # uint8 → float32 [-1, 1], on the device
+            batch["image"] = to_model_range(batch["image"])  # uint8 → float32 [-1, 1], on the device
             if self.trainer is not None:  # Lightning cast float inputs before the transfer ('bf16-true' etc.):
                 batch["image"] = self.trainer.precision_plugin.convert_input(batch["image"])  # redo it here
         # Counted here, when the training step is about to receive the batch; not when the loader yields

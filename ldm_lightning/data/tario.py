@@ -52,10 +52,7 @@ def iter_members(f: BinaryIO, source: str = "<stream>") -> Iterator[tuple[str, b
         name, size_field, kind, magic, prefix = _HEADER.unpack_from(buf, pos)
         if not name[0] and buf[pos:pos + BLOCK] == _ZERO_BLOCK:
             return
-        try:
-            size = int(size_field.rstrip(b"\x00") or b"0", 8)  # the common case, inline (int() allows spaces)
-        except ValueError:
-            size = _octal(size_field)
+        size = _octal(size_field)
         end = pos + BLOCK + size
         while len(buf) < end:  # the member runs past the buffer (pipes and sockets may read short)
             more = f.read(max(READ_SIZE, end - len(buf)))
@@ -67,12 +64,6 @@ def iter_members(f: BinaryIO, source: str = "<stream>") -> Iterator[tuple[str, b
         if pos > len(buf):
             _skip(f, pos - len(buf), source)
             buf, pos = b"", 0
-        if kind == b"0" and long_name is None:  # the common case first: a regular file with a short name
-            name = name.split(b"\x00", 1)[0].decode("utf-8")
-            if magic == b"ustar\x00" and prefix[0]:  # POSIX ustar: long paths split in two
-                name = prefix.split(b"\x00", 1)[0].decode("utf-8") + "/" + name
-            yield name, data
-            continue
         if kind == b"L":  # GNU long name for the next member
             long_name = data.rstrip(b"\x00").decode("utf-8")
             continue
@@ -85,12 +76,11 @@ def iter_members(f: BinaryIO, source: str = "<stream>") -> Iterator[tuple[str, b
             long_name = None
             continue
         if long_name is not None:
-            yield long_name, data
-            long_name = None
-            continue
-        name = name.split(b"\x00", 1)[0].decode("utf-8")
-        if magic == b"ustar\x00" and prefix[0]:
-            name = prefix.split(b"\x00", 1)[0].decode("utf-8") + "/" + name
+            name, long_name = long_name, None
+        else:
+            name = name.split(b"\x00", 1)[0].decode("utf-8")
+            if magic == b"ustar\x00" and prefix[0]:  # POSIX ustar: long paths split in two
+                name = prefix.split(b"\x00", 1)[0].decode("utf-8") + "/" + name
         yield name, data
 
 

@@ -145,11 +145,11 @@ def to_model_range(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         if x.dtype != torch.uint8:
             raise TypeError(f"to_model_range expects uint8 pixels, got {x.dtype}")
-        if x.device.type == "cpu":
-            return torch.from_numpy(np.take(_MODEL_RANGE_LUT, x.numpy()))
-        if x.device not in _DEVICE_LUTS:
-            _DEVICE_LUTS[x.device] = torch.from_numpy(_MODEL_RANGE_LUT).to(x.device)
-        return _DEVICE_LUTS[x.device][x.long()]
+        if x.device.type != "cpu":
+            if x.device not in _DEVICE_LUTS:
+                _DEVICE_LUTS[x.device] = torch.from_numpy(_MODEL_RANGE_LUT).to(x.device)
+            return _DEVICE_LUTS[x.device][x.long()]
+        x = x.numpy()
     if x.dtype != np.uint8:
         raise TypeError(f"to_model_range expects uint8 pixels, got {x.dtype}")
     return torch.from_numpy(np.take(_MODEL_RANGE_LUT, x))
