@@ -244,8 +244,8 @@ def test_resume_skips_without_decoding(mnist_shards, monkeypatch):
     from ldm_lightning.data.transforms import ImageTransform
 
     calls = []
-    real = ImageTransform.__call__
-    monkeypatch.setattr(ImageTransform, "__call__", lambda self, s, rng: calls.append(1) or real(self, s, rng))
+    real = ImageTransform.decode_into
+    monkeypatch.setattr(ImageTransform, "decode_into", lambda self, *a: calls.append(1) or real(self, *a))
     dm = _dm(mnist_shards["train"], num_workers=0)
     dm.load_state_dict({"epoch": 0, "consumed": 30})
     batches = _epoch(dm)
@@ -284,3 +284,62 @@ def test_member_whose_bytes_do_not_match_its_extension_still_decodes():
     Image.fromarray(np.full((20, 24), 200, np.uint8)).save(buf, format="JPEG")
     x = ImageTransform(24, 1, "pad", False)({"png": buf.getvalue()}, None)  # JPEG bytes under a .png key
     assert x.shape == (1, 24, 24) and abs(int(x[0, 12, 12]) - 200) <= 2 and x[0, 0, 0] == 0
+
+
+def test_batch_ring_hands_over_the_same_batches(mnist_shards):
+    """Workers decoding into the reused shared-memory ring give exactly the batches of torch's own hand-over,
+    and a batch the consumer keeps is never overwritten by later ones (it owns a copy)."""
+    for kw in ({}, {"channels": 3, "seed": 5}):
+        loader = _dm(mnist_shards["train"], **kw).train_dataloader()
+        kept = list(loader) + list(loader)  # two epochs of one loader (as under a Trainer): one ring for both
+        assert loader.dataset.ring is not None
+        loader = _dm(mnist_shards["train"], reuse_batch_memory=False, **kw).train_dataloader()
+        want = list(loader) + list(loader)
+        assert loader.dataset.ring is None
+        assert len(kept) == len(want) == 80
+        for a, b in zip(kept, want):
+            assert a["key"] == b["key"] and a["txt"] == b["txt"] and torch.equal(a["cls"], b["cls"])
+            assert a["image"].dtype == torch.uint8 and torch.equal(a["image"], b["image"])
+
+
+def test_batch_ring_names_a_too_small_dev_shm(mnist_shards, monkeypatch):
+    import os
+    import types
+
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_bavail=16, f_frsize=4096))
+    with pytest.raises(RuntimeError, match=r"/dev/shm has 0 MiB free.*--shm-size.*reuse_batch_memory=false"):
+        _epoch(_dm(mnist_shards["train"]), 1)
+
+
+def test_decode_into_writes_all_of_a_reused_buffer():
+    import numpy as np
+    from PIL import Image
+
+    from ldm_lightning.data.transforms import BadSample, ImageTransform
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 24), 200, np.uint8)).save(buf, format="PNG")
+    out = np.full((3, 24, 24), 7, np.uint8)  # what the previous batch left in the slot
+    ImageTransform(24, 3, "pad", False).decode_into(buf.getvalue(), "png", out, None)
+    assert (out[:, 2:22] == 200).all() and (out[:, :2] == 0).all() and (out[:, 22:] == 0).all()
+    before = out.copy()
+    with pytest.raises(BadSample, match="undecodable png"):
+        ImageTransform(24, 3, "pad", False).decode_into(buf.getvalue()[:30] + b"junk" * 9, "png", out, None)
+    assert np.array_equal(out, before)  # a bad sample leaves the slot as it was
+
+
+def test_unreadable_cls_is_a_bad_sample(mnist_shards, tmp_path):
+    src, dst = Path(mnist_shards["test"]), tmp_path / "badcls"
+    dst.mkdir()
+    man = json.loads((src / "manifest.json").read_text())
+    for s in man["shards"]:
+        with tarfile.open(src / s["name"]) as tin, tarfile.open(dst / s["name"], "w") as tout:
+            for m in tin.getmembers():
+                data = tin.extractfile(m).read()
+                if m.name.endswith("000030.cls"):
+                    data = b"seven"
+                m.size = len(data)
+                tout.addfile(m, io.BytesIO(data))
+    (dst / "manifest.json").write_text(json.dumps(man))
+    dm = _dm(str(dst), batch_size=25, num_workers=0)
+    keys = _keys(_epoch(dm))
+    assert dm.bad_samples == 1 and not any(k.endswith("000030") for k in keys)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldm_lightning.data.stream import ShardStream, _raw_samples, resolve_shards
+from ldm_lightning.data.stream import ShardStream, resolve_shards
 from ldm_lightning.data.transforms import RESIZE_MODES, BadSample, ImageTransform, to_model_range
 
 KINDS = ("image", "latent")
@@ -29,17 +29,27 @@ def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _as_built(batch: dict) -> dict:
+    """The stream builds whole batches; torch's default (`default_convert`) would turn numpy arrays into
+    tensors inside the worker, i.e. into shared-memory segments."""
+    return batch
+
+
 class _TrainLoader(DataLoader):
     """A DataLoader that tells its stream where each epoch starts, and strips the per-batch bad count."""
 
+    PREFETCH = 2  # batches in flight per worker
+
     def __init__(self, dataset: ShardStream, dm: "ShardDataModule", num_workers: int):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                         prefetch_factor=2 if num_workers else None)
+                         prefetch_factor=self.PREFETCH if num_workers else None, collate_fn=_as_built)
         self._dm = dm
 
     def __iter__(self) -> Iterator[dict]:
         epoch, consumed = self._dm._begin_epoch(len(self.dataset))
         self.dataset.set_position(epoch, consumed)  # pickled into the workers by super().__iter__()
+        if self.num_workers and self._dm.reuse_batch_memory:
+            self.dataset.use_batch_ring(self.PREFETCH + 1)  # in flight + the one being built
         return self._wrap(super().__iter__())
 
     # Lightning treats loaders with state_dict/load_state_dict as resumable (and stores their state in the
@@ -52,6 +62,7 @@ class _TrainLoader(DataLoader):
 
     def _wrap(self, it) -> Iterator[dict]:
         for batch in it:
+            batch = self.dataset.from_worker(batch)
             self._dm.bad_samples += int(batch.pop("bad_samples"))
             if self._dm.trainer is None:  # no Lightning: a batch is consumed when it is handed out
                 self._dm._consumed += 1
@@ -62,15 +73,17 @@ class _ValBatches(Dataset):
     """Validation: the first `val_samples` usable samples of the val shards (listed order), split evenly
     across ranks (sample i → rank i % world), batched; decoded on access (deterministic transforms)."""
 
-    def __init__(self, samples: list[dict], stream: ShardStream, batch_size: int):
-        self.samples, self.stream, self.bs = samples, stream, batch_size
+    def __init__(self, records: list[tuple], stream: ShardStream, batch_size: int):
+        self.records, self.stream, self.bs = records, stream, batch_size
 
     def __len__(self) -> int:
-        return (len(self.samples) + self.bs - 1) // self.bs
+        return (len(self.records) + self.bs - 1) // self.bs
 
     def __getitem__(self, i: int) -> dict:
-        items = [self.stream._decode(s, None) for s in self.samples[i * self.bs:(i + 1) * self.bs]]
-        batch = self.stream._collate(items, 0)
+        recs = self.records[i * self.bs:(i + 1) * self.bs]
+        rows = self.stream.new_batch(len(recs))
+        cls, txt = zip(*(self.stream.fill(r, rows, n, None) for n, r in enumerate(recs)))
+        batch = self.stream.collate(rows.data, list(cls), list(txt), [r[0] for r in recs], 0)
         batch.pop("bad_samples")
         return batch
 
@@ -93,6 +106,7 @@ class ShardDataModule(L.LightningDataModule):
         kind: str = "image",
         max_bad_fraction: float = 0.01,
         normalize_on_device: bool = True,
+        reuse_batch_memory: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -122,6 +136,11 @@ class ShardDataModule(L.LightningDataModule):
                 host→device copy, and no float pass on the loader's CPU. Under a Trainer this is invisible.
                 Loaders used without one then yield uint8 images: pass them through
                 `ldm_lightning.data.ensure_model_range` (or set false to get float32 from the workers).
+            reuse_batch_memory: With workers and uint8 images, workers decode into a fixed ring of
+                shared-memory batch buffers (num_workers × 3 batches of /dev/shm, allocated once) that
+                the main process copies out of, instead of torch moving every batch into a fresh
+                shared-memory segment, whose page faults were measured at ~50 µs per 256² image on a
+                VM (see data/batch_ring.py). Off: torch's default hand-over.
             rank: Override the data-parallel rank (tests/tools; default: from the trainer / torch.distributed / RANK).
             world_size: Override the world size (default: from the trainer / torch.distributed / WORLD_SIZE).
         """
@@ -142,7 +161,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.shuffle_buffer, self.kind, self.max_bad_fraction = shuffle_buffer, kind, max_bad_fraction
-        self.normalize_on_device = normalize_on_device
+        self.normalize_on_device, self.reuse_batch_memory = normalize_on_device, reuse_batch_memory
         self.val_samples, self.val_batch_size = val_samples, val_batch_size or batch_size
         self.transform = ImageTransform(image_size, channels, resize_mode, random_flip)
         self.val_transform = ImageTransform(image_size, channels,
@@ -150,7 +169,7 @@ class ShardDataModule(L.LightningDataModule):
         self._rank, self._world = rank, world_size
         self._epoch, self._consumed, self._resume = -1, 0, None
         self.bad_samples, self._bad_logged = 0, 0
-        self._val_cache: dict[tuple[int, int], list[dict]] = {}
+        self._val_cache: dict[tuple[int, int], list[tuple]] = {}
 
     # --- topology --------------------------------------------------------------------------------
     def rank_world(self) -> tuple[int, int]:
@@ -181,14 +200,15 @@ class ShardDataModule(L.LightningDataModule):
             stream = ShardStream(shards, 1, num_workers=1, rank=0, world_size=1, shuffle=False, kind=self.kind,
                                  transform=self.val_transform, uint8_images=self.normalize_on_device)
             usable, bad = [], 0
+            scratch = stream.new_batch(1)
             for shard in shards:  # listed order, no shuffle: the same subset on every run
-                for s in _raw_samples(shard.url):
+                for rec in (r for recs in stream.records(shard.url) for r in recs):
                     try:
-                        stream._decode(s, None)
+                        stream.fill(rec, scratch, 0, None)
                     except BadSample:
                         bad += 1
                         continue
-                    usable.append(s)
+                    usable.append(rec)
                     if len(usable) == self.val_samples:
                         break
                 if len(usable) == self.val_samples:
@@ -199,7 +219,7 @@ class ShardDataModule(L.LightningDataModule):
             if n == 0:
                 raise ValueError(f"val_shards {self.val_shards!r}: {len(usable)} usable samples cannot be split over "
                                  f"world_size={world} ranks ({bad} bad); give more validation shards")
-            self._val_stream = stream  # only its decode/collate are used: batch size 1 is fine here
+            self._val_stream = stream  # only its fill/collate are used: batch size 1 is fine here
         ds = _ValBatches(self._val_cache[(rank, world)], self._val_stream, self.val_batch_size)
         return DataLoader(ds, batch_size=None, num_workers=0)
 

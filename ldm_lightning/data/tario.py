@@ -1,18 +1,31 @@
-"""A minimal streaming tar reader for WebDataset shards: (key, ext, bytes) → sample dicts.
+"""A streaming tar reader for WebDataset shards: tar bytes → blocks of samples (key → {ext: bytes}).
 
 Why not `tarfile` (which webdataset's tar iterator wraps): it spends ~30 µs per member parsing every
-header field, and a MNIST sample has 4 members — that alone capped the stream below the PNG decode rate.
-Here only what a shard needs is parsed (name, size, type; ustar prefix, GNU long names, pax `path`
-records), with one `struct` unpack per header, from a buffer filled in large reads (one read call per
-few MiB instead of two per member). URLs are still opened by webdataset's `gopen` (local files,
-http(s) via curl, `pipe:` commands).
+header field, and a MNIST sample has 4 members — that alone capped the stream far below the PNG decode
+rate. Two paths here, both reading a few MiB per call:
+
+- `_index_chunk`, the fast path: all member headers of a buffered chunk are found and parsed at once
+  with numpy (ustar magic → size → the header chain is checked to be unbroken → names split into key
+  and extension), so a sample costs well under a microsecond of Python instead of ~2 µs per member.
+  It takes plain ustar/GNU/pax shards whose members are regular files with short names (what
+  `ldm-lightning data pack`, webdataset's TarWriter and `tar` write).
+- `iter_members`, the general path, one `struct` unpack per header: GNU long names, pax `path`
+  records, ustar prefixes, base-256 sizes, v7 tars, members whose data looks like a tar header
+  (nested tars) — and every truncated-shard error. A chunk the fast path does not take, and all of the
+  shard after it, go this way.
+
+URLs are opened by webdataset's `gopen` (local files, http(s) via curl, `pipe:` commands).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import re
 import struct
 from typing import BinaryIO, Iterator
+
+import numpy as np
 
 BLOCK = 512
 READ_SIZE = 4 << 20  # bytes per read: large enough to amortise the call, small next to a shard
@@ -84,24 +97,210 @@ def iter_members(f: BinaryIO, source: str = "<stream>") -> Iterator[tuple[str, b
         yield name, data
 
 
-def iter_samples(url: str) -> Iterator[dict]:
-    """Samples of one shard, grouped by key like WebDataset: {'__key__', '__url__', ext: bytes, ...}.
 
-    The key is everything before the first '.' of the basename; members of one sample are adjacent."""
+
+# ------------------------------------------------------------------------------------------------
+# blocks of samples
+# ------------------------------------------------------------------------------------------------
+Block = tuple[list[str], dict[str, list]]
+"""(keys, members): the samples of one chunk of a shard. members[ext][i] is the bytes of sample i's
+`<key>.<ext>` member, or None when sample i has no such member. Samples never straddle blocks."""
+
+_USTA = int.from_bytes(b"usta", "little")
+_PAX_OR_LONG = np.array([ord(c) for c in "xgLK"], np.uint8)  # typeflags only the general path handles
+_REGULAR = np.array([0, ord("0"), ord("7")], np.uint8)
+SEQUENTIAL_BLOCK = 1024  # samples per block on the general path
+
+
+def _index_chunk(data, start: int, stop: int, final: bool) -> tuple[Block | None, int, str]:
+    """Index the whole samples in data[start:stop] (`start` is a member header) in one pass.
+
+    `data` is bytes or an mmap. Returns (block or None, offset to go on from, status): "more" (go on
+    from that offset, with more data after `stop`), "end" (the archive's zero block was reached) or
+    "general" (from `start` on, the general path must read: nothing was taken). Unless `final` or at
+    the end marker, the last key's members are held back: more of them may follow beyond `stop`."""
+    nb = (stop - start) // BLOCK
+    if nb == 0:
+        return None, start, "general" if final else "more"
+    a = np.frombuffer(data, np.uint8, count=nb * BLOCK, offset=start).reshape(nb, BLOCK)  # a row per block
+    magic = np.ascontiguousarray(a[:, 257:261]).view("<u4")[:, 0]  # (nb,)
+    hdr = np.flatnonzero((magic == _USTA) & (a[:, 261] == ord("r")))  # candidate header blocks (M,)
+    if len(hdr) == 0 or hdr[0] != 0:
+        return None, start, "end" if not a[0].any() else "general"  # else a v7 tar, or a cut header
+    h = a[hdr, :346]  # (M, 346) the header fields used below, gathered once (cache-friendly)
+    field = h[:, 124:136].astype(np.int64)  # (M, 12) octal size, NUL/space padded
+    if (field[:, 0] & 0x80).any():
+        return None, start, "general"  # base-256 size (a member ≥ 8 GiB)
+    digit = (field >= 48) & (field <= 55)
+    size = np.zeros(len(hdr), np.int64)
+    for c in range(12):
+        size = np.where(digit[:, c], size * 8 + field[:, c] - 48, size)
+    nxt = hdr + 1 + (size + BLOCK - 1) // BLOCK  # (M,) block after each member's padded data
+    if (nxt[:-1] != hdr[1:]).any():
+        return None, start, "general"  # a member's data holds a block that looks like a header (nested tar)
+    typ = h[:, 156]
+    if np.isin(typ, _PAX_OR_LONG).any() or ((h[:, 262] == 0) & (h[:, 345] != 0)).any():
+        return None, start, "general"  # pax records, GNU long names or a ustar prefix
+    complete = int(np.searchsorted(nxt, nb, side="right"))  # members whose padded data is in the chunk
+    status = "more"
+    if complete == len(hdr) and nxt[-1] < nb:  # what follows the last member is no ustar header
+        if a[nxt[-1]].any():
+            return None, start, "general"
+        status = "end"
+    if final and status != "end" and complete < len(hdr):
+        return None, start, "general"  # a truncated last member: the general path says where
+    regular = np.flatnonzero(np.isin(typ[:complete], _REGULAR))
+    if len(regular) == 0:  # only directories (or nothing complete) so far
+        return (None, start, "more") if status == "more" and not final else \
+            (None, start + min(int(nxt[complete - 1]), nb) * BLOCK if complete else start, status)
+    names = h[regular, :100]  # (R, 100)
+    length = np.where((names == 0).any(1), (names == 0).argmax(1), 100)  # (R,)
+    width = int(length.max(initial=0))
+    names, col = names[:, :width], np.arange(width)
+    slash = np.where(names == ord("/"), col, -1).max(1, initial=-1)  # (R,) last '/'
+    dot_mask = (names == ord(".")) & (col > slash[:, None]) & (col < length[:, None])
+    has_dot = dot_mask.any(1)
+    dot = dot_mask.argmax(1)  # first '.' of the basename: key = before it, extension = after
+    regular, names, length, dot = regular[has_dot], names[has_dot], length[has_dot], dot[has_dot]
+    keyrows = np.where(col < dot[:, None], names, 0)  # (R, width)
+    first = np.ones(len(regular), bool)
+    first[1:] = (keyrows[1:] != keyrows[:-1]).any(1)  # a member that starts a sample
+    sample = np.cumsum(first) - 1  # (R,) sample index of each member
+    if status == "more" and not final:
+        if len(regular) == 0 or sample[-1] == 0:
+            return None, start, "more"  # at most one (maybe unfinished) sample: needs a larger chunk
+        keep = sample < sample[-1]  # hold the last sample back
+        resume = start + int(hdr[regular[np.argmax(~keep)]]) * BLOCK
+        regular, names, length, dot, keyrows, first, sample = (
+            v[keep] for v in (regular, names, length, dot, keyrows, first, sample))
+    else:
+        resume = start + min(int(nxt[complete - 1]), nb) * BLOCK if complete else start
+    n = int(sample[-1]) + 1 if len(sample) else 0
+    if n == 0:
+        return None, resume, status
+    keys = [k.decode("utf-8") for k in np.ascontiguousarray(keyrows[first]).view(f"S{width}")[:, 0].tolist()]
+    extrows = np.ascontiguousarray(np.where((col > dot[:, None]) & (col < length[:, None]), names, 0))
+    kinds, which = np.unique(extrows.view(f"V{width}")[:, 0], return_inverse=True)
+    offset = start + (hdr[regular] + 1) * BLOCK  # (R,) where each member's data starts in `data`
+    members: dict[str, list] = {}
+    for j, row in enumerate(kinds):
+        raw = np.frombuffer(row.tobytes(), np.uint8)
+        ext = raw[raw != 0].tobytes().decode("utf-8")  # keys of other lengths give the same ext again
+        sel = np.flatnonzero(which == j)
+        col_data = [data[o:o + k] for o, k in zip(offset[sel].tolist(), size[regular[sel]].tolist())]
+        if ext not in members and len(sel) == n and (sample[sel] == np.arange(n)).all():
+            members[ext] = col_data  # the common case: every sample has this member once
+            continue
+        out = members.setdefault(ext, [None] * n)
+        for i, d in zip(sample[sel].tolist(), col_data):
+            out[i] = d  # a repeated extension within a sample: the last one wins, as in webdataset
+    return (keys, members), resume, status
+
+
+def _sequential_blocks(f: BinaryIO, source: str) -> Iterator[Block]:
+    """Blocks from the general path (`iter_members`), grouped by key like the fast path."""
+    keys: list[str] = []
+    rows: list[dict[str, bytes]] = []
+    for name, data in iter_members(f, source):
+        dot = name.find(".", name.rfind("/") + 1)
+        if dot < 0:
+            continue  # no extension: not a sample member
+        if not keys or name[:dot] != keys[-1]:
+            if len(keys) == SEQUENTIAL_BLOCK:
+                yield _columns(keys, rows)
+                keys, rows = [], []
+            keys.append(name[:dot])
+            rows.append({})
+        rows[-1][name[dot + 1:]] = data
+    if keys:
+        yield _columns(keys, rows)
+
+
+def _columns(keys: list[str], rows: list[dict[str, bytes]]) -> Block:
+    exts = dict.fromkeys(e for r in rows for e in r)
+    return keys, {e: [r.get(e) for r in rows] for e in exts}
+
+
+class _Prefixed:
+    """A reader that returns `head` first, then the rest of `f`."""
+
+    def __init__(self, head: bytes, f: BinaryIO):
+        self.head, self.f = head, f
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.f.read(n)
+        out, self.head = (self.head, b"") if n < 0 or n >= len(self.head) else (self.head[:n], self.head[n:])
+        return out
+
+
+def read_blocks(f: BinaryIO, source: str = "<stream>") -> Iterator[Block]:
+    """Blocks of whole samples from a tar stream: the fast path chunk by chunk, the general path from the
+    first chunk it does not take on."""
+    buf, final, want = b"", False, READ_SIZE
+    while True:
+        while not final and len(buf) < want:  # pipes and sockets may return short reads
+            more = f.read(want - len(buf))
+            final = not more
+            buf += more
+        block, resume, status = _index_chunk(buf, 0, len(buf), final)
+        if status == "general":
+            yield from _sequential_blocks(_Prefixed(buf, f), source)
+            return
+        if block is not None:
+            yield block
+        if status == "end" or (final and resume == len(buf)):
+            return
+        buf = buf[resume:]
+        want = READ_SIZE if resume else 2 * max(len(buf), READ_SIZE)  # a sample larger than a chunk
+
+
+def _mapped_blocks(path: str) -> Iterator[Block]:
+    """`read_blocks` for a local file, over a read-only memory map: the chunks are views of the page cache,
+    so no chunk is copied whole (a read copies every byte, a MNIST sample's tar padding included)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+            pos, span = 0, READ_SIZE
+            while True:
+                stop = min(pos + span, len(mm))
+                block, resume, status = _index_chunk(mm, pos, stop, stop == len(mm))
+                if status == "general":
+                    f.seek(pos)
+                    yield from _sequential_blocks(f, path)
+                    return
+                if block is not None:
+                    yield block
+                if status == "end" or (stop == len(mm) and resume == stop):
+                    return
+                span = READ_SIZE if resume > pos else 2 * span  # a sample larger than a chunk
+                pos = resume
+        finally:
+            try:
+                mm.close()
+            except BufferError:  # an exception's traceback still holds a numpy view of it: freed with that
+                pass
+
+
+def iter_blocks(url: str) -> Iterator[Block]:
+    """Blocks of samples of one shard; the key is everything before the first '.' of the basename, and the
+    members of one sample are adjacent (as WebDataset requires)."""
+    if os.path.isfile(url):
+        yield from _mapped_blocks(url)
+        return
     from webdataset.gopen import gopen
 
-    current: dict | None = None
-    key = None
     with gopen(url, "rb") as f:
-        for name, data in iter_members(f, url):
-            dot = name.find(".", name.rfind("/") + 1)
-            if dot < 0:
-                continue  # no extension: not a sample member
-            if name[:dot] != key:
-                if current is not None:
-                    yield current
-                key = name[:dot]
-                current = {"__key__": key, "__url__": url}
-            current[name[dot + 1:]] = data
-    if current is not None:
-        yield current
+        yield from read_blocks(f, url)
+
+
+def iter_samples(url: str) -> Iterator[dict]:
+    """Samples of one shard as WebDataset dicts: {'__key__', '__url__', ext: bytes, ...}."""
+    for keys, members in iter_blocks(url):
+        for i, key in enumerate(keys):
+            s = {"__key__": key, "__url__": url}
+            s.update((e, col[i]) for e, col in members.items() if col[i] is not None)
+            yield s

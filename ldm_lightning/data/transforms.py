@@ -43,51 +43,58 @@ def open_image(data: bytes, key: str):
         return Image.open(io.BytesIO(data))
 
 
-def quick_check(sample: dict, kind: str, transform: "ImageTransform | None" = None) -> None:
-    """What can be checked without decoding pixels (used to skip consumed samples on resume): the payload
-    key exists, the image header parses, and (resize_mode='pad') the size fits. Every sample rejected here
-    is also rejected by the full decode, so skip and play agree on batch boundaries except for the rare
-    sample whose header is fine but whose pixel data is corrupt."""
+def quick_check(ext: str | None, payload, kind: str, transform: "ImageTransform | None" = None) -> None:
+    """What can be checked without decoding pixels (used to skip consumed samples on resume) of a stream
+    record's payload (see stream.py): it exists, the image header parses, and (resize_mode='pad') the size
+    fits. Every sample rejected here is also rejected by the full decode, so skip and play agree on batch
+    boundaries except for the rare sample whose header is fine but whose pixel data is corrupt."""
+    if ext is None:
+        raise BadSample(missing_payload(kind, payload))
     if kind == "latent":
-        if "moments.npy" not in sample:
-            raise BadSample("no 'moments.npy' member in a latent shard sample")
         return
-    k = image_key(sample)
     try:
-        img = open_image(sample[k], k)  # header only
+        img = open_image(payload, ext)  # header only
     except Exception as e:  # noqa: BLE001
-        raise BadSample(f"undecodable {k}: {type(e).__name__}: {e}") from None
+        raise BadSample(f"undecodable {ext}: {type(e).__name__}: {e}") from None
     if transform is not None:
         transform.check_size(*img.size)
 
 
+def missing_payload(kind: str, has: list[str]) -> str:
+    if kind == "latent":
+        return f"no 'moments.npy' member in a latent shard sample (has {has})"
+    return f"no image member (expected one of {', '.join(IMAGE_KEYS)}; has {has})"
+
+
 class ImageTransform:
-    """Decode → channels → geometry → optional flip. Returns uint8 (C, size, size)."""
+    """Decode → channels → geometry → optional flip, into a uint8 (C, size, size) array."""
 
     def __init__(self, image_size: int, channels: int, resize_mode: str, random_flip: bool):
         self.size, self.channels, self.mode, self.flip = image_size, channels, resize_mode, random_flip
 
     def __call__(self, sample: dict, rng: np.random.Generator | None) -> np.ndarray:
+        """A WebDataset sample dict → a new uint8 (C, size, size) array."""
         k = image_key(sample)
+        out = np.empty((self.channels, self.size, self.size), np.uint8)
+        self.decode_into(sample[k], k, out, rng)
+        return out
+
+    def decode_into(self, data: bytes, ext: str, out: np.ndarray, rng: np.random.Generator | None) -> None:
+        """Decode one image member into `out` (C, size, size) uint8, all of which is written (a batch buffer
+        is reused). Nothing is written unless the decode succeeds: a BadSample leaves `out` as it was."""
         try:
-            img = open_image(sample[k], k)
+            img = open_image(data, ext)
             img.load()  # full decode: truncated data fails here
         except Exception as e:  # noqa: BLE001
-            raise BadSample(f"undecodable {k}: {type(e).__name__}: {e}") from None
+            raise BadSample(f"undecodable {ext}: {type(e).__name__}: {e}") from None
         target = "L" if self.channels == 1 else "RGB"
         if img.mode != target:
             img = img.convert(target)  # MNIST 1→3 replicates the gray channel
         w, h, s = img.width, img.height, self.size
         self.check_size(w, h)
+        top = left = 0
         if self.mode == "pad":
-            a = np.asarray(img, dtype=np.uint8)
-            a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, h, w)
-            if (h, w) == (s, s):
-                return self._flip(a, rng)
-            top, left = (s - h) // 2, (s - w) // 2
-            out = np.zeros((a.shape[0], s, s), dtype=np.uint8)  # black border (→ -1): MNIST 28 → 32 with 2 px
-            out[:, top:top + h, left:left + w] = a
-            return self._flip(out, rng)
+            top, left = (s - h) // 2, (s - w) // 2  # black border (→ -1): MNIST 28 → 32 with 2 px
         elif self.mode == "resize":
             if (w, h) != (s, s):
                 img = img.resize((s, s), Image.BICUBIC)
@@ -97,23 +104,25 @@ class ImageTransform:
             if (nw, nh) != (w, h):
                 img = img.resize((nw, nh), Image.BICUBIC)
             if self.mode == "random_crop" and rng is not None:
-                left, top = int(rng.integers(0, nw - s + 1)), int(rng.integers(0, nh - s + 1))
+                x0, y0 = int(rng.integers(0, nw - s + 1)), int(rng.integers(0, nh - s + 1))
             else:
-                left, top = (nw - s) // 2, (nh - s) // 2
-            img = img.crop((left, top, left + s, top + s))
-        a = np.asarray(img, dtype=np.uint8)
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, H, W)
-        return self._flip(a, rng)
+                x0, y0 = (nw - s) // 2, (nh - s) // 2
+            img = img.crop((x0, y0, x0 + s, y0 + s))
+        a = np.asarray(img)  # (h, w) or (h, w, 3) uint8
+        if self.flip and rng is not None and rng.random() < 0.5:
+            a = a[:, ::-1]
+        h, w = a.shape[:2]
+        if (h, w) != (s, s):
+            out[:] = 0  # the 'pad' border: black (→ -1)
+        if a.ndim == 2:
+            out[0, top:top + h, left:left + w] = a
+        else:
+            out[:, top:top + h, left:left + w] = a.transpose(2, 0, 1)  # (3, h, w)
 
     def check_size(self, w: int, h: int) -> None:
         if self.mode == "pad" and (w > self.size or h > self.size):
             raise BadSample(f"{w}x{h} image is larger than image_size={self.size}; resize_mode='pad' only pads "
                             "(use 'resize' / 'center_crop' or re-pack with --size)")
-
-    def _flip(self, a: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        if self.flip and rng is not None and rng.random() < 0.5:
-            a = a[:, :, ::-1]
-        return np.ascontiguousarray(a)
 
 
 def decode_moments(sample: dict) -> np.ndarray:
