@@ -291,7 +291,7 @@ def test_batch_ring_hands_over_the_same_batches(mnist_shards):
     and a batch the consumer keeps is never overwritten by later ones (it owns a copy)."""
     for kw in ({}, {"channels": 3, "seed": 5}):
         loader = _dm(mnist_shards["train"], **kw).train_dataloader()
-        kept = list(loader) + list(loader)  # two epochs of one loader (as under a Trainer): one ring for both
+        kept = list(loader) + list(loader)  # two epochs of one loader, as under a Trainer
         assert loader.dataset.ring is not None
         loader = _dm(mnist_shards["train"], reuse_batch_memory=False, **kw).train_dataloader()
         want = list(loader) + list(loader)
@@ -343,3 +343,17 @@ def test_unreadable_cls_is_a_bad_sample(mnist_shards, tmp_path):
     dm = _dm(str(dst), batch_size=25, num_workers=0)
     keys = _keys(_epoch(dm))
     assert dm.bad_samples == 1 and not any(k.endswith("000030") for k in keys)
+
+
+def test_batch_ring_survives_an_abandoned_epoch(mnist_shards):
+    """An iterator dropped mid-epoch (its workers still alive) must not write into the next epoch's batches."""
+    loader = _dm(mnist_shards["train"]).train_dataloader()
+    abandoned = iter(loader)
+    next(abandoned)  # epoch 0 left after one batch; its workers keep decoding ahead
+    got = list(loader)  # epoch 1, while `abandoned` is still referenced
+    plain = _dm(mnist_shards["train"], reuse_batch_memory=False).train_dataloader()
+    list(plain)
+    want = list(plain)  # epoch 1
+    assert [b["key"] for b in got] == [b["key"] for b in want]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, want))
+    del abandoned

@@ -1,4 +1,4 @@
-"""A fixed ring of shared-memory batch buffers between the DataLoader workers and the main process.
+"""A fixed ring of shared-memory batch buffers between one epoch's DataLoader workers and the main process.
 
 Why: a worker that returns a tensor makes torch move it into a *fresh* shared-memory segment, and
 every 4 KiB page of a fresh segment is a page fault (shared memory gets no transparent huge pages).
@@ -41,13 +41,8 @@ class BatchRing:
                     "num_workers, or set data.reuse_batch_memory=false")
         self.shape, self.slots, self.workers = tuple(shape), slots, workers
         self.buffers = torch.zeros((workers, slots, *shape), dtype=torch.uint8).share_memory_()  # pages touched now
-        self.free: list = []
+        self.free = [mp.get_context().Semaphore(slots) for _ in range(workers)]  # made before the workers fork
         self.next_slot = 0  # worker side: slots are used round-robin, in the order the main process frees them
-
-    def start_epoch(self) -> None:
-        """Main process, before the workers start: every slot free (the previous workers are gone)."""
-        self.free = [mp.get_context().Semaphore(self.slots) for _ in range(self.workers)]
-        self.next_slot = 0
 
     def acquire(self, worker: int) -> tuple[int, np.ndarray]:
         """Worker side: the next slot and its (B, C, H, W) buffer, once the main process has copied it out."""

@@ -129,6 +129,22 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
     return out
 
 
+def _parsed(col: list | None, n: int, parse, absent) -> list:
+    """A block's cls or txt member column, parsed in one pass; an unreadable entry becomes a BadSample."""
+    if col is None:
+        return [absent] * n
+    try:
+        return [absent if b is None else parse(b) for b in col]
+    except (ValueError, UnicodeDecodeError):
+        out = []
+        for b in col:
+            try:
+                out.append(absent if b is None else parse(b))
+            except (ValueError, UnicodeDecodeError) as e:
+                out.append(BadSample(f"unreadable cls/txt member {b[:40]!r}: {e}"))
+        return out
+
+
 def balanced_groups(counts: list[int], n: int) -> list[list[int]]:
     """Deal shard indices into n groups with near-equal sample totals (LPT greedy, deterministic)."""
     groups: list[list[int]] = [[] for _ in range(n)]
@@ -185,15 +201,13 @@ class ShardStream(IterableDataset):
         self.needs_rng = transform is not None and (transform.flip or transform.mode == "random_crop")
 
     def use_batch_ring(self, slots: int) -> None:
-        """Main process, before each epoch's workers start: workers decode uint8 images into a fixed ring of
+        """Main process, before an epoch's workers start: they decode uint8 images into a fixed ring of
         shared-memory buffers (batch_ring.py) that `from_worker` copies out of."""
         if self.kind != "image" or not self.uint8_images:
             return
         t = self.transform
-        shape = (self.batch_size, t.channels, t.size, t.size)
-        if self.ring is None or self.ring.shape != shape or self.ring.slots != slots:
-            self.ring = BatchRing(self.workers, slots, shape)
-        self.ring.start_epoch()
+        # A new ring per epoch: workers of an abandoned earlier iterator may still be writing into the old one.
+        self.ring = BatchRing(self.workers, slots, (self.batch_size, t.channels, t.size, t.size))
 
     def from_worker(self, batch: dict) -> dict:
         """Main process: a batch as the worker sent it → the batch of the README contract."""
@@ -220,14 +234,17 @@ class ShardStream(IterableDataset):
         return int(perm[rank * self.workers + worker])
 
     # A record is one raw sample as a plain tuple (cheaper than a dict, which matters at ~25 µs a decode):
-    #   (key, url, payload ext, payload bytes, cls bytes | None, txt bytes | None)
-    # with payload ext None when the sample has no payload member (then the payload slot lists what it has).
+    #   (key, url, payload ext, payload bytes, cls, txt)
+    # cls (int, -1 when absent) and txt (str) are parsed a block at a time; an unreadable one is a BadSample
+    # there, raised when the record is used. Payload ext is None when the sample has no payload member;
+    # then the payload slot lists the members it has.
     def records(self, url: str) -> Iterator[list[tuple]]:
         """The records of one shard, a block (a few MiB of the tar) at a time, in shard order."""
         wanted = ("moments.npy",) if self.kind == "latent" else IMAGE_KEYS
-        for keys, members in iter_blocks(url):
+        for keys, members in iter_blocks(url, (*wanted, "cls", "txt")):
             n = len(keys)
-            cls, txt = members.get("cls") or [None] * n, members.get("txt") or [None] * n
+            cls = _parsed(members.get("cls"), n, int, -1)
+            txt = _parsed(members.get("txt"), n, lambda b: b.decode("utf-8"), "")
             present = [(e, members[e]) for e in wanted if e in members]
             if len(present) == 1 and None not in present[0][1]:  # the common case: one payload kind, always there
                 ext, payload = present[0]
@@ -288,21 +305,18 @@ class ShardStream(IterableDataset):
         _, _, ext, payload, cls, txt = rec
         if ext is None:
             raise BadSample(missing_payload(self.kind, payload))
-        try:
-            c = int(cls) if cls is not None else -1
-            t = txt.decode("utf-8") if txt is not None else ""
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadSample(f"unreadable cls/txt member: {e}") from None
+        if type(cls) is BadSample or type(txt) is BadSample:
+            raise cls if type(cls) is BadSample else txt
         if self.kind == "image":
             self.transform.decode_into(payload, ext, batch.data[n], rng)
-            return c, t
+            return cls, txt
         m = decode_moments({"moments.npy": payload})  # (2c, h, w) float32
         if batch.data is None:
             batch.data = np.empty((batch.rows, *m.shape), np.float32)
         elif m.shape != batch.data.shape[1:]:
             raise BadSample(f"moments.npy of shape {m.shape}, not the batch's {batch.data.shape[1:]}")
         batch.data[n] = m
-        return c, t
+        return cls, txt
 
     def new_batch(self, rows: int) -> "BatchArray":
         """An empty batch for `fill` (sized by the first sample for latents)."""

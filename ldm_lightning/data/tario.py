@@ -112,13 +112,14 @@ _REGULAR = np.array([0, ord("0"), ord("7")], np.uint8)
 SEQUENTIAL_BLOCK = 1024  # samples per block on the general path
 
 
-def _index_chunk(data, start: int, stop: int, final: bool) -> tuple[Block | None, int, str]:
+def _index_chunk(data, start: int, stop: int, final: bool, exts=None) -> tuple[Block | None, int, str]:
     """Index the whole samples in data[start:stop] (`start` is a member header) in one pass.
 
     `data` is bytes or an mmap. Returns (block or None, offset to go on from, status): "more" (go on
     from that offset, with more data after `stop`), "end" (the archive's zero block was reached) or
     "general" (from `start` on, the general path must read: nothing was taken). Unless `final` or at
-    the end marker, the last key's members are held back: more of them may follow beyond `stop`."""
+    the end marker, the last key's members are held back: more of them may follow beyond `stop`.
+    `exts`: only these members are copied out (default: all)."""
     nb = (stop - start) // BLOCK
     if nb == 0:
         return None, start, "general" if final else "more"
@@ -186,6 +187,8 @@ def _index_chunk(data, start: int, stop: int, final: bool) -> tuple[Block | None
     for j, row in enumerate(kinds):
         raw = np.frombuffer(row.tobytes(), np.uint8)
         ext = raw[raw != 0].tobytes().decode("utf-8")  # keys of other lengths give the same ext again
+        if exts is not None and ext not in exts:
+            continue
         sel = np.flatnonzero(which == j)
         col_data = [data[o:o + k] for o, k in zip(offset[sel].tolist(), size[regular[sel]].tolist())]
         if ext not in members and len(sel) == n and (sample[sel] == np.arange(n)).all():
@@ -197,7 +200,7 @@ def _index_chunk(data, start: int, stop: int, final: bool) -> tuple[Block | None
     return (keys, members), resume, status
 
 
-def _sequential_blocks(f: BinaryIO, source: str) -> Iterator[Block]:
+def _sequential_blocks(f: BinaryIO, source: str, exts=None) -> Iterator[Block]:
     """Blocks from the general path (`iter_members`), grouped by key like the fast path."""
     keys: list[str] = []
     rows: list[dict[str, bytes]] = []
@@ -211,7 +214,8 @@ def _sequential_blocks(f: BinaryIO, source: str) -> Iterator[Block]:
                 keys, rows = [], []
             keys.append(name[:dot])
             rows.append({})
-        rows[-1][name[dot + 1:]] = data
+        if exts is None or name[dot + 1:] in exts:
+            rows[-1][name[dot + 1:]] = data
     if keys:
         yield _columns(keys, rows)
 
@@ -234,7 +238,7 @@ class _Prefixed:
         return out
 
 
-def read_blocks(f: BinaryIO, source: str = "<stream>") -> Iterator[Block]:
+def read_blocks(f: BinaryIO, source: str = "<stream>", exts=None) -> Iterator[Block]:
     """Blocks of whole samples from a tar stream: the fast path chunk by chunk, the general path from the
     first chunk it does not take on."""
     buf, final, want = b"", False, READ_SIZE
@@ -243,9 +247,9 @@ def read_blocks(f: BinaryIO, source: str = "<stream>") -> Iterator[Block]:
             more = f.read(want - len(buf))
             final = not more
             buf += more
-        block, resume, status = _index_chunk(buf, 0, len(buf), final)
+        block, resume, status = _index_chunk(buf, 0, len(buf), final, exts)
         if status == "general":
-            yield from _sequential_blocks(_Prefixed(buf, f), source)
+            yield from _sequential_blocks(_Prefixed(buf, f), source, exts)
             return
         if block is not None:
             yield block
@@ -255,7 +259,7 @@ def read_blocks(f: BinaryIO, source: str = "<stream>") -> Iterator[Block]:
         want = READ_SIZE if resume else 2 * max(len(buf), READ_SIZE)  # a sample larger than a chunk
 
 
-def _mapped_blocks(path: str) -> Iterator[Block]:
+def _mapped_blocks(path: str, exts=None) -> Iterator[Block]:
     """`read_blocks` for a local file, over a read-only memory map: the chunks are views of the page cache,
     so no chunk is copied whole (a read copies every byte, a MNIST sample's tar padding included)."""
     with open(path, "rb") as f:
@@ -267,10 +271,10 @@ def _mapped_blocks(path: str) -> Iterator[Block]:
             pos, span = 0, READ_SIZE
             while True:
                 stop = min(pos + span, len(mm))
-                block, resume, status = _index_chunk(mm, pos, stop, stop == len(mm))
+                block, resume, status = _index_chunk(mm, pos, stop, stop == len(mm), exts)
                 if status == "general":
                     f.seek(pos)
-                    yield from _sequential_blocks(f, path)
+                    yield from _sequential_blocks(f, path, exts)
                     return
                 if block is not None:
                     yield block
@@ -285,16 +289,17 @@ def _mapped_blocks(path: str) -> Iterator[Block]:
                 pass
 
 
-def iter_blocks(url: str) -> Iterator[Block]:
+def iter_blocks(url: str, exts=None) -> Iterator[Block]:
     """Blocks of samples of one shard; the key is everything before the first '.' of the basename, and the
-    members of one sample are adjacent (as WebDataset requires)."""
+    members of one sample are adjacent (as WebDataset requires). `exts`: the members to keep (default all);
+    a sample keeps its key even when it has none of them."""
     if os.path.isfile(url):
-        yield from _mapped_blocks(url)
+        yield from _mapped_blocks(url, exts)
         return
     from webdataset.gopen import gopen
 
     with gopen(url, "rb") as f:
-        yield from read_blocks(f, url)
+        yield from read_blocks(f, url, exts)
 
 
 def iter_samples(url: str) -> Iterator[dict]:

@@ -71,6 +71,7 @@ class ImageTransform:
 
     def __init__(self, image_size: int, channels: int, resize_mode: str, random_flip: bool):
         self.size, self.channels, self.mode, self.flip = image_size, channels, resize_mode, random_flip
+        self.pil_mode = "L" if channels == 1 else "RGB"
 
     def __call__(self, sample: dict, rng: np.random.Generator | None) -> np.ndarray:
         """A WebDataset sample dict → a new uint8 (C, size, size) array."""
@@ -87,10 +88,9 @@ class ImageTransform:
             img.load()  # full decode: truncated data fails here
         except Exception as e:  # noqa: BLE001
             raise BadSample(f"undecodable {ext}: {type(e).__name__}: {e}") from None
-        target = "L" if self.channels == 1 else "RGB"
-        if img.mode != target:
-            img = img.convert(target)  # MNIST 1→3 replicates the gray channel
-        w, h, s = img.width, img.height, self.size
+        if img.mode != self.pil_mode:
+            img = img.convert(self.pil_mode)  # MNIST 1→3 replicates the gray channel
+        (w, h), s = img.size, self.size
         self.check_size(w, h)
         top = left = 0
         if self.mode == "pad":
