@@ -53,6 +53,8 @@ def test_fit_trains_and_resumes_exactly(mnist_shards, tmp_path):
     assert len(first) == 2000  # epoch 0 saw every sample once
     assert full.seen[20:] != full.seen[:10]  # epoch 1 is reshuffled
     assert len(full.val_keys) == 100 and torch.isfinite(trainer.callback_metrics["loss"])
+    ring = trainer.train_dataloader.dataset.ring  # epoch 1's: under a Trainer, every batch came through it
+    assert ring is not None and ring.handed_out >= 10
     for step in (7, 21):  # mid-epoch at an odd batch count; and just after an epoch boundary
         state = torch.load(tmp_path / "ckpt" / f"step={step}.ckpt", weights_only=False)["ShardDataModule"]
         assert state["consumed"] == step % 20 and state["epoch"] == step // 20

@@ -357,3 +357,20 @@ def test_batch_ring_survives_an_abandoned_epoch(mnist_shards):
     assert [b["key"] for b in got] == [b["key"] for b in want]
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, want))
     del abandoned
+
+
+def test_batch_ring_recycles_dropped_batches_and_never_overwrites_kept_ones(mnist_shards):
+    """A consumer that drops each batch after use (a training loop) gets nearly all of them through the ring
+    without a copy; batches a consumer keeps stay intact while the ring goes on recycling the others."""
+    plain = _dm(mnist_shards["train"], reuse_batch_memory=False).train_dataloader()
+    want = list(plain)
+    loader = _dm(mnist_shards["train"]).train_dataloader()
+    assert [int(b["image"].sum()) for b in loader] == [int(b["image"].sum()) for b in want]
+    assert loader.dataset.ring.handed_out >= 0.9 * len(want)
+    want = list(plain)  # epoch 1
+    kept = {}
+    for i, b in enumerate(loader):  # epoch 1, keeping every 7th: their buffers stay lent, the others go round
+        assert torch.equal(b["image"], want[i]["image"])
+        if i % 7 == 0:
+            kept[i] = b
+    assert all(torch.equal(b["image"], want[i]["image"]) for i, b in kept.items())

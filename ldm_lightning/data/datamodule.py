@@ -49,7 +49,7 @@ class _TrainLoader(DataLoader):
         epoch, consumed = self._dm._begin_epoch(len(self.dataset))
         self.dataset.set_position(epoch, consumed)  # pickled into the workers by super().__iter__()
         if self.num_workers and self._dm.reuse_batch_memory:
-            self.dataset.use_batch_ring(self.PREFETCH + 1)  # in flight + the one being built
+            self.dataset.use_batch_ring(self.PREFETCH + 2)  # in flight, being built, and one held by the consumer
         return self._wrap(super().__iter__())
 
     # Lightning treats loaders with state_dict/load_state_dict as resumable (and stores their state in the
@@ -136,11 +136,12 @@ class ShardDataModule(L.LightningDataModule):
                 host→device copy, and no float pass on the loader's CPU. Under a Trainer this is invisible.
                 Loaders used without one then yield uint8 images: pass them through
                 `ldm_lightning.data.ensure_model_range` (or set false to get float32 from the workers).
-            reuse_batch_memory: With workers and uint8 images, workers decode into a fixed ring of
-                shared-memory batch buffers (num_workers × 3 batches of /dev/shm, allocated once) that
-                the main process copies out of, instead of torch moving every batch into a fresh
-                shared-memory segment, whose page faults were measured at ~50 µs per 256² image on a
-                VM (see data/batch_ring.py). Off: torch's default hand-over.
+            reuse_batch_memory: With workers and uint8 images, workers decode into a ring of
+                shared-memory batch buffers (num_workers × 4 batches of /dev/shm per epoch) that the
+                main process lends out without a copy and takes back once nothing refers to them,
+                instead of torch moving every batch into a fresh shared-memory segment, whose page
+                faults were measured at ~50 µs per 256² image on a VM (see data/batch_ring.py).
+                Off: torch's default hand-over.
             rank: Override the data-parallel rank (tests/tools; default: from the trainer / torch.distributed / RANK).
             world_size: Override the world size (default: from the trainer / torch.distributed / WORLD_SIZE).
         """

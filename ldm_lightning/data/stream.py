@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ldm_lightning.data.batch_ring import BatchRing
+from ldm_lightning.data import batch_ring
 from ldm_lightning.data.tario import iter_blocks
 from ldm_lightning.data.transforms import (IMAGE_KEYS, BadSample, ImageTransform, decode_moments, missing_payload,
                                            quick_check, to_model_range)
@@ -197,23 +197,23 @@ class ShardStream(IterableDataset):
             raise ValueError(f"batch_size={batch_size} is larger than the smallest reader slot's "
                              f"{min(self.group_samples)} samples; lower batch_size or num_workers")
         self.epoch, self.consumed = 0, 0
-        self.ring: BatchRing | None = None  # see use_batch_ring
+        self.ring: batch_ring.BatchRing | None = None  # see use_batch_ring
         self.needs_rng = transform is not None and (transform.flip or transform.mode == "random_crop")
 
     def use_batch_ring(self, slots: int) -> None:
-        """Main process, before an epoch's workers start: they decode uint8 images into a fixed ring of
-        shared-memory buffers (batch_ring.py) that `from_worker` copies out of."""
-        if self.kind != "image" or not self.uint8_images:
+        """Main process, before an epoch's workers start: they decode uint8 images into a ring of
+        shared-memory buffers (batch_ring.py) that `from_worker` lends out without a copy."""
+        if self.kind != "image" or not self.uint8_images or not batch_ring.available():
             return
         t = self.transform
         # A new ring per epoch: workers of an abandoned earlier iterator may still be writing into the old one.
-        self.ring = BatchRing(self.workers, slots, (self.batch_size, t.channels, t.size, t.size))
+        self.ring = batch_ring.BatchRing(self.workers, slots, (self.batch_size, t.channels, t.size, t.size))
 
     def from_worker(self, batch: dict) -> dict:
         """Main process: a batch as the worker sent it → the batch of the README contract."""
         if "ring_slot" in batch:
             worker, slot = batch.pop("ring_slot")
-            batch["image"] = self.ring.take(worker, slot, len(batch["key"]))  # (B, C, H, W) uint8
+            batch["image"] = self.ring.lend(worker, slot, len(batch["key"]))  # (B, C, H, W) uint8
             batch["cls"] = torch.from_numpy(batch["cls"])  # (B,) int64
         return batch
 
@@ -351,10 +351,9 @@ class ShardStream(IterableDataset):
             ring_slot = None
             if skipping:
                 batch = None
-            elif self.ring is not None and worker is not None:
-                slot, buf = self.ring.acquire(worker)
-                batch, ring_slot = BatchArray(buf, bs), (worker, slot)
-            else:
+            elif self.ring is not None and worker is not None and (claimed := self.ring.claim(worker)):
+                batch, ring_slot = BatchArray(claimed[1], bs), (worker, claimed[0])
+            else:  # no ring, or all of this worker's buffers still lent: fresh memory, sent the ordinary way
                 batch = self.new_batch(bs)
             keys: list[str] = []
             cls: list[int] = []
@@ -389,7 +388,7 @@ class ShardStream(IterableDataset):
                 keys.append(rec[0])
                 if len(keys) == bs:
                     break
-            if ring_slot is not None:  # the pixels stay in the ring; the main process copies them out
+            if ring_slot is not None:  # the pixels stay in the ring; the main process lends them out
                 # cls by value too: then no tensor, so no shared-memory segment and no file-descriptor
                 # hand-over (a socket round trip to the worker's resource-sharer thread) per batch
                 yield {"ring_slot": ring_slot, "cls": np.array(cls, np.int64), "txt": txt, "key": keys,
