@@ -10,8 +10,8 @@ import importlib
 _EXPORTS = {
     "ShardDataModule": "ldm_lightning.data.datamodule",
     "ShardStream": "ldm_lightning.data.stream",
-    "Shard": "ldm_lightning.data.stream",
-    "resolve_shards": "ldm_lightning.data.stream",
+    "Shard": "ldm_lightning.data.shards",
+    "resolve_shards": "ldm_lightning.data.shards",
     "to_model_range": "ldm_lightning.data.transforms",
     "ensure_model_range": "ldm_lightning.data.transforms",
 }

@@ -13,11 +13,11 @@ import os
 from typing import Iterator
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldm_lightning.data.stream import ShardStream, resolve_shards
+from ldm_lightning.data.shards import resolve_shards
+from ldm_lightning.data.stream import ShardStream
 from ldm_lightning.data.transforms import RESIZE_MODES, BadSample, ImageTransform, to_model_range
 
 KINDS = ("image", "latent")

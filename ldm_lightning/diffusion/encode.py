@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     from ldm_lightning.autoencoder.load import load_autoencoder
     from ldm_lightning.data.pack import _atomic_json
-    from ldm_lightning.data.stream import resolve_shards
+    from ldm_lightning.data.shards import resolve_shards
     from ldm_lightning.data.transforms import ImageTransform
 
     device = torch.device(args.device)

@@ -1,0 +1,93 @@
+"""Shard specs → shards with their sample counts: local paths, globs, brace patterns, http(s) URLs (of a
+shard or of a directory) and `pipe:` commands, each resolved against the `manifest.json` next to it
+(the stream needs every shard's sample count for an exact, equal epoch length)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    """Local path, http(s) URL or `pipe:` command that yields the tar bytes."""
+    num_samples: int
+    """From the manifest; drives the exact epoch length."""
+
+
+def _braceexpand(s: str) -> list[str]:
+    import braceexpand
+
+    return list(braceexpand.braceexpand(s))
+
+
+def _read_text(url: str) -> str:
+    if re.match(r"^(https?|pipe):", url):
+        from webdataset.gopen import gopen
+
+        with gopen(url, "rb") as f:
+            return f.read().decode("utf-8")
+    with open(url, encoding="utf-8") as f:
+        return f.read()
+
+
+def _manifest_counts(base: str) -> dict[str, int]:
+    """{shard name: num_samples} from `base/manifest.json` (base: a local dir or a URL prefix)."""
+    url = base.rstrip("/") + "/manifest.json"  # not cached: a re-pack in place must be seen
+    try:
+        man = json.loads(_read_text(url))
+    except Exception as e:  # noqa: BLE001
+        raise FileNotFoundError(
+            f"cannot read {url} ({type(e).__name__}: {e}); the loader needs the manifest's per-shard sample "
+            "counts for an exact, equal epoch length — keep manifest.json next to the shards "
+            "(`ldm-lightning data pack` writes it)") from None
+    return {s["name"]: int(s["num_samples"]) for s in man["shards"]}
+
+
+def _count(base: str, name: str, spec: str) -> int:
+    counts = _manifest_counts(base)
+    if name not in counts:
+        raise ValueError(f"shard {name!r} (from {spec!r}) is not listed in {base}/manifest.json")
+    return counts[name]
+
+
+def resolve_shards(spec: str | list[str]) -> list[Shard]:
+    """A directory, file, glob, brace pattern, http(s) URL (of a shard or a directory) or `pipe:` command
+    (or a list of them) → shards with their manifest sample counts."""
+    if isinstance(spec, (list, tuple)):
+        return [s for one in spec for s in resolve_shards(one)]
+    spec = str(spec)
+    if spec.startswith("pipe:"):
+        shards = []
+        for cmd in _braceexpand(spec):
+            paths = [t for t in cmd[5:].split() if t.endswith(".tar")]
+            if len(paths) != 1:
+                raise ValueError(f"pipe: command {cmd!r} must name exactly one .tar shard (to find its manifest count)")
+            base, name = paths[0].rsplit("/", 1) if "/" in paths[0] else (".", paths[0])
+            shards.append(Shard(cmd, _count(base, name, spec)))
+        return shards
+    if re.match(r"^https?://", spec):
+        if not spec.rstrip("/").endswith(".tar") and "{" not in spec:  # a directory URL
+            base = spec.rstrip("/")
+            return [Shard(f"{base}/{n}", c) for n, c in _manifest_counts(base).items()]
+        return [Shard(u, _count(u.rsplit("/", 1)[0], u.rsplit("/", 1)[1], spec)) for u in _braceexpand(spec)]
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return [Shard(os.path.join(path, n), c) for n, c in _manifest_counts(path).items()]
+    files = sorted(f for pat in _braceexpand(path) for f in (glob.glob(pat) or [pat]))
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"shard spec {spec!r}: no such file {missing[0]!r} (give a directory with "
+                                "manifest.json, a glob, a brace pattern, an http(s) URL or a pipe: command)")
+    counts = {d: _manifest_counts(d) for d in {os.path.dirname(os.path.abspath(f)) for f in files}}
+    out = []
+    for f in files:
+        d, name = os.path.dirname(os.path.abspath(f)), os.path.basename(f)
+        if name not in counts[d]:
+            raise ValueError(f"shard {name!r} (from {spec!r}) is not listed in {d}/manifest.json")
+        out.append(Shard(f, counts[d][name]))
+    return out
