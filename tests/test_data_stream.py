@@ -341,8 +341,13 @@ def test_unreadable_cls_is_a_bad_sample(mnist_shards, tmp_path):
                 tout.addfile(m, io.BytesIO(data))
     (dst / "manifest.json").write_text(json.dumps(man))
     dm = _dm(str(dst), batch_size=25, num_workers=0)
-    keys = _keys(_epoch(dm))
+    full = _epoch(dm)
+    keys = _keys(full)
     assert dm.bad_samples == 1 and not any(k.endswith("000030") for k in keys)
+    for k in (3, 11):  # resume skips without decoding, and must reject the same sample as the full decode
+        resumed = _dm(str(dst), batch_size=25, num_workers=0)
+        resumed.load_state_dict({"epoch": 0, "consumed": k})
+        assert _keys(_epoch(resumed)) == _keys(full[k:])
 
 
 def test_batch_ring_survives_an_abandoned_epoch(mnist_shards):

@@ -56,6 +56,11 @@ def _parsed(col: list | None, n: int, parse, absent) -> list:
         return out
 
 
+def _raise_unreadable(rec: tuple) -> None:
+    if type(rec[4]) is BadSample or type(rec[5]) is BadSample:
+        raise rec[4] if type(rec[4]) is BadSample else rec[5]
+
+
 def balanced_groups(counts: list[int], n: int) -> list[list[int]]:
     """Deal shard indices into n groups with near-equal sample totals (LPT greedy, deterministic)."""
     groups: list[list[int]] = [[] for _ in range(n)]
@@ -216,8 +221,7 @@ class ShardStream(IterableDataset):
         _, _, ext, payload, cls, txt = rec
         if ext is None:
             raise BadSample(missing_payload(self.kind, payload))
-        if type(cls) is BadSample or type(txt) is BadSample:
-            raise cls if type(cls) is BadSample else txt
+        _raise_unreadable(rec)
         if self.kind == "image":
             self.transform.decode_into(payload, ext, batch.data[n], rng)
             return cls, txt
@@ -279,6 +283,7 @@ class ShardStream(IterableDataset):
                 pos, seen = pos + 1, seen + 1
                 try:
                     if skipping:  # header-level check only: any sample it rejects, a full decode rejects too
+                        _raise_unreadable(rec)
                         quick_check(rec[2], rec[3], self.kind, self.transform)
                     else:
                         rng = np.random.default_rng(_seed(self.seed, epoch, group, cycle, pos - 1)) \
