@@ -261,13 +261,16 @@ def read_blocks(f: BinaryIO, source: str = "<stream>", exts=None) -> Iterator[Bl
 
 def _mapped_blocks(path: str, exts=None) -> Iterator[Block]:
     """`read_blocks` for a local file, over a read-only memory map: the chunks are views of the page cache,
-    so no chunk is copied whole (a read copies every byte, a MNIST sample's tar padding included)."""
+    so no chunk is copied whole (a read copies every byte, a MNIST sample's tar padding included).
+    A shard truncated in place while mapped would kill the reader with SIGBUS; `data pack` and
+    `data encode` replace shards by renaming a finished file over them, which is safe."""
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            mm.madvise(mmap.MADV_SEQUENTIAL)
+            if hasattr(mm, "madvise"):  # not on Windows
+                mm.madvise(mmap.MADV_SEQUENTIAL)
             pos, span = 0, READ_SIZE
             while True:
                 stop = min(pos + span, len(mm))
