@@ -379,3 +379,22 @@ def test_batch_ring_recycles_dropped_batches_and_never_overwrites_kept_ones(mnis
         if i % 7 == 0:
             kept[i] = b
     assert all(torch.equal(b["image"], want[i]["image"]) for i, b in kept.items())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_streamed_pixels_labels_and_captions_equal_the_mnist_source(mnist_shards, channels):
+    """End to end through tar index, shuffle, workers and the batch ring: every sample of an epoch is the
+    real MNIST image (padded 28 → 32 on black), with its label and caption."""
+    from ldm_lightning.data.mnist import caption, load_mnist
+
+    images, labels = load_mnist("train")
+    seen = 0
+    for b in _dm(mnist_shards["train"], channels=channels).train_dataloader():
+        for x, c, t, key in zip(b["image"], b["cls"], b["txt"], b["key"]):
+            i = int(key.rsplit("-", 1)[1])
+            want = torch.zeros((32, 32), dtype=torch.uint8)
+            want[2:30, 2:30] = torch.from_numpy(images[i])
+            assert all(torch.equal(x[ch], want) for ch in range(channels)), key
+            assert int(c) == labels[i] and t == caption(labels[i])
+            seen += 1
+    assert seen == 2000
