@@ -6,15 +6,16 @@ rate. Two paths here, both reading a few MiB per call:
 
 - `_index_chunk`, the fast path: all member headers of a buffered chunk are found and parsed at once
   with numpy (ustar magic → size → the header chain is checked to be unbroken → names split into key
-  and extension), so a sample costs well under a microsecond of Python instead of ~2 µs per member.
-  It takes plain ustar/GNU/pax shards whose members are regular files with short names (what
-  `ldm-lightning data pack`, webdataset's TarWriter and `tar` write).
+  and extension): ~3 µs per MNIST sample in all, memory traffic included, against ~8 µs on the
+  general path. It takes plain ustar/GNU/pax shards whose members are regular files with short names
+  (what `ldm-lightning data pack`, webdataset's TarWriter and `tar` write).
 - `iter_members`, the general path, one `struct` unpack per header: GNU long names, pax `path`
   records, ustar prefixes, base-256 sizes, v7 tars, members whose data looks like a tar header
   (nested tars) — and every truncated-shard error. A chunk the fast path does not take, and all of the
   shard after it, go this way.
 
-URLs are opened by webdataset's `gopen` (local files, http(s) via curl, `pipe:` commands).
+Local shards are memory-mapped (`_mapped_blocks`); other URLs are opened by webdataset's `gopen`
+(http(s) via curl, `pipe:` commands) and read in chunks (`read_blocks`).
 """
 
 from __future__ import annotations
