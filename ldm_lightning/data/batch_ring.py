@@ -48,7 +48,6 @@ class BatchRing:
                     f"needs {nbytes / 2**20:.0f} MiB ({workers} workers × {slots} batches of {shape} uint8): give "
                     "the container more shared memory (docker run --shm-size=...), or lower batch_size / "
                     "num_workers, or set data.reuse_batch_memory=false")
-        self.shape, self.slots, self.workers = tuple(shape), slots, workers
         # one storage per buffer, so that its use count tells whether anything still holds it
         self.buffers = [[torch.zeros(shape, dtype=torch.uint8).share_memory_() for _ in range(slots)]
                         for _ in range(workers)]

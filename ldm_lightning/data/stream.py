@@ -226,7 +226,7 @@ class ShardStream(IterableDataset):
         if self.kind == "image":
             self.transform.decode_into(payload, ext, batch.data[n], rng)
             return cls, txt
-        m = decode_moments({"moments.npy": payload})  # (2c, h, w) float32
+        m = decode_moments(payload)  # (2c, h, w) float32
         if batch.data is None:
             batch.data = np.empty((batch.rows, *m.shape), np.float32)
         elif m.shape != batch.data.shape[1:]:
@@ -241,8 +241,15 @@ class ShardStream(IterableDataset):
         t = self.transform
         return BatchArray(np.empty((rows, t.channels, t.size, t.size), np.uint8), rows)
 
-    def collate(self, pixels: np.ndarray, cls: list[int], txt: list[str], keys: list[str], bad: int) -> dict:
-        """One batch dict from `fill`'s rows (the first len(keys) of `pixels`)."""
+    def collate(self, pixels: np.ndarray, cls: list[int], txt: list[str], keys: list[str], bad: int,
+                ring_slot: tuple[int, int] | None = None) -> dict:
+        """One batch dict from `fill`'s rows (the first len(keys) of `pixels`). With `ring_slot` the pixels
+        stay in the batch ring, and the main process's `from_worker` puts them in."""
+        if ring_slot is not None:
+            # cls by value too: then no tensor, so no shared-memory segment and no file-descriptor
+            # hand-over (a socket round trip to the worker's resource-sharer thread) per batch
+            return {"ring_slot": ring_slot, "cls": np.array(cls, np.int64), "txt": txt, "key": keys,
+                    "bad_samples": bad}
         pixels = pixels[:len(keys)]
         if self.kind == "image" and self.uint8_images:  # 4× fewer bytes through IPC and host→device
             out = {"image": torch.from_numpy(pixels)}  # (B, C, H, W) uint8
@@ -305,13 +312,8 @@ class ShardStream(IterableDataset):
                 keys.append(rec[0])
                 if len(keys) == bs:
                     break
-            if ring_slot is not None:  # the pixels stay in the ring; the main process lends them out
-                # cls by value too: then no tensor, so no shared-memory segment and no file-descriptor
-                # hand-over (a socket round trip to the worker's resource-sharer thread) per batch
-                yield {"ring_slot": ring_slot, "cls": np.array(cls, np.int64), "txt": txt, "key": keys,
-                       "bad_samples": batch_bad}
-            elif not skipping:
-                yield self.collate(batch.data, cls, txt, keys, batch_bad)
+            if not skipping:
+                yield self.collate(batch.data, cls, txt, keys, batch_bad, ring_slot)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -151,10 +151,11 @@ def _index_chunk(data, start: int, stop: int, final: bool, exts=None) -> tuple[B
         status = "end"
     if final and status != "end" and complete < len(hdr):
         return None, start, "general"  # a truncated last member: the general path says where
+    holding_back = status == "more" and not final
+    taken = start + min(int(nxt[complete - 1]), nb) * BLOCK if complete else start  # all complete members
     regular = np.flatnonzero(np.isin(typ[:complete], _REGULAR))
     if len(regular) == 0:  # only directories (or nothing complete) so far
-        return (None, start, "more") if status == "more" and not final else \
-            (None, start + min(int(nxt[complete - 1]), nb) * BLOCK if complete else start, status)
+        return None, start if holding_back else taken, status
     names = h[regular, :100]  # (R, 100)
     length = np.where((names == 0).any(1), (names == 0).argmax(1), 100)  # (R,)
     width = int(length.max(initial=0))
@@ -168,7 +169,7 @@ def _index_chunk(data, start: int, stop: int, final: bool, exts=None) -> tuple[B
     first = np.ones(len(regular), bool)
     first[1:] = (keyrows[1:] != keyrows[:-1]).any(1)  # a member that starts a sample
     sample = np.cumsum(first) - 1  # (R,) sample index of each member
-    if status == "more" and not final:
+    if holding_back:
         if len(regular) == 0 or sample[-1] == 0:
             return None, start, "more"  # at most one (maybe unfinished) sample: needs a larger chunk
         keep = sample < sample[-1]  # hold the last sample back
@@ -176,7 +177,7 @@ def _index_chunk(data, start: int, stop: int, final: bool, exts=None) -> tuple[B
         regular, names, length, dot, keyrows, first, sample = (
             v[keep] for v in (regular, names, length, dot, keyrows, first, sample))
     else:
-        resume = start + min(int(nxt[complete - 1]), nb) * BLOCK if complete else start
+        resume = taken
     n = int(sample[-1]) + 1 if len(sample) else 0
     if n == 0:
         return None, resume, status

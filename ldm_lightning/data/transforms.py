@@ -125,12 +125,10 @@ class ImageTransform:
                             "(use 'resize' / 'center_crop' or re-pack with --size)")
 
 
-def decode_moments(sample: dict) -> np.ndarray:
-    """Latent shards: `moments.npy` float32 (2c, h, w) = posterior mean ‖ logvar."""
+def decode_moments(data: bytes) -> np.ndarray:
+    """Latent shards: a `moments.npy` member → float32 (2c, h, w) = posterior mean ‖ logvar."""
     try:
-        m = np.load(io.BytesIO(sample["moments.npy"]), allow_pickle=False)
-    except KeyError:
-        raise BadSample("no 'moments.npy' member in a latent shard sample") from None
+        m = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # noqa: BLE001
         raise BadSample(f"undecodable moments.npy: {type(e).__name__}: {e}") from None
     if m.ndim != 3:
