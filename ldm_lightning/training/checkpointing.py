@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,18 +33,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ldm_lightning.fileio import atomic_write
+
 # Top-level keys every full-state Lightning training checkpoint has.
 REQUIRED_KEYS = ("state_dict", "global_step", "epoch", "loops", "optimizer_states", "lr_schedulers")
 CKPT_SUFFIX = ".ckpt"
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp would give 0600
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -56,41 +48,10 @@ def _is_local(path: str | os.PathLike) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename durable: without it a power loss can forget the directory entry.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # e.g. platforms without directory fds
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` that never leaves a partial file at `path` (temp file + fsync + rename + dir fsync)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    # Same directory as the target: os.replace is only atomic within one filesystem.
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
+    """`torch.save` that never leaves a partial file at `path` (see `ldm_lightning.fileio.atomic_write`)."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
