@@ -63,7 +63,7 @@ def _samples(tar_path: str) -> dict[str, dict[str, bytes]]:
 
 def test_encode_writes_latent_shards_and_manifest(latents, mnist_shards, aes):
     from ldm_lightning.autoencoder.load import load_autoencoder
-    from ldm_lightning.diffusion.encode import autoencoder_hash
+    from ldm_lightning.autoencoder import autoencoder_hash
     man = json.loads((Path(latents) / "manifest.json").read_text())
     src = json.loads((Path(mnist_shards["test"]) / "manifest.json").read_text())
     assert man["num_samples"] == src["num_samples"] == 500 and len(man["shards"]) == 4

@@ -1,6 +1,6 @@
 """Stage 1: autoencoders (KL / VQ / DC-AE) that map images to the latent space of stage 2.
 
-Public API (README contract): `load_autoencoder(path) -> Autoencoder`, `Autoencoder`,
+Public API (README contract): `load_autoencoder(path) -> Autoencoder`, `Autoencoder`, `autoencoder_hash`,
 `AutoencoderConfig`, `get_preset`, `AutoencoderModule` (the LightningModule). Heavy pieces
 (Lightning, LPIPS) are imported lazily so `from ldm_lightning.autoencoder import load_autoencoder`
 stays cheap for the diffusion stage.
@@ -8,10 +8,11 @@ stays cheap for the diffusion stage.
 
 from ldm_lightning.autoencoder.autoencoder import Autoencoder, AutoencoderConfig
 from ldm_lightning.autoencoder.distributions import DiagonalGaussian, PointPosterior
+from ldm_lightning.autoencoder.hashing import autoencoder_hash
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
 
 __all__ = ["Autoencoder", "AutoencoderConfig", "AutoencoderModule", "DiagonalGaussian", "PointPosterior",
-           "PRESETS", "get_preset", "load_autoencoder", "LossConfig"]
+           "PRESETS", "autoencoder_hash", "get_preset", "load_autoencoder", "LossConfig"]
 
 
 def __getattr__(name):

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm_lightning.autoencoder.hashing import autoencoder_hash
+
 MANIFEST = "manifest.json"
 STATE_DIR = ".encode-state"
 LATENT_FORMAT = "ldm-lightning-latents/1"
@@ -40,19 +42,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------------------------------------
-# the autoencoder's identity, and the check the trainer runs
+# the check the trainer runs (the autoencoder's identity is autoencoder/hashing.py)
 # ------------------------------------------------------------------------------------------------
-def autoencoder_hash(ae) -> str:
-    """sha256 of an autoencoder's config and weights (names, dtypes, shapes, bytes; sorted by name)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(ae.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, t in sorted(ae.state_dict().items()):
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def find_manifest(shards) -> Path | None:
     """The manifest.json next to a shard spec (directory, file, glob, or a list: its first entry)."""
     if isinstance(shards, (list, tuple)):

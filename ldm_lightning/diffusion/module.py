@@ -110,9 +110,8 @@ class DiffusionModule(TrainingModule):
         obj_cfg = _as(ObjectiveConfig, objective)
         cond_cfg = _as(ConditioningConfig, conditioning)
         self.autoencoder_path = str(autoencoder)
+        from ldm_lightning.autoencoder.hashing import autoencoder_hash
         from ldm_lightning.autoencoder.load import load_autoencoder
-
-        from .encode import autoencoder_hash
         ae = load_autoencoder(autoencoder).eval().requires_grad_(False)
         self._ae = [ae]  # a list: not a submodule (not trained / saved / EMA'd / sharded)
         self.autoencoder_hash = autoencoder_hash(ae)
