@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ldm_lightning.nn.attention import trim_key_padding
+
 CONDITIONINGS = ("none", "class", "text")
 
 
@@ -33,6 +35,12 @@ class ConditioningConfig:
     """Tokens per caption (padded / truncated), so every batch's context has the same shape."""
     drop_prob: float = 0.1
     """Probability of replacing a condition by the null one in training (classifier-free guidance)."""
+    trim_padding: bool = False
+    """Training batches: cut the token columns that are padding in every caption and drop the key mask
+    when no caption is padded, so SDPA may use its flash kernel (any mask rules it out). Exact (masked
+    keys add nothing). Off by default: the context length then varies per batch, which makes
+    torch.compile re-specialise and defeats CUDA graphs, and real caption sets are rarely all one length;
+    it pays for template captions of one length and small batches (nn/attention.trim_key_padding)."""
 
     def __post_init__(self):
         if self.kind not in CONDITIONINGS:
@@ -81,11 +89,14 @@ class FrozenTextEncoder:
         h = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
         return h.float(), tok["attention_mask"].bool()  # (B, L, D), (B, L)
 
-    def __call__(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, D), (B, L) for `texts`, through the per-caption cache (cache_size 0 disables it)."""
+    def __call__(self, texts: list[str], device: torch.device,
+                 trim: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L, D), (B, L) for `texts`, through the per-caption cache (cache_size 0 disables it).
+        trim: cut all-padding columns, mask None when none is left (nn/attention.trim_key_padding)."""
         texts = list(texts)
         if self.cache_size <= 0:
-            return self.encode(texts, device)
+            h, m = self.encode(texts, device)
+            return trim_key_padding(h, m.cpu()) if trim else (h, m)
         unique = list(dict.fromkeys(texts))  # first-seen order
         new = [t for t in unique if t not in self._cache]
         if new:
@@ -97,8 +108,10 @@ class FrozenTextEncoder:
             self._cache.move_to_end(t)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        h = torch.stack([r[0] for r in rows]).to(device)  # (B, L, D)
-        return h, torch.stack([r[1] for r in rows]).to(device)  # (B, L)
+        h, m = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])  # (B, L, D), (B, L) on the CPU
+        if trim:
+            h, m = trim_key_padding(h, m)  # decided on the host: no device sync
+        return h.to(device), None if m is None else m.to(device)
 
 
 class Conditioner(nn.Module):
@@ -127,8 +140,8 @@ class Conditioner(nn.Module):
             raise ValueError(f"class label {int(y.max())} >= conditioning.num_classes={self.cfg.num_classes}")
         return {"y": y}
 
-    def from_prompts(self, prompts: list[str]) -> dict:
-        ctx, mask = self._text(prompts, self._device.device)
+    def from_prompts(self, prompts: list[str], trim: bool = False) -> dict:
+        ctx, mask = self._text(prompts, self._device.device, trim)
         return {"context": ctx, "context_mask": mask}
 
     def null(self, batch_size: int) -> dict:
@@ -149,5 +162,5 @@ class Conditioner(nn.Module):
             return {"y": torch.where(drop, torch.full_like(y, self.cfg.num_classes), y)}
         if self.cfg.kind == "text":
             drop = self._drop(len(batch["txt"]), p, generator).tolist()
-            return self.from_prompts(["" if d else s for s, d in zip(batch["txt"], drop)])
+            return self.from_prompts(["" if d else s for s, d in zip(batch["txt"], drop)], self.cfg.trim_padding)
         return {}

@@ -3,6 +3,9 @@
 SDPA dispatches to FlashAttention / memory-efficient kernels on GPU and to a fused C++ kernel on CPU;
 nothing here materialises the (L, S) attention matrix by hand. Optional QK RMSNorm (SD3, arXiv
 2403.03206 §5.3.2; ViT-22B) keeps attention logits bounded under mixed precision.
+
+Any `attn_mask` rules out SDPA's flash kernel (it takes none), leaving the memory-efficient or math
+kernel; `trim_key_padding` lets a caller drop the mask whenever a batch turns out to need none.
 """
 
 from __future__ import annotations
@@ -49,3 +52,19 @@ class Attention(nn.Module):
             mask = key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, S), broadcast over heads/queries
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, L, d)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
+
+
+def trim_key_padding(context: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cut the key columns that are padding in EVERY row, and drop the mask when nothing is left padded.
+
+    context (B, S, D), mask (B, S) bool on the CPU (where a tokenizer made it: deciding here costs no
+    device sync). Exact: a key masked for every query contributes nothing, so attention over the
+    remaining keys is the same function. Returns (B, S', D) and the (B, S') mask, or None when every
+    remaining key is real — then SDPA may run the flash kernel.
+    """
+    if mask.device.type != "cpu":
+        raise ValueError("trim_key_padding decides on the host: pass the CPU mask (before .to(device))")
+    used = mask.any(0).nonzero()  # (n_used, 1) key columns some row attends to
+    keep = int(used.max()) + 1 if len(used) else 1
+    mask = mask[:, :keep]  # (B, S')
+    return context[:, :keep], None if bool(mask.all()) else mask
