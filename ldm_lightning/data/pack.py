@@ -8,27 +8,29 @@ the original extension otherwise), `cls` (int, when known), `txt` (caption, when
 (source id, original width/height). Tar headers carry fixed metadata (mtime 0, uid 0) so the same
 input gives byte-identical shards and the manifest sha256 is reproducible.
 
-Safety: a shard is written to a temporary name, fsynced, then renamed (atomic on POSIX), so an
+Safety: shards are written by `shardwriter.ShardWriter` (temporary name, fsync, rename), so an
 interrupted pack never leaves a truncated shard under a final name. Progress is recorded in
 `.pack-state.json` after every shard (and kept); re-running with the same arguments keeps the complete shards
 whose sha256 verifies and redoes the rest; different arguments are refused (use a new --out or
---overwrite). Unreadable images are skipped and listed in the manifest with the reason.
+--overwrite). Unreadable images are skipped and listed in the manifest with the reason. Symbolic links
+(files or folders) that point outside --source are not followed: each is listed as skipped, unless
+--follow-external-links. 16-bit images re-encoded with --size are scaled to 8 bits (not clipped).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
-import math
 import os
 import sys
-import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from ldm_lightning.data.pixels import has_alpha, to_8bit
+from ldm_lightning.data.shardwriter import ShardWriter, atomic_write_json, sha256_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST = "manifest.json"
@@ -69,12 +71,50 @@ def _read_captions(root: Path) -> dict[Path, str]:
     return caps
 
 
-def _folder_items(root: Path, class_from_folder: bool, limit: int | None) -> tuple[list[tuple], list[str], list[dict]]:
+def _walk(root: Path, follow_external: bool) -> tuple[list[Path], list[dict]]:
+    """Files under root (hidden ones excluded), sorted; symbolic links whose target lies outside root are
+    skipped with a reason (a caption or image link to an arbitrary file must not end up in a shard)."""
+    files, skipped = [], []
+    real_root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        d = Path(dirpath)
+        keep = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                continue
+            p = d / name
+            target = p.resolve()
+            if p.is_symlink() and not follow_external and not target.is_relative_to(real_root):
+                skipped.append({"source": str(p.relative_to(root)), "reason": f"folder link to {target}, outside "
+                                "--source (not followed; pass --follow-external-links to include it)"})
+                continue
+            if p.is_symlink() and (target == real_root or real_root.is_relative_to(target)):
+                continue  # a link back up the tree: a cycle
+            keep.append(name)
+        dirnames[:] = keep
+        for name in filenames:
+            p = d / name
+            if name.startswith(".") or not p.is_file():
+                continue
+            if p.is_symlink() and not follow_external and not p.resolve().is_relative_to(real_root):
+                skipped.append({"source": str(p.relative_to(root)), "reason": f"link to {p.resolve()}, outside "
+                                "--source (not followed; pass --follow-external-links to include it)"})
+                continue
+            files.append(p)
+    return sorted(files), skipped
+
+
+def _inside(p: Path, root: Path, follow_external: bool) -> bool:
+    return follow_external or p.resolve().is_relative_to(root.resolve())
+
+
+def _folder_items(root: Path, class_from_folder: bool, limit: int | None,
+                  follow_external: bool = False) -> tuple[list[tuple], list[str], list[dict]]:
     if not root.is_dir():
         raise FileNotFoundError(f"--source {root}: not a directory (use 'mnist' or a folder of images)")
     caps = _read_captions(root)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    skipped, images = [], []
+    files, skipped = _walk(root, follow_external)
+    images = []
     for p in files:
         rel = p.relative_to(root)
         if p.suffix.lower() in IMAGE_EXTS:
@@ -96,7 +136,12 @@ def _folder_items(root: Path, class_from_folder: bool, limit: int | None) -> tup
         keys.add(key)
         cls = classes.index(rel.parts[0]) if class_from_folder and len(rel.parts) > 1 else None
         txt_file = p.with_suffix(".txt")
-        txt = txt_file.read_text(encoding="utf-8").strip() if txt_file.is_file() else caps.get(p.resolve())
+        if txt_file.is_file() and not _inside(txt_file, root, follow_external):
+            skipped.append({"source": str(txt_file.relative_to(root)), "reason": f"caption link to "
+                            f"{txt_file.resolve()}, outside --source (not read; --follow-external-links reads it)"})
+            txt_file = None
+        txt = txt_file.read_text(encoding="utf-8").strip() if txt_file and txt_file.is_file() \
+            else caps.get(p.resolve())
         items.append(("file", str(p), key, str(rel), cls, txt))
     return items, classes, skipped
 
@@ -149,7 +194,10 @@ def _encode(item: tuple, size: int | None) -> tuple[str, dict[str, bytes] | None
             ext = Path(path).suffix.lower().lstrip(".")
             if size is not None:
                 fmt = img.format
-                img = _resize_center_crop(img.convert("RGB") if img.mode not in ("L", "RGB", "RGBA") else img, size)
+                img = to_8bit(img)  # 16-bit: scaled, not clipped to white
+                if img.mode not in ("L", "RGB", "RGBA", "LA"):
+                    img = img.convert("RGBA" if has_alpha(img) else "RGB")
+                img = _resize_center_crop(img, size)
                 buf = io.BytesIO()
                 if fmt == "JPEG":
                     img.convert("RGB").save(buf, format="JPEG", quality=95)
@@ -169,45 +217,22 @@ def _encode(item: tuple, size: int | None) -> tuple[str, dict[str, bytes] | None
     return key, sample, None, orig
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_shard(job: tuple[Path, int, list[tuple], int | None]) -> dict:
     out, index, items, size = job
-    final = out / shard_name(index)
-    tmp = out / f".{shard_name(index)}.tmp-{os.getpid()}"
-    skipped, sizes, n = [], [], 0
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for item in items:
-                key, sample, reason, orig = _encode(item, size)
-                if sample is None:
-                    skipped.append({"source": item[3] if item[0] == "file" else key, "reason": reason})
-                    continue
-                for ext in sorted(sample, key=lambda e: (e == "json", e)):
-                    _add_member(tar, f"{key}.{ext}", sample[ext])
-                sizes.append(orig)
-                n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)  # atomic: the final name only ever holds a complete shard
+    skipped, sizes = [], []
+    with ShardWriter(out / shard_name(index)) as w:
+        for item in items:
+            key, sample, reason, orig = _encode(item, size)
+            if sample is None:
+                skipped.append({"source": item[3] if item[0] == "file" else key, "reason": reason})
+                continue
+            w.add(key, sample)
+            sizes.append(orig)
+    n = w.num_samples
     a = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)  # (n, 2) width, height
     stats = {"n": n, **{f"{d}_{f}": int(getattr(a[:, j], f)()) if n else 0 for j, d in enumerate("wh")
                         for f in ("min", "max", "sum")}}
-    return {"name": final.name, "num_samples": n, "bytes": final.stat().st_size, "sha256": sha256_file(final),
-            "skipped": skipped, "size_stats": stats}
+    return {**w.record, "skipped": skipped, "size_stats": stats}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,15 +267,6 @@ def _estimator(items: list[tuple], size: int | None):
     return lambda it: mean
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _size_stats(per_shard: list[dict]) -> dict:
     """Merge per-shard {n, w_min, w_max, w_sum, h_min, ...} into {width: {min, max, mean}, height: ...}."""
     per_shard = [s for s in per_shard if s["n"]]
@@ -277,67 +293,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="pack only the first N source images")
     p.add_argument("--class-from-folder", action="store_true", help="class label = first sub-folder name")
     p.add_argument("--overwrite", action="store_true", help="delete an existing pack in --out with other arguments")
+    p.add_argument("--follow-external-links", action="store_true",
+                   help="also pack files reached through symbolic links that point outside --source "
+                        "(default: such links are skipped and listed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class UsageError(Exception):
+    """Bad arguments or input: printed as one `error:` line, exit code 2."""
+
+
+def _check_args(args) -> None:
     for name in ("size", "samples_per_shard", "workers", "limit"):
         v = getattr(args, name)
         if v is not None and v < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.shard_size_mb is not None and args.shard_size_mb <= 0:
-        raise SystemExit(f"--shard-size-mb must be > 0, got {args.shard_size_mb}")
+        raise UsageError(f"--shard-size-mb must be > 0, got {args.shard_size_mb}")
+
+
+def _identity(args) -> dict:
+    """The arguments that determine the shards' content: a resumed pack must have the same."""
     is_mnist = args.source == "mnist"
-    source = "mnist" if is_mnist else str(Path(args.source).expanduser().resolve())
-    identity = {"source": source, "split": args.split if is_mnist else None, "size": args.size,
-                "shard_size_mb": args.shard_size_mb, "samples_per_shard": args.samples_per_shard,
-                "limit": args.limit, "class_from_folder": args.class_from_folder}
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    return {"source": "mnist" if is_mnist else str(Path(args.source).expanduser().resolve()),
+            "split": args.split if is_mnist else None, "size": args.size, "shard_size_mb": args.shard_size_mb,
+            "samples_per_shard": args.samples_per_shard, "limit": args.limit,
+            "class_from_folder": args.class_from_folder}
+
+
+def _previous(out: Path, identity: dict, overwrite: bool) -> dict | None:
+    """The state of an earlier pack into `out` with the same arguments (None: start afresh)."""
     state_path, manifest_path = out / STATE, out / MANIFEST
     # The state file (kept after completion) holds per-shard records; the manifest marks a finished pack.
     previous = json.loads(state_path.read_text()) if state_path.is_file() else None
     if previous is None and manifest_path.is_file():
         previous = {"args": json.loads(manifest_path.read_text()).get("args"), "done": {}}
-    if previous is not None and previous.get("args") != identity:
-        if not args.overwrite:
-            print(f"error: {out} already holds a pack made with different arguments:\n  {previous.get('args')}\n"
-                  f"  now: {identity}\nfix: use a new --out, or pass --overwrite to replace it", file=sys.stderr)
-            return 2
-        for f in list(out.glob("shard-*.tar")) + [manifest_path, state_path]:
-            f.unlink(missing_ok=True)
-        previous = None
+    if previous is None or previous.get("args") == identity:
+        return previous
+    if not overwrite:
+        raise UsageError(f"{out} already holds a pack made with different arguments:\n  {previous.get('args')}\n"
+                         f"  now: {identity}\nfix: use a new --out, or pass --overwrite to replace it")
+    for f in list(out.glob("shard-*.tar")) + [manifest_path, state_path]:
+        f.unlink(missing_ok=True)
+    return None
 
-    if is_mnist:
+
+def _items(args, identity: dict) -> tuple[list[tuple], list[str], list[dict]]:
+    """(items to encode, class names, files skipped before encoding)."""
+    if identity["source"] == "mnist":
         items, classes = _mnist_items(args.split, args.limit)
-        skipped_early: list[dict] = []
+        skipped: list[dict] = []
     else:
         try:
-            items, classes, skipped_early = _folder_items(Path(source), args.class_from_folder, args.limit)
+            items, classes, skipped = _folder_items(Path(identity["source"]), args.class_from_folder, args.limit,
+                                                    args.follow_external_links)
         except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(str(e)) from None
     if not items:
-        print(f"error: no images found in --source {args.source}", file=sys.stderr)
-        return 2
-    shards = _plan(items, args, _estimator(items, args.size))
+        raise UsageError(f"no images found in --source {args.source}")
+    return items, classes, skipped
 
+
+def _verified_done(out: Path, previous: dict | None) -> dict[str, dict]:
+    """Resume: the earlier pack's complete shards whose size and sha256 still verify."""
     done: dict[str, dict] = {}
-    if previous is not None:  # resume: keep complete shards whose checksum still verifies
-        for rec in previous.get("done", {}).values():
-            f = out / rec["name"]
-            if f.is_file() and f.stat().st_size == rec["bytes"] and sha256_file(f) == rec["sha256"]:
-                done[rec["name"]] = rec
-    for stale in out.glob(".shard-*.tmp-*"):
+    for rec in (previous or {}).get("done", {}).values():
+        f = out / rec["name"]
+        if f.is_file() and f.stat().st_size == rec["bytes"] and sha256_file(f) == rec["sha256"]:
+            done[rec["name"]] = rec
+    for stale in out.glob(".shard-*.tmp*"):  # temp files of an interrupted writer
         stale.unlink()
-    jobs = [(out, i, its, args.size) for i, its in enumerate(shards) if shard_name(i) not in done]
-    state = {"args": identity, "done": done}
-    _atomic_json(state_path, state)
+    return done
 
+
+def _write_shards(out: Path, shards: list[list[tuple]], done: dict[str, dict], state: dict, args) -> None:
+    """Write the shards not in `done` (in worker processes with --workers), recording each in the state file."""
     from tqdm import tqdm
 
+    jobs = [(out, i, its, args.size) for i, its in enumerate(shards) if shard_name(i) not in done]
+    atomic_write_json(out / STATE, state, indent=1)
     bar = tqdm(total=len(shards), initial=len(shards) - len(jobs), unit="shard", desc=f"pack {args.source}",
                disable=args.no_progress)
     if args.workers > 1 and len(jobs) > 1:
@@ -348,24 +383,45 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rec in results:
             done[rec["name"]] = rec
-            _atomic_json(state_path, state)  # a crash after this point keeps this shard
+            atomic_write_json(out / STATE, state, indent=1)  # a crash after this point keeps this shard
             bar.update(1)
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
-    recs = [done[shard_name(i)] for i in range(len(shards))]
-    manifest = {
+
+def _manifest(recs: list[dict], classes: list[str], skipped: list[dict], identity: dict) -> dict:
+    return {
         "format": "ldm-lightning-shards/1",
         "num_samples": sum(r["num_samples"] for r in recs),
         "shards": [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in recs],
         "image_size": _size_stats([r["size_stats"] for r in recs]),
         "class_names": classes,
-        "skipped": skipped_early + [s for r in recs for s in r["skipped"]],
+        "skipped": skipped + [s for r in recs for s in r["skipped"]],
         "args": identity,
     }
-    _atomic_json(manifest_path, manifest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    identity = _identity(args)
+    out: Path = args.out
+    try:
+        _check_args(args)
+        out.mkdir(parents=True, exist_ok=True)
+        previous = _previous(out, identity, args.overwrite)
+        items, classes, skipped = _items(args, identity)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shards = _plan(items, args, _estimator(items, args.size))
+    done = _verified_done(out, previous)
+    _write_shards(out, shards, done, {"args": identity, "done": done}, args)
+
+    recs = [done[shard_name(i)] for i in range(len(shards))]
+    manifest = _manifest(recs, classes, skipped, identity)
+    atomic_write_json(out / MANIFEST, manifest, indent=1)
     print(f"packed {manifest['num_samples']} samples into {len(recs)} shards in {out} "
           f"({sum(r['bytes'] for r in recs) / 1e6:.1f} MB); skipped {len(manifest['skipped'])}")
     for s in manifest["skipped"][:20]:

@@ -17,6 +17,48 @@ class Shard:
     """Local path, http(s) URL or `pipe:` command that yields the tar bytes."""
     num_samples: int
     """From the manifest; drives the exact epoch length."""
+    bytes: int | None = None
+    """File size from the manifest (None when it has none): a cheap start-up check of local shards."""
+
+
+def unsafe_reason(name: str) -> str | None:
+    """Why `name` (a tar member key, or a name relative to a shard folder) would point outside it, or None."""
+    if not name:
+        return "empty name"
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "'..' path component"
+    if "\x00" in name:
+        return "NUL byte"
+    return None
+
+
+def check_shard_name(name: str, where: str) -> str:
+    """A manifest's shard name must be a plain file name in the manifest's own folder."""
+    why = unsafe_reason(name) or ("a path separator" if "/" in name or "\\" in name else None)
+    if why or name == ".":
+        raise ValueError(f"{where}: shard name {name!r} is refused ({why or 'not a file name'}); a manifest may only "
+                         "name shard files in its own folder (e.g. 'shard-000000.tar'): fix or re-create the manifest")
+    return name
+
+
+def size_problems(shards: list[Shard]) -> list[str]:
+    """Local shards that are missing, empty, or not the size their manifest records (one stat each)."""
+    out = []
+    for s in shards:
+        if re.match(r"^(https?|pipe):", s.url):
+            continue
+        try:
+            size = os.path.getsize(s.url)
+        except OSError:
+            out.append(f"{s.url}: missing")
+            continue
+        if size == 0 and s.num_samples:
+            out.append(f"{s.url}: 0 bytes, but the manifest lists {s.num_samples} samples")
+        elif s.bytes is not None and size != s.bytes:
+            out.append(f"{s.url}: {size} bytes, the manifest says {s.bytes}")
+    return out
 
 
 def _braceexpand(s: str) -> list[str]:
@@ -35,8 +77,8 @@ def _read_text(url: str) -> str:
         return f.read()
 
 
-def _manifest_counts(base: str) -> dict[str, int]:
-    """{shard name: num_samples} from `base/manifest.json` (base: a local dir or a URL prefix)."""
+def _manifest_counts(base: str) -> dict[str, tuple[int, int | None]]:
+    """{shard name: (num_samples, bytes)} from `base/manifest.json` (base: a local dir or a URL prefix)."""
     url = base.rstrip("/") + "/manifest.json"  # not cached: a re-pack in place must be seen
     try:
         man = json.loads(_read_text(url))
@@ -45,14 +87,18 @@ def _manifest_counts(base: str) -> dict[str, int]:
             f"cannot read {url} ({type(e).__name__}: {e}); the loader needs the manifest's per-shard sample "
             "counts for an exact, equal epoch length — keep manifest.json next to the shards "
             "(`ldm-lightning data pack` writes it)") from None
-    return {s["name"]: int(s["num_samples"]) for s in man["shards"]}
+    try:
+        return {check_shard_name(s["name"], url): (int(s["num_samples"]), s.get("bytes")) for s in man["shards"]}
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{url}: not a shard manifest (each entry of 'shards' needs 'name' and 'num_samples': "
+                         f"{type(e).__name__}: {e}); re-create it with `ldm-lightning data pack`") from None
 
 
-def _count(base: str, name: str, spec: str) -> int:
+def _shard(url: str, base: str, name: str, spec: str) -> Shard:
     counts = _manifest_counts(base)
     if name not in counts:
         raise ValueError(f"shard {name!r} (from {spec!r}) is not listed in {base}/manifest.json")
-    return counts[name]
+    return Shard(url, *counts[name])
 
 
 def resolve_shards(spec: str | list[str]) -> list[Shard]:
@@ -68,16 +114,16 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
             if len(paths) != 1:
                 raise ValueError(f"pipe: command {cmd!r} must name exactly one .tar shard (to find its manifest count)")
             base, name = paths[0].rsplit("/", 1) if "/" in paths[0] else (".", paths[0])
-            shards.append(Shard(cmd, _count(base, name, spec)))
+            shards.append(_shard(cmd, base, name, spec))
         return shards
     if re.match(r"^https?://", spec):
         if not spec.rstrip("/").endswith(".tar") and "{" not in spec:  # a directory URL
             base = spec.rstrip("/")
-            return [Shard(f"{base}/{n}", c) for n, c in _manifest_counts(base).items()]
-        return [Shard(u, _count(u.rsplit("/", 1)[0], u.rsplit("/", 1)[1], spec)) for u in _braceexpand(spec)]
+            return [Shard(f"{base}/{n}", *c) for n, c in _manifest_counts(base).items()]
+        return [_shard(u, u.rsplit("/", 1)[0], u.rsplit("/", 1)[1], spec) for u in _braceexpand(spec)]
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
-        return [Shard(os.path.join(path, n), c) for n, c in _manifest_counts(path).items()]
+        return [Shard(os.path.join(path, n), *c) for n, c in _manifest_counts(path).items()]
     files = sorted(f for pat in _braceexpand(path) for f in (glob.glob(pat) or [pat]))
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
@@ -89,5 +135,5 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
         d, name = os.path.dirname(os.path.abspath(f)), os.path.basename(f)
         if name not in counts[d]:
             raise ValueError(f"shard {name!r} (from {spec!r}) is not listed in {d}/manifest.json")
-        out.append(Shard(f, counts[d][name]))
+        out.append(Shard(f, *counts[d][name]))
     return out

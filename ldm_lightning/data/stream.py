@@ -27,15 +27,17 @@ a ring of reused shared-memory buffers (batch_ring.py).
 from __future__ import annotations
 
 import itertools
+import logging
 import random
-from typing import Iterator
+from collections import Counter
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm_lightning.data import batch_ring
-from ldm_lightning.data.shards import Shard
+from ldm_lightning.data.shards import Shard, unsafe_reason
 from ldm_lightning.data.tario import iter_blocks
 from ldm_lightning.data.transforms import (IMAGE_KEYS, BadSample, ImageTransform, decode_moments, missing_payload,
                                            quick_check, to_model_range)
@@ -57,9 +59,54 @@ def _parsed(col: list | None, n: int, parse, absent) -> list:
         return out
 
 
-def _raise_unreadable(rec: tuple) -> None:
-    if type(rec[4]) is BadSample or type(rec[5]) is BadSample:
-        raise rec[4] if type(rec[4]) is BadSample else rec[5]
+log = logging.getLogger(__name__)
+
+
+class Record(NamedTuple):
+    """One raw sample of a shard (a tuple: cheaper than a dict, which matters at ~25 µs a decode).
+
+    cls and txt are parsed a block at a time; an unreadable one is a BadSample there, raised when the
+    record is used (`_raise_unreadable`). So is a sample a shard was supposed to hold but does not (a
+    truncated or unreadable shard, or a manifest count above what the shard holds): the stream counts
+    it as bad instead of crashing or silently re-reading other samples."""
+
+    key: str
+    url: str
+    ext: str | None
+    """The payload member's extension; None when the sample has none (then `payload` lists what it has)."""
+    payload: bytes | list
+    cls: int | BadSample
+    """-1 when absent."""
+    txt: str | BadSample
+
+
+def _raise_unreadable(rec: Record) -> None:
+    if type(rec.cls) is BadSample or type(rec.txt) is BadSample:
+        raise rec.cls if type(rec.cls) is BadSample else rec.txt
+
+
+def _missing(url: str, read: int, expected: int | None, error: str | None) -> list[Record]:
+    """Placeholder records for the samples a shard failed to deliver (each one counts as a bad sample)."""
+    why = error or "the shard ends early"
+    if expected is None or read >= expected:  # unreadable after all its samples: one record says so
+        expected = read + 1
+    bad = BadSample(f"shard {url}: manifest lists {expected} samples, {read} readable ({why})")
+    log.warning("data: %s; the %d missing samples count as bad (max_bad_fraction), the rest of the shard is "
+                "skipped; check the folder with `ldm-lightning data verify`", bad, expected - read)
+    return [Record(f"<missing {i} of {url}>", url, None, [], bad, "") for i in range(read, expected)]
+
+
+def _unsafe_keys(keys: list[str], cls: list) -> list:
+    """Keys that are absolute or climb with '..' (a hostile tar): such samples become bad samples."""
+    joined = "\n".join(keys)
+    if ".." not in joined and not joined.startswith(("/", "\\")) and "\n/" not in joined and "\\" not in joined:
+        return cls  # the common case, checked on the whole block at once
+    cls = list(cls)
+    for i, k in enumerate(keys):
+        why = unsafe_reason(k)
+        if why:
+            cls[i] = BadSample(f"unsafe member name {k!r} ({why}): refused")
+    return cls
 
 
 def balanced_groups(counts: list[int], n: int) -> list[list[int]]:
@@ -75,6 +122,10 @@ def balanced_groups(counts: list[int], n: int) -> list[list[int]]:
 
 def _seed(*parts: int) -> list[int]:
     return [int(p) & 0xFFFFFFFF for p in parts]
+
+
+class BadDataError(RuntimeError):
+    """More unusable samples than `max_bad_fraction` allows (the message names the shards)."""
 
 
 class BatchArray:
@@ -150,22 +201,31 @@ class ShardStream(IterableDataset):
             else np.arange(slots)
         return int(perm[rank * self.workers + worker])
 
-    # A record is one raw sample as a plain tuple (cheaper than a dict, which matters at ~25 µs a decode):
-    #   (key, url, payload ext, payload bytes, cls, txt)
-    # cls (int, -1 when absent) and txt (str) are parsed a block at a time; an unreadable one is a BadSample
-    # there, raised when the record is used. Payload ext is None when the sample has no payload member;
-    # then the payload slot lists the members it has.
-    def records(self, url: str) -> Iterator[list[tuple]]:
-        """The records of one shard, a block (a few MiB of the tar) at a time, in shard order."""
+    def records(self, url: str, expected: int | None = None) -> Iterator[list[Record]]:
+        """The records of one shard, a block (a few MiB of the tar) at a time, in shard order. A shard that
+        cannot be read to its end, or holds fewer than `expected` (its manifest count) samples, ends with
+        one placeholder record per missing sample (`_missing`): the same on every read, so resume agrees."""
+        read, error = 0, None
+        try:
+            for recs in self._shard_records(url):
+                read += len(recs)
+                yield recs
+        except (EOFError, ValueError, OSError) as e:  # truncated / not a tar / a link member / unreadable file
+            error = str(e) if url in str(e) else f"{type(e).__name__}: {e}"
+        if error is not None or (expected is not None and read < expected):
+            yield _missing(url, read, expected, error)
+
+    def _shard_records(self, url: str) -> Iterator[list[Record]]:
         wanted = ("moments.npy",) if self.kind == "latent" else IMAGE_KEYS
         for keys, members in iter_blocks(url, (*wanted, "cls", "txt")):
             n = len(keys)
-            cls = _parsed(members.get("cls"), n, int, -1)
+            cls = _unsafe_keys(keys, _parsed(members.get("cls"), n, int, -1))
             txt = _parsed(members.get("txt"), n, lambda b: b.decode("utf-8"), "")
             present = [(e, members[e]) for e in wanted if e in members]
             if len(present) == 1 and None not in present[0][1]:  # the common case: one payload kind, always there
                 ext, payload = present[0]
-                yield list(zip(keys, itertools.repeat(url, n), itertools.repeat(ext, n), payload, cls, txt))
+                yield list(map(Record._make, zip(keys, itertools.repeat(url, n), itertools.repeat(ext, n), payload,
+                                                 cls, txt)))
                 continue
             exts, payload = [None] * n, [None] * n
             for e, col in present:  # the first kind in IMAGE_KEYS order wins, as in image_key()
@@ -175,7 +235,7 @@ class ShardStream(IterableDataset):
             for i in range(n):
                 if payload[i] is None:
                     payload[i] = sorted(e for e, col in members.items() if col[i] is not None)
-            yield list(zip(keys, itertools.repeat(url, n), exts, payload, cls, txt))
+            yield list(map(Record._make, zip(keys, itertools.repeat(url, n), exts, payload, cls, txt)))
 
     def _slot_records(self, epoch: int, group: int) -> Iterator[list[tuple]]:
         """The slot's records after the seeded shard order and shuffle buffer (nothing decoded), in lists.
@@ -188,7 +248,7 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"{self.seed}/{epoch}/{group}")  # str seeds hash via sha512: stable across runs
         if self.shuffle:
             rng.shuffle(shard_ids)
-        blocks = (recs for i in shard_ids for recs in self.records(self.shards[i].url))
+        blocks = (recs for i in shard_ids for recs in self.records(self.shards[i].url, self.shards[i].num_samples))
         if not self.shuffle or self.shuffle_buffer <= 1:
             yield from blocks
             return
@@ -216,13 +276,13 @@ class ShardStream(IterableDataset):
                                    f"{[self.shards[i].url for i in self.groups[group]]} (empty or unreadable)")
             yield None
 
-    def fill(self, rec: tuple, batch: "BatchArray", n: int, rng: np.random.Generator | None) -> tuple[int, str]:
+    def fill(self, rec: Record, batch: "BatchArray", n: int, rng: np.random.Generator | None) -> tuple[int, str]:
         """Decode a record into row n of `batch` (allocated here for latents, whose shape the first sample
         tells); returns its (cls, txt). Raises BadSample, leaving the batch as it was."""
         _, _, ext, payload, cls, txt = rec
+        _raise_unreadable(rec)
         if ext is None:
             raise BadSample(missing_payload(self.kind, payload))
-        _raise_unreadable(rec)
         if self.kind == "image":
             self.transform.decode_into(payload, ext, batch.data[n], rng)
             return cls, txt
@@ -241,15 +301,21 @@ class ShardStream(IterableDataset):
         t = self.transform
         return BatchArray(np.empty((rows, t.channels, t.size, t.size), np.uint8), rows)
 
-    def collate(self, pixels: np.ndarray, cls: list[int], txt: list[str], keys: list[str], bad: int,
+    def collate(self, pixels: np.ndarray, cls: list[int], txt: list[str], keys: list[str], bad: Counter | None,
                 ring_slot: tuple[int, int] | None = None) -> dict:
         """One batch dict from `fill`'s rows (the first len(keys) of `pixels`). With `ring_slot` the pixels
-        stay in the batch ring, and the main process's `from_worker` puts them in."""
+        stay in the batch ring, and the main process's `from_worker` puts them in. `bad`: {shard url:
+        samples skipped as bad while building this batch}, sent as `bad_samples` (the total) and, when
+        non-zero, `bad_shards` (the loader's epoch summary names them)."""
+        nbad = sum(bad.values()) if bad else 0
         if ring_slot is not None:
             # cls by value too: then no tensor, so no shared-memory segment and no file-descriptor
             # hand-over (a socket round trip to the worker's resource-sharer thread) per batch
-            return {"ring_slot": ring_slot, "cls": np.array(cls, np.int64), "txt": txt, "key": keys,
-                    "bad_samples": bad}
+            out = {"ring_slot": ring_slot, "cls": np.array(cls, np.int64), "txt": txt, "key": keys,
+                   "bad_samples": nbad}
+            if nbad:
+                out["bad_shards"] = dict(bad)
+            return out
         pixels = pixels[:len(keys)]
         if self.kind == "image" and self.uint8_images:  # 4× fewer bytes through IPC and host→device
             out = {"image": torch.from_numpy(pixels)}  # (B, C, H, W) uint8
@@ -258,7 +324,9 @@ class ShardStream(IterableDataset):
         else:
             out = {"moments": torch.from_numpy(pixels)}  # (B, 2c, h, w) float32
         out["cls"] = torch.tensor(cls, dtype=torch.int64)  # (B,)
-        out["txt"], out["key"], out["bad_samples"] = txt, keys, bad
+        out["txt"], out["key"], out["bad_samples"] = txt, keys, nbad
+        if nbad:
+            out["bad_shards"] = dict(bad)
         return out
 
     def slot_batches(self, epoch: int, rank: int, logical_worker: int, skip: int = 0,
@@ -269,6 +337,7 @@ class ShardStream(IterableDataset):
         planned, bs = self.group_samples[group], self.batch_size
         recs = self._cycled(epoch, group)
         seen, bad, cycle, pos, good_in_cycle = 0, 0, 0, 0, 0
+        bad_by_shard: Counter = Counter()
         for b in range(self.batches_per_slot):
             skipping = b < skip
             ring_slot = None
@@ -281,7 +350,7 @@ class ShardStream(IterableDataset):
             keys: list[str] = []
             cls: list[int] = []
             txt: list[str] = []
-            batch_bad = 0
+            batch_bad: Counter = Counter()  # shard url → bad samples met while building this batch
             for rec in recs:
                 if rec is None:  # the slot's records start again
                     if good_in_cycle == 0:
@@ -292,7 +361,7 @@ class ShardStream(IterableDataset):
                 try:
                     if skipping:  # header-level check only: any sample it rejects, a full decode rejects too
                         _raise_unreadable(rec)
-                        quick_check(rec[2], rec[3], self.kind, self.transform)
+                        quick_check(rec.ext, rec.payload, self.kind, self.transform)
                     else:
                         rng = np.random.default_rng(_seed(self.seed, epoch, group, cycle, pos - 1)) \
                             if self.needs_rng else None  # a Generator costs ~20 µs: only when augmenting
@@ -301,15 +370,18 @@ class ShardStream(IterableDataset):
                         txt.append(t)
                 except BadSample as e:
                     bad += 1
-                    batch_bad += 1
+                    batch_bad[rec.url] += 1
+                    bad_by_shard[rec.url] += 1
                     if bad > self.max_bad_fraction * planned:
-                        raise RuntimeError(
+                        worst = ", ".join(f"{u} ({k})" for u, k in bad_by_shard.most_common(5))
+                        raise BadDataError(
                             f"too many bad samples: {bad} of {seen} read so far in this reader slot "
-                            f"(planned {planned}; max_bad_fraction={self.max_bad_fraction}); latest: shard "
-                            f"{rec[1]!r} key {rec[0]!r}: {e}") from None
+                            f"(planned {planned}; max_bad_fraction={self.max_bad_fraction}), in shards {worst}; "
+                            f"latest: key {rec.key!r}: {e}. Fix: check the shards with `ldm-lightning data "
+                            "verify DIR` and re-pack them, or raise data.max_bad_fraction") from None
                     continue
                 good_in_cycle += 1
-                keys.append(rec[0])
+                keys.append(rec.key)
                 if len(keys) == bs:
                     break
             if not skipping:

@@ -34,11 +34,30 @@ _HEADER = struct.Struct("100s24x12s20x1s100x6s2x64x8x8x155s")  # name, size, typ
 _ZERO_BLOCK = bytes(BLOCK)
 
 
+class ShardFormatError(ValueError):
+    """Bytes that are not a tar we read: a bad header (random bytes, a non-tar file) or a link member."""
+
+
 def _octal(field: bytes) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for sizes ≥ 8 GiB
         return int.from_bytes(field, "big") & ~(0x80 << (8 * (len(field) - 1)))
     field = field.rstrip(b"\x00 ").lstrip(b" ")
     return int(field or b"0", 8)
+
+
+def _check_header(header: bytes, source: str) -> None:
+    """The header checksum (the sum of its bytes with the checksum field read as spaces), as tar checks it:
+    random bytes or a non-tar file fail here instead of as a bare int() error further on."""
+    try:
+        stored = _octal(header[148:156])
+    except ValueError:
+        stored = -1
+    rest = header[:148] + header[156:]
+    unsigned = sum(rest) + 8 * 32
+    if stored != unsigned and stored != unsigned - 256 * sum(b >= 128 for b in rest):  # some writers sum signed
+        raise ShardFormatError(f"{source}: not a tar file, or damaged: a member header fails its checksum "
+                               "(check the folder with `ldm-lightning data verify`; re-create the shard with "
+                               "`ldm-lightning data pack`)")
 
 
 def _skip(f: BinaryIO, n: int, source: str) -> None:
@@ -66,6 +85,7 @@ def iter_members(f: BinaryIO, source: str = "<stream>") -> Iterator[tuple[str, b
         name, size_field, kind, magic, prefix = _HEADER.unpack_from(buf, pos)
         if not name[0] and buf[pos:pos + BLOCK] == _ZERO_BLOCK:
             return
+        _check_header(buf[pos:pos + BLOCK], source)
         size = _octal(size_field)
         end = pos + BLOCK + size
         while len(buf) < end:  # the member runs past the buffer (pipes and sockets may read short)
@@ -86,7 +106,12 @@ def iter_members(f: BinaryIO, source: str = "<stream>") -> Iterator[tuple[str, b
             if kind == b"x" and m:
                 long_name = m.group(1).decode("utf-8")
             continue
-        if kind not in (b"0", b"\x00", b"7"):  # directories, links, ...: not sample members
+        if kind in (b"1", b"2"):  # a link's target may lie anywhere: never a sample member, and never silently
+            link = long_name or name.split(b"\x00", 1)[0].decode("utf-8", "replace")
+            raise ShardFormatError(f"{source}: member {link!r} is a {'hard' if kind == b'1' else 'symbolic'} "
+                                   "link; shards must hold regular files only (refused; re-create the shard "
+                                   "with `ldm-lightning data pack`)")
+        if kind not in (b"0", b"\x00", b"7"):  # directories, devices, ...: not sample members
             long_name = None
             continue
         if long_name is not None:
@@ -108,7 +133,8 @@ Block = tuple[list[str], dict[str, list]]
 `<key>.<ext>` member, or None when sample i has no such member. Samples never straddle blocks."""
 
 _USTA = int.from_bytes(b"usta", "little")
-_PAX_OR_LONG = np.array([ord(c) for c in "xgLK"], np.uint8)  # typeflags only the general path handles
+_PAX_OR_LONG = np.array([ord(c) for c in "xgLK12"], np.uint8)  # typeflags only the general path handles
+# (pax records and GNU long names, which it parses; hard and symbolic links, which it refuses)
 _REGULAR = np.array([0, ord("0"), ord("7")], np.uint8)
 SEQUENTIAL_BLOCK = 1024  # samples per block on the general path
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ldm_lightning.data.pixels import to_mode
+
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 RESIZE_MODES = ("pad", "resize", "center_crop", "random_crop")
 
@@ -67,11 +69,14 @@ def missing_payload(kind: str, has: list[str]) -> str:
 
 
 class ImageTransform:
-    """Decode → channels → geometry → optional flip, into a uint8 (C, size, size) array."""
+    """Decode → channels → geometry → optional flip, into a uint8 (C, size, size) array.
 
-    def __init__(self, image_size: int, channels: int, resize_mode: str, random_flip: bool):
+    16-bit grayscale is scaled to 8 bits and alpha composited onto the gray level `background` (pixels.py)."""
+
+    def __init__(self, image_size: int, channels: int, resize_mode: str, random_flip: bool, background: int = 255):
         self.size, self.channels, self.mode, self.flip = image_size, channels, resize_mode, random_flip
         self.pil_mode = "L" if channels == 1 else "RGB"
+        self.background = background
 
     def __call__(self, sample: dict, rng: np.random.Generator | None) -> np.ndarray:
         """A WebDataset sample dict → a new uint8 (C, size, size) array."""
@@ -89,7 +94,7 @@ class ImageTransform:
         except Exception as e:  # noqa: BLE001
             raise BadSample(f"undecodable {ext}: {type(e).__name__}: {e}") from None
         if img.mode != self.pil_mode:
-            img = img.convert(self.pil_mode)  # MNIST 1→3 replicates the gray channel
+            img = to_mode(img, self.pil_mode, self.background)  # MNIST 1→3 replicates the gray channel
         (w, h), s = img.size, self.size
         self.check_size(w, h)
         top = left = 0

@@ -26,7 +26,6 @@ import io
 import json
 import os
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -99,47 +98,43 @@ def encode_batch(ae, images: torch.Tensor, mode: str, dtype: torch.dtype,
 
 
 def _encode_shard(ae, url: str, final: Path, transform, args, device) -> dict:
-    from ldm_lightning.data.pack import _add_member, sha256_file
+    from ldm_lightning.data.shardwriter import ShardWriter, UnsafeName, check_key
     from ldm_lightning.data.tario import iter_samples
     from ldm_lightning.data.transforms import BadSample, to_model_range
 
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     # Posterior samples (--mode sample) are a pure function of (seed, shard name): re-runs are identical.
     g = torch.Generator(device=device).manual_seed(int.from_bytes(
         hashlib.blake2b(f"{args.seed}|{final.name}".encode(), digest_size=7).digest(), "little"))
-    n, skipped, latent_shape = 0, [], None
+    skipped, latent_shape = [], None
 
-    def flush(tar, pending):
-        nonlocal n, latent_shape
+    def flush(writer, pending):
+        nonlocal latent_shape
         x = to_model_range(np.stack([p[1] for p in pending])).to(device)  # (B, C, H, W) in [-1, 1]
         m = encode_batch(ae, x, args.mode, DTYPES[args.dtype], g).cpu().numpy()  # (B, 2c, h, w)
         latent_shape = [m.shape[1] // 2, m.shape[2], m.shape[3]]
         for (s, _), mom in zip(pending, m):
-            _add_member(tar, f"{s['__key__']}.moments.npy", _npy_bytes(np.ascontiguousarray(mom)))
-            for ext in ("cls", "txt", "json"):
-                if ext in s:
-                    _add_member(tar, f"{s['__key__']}.{ext}", s[ext])
-            n += 1
+            members = {ext: s[ext] for ext in ("cls", "txt", "json") if ext in s}
+            writer.add(s["__key__"], {"moments.npy": _npy_bytes(np.ascontiguousarray(mom)), **members})
 
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            pending = []
+    with ShardWriter(final) as writer:
+        pending = []
+        try:
             for s in iter_samples(url):
                 try:
+                    check_key(s["__key__"])  # a hostile input shard's '../x' or '/etc/x' is not copied
                     pending.append((s, transform(s, None)))  # uint8 (C, H, W)
-                except BadSample as e:
+                except (BadSample, UnsafeName) as e:
                     skipped.append({"source": s["__key__"], "reason": str(e)})
                     continue
                 if len(pending) == args.batch_size:
-                    flush(tar, pending)
+                    flush(writer, pending)
                     pending = []
-            if pending:
-                flush(tar, pending)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    return {"name": final.name, "num_samples": n, "bytes": final.stat().st_size, "sha256": sha256_file(final),
-            "skipped": skipped, "latent_shape": latent_shape}
+        except (EOFError, ValueError, OSError) as e:  # a truncated or damaged input shard: keep what was read
+            print(f"warning: {url}: {e}; the rest of this shard is skipped (listed in the manifest)", file=sys.stderr)
+            skipped.append({"source": url, "reason": f"unreadable after this point: {e}"})
+        if pending:
+            flush(writer, pending)
+    return {**writer.record, "skipped": skipped, "latent_shape": latent_shape}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     from ldm_lightning.autoencoder.load import load_autoencoder
-    from ldm_lightning.data.pack import _atomic_json
     from ldm_lightning.data.shards import resolve_shards
+    from ldm_lightning.data.shardwriter import atomic_write_json
     from ldm_lightning.data.transforms import ImageTransform
 
     device = torch.device(args.device)
@@ -186,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
     for i in range(rank, len(shards), world):
         rec = _encode_shard(ae, shards[i].url, out / names[i], transform, args, device)
-        _atomic_json(out / STATE_DIR / f"{names[i]}.json", rec)
+        atomic_write_json(out / STATE_DIR / f"{names[i]}.json", rec, indent=1)
         print(f"[rank {rank}] encoded {names[i]}: {rec['num_samples']} samples", flush=True)
 
     recs = [out / STATE_DIR / f"{n}.json" for n in names]
@@ -209,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "source": str(args.shards),
         "skipped": [s for r in recs for s in r["skipped"]],
     }
-    _atomic_json(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest, indent=1)
     print(f"encoded {manifest['num_samples']} samples into {len(recs)} latent shards in {out} "
           f"(latent {manifest['latent_shape']}, autoencoder {ae_hash[:12]})")
     return 0
