@@ -20,6 +20,7 @@ from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
 from ldm_lightning.data.transforms import ensure_model_range
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
+from ldm_lightning.training.speed import SpeedConfig, SpeedLevers, as_speed, images_channels_last, to_channels_last
 from ldm_lightning.training.strategies import maybe_compile
 
 CHECKPOINT_TAG = "ldm_lightning.autoencoder.AutoencoderModule"
@@ -37,12 +38,13 @@ def _plain(value):
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-class AutoencoderModule(TrainingModule):
+class AutoencoderModule(SpeedLevers, TrainingModule):
     def __init__(self, preset: str | None = "tiny-mnist", autoencoder: dict | None = None,
                  loss: LossConfig | None = None, optim: OptimConfig | None = None, ema: EMAConfig | None = None,
                  guard: GuardConfig | None = None, seed: int = 0, image_size: int | None = None,
                  sample_posterior: bool = True, scale_batches: int = 4, scale_use_shift: bool = False,
-                 fid_inception_weights: str | None = None, log_images: int = 8, compile: bool = False):
+                 fid_inception_weights: str | None = None, log_images: int = 8, compile: bool = False,
+                 speed: SpeedConfig | dict | None = None):
         """
         Args:
             preset: autoencoder preset name (presets.py) or None for AutoencoderConfig defaults.
@@ -57,6 +59,8 @@ class AutoencoderModule(TrainingModule):
             log_images: images in the validation reconstruction grid (W&B only).
             compile: `torch.compile` the encoder and decoder of the trained (live) autoencoder in place;
                 parameter names do not change, so checkpoints load with or without it.
+            speed: GPU throughput levers (training/speed.py): channels_last (autoencoder, discriminator and
+                their inputs in NHWC), tf32. compile_mode 'blocks' is for the diffusion backbone only.
         """
         super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed)
         if preset is not None and preset not in PRESETS:
@@ -64,6 +68,10 @@ class AutoencoderModule(TrainingModule):
         overrides = dict(autoencoder or {})
         cfg = get_preset(preset, **overrides) if preset else AutoencoderConfig.from_dict(overrides)
         self.loss_cfg = _as(LossConfig, loss)
+        self.speed = as_speed(speed)
+        if self.speed.compile_mode != "model":
+            raise ValueError("model.speed.compile_mode must be 'model' for the autoencoder stage ('blocks' compiles "
+                             f"DiT/UNet blocks); got {self.speed.compile_mode!r}")
         f = cfg.downsample_factor
         if image_size is not None and image_size % f:
             raise ValueError(f"model.image_size={image_size} is not divisible by the autoencoder's downsampling "
@@ -77,9 +85,12 @@ class AutoencoderModule(TrainingModule):
             "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
             "seed": seed, "image_size": image_size, "sample_posterior": sample_posterior,
             "scale_batches": scale_batches, "scale_use_shift": scale_use_shift,
-            "fid_inception_weights": fid_inception_weights, "log_images": log_images, "compile": compile})
+            "fid_inception_weights": fid_inception_weights, "log_images": log_images, "compile": compile,
+            "speed": _plain(self.speed)})
         self.autoencoder = Autoencoder(cfg)
         self.loss = AutoencoderLoss(self.loss_cfg, cfg.out_channels or cfg.in_channels)
+        if self.speed.channels_last:  # before the EMA copy, so both are NHWC
+            to_channels_last(self.autoencoder, self.loss.discriminator)
         self.setup_ema(self.autoencoder)
         # After the EMA copy: the EMA weights only evaluate (validation, scale factor), eagerly.
         if compile and self.loss.discriminator is not None and self.loss_cfg.adaptive_weight:
@@ -123,6 +134,7 @@ class AutoencoderModule(TrainingModule):
     # --- training --------------------------------------------------------------------------------
     def compute_loss(self, batch):
         x = ensure_model_range(batch["image"])                   # (B, C, H, W) in [-1, 1]
+        x = images_channels_last(x, self.speed.channels_last)   # NHWC when speed.channels_last
         if not self._data_checked:
             self.check_images(x)
             self._data_checked = True

