@@ -121,8 +121,8 @@ def write_trainer_config(out: Path, accelerator: str, max_steps: int, name: str)
     if accelerator == "gpu":
         t["precision"] = "bf16-mixed"
     for cb in t.get("callbacks", []):
-        if cb["class_path"].endswith("ModelCheckpoint"):
-            cb["init_args"] = {"every_n_train_steps": max_steps, "save_last": True, "save_top_k": 1}
+        if cb["class_path"].endswith("StepCheckpoint"):
+            cb["init_args"] = {"every_n_train_steps": max_steps, "keep_last_k": 1}
     path = out / "configs" / f"trainer-{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -131,10 +131,10 @@ def write_trainer_config(out: Path, accelerator: str, max_steps: int, name: str)
 
 def fit(argv: list[str], ckpt: Path) -> Path:
     """`ldm-lightning fit ARGV` in this process; saves the final weights to `ckpt`."""
-    from ldm_lightning.training.lightning_cli import run_lightning_cli
+    from ldm_lightning.training.lightning_cli import build_lightning_cli
 
     print("$ ldm-lightning " + " ".join(argv), flush=True)
-    cli = run_lightning_cli(argv)
+    cli = build_lightning_cli(argv)
     cli.trainer.save_checkpoint(str(ckpt))
     import wandb
 
@@ -286,7 +286,7 @@ def _sample_batches(denoiser, conditioner, ae, meta: dict, n: int, sampler: str,
 def _load_for_sampling(ckpt: Path, ae_ckpt: Path, device: str):
     """(denoiser with EMA weights, conditioner, meta, autoencoder) on `device`."""
     from ldm_lightning.autoencoder.load import load_autoencoder
-    from ldm_lightning.diffusion.export import load_denoiser
+    from ldm_lightning.diffusion.load import load_denoiser
 
     denoiser, conditioner, meta = load_denoiser(ckpt, weights="ema")
     return denoiser.to(device), conditioner.to(device), meta, load_autoencoder(ae_ckpt, device=device)

@@ -186,3 +186,78 @@ def test_objective_config_errors_name_the_field():
     with pytest.raises(ValueError, match="objective.timestep_sampling"):
         ObjectiveConfig(timestep_sampling="beta")
     assert np.isclose(ObjectiveConfig(prediction="v").snr_gamma, 5.0)
+
+
+# ------------------------------------------------------------------ issue 18 defects: JiT noise levels, target clamp
+def _logit_normal_cdf(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    return 0.5 * (1 + torch.erf((torch.log(x / (1 - x)) - mean) / (std * math.sqrt(2))))
+
+
+def test_jit_config_draws_noisy_levels_with_the_logit_normal_law():
+    """The shipped JiT config trains at high noise (t = 1 is noise here): the drawn t follow the
+    logit-normal(+0.8, 0.8) law in distribution (Kolmogorov-Smirnov), not only in their moments."""
+    import yaml
+    cfg = yaml.safe_load(open("configs/diffusion/jit-dit-b4-class.yaml"))["model"]["init_args"]
+    obj_cfg = ObjectiveConfig(**cfg["objective"])
+    assert cfg["schedule"]["kind"] == "flow" and obj_cfg.logit_mean == 0.8 and obj_cfg.logit_std == 0.8
+    obj = DiffusionObjective(obj_cfg, FlowSchedule())
+    n = 20000
+    t = obj.sample_timesteps(n, torch.Generator().manual_seed(0), "cpu").sort().values
+    emp_hi, emp_lo = torch.arange(1, n + 1, dtype=torch.float64) / n, torch.arange(n, dtype=torch.float64) / n
+    cdf = _logit_normal_cdf(t, 0.8, 0.8)
+    ks = max((emp_hi - cdf).abs().max().item(), (cdf - emp_lo).abs().max().item())
+    assert ks < 1.63 / math.sqrt(n)  # the KS test's 1% critical value
+    # and against the sign-flipped law the same draws are far off (the old -0.8 bug is visible here)
+    assert (emp_hi - _logit_normal_cdf(t, -0.8, 0.8)).abs().max().item() > 0.3
+    below_half = (t < 0.5).double().mean().item()  # P(noise < 0.5) = Phi(-1) = 0.159
+    assert abs(below_half - 0.5 * (1 + math.erf(-1 / math.sqrt(2)))) < 0.01
+
+
+class _ReplayOracle(torch.nn.Module):
+    """The perfect network: it replays the loss's noise draw (same generator seed) and outputs exactly
+    the target in its prediction space, computed as the loss computes it."""
+
+    def __init__(self, x0, kind, schedule, seed, t):
+        super().__init__()
+        self.x0, self.kind, self.schedule, self.seed, self.t = x0, kind, schedule, seed, t
+
+    def forward(self, x_t, t_model, **_):
+        noise = torch.randn(self.x0.shape, generator=torch.Generator().manual_seed(self.seed))
+        a, s = self.schedule.alpha_sigma(self.t)  # the exact t (t_model is float32 of 1000 t)
+        a, s = a.float().view(-1, 1, 1, 1), s.float().view(-1, 1, 1, 1)
+        return from_x0_eps(self.kind, self.x0, noise, a, s)
+
+
+@pytest.mark.parametrize("process", ["vp", "flow"])
+@pytest.mark.parametrize("pred", PREDICTIONS)
+def test_perfect_model_has_exactly_zero_loss_at_every_t(pred, process):
+    """JiT clamps the prediction AND the target: a perfect model's loss is exactly 0 at every t (including
+    the clean and pure-noise ends, where the 0.05 clamp acts), for every loss space."""
+    if process == "vp":
+        sched = VPSchedule("linear", zero_terminal_snr=True)
+        t = torch.arange(0, 1000, 37).tolist() + [0, 1, 998, 999]
+        t = torch.tensor(t)
+    else:
+        sched = FlowSchedule()
+        t = torch.cat([torch.linspace(0, 1, 21, dtype=torch.float64), torch.tensor([1e-4, 0.01, 0.049, 0.999])])
+    x0 = torch.randn(len(t), 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    den = Denoiser(_ReplayOracle(x0, pred, sched, 3, t), sched, pred, clamp=0.05)
+    for space in PREDICTIONS:
+        obj = DiffusionObjective(ObjectiveConfig(prediction=pred, loss_space=space))
+        out = obj.loss(den, x0, None, torch.Generator().manual_seed(3), t=t)
+        assert torch.equal(out.loss, torch.zeros_like(out.loss)), (pred, space, out.loss)
+    # a slightly wrong x0-predictor at low noise: the v-loss is finite (both sides clamped alike)
+    if pred == "x0" and process == "flow":
+        den_off = Denoiser(_Shifted(den.backbone), sched, pred, clamp=0.05)
+        out = DiffusionObjective(ObjectiveConfig(prediction="x0", loss_space="flow")).loss(
+            den_off, x0, None, torch.Generator().manual_seed(3), t=t)
+        assert torch.isfinite(out.loss).all() and out.loss.max().item() <= (0.01 * (1 + 1 / 0.05)) ** 2 * 1.0001  # d(flow)/d(x0) = -(1 + alpha / max(sigma, 0.05))
+
+
+class _Shifted(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x_t, t_model, **kw):
+        return self.inner(x_t, t_model, **kw) + 0.01

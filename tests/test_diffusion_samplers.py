@@ -7,7 +7,7 @@ import torch
 
 from ldm_lightning.diffusion import SAMPLERS, FlowSchedule, VPSchedule, get_sampler, to_x0_eps
 from ldm_lightning.diffusion.gmm import GaussianMixture, gaussian_w2
-from ldm_lightning.diffusion.objectives import Prediction, broadcast_to
+from ldm_lightning.diffusion.denoiser import Prediction, expand_like
 
 GMM = GaussianMixture.default(dim=2)
 
@@ -18,14 +18,14 @@ def _eps_model(schedule):
         t = torch.as_tensor(t).reshape(-1).expand(x.shape[0])
         a, s = schedule.alpha_sigma(t)
         x0 = GMM.x0_hat(x.double(), a, s)
-        return ((x.double() - broadcast_to(a, x0) * x0) / broadcast_to(s, x0)).float()
+        return ((x.double() - expand_like(a, x0) * x0) / expand_like(s, x0)).float()
     return eps
 
 
 def _ours_from_eps(schedule, eps):
     def fn(x, t):
         a, s = schedule.alpha_sigma(t)
-        a, s = broadcast_to(a, x), broadcast_to(s, x)
+        a, s = expand_like(a, x), expand_like(s, x)
         out = eps(x, t)
         x0, e = to_x0_eps("eps", out, x, a, s)
         return Prediction(x0=x0, eps=e, alpha=a, sigma=s)

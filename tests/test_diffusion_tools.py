@@ -158,7 +158,7 @@ def test_sample_cli_requires_a_condition_for_a_conditional_model(ckpt, tmp_path)
 
 
 def test_export_load_round_trip_gives_identical_outputs(ckpt, tmp_path):
-    from ldm_lightning.diffusion.export import load_denoiser
+    from ldm_lightning.diffusion.load import load_denoiser
     from ldm_lightning.export import main
     assert main(["--checkpoint", ckpt, "--out", str(tmp_path / "exp")]) == 0
     assert {p.name for p in (tmp_path / "exp").iterdir()} == {"denoiser.safetensors", "config.json"}
@@ -230,7 +230,7 @@ def test_cli_fit_on_latent_shards_then_sample(config, latents, aes, tmp_path):
     # the loss fell: same fixed draws on a held-out latent batch, trained weights vs a fresh init of the
     # same module (rebuilt from the checkpoint's hyper-parameters, i.e. from the shipped config)
     from ldm_lightning.data import ShardDataModule
-    from ldm_lightning.diffusion.export import load_denoiser
+    from ldm_lightning.diffusion.load import load_denoiser
     from ldm_lightning.diffusion.module import DiffusionModule
     dm = ShardDataModule(latents, batch_size=64, num_workers=0, shuffle_buffer=1, kind="latent", rank=0,
                          world_size=1, seed=123)

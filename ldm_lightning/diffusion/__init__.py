@@ -10,7 +10,7 @@ from .dit import DiT, DiTConfig
 from .gmm import GaussianMixture
 from .guidance import cfg_denoiser, concat_cond
 from .loss import DiffusionObjective, LossOutput, ObjectiveConfig, loss_by_bin
-from .objectives import PREDICTIONS, Denoiser, Prediction, from_x0_eps, to_x0_eps
+from .denoiser import PREDICTIONS, Denoiser, Prediction, from_x0_eps, to_x0_eps
 from .presets import PRESETS, build_backbone
 from .samplers import SAMPLERS, get_sampler
 from .schedules import FlowSchedule, VPSchedule, build_schedule, make_betas, rescale_zero_terminal_snr

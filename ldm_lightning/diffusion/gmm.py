@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .objectives import Prediction, broadcast_to
+from .denoiser import Prediction, expand_like
 
 
 class GaussianMixture:
@@ -53,8 +53,8 @@ class GaussianMixture:
     def x0_hat(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """E[x0 | x_t = x]: x (B, D); alpha, sigma (B,) or scalars. Computed in float64, returned in x's dtype."""
         xd = x.double()
-        a, s = broadcast_to(torch.as_tensor(alpha, dtype=torch.float64), xd), \
-            broadcast_to(torch.as_tensor(sigma, dtype=torch.float64), xd)  # (B, 1)
+        a, s = expand_like(torch.as_tensor(alpha, dtype=torch.float64), xd), \
+            expand_like(torch.as_tensor(sigma, dtype=torch.float64), xd)  # (B, 1)
         var = a ** 2 * self.stds[None] ** 2 + s ** 2  # (B, K)
         diff = xd[:, None, :] - a[:, :, None] * self.means[None]  # (B, K, D)
         logp = self.weights.log()[None] - 0.5 * x.shape[1] * var.log() - diff.pow(2).sum(-1) / (2 * var)  # (B, K)
@@ -67,7 +67,7 @@ class GaussianMixture:
         def fn(x: torch.Tensor, t: torch.Tensor) -> Prediction:
             alpha, sigma = schedule.alpha_sigma(t)  # (B,) float64
             x0 = self.x0_hat(x, alpha, sigma)
-            a, s = broadcast_to(alpha, x), broadcast_to(sigma, x)
+            a, s = expand_like(alpha, x), expand_like(sigma, x)
             eps = (x - a * x0) / s.clamp_min(1e-12)  # sigma > 0 on every grid point a sampler evaluates
             return Prediction(x0=x0, eps=eps, alpha=a, sigma=s)
         return fn

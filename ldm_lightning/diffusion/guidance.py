@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .objectives import Prediction
+from .denoiser import Prediction
 
 
 def concat_cond(a: dict, b: dict) -> dict:

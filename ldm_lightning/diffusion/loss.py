@@ -1,6 +1,12 @@
 """The diffusion training loss: timestep sampling, noising, prediction-space change and weighting.
 
 Prediction space and loss space are independent (JiT, arXiv 2511.13720: predict x0, regress v).
+The loss calls the Denoiser and takes `prediction.get(loss_space)`; the target is the perfect network
+output passed through the same `Denoiser.to_prediction` (same schedule, same clamp), so a perfect
+network has exactly zero loss at every t, as JiT's clamping of both prediction and target gives.
+
+Noise-level convention: x_t = alpha_t x0 + sigma_t eps. On the flow path sigma = t, so t = 1 is pure
+noise and t = 0 is clean (SD3's convention; JiT writes z = t x + (1 - t) eps, the reverse).
 Min-SNR-gamma (Hang et al. 2023) is defined on the x0-space error, w_x0 = min(SNR, gamma); in another
 loss space L the same weighting is w_x0 / k_L, where ||dL||^2 = k_L ||dx0||^2 at fixed x_t:
 k_eps = SNR, k_v = (alpha^2 + sigma^2)^2 / sigma^2 (= SNR + 1 for VP), k_flow = ((alpha + sigma) / sigma)^2.
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .objectives import PREDICTIONS, broadcast_to, from_x0_eps, to_x0_eps
+from .denoiser import PREDICTIONS, expand_like, from_x0_eps
 
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 WEIGHTINGS = ("none", "min_snr")
@@ -28,17 +34,20 @@ class ObjectiveConfig:
     loss_space: str | None = None
     """Space of the MSE: one of the same four; None = the prediction space."""
     timestep_sampling: str = "uniform"
-    """'uniform' or 'logit_normal' (SD3 §3.1: t = sigmoid(N(mean, std)))."""
+    """'uniform' or 'logit_normal' (SD3 §3.1: u = sigmoid(N(mean, std)), then the schedule's t(u))."""
     logit_mean: float = 0.0
-    """Mean of the logit-normal (JiT uses -0.8)."""
+    """Mean of the logit-normal over the NOISE level: t = 1 is pure noise here (sigma = t on the flow path),
+    so a positive mean trains more at high noise. JiT's recipe (written with t = 1 clean, mean -0.8) is +0.8
+    in this convention; SD3 uses 0.0."""
     logit_std: float = 1.0
-    """Std of the logit-normal (JiT uses 0.8)."""
+    """Std of the logit-normal (JiT uses 0.8, SD3 1.0)."""
     weighting: str = "none"
     """'none' or 'min_snr' (Hang et al. 2023)."""
     snr_gamma: float = 5.0
     """gamma of min-SNR weighting."""
     clamp: float = 0.05
-    """Lower bound on the alpha / sigma denominators when converting prediction -> loss space (JiT's 0.05)."""
+    """Lower bound on the alpha / sigma denominators of the prediction-space conversions (JiT's 0.05). The
+    Denoiser owns it: applied alike to the network output and to the target, in training and sampling."""
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -54,6 +63,8 @@ class ObjectiveConfig:
             raise ValueError(f"objective.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.logit_std <= 0 or self.snr_gamma <= 0:
             raise ValueError("objective.logit_std and objective.snr_gamma must be > 0")
+        if not 0 <= self.clamp < 1:
+            raise ValueError(f"objective.clamp must be in [0, 1), got {self.clamp}")
 
 
 @dataclass
@@ -69,17 +80,17 @@ class LossOutput:
 class DiffusionObjective:
     """`loss(denoiser, x0, cond, generator)`; every random draw comes from `generator`."""
 
-    def __init__(self, config: ObjectiveConfig, schedule):
+    def __init__(self, config: ObjectiveConfig, schedule=None):
         self.cfg = config
-        self.schedule = schedule
+        self.schedule = schedule  # only for `sample_timesteps` without a denoiser; `loss` uses the denoiser's
 
-    def sample_timesteps(self, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    def sample_timesteps(self, n: int, generator: torch.Generator | None, device, schedule=None) -> torch.Tensor:
         if self.cfg.timestep_sampling == "uniform":
             u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
         else:
             z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
             u = torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * z)
-        return self.schedule.sample_t(u)  # VP: index floor(u T); flow: shifted t
+        return (schedule or self.schedule).sample_t(u)  # VP: index floor(u T); flow: shifted t
 
     def weight(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """(B,) loss weights for the configured loss space."""
@@ -92,23 +103,23 @@ class DiffusionObjective:
         return w_x0 / k
 
     def loss(self, denoiser, x0: torch.Tensor, cond: dict | None = None,
-             generator: torch.Generator | None = None) -> LossOutput:
+             generator: torch.Generator | None = None, t: torch.Tensor | None = None) -> LossOutput:
+        """Per-sample loss of `denoiser` on clean x0 (B, C, H, W). `t` (B,) fixes the noise levels (e.g. to
+        evaluate the loss on a grid of t); by default they are drawn from `generator` before the noise."""
         B = x0.shape[0]
-        t = self.sample_timesteps(B, generator, x0.device)  # (B,)
+        x0 = x0.float()
+        schedule = denoiser.schedule  # the one schedule owner
+        t = self.sample_timesteps(B, generator, x0.device, schedule) if t is None else t.to(x0.device)  # (B,)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # (B, C, H, W)
-        alpha, sigma = self.schedule.alpha_sigma(t)  # (B,) float64
-        a, s = broadcast_to(alpha, x0), broadcast_to(sigma, x0)  # (B, 1, 1, 1)
+        alpha, sigma = schedule.alpha_sigma(t)  # (B,) float64
+        a, s = expand_like(alpha, x0), expand_like(sigma, x0)  # (B, 1, 1, 1)
         x_t = a * x0 + s * noise  # (B, C, H, W)
-        out = denoiser.raw(x_t, t, cond).float()  # (B, C, H, W), prediction space
-        if self.cfg.loss_space == self.cfg.prediction:
-            pred = out
-        else:
-            px0, peps = to_x0_eps(self.cfg.prediction, out, x_t.float(), a.float(), s.float(), self.cfg.clamp)
-            pred = from_x0_eps(self.cfg.loss_space, px0, peps, a.float(), s.float())
-        target = from_x0_eps(self.cfg.loss_space, x0.float(), noise.float(), a.float(), s.float())
-        mse = (pred - target).pow(2).flatten(1).mean(1)  # (B,)
+        pred = denoiser(x_t, t, cond).get(self.cfg.loss_space)  # (B, C, H, W)
+        perfect = from_x0_eps(self.cfg.prediction, x0, noise, a, s)  # what a perfect network outputs
+        target = denoiser.to_prediction(perfect, x_t, t).get(self.cfg.loss_space)  # same conversion as pred
+        mse = (pred.float() - target).pow(2).flatten(1).mean(1)  # (B,)
         w = self.weight(alpha, sigma).to(mse)
-        return LossOutput(loss=w * mse, t=t, t_fraction=self.schedule.t_fraction(t).float())
+        return LossOutput(loss=w * mse, t=t, t_fraction=schedule.t_fraction(t).float())
 
 
 def loss_by_bin(loss: torch.Tensor, t_fraction: torch.Tensor, bins: int = 10) -> dict[str, torch.Tensor]:

@@ -23,15 +23,13 @@ from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, Tra
 from ldm_lightning.training.strategies import maybe_compile
 
 from .conditioning import Conditioner, ConditioningConfig
-from .dit import DiT, DiTConfig
+from .denoiser import Denoiser
+from .load import CHECKPOINT_TAG
 from .loss import DiffusionObjective, ObjectiveConfig, loss_by_bin
-from .objectives import Denoiser
-from .presets import PRESETS
+from .presets import PRESETS, build_backbone
 from .samplers import SAMPLERS
 from .schedules import build_schedule
-from .unet import UNet, UNetConfig
 
-CHECKPOINT_TAG = "ldm_lightning.diffusion.DiffusionModule"
 ENCODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -45,18 +43,6 @@ def _as(cls, value):
 
 def _plain(value):
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-
-
-def build_denoiser_parts(meta: dict) -> tuple[Denoiser, Conditioner]:
-    """(Denoiser, Conditioner) from the `ldm_lightning` checkpoint / export metadata (random weights)."""
-    family = meta["backbone_family"]
-    cls, cfg_cls = (DiT, DiTConfig) if family == "dit" else (UNet, UNetConfig)
-    fields = {f.name for f in dataclasses.fields(cfg_cls)}
-    cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["backbone"].items() if k in fields})
-    sched = dict(meta["schedule"])
-    schedule = build_schedule(sched.pop("kind", "vp"), **sched)
-    denoiser = Denoiser(cls(cfg), schedule, meta["objective"]["prediction"])
-    return denoiser, Conditioner(ConditioningConfig(**meta["conditioning"]))
 
 
 class DiffusionModule(TrainingModule):
@@ -95,8 +81,8 @@ class DiffusionModule(TrainingModule):
                 (`backbone_config: {grad_checkpointing: true}`).
         """
         super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed)
-        if backbone not in PRESETS and backbone not in ("unet", "dit"):
-            raise ValueError(f"model.backbone must be one of {sorted(PRESETS) + ['unet', 'dit']}; got {backbone!r}")
+        if backbone not in PRESETS:
+            raise ValueError(f"model.backbone must be one of {sorted(PRESETS)}; got {backbone!r}")
         if encode_dtype not in ENCODE_DTYPES:
             raise ValueError(f"model.encode_dtype must be one of {tuple(ENCODE_DTYPES)} (fp16 overflows in VAE "
                              f"encoders); got {encode_dtype!r}")
@@ -117,8 +103,8 @@ class DiffusionModule(TrainingModule):
         self.autoencoder_hash = autoencoder_hash(ae)
 
         self.conditioner = Conditioner(cond_cfg)
-        family, base = ("dit", {}) if backbone == "dit" else ("unet", {}) if backbone == "unet" else PRESETS[backbone]
-        cfg = dict(base, **(backbone_config or {}))
+        family = PRESETS[backbone][0]
+        cfg = dict(backbone_config or {})
         cfg["in_channels"] = ae.latent_channels
         if family == "unet":
             cfg["out_channels"] = ae.latent_channels
@@ -126,10 +112,10 @@ class DiffusionModule(TrainingModule):
             cfg["num_classes"] = cond_cfg.num_classes
         if cond_cfg.kind == "text":
             cfg["context_dim"] = self.conditioner.context_dim
-        if family == "dit":
-            cfg.setdefault("input_size", int(ae.config.resolution) // ae.downsample_factor)
-        cfg_cls, cls = (DiTConfig, DiT) if family == "dit" else (UNetConfig, UNet)
-        bb_cfg = cfg_cls(**cfg)
+        if family == "dit" and "input_size" not in cfg and "input_size" not in PRESETS[backbone][1]:
+            cfg["input_size"] = int(ae.config.resolution) // ae.downsample_factor
+        net = build_backbone(backbone, **cfg)
+        bb_cfg = net.cfg
         self.latent_size = int(bb_cfg.input_size) if family == "dit" else \
             int(ae.config.resolution) // ae.downsample_factor
         self.meta = {"module": CHECKPOINT_TAG, "backbone_family": family, "backbone": dataclasses.asdict(bb_cfg),
@@ -137,7 +123,7 @@ class DiffusionModule(TrainingModule):
                      "latent_shape": [ae.latent_channels, self.latent_size, self.latent_size],
                      "autoencoder": {"path": self.autoencoder_path, "hash": self.autoencoder_hash}}
         schedule_obj = build_schedule(**sched)
-        self.denoiser = Denoiser(cls(bb_cfg), schedule_obj, obj_cfg.prediction)
+        self.denoiser = Denoiser(net, schedule_obj, obj_cfg.prediction, obj_cfg.clamp)
         self.objective = DiffusionObjective(obj_cfg, schedule_obj)
         self.encode_dtype, self.sample_posterior = encode_dtype, sample_posterior
         self.check_latent_hash, self.loss_bins = check_latent_hash, loss_bins
@@ -241,16 +227,7 @@ class DiffusionModule(TrainingModule):
             spec = {"prompts": [txt[i % len(txt)] for i in range(self.val_num)]}
         images = sample_images(self.ema_or_live(), self.conditioner, self.autoencoder, self.meta["latent_shape"],
                                self.val_num, self.val_sampler, self.val_steps, self.val_cfg, self.val_seed, **spec)
-        grid = make_grid(images)  # (H, W, C) uint8
-        logger = self.logger
-        if logger is not None and hasattr(logger, "log_image"):
-            logger.log_image("val/samples", [grid], step=self.global_step)
-        else:
-            from PIL import Image
-            out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
-            out.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(
-                out / f"step_{self.global_step:07d}.png")
+        log_image_grid(self.trainer, "val/samples", image_grid(images), self.global_step, png_dir="samples")
 
     def on_save_checkpoint(self, checkpoint) -> None:
         # What `ldm-lightning sample` / `export` rebuild the denoiser from (plain values: weights_only loads).

@@ -27,7 +27,27 @@ PRESETS.update({
                                 attention_levels=(1, 2), head_dim=64)),
     "unet-sd15": ("unet", dict(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
                                attention_levels=(0, 1, 2), head_dim=40, context_dim=768)),
+    "unet": ("unet", {}),  # the bare UNetConfig defaults
+    "dit": ("dit", {}),    # the bare DiTConfig defaults
 })
+FAMILIES = {"dit": (DiT, DiTConfig), "unet": (UNet, UNetConfig)}
+
+
+def backbone_config(family: str, fields_: dict):
+    """The DiTConfig / UNetConfig of `family` from a plain dict (checkpoint metadata: lists become tuples)."""
+    if family not in FAMILIES:
+        raise ValueError(f"backbone family must be one of {sorted(FAMILIES)}, got {family!r}")
+    cfg_cls = FAMILIES[family][1]
+    allowed = {f.name for f in fields(cfg_cls)}
+    bad = sorted(set(fields_) - allowed)
+    if bad:
+        raise ValueError(f"{cfg_cls.__name__} has no field(s) {bad}; fields are {sorted(allowed)}")
+    return cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields_.items()})
+
+
+def backbone_from_config(family: str, fields_: dict) -> nn.Module:
+    """A backbone of `family` ('dit' / 'unet') from its full config dict (random weights)."""
+    return FAMILIES[family][0](backbone_config(family, fields_))
 
 
 def build_backbone(name: str, **overrides) -> nn.Module:
@@ -36,9 +56,4 @@ def build_backbone(name: str, **overrides) -> nn.Module:
     if name not in PRESETS:
         raise ValueError(f"unknown backbone preset {name!r}; choose one of {sorted(PRESETS)}")
     family, base = PRESETS[name]
-    cls, cfg_cls = (DiT, DiTConfig) if family == "dit" else (UNet, UNetConfig)
-    allowed = {f.name for f in fields(cfg_cls)}
-    bad = sorted(set(overrides) - allowed)
-    if bad:
-        raise ValueError(f"{cfg_cls.__name__} has no field(s) {bad}; fields are {sorted(allowed)}")
-    return cls(cfg_cls(**{**base, **overrides}))
+    return backbone_from_config(family, {**base, **overrides})

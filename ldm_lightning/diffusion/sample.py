@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--num and --steps must be >= 1 (got --num {a.num}, --steps {a.steps})")
     from ldm_lightning.autoencoder.load import load_autoencoder
 
-    from .export import load_denoiser
+    from .load import load_denoiser
     device = torch.device(a.device)
     denoiser, conditioner, meta = load_denoiser(a.checkpoint, weights="ema" if a.ema else "live")
     denoiser, conditioner = denoiser.to(device).eval(), conditioner.to(device)

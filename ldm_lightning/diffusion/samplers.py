@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .objectives import Prediction
+from .denoiser import Prediction
 
 
 def _grid(schedule, steps, spacing, timesteps):

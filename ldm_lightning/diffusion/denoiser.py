@@ -1,4 +1,4 @@
-"""Prediction types and the one denoiser interface that losses and samplers share.
+"""`Denoiser` and `Prediction`: the one interface the loss, the samplers and guidance share.
 
 With x_t = alpha * x0 + sigma * eps, a network output in any of the four spaces determines (x0, eps)
 exactly, given (x_t, alpha, sigma):
@@ -12,6 +12,9 @@ exactly, given (x_t, alpha, sigma):
 
 The v and flow inversions hold for any (alpha, sigma); eps needs alpha > 0 and x0 needs sigma > 0
 (a zero-terminal-SNR or flow endpoint), which is why `clamp` bounds those denominators from below.
+The Denoiser owns that clamp (one policy for training and sampling, JiT's 0.05 by default): the loss
+converts its target through the same `Denoiser.to_prediction` as the network output, so a perfect
+network has exactly zero loss at every t (JiT, arXiv 2511.13720, clamps prediction and target alike).
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ class Prediction:
     alpha: torch.Tensor
     """Broadcastable (B, 1, ...) float tensor, the alpha this prediction was made at."""
     sigma: torch.Tensor
+    raw: torch.Tensor | None = None
+    """The network output itself, in space `raw_kind` (None for combined predictions such as CFG's)."""
+    raw_kind: str | None = None
 
     @property
     def v(self) -> torch.Tensor:
@@ -72,10 +78,13 @@ class Prediction:
         return self.eps - self.x0
 
     def get(self, kind: str) -> torch.Tensor:
+        """The prediction in space `kind`; the network's own space is returned as output, unconverted."""
+        if kind == self.raw_kind and self.raw is not None:
+            return self.raw
         return from_x0_eps(kind, self.x0, self.eps, self.alpha, self.sigma)
 
 
-def broadcast_to(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def expand_like(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B,) or () coefficient -> (B, 1, 1, ...) in x's dtype, ready to multiply x."""
     coef = coef.to(device=x.device, dtype=x.dtype)
     if coef.ndim == 0:
@@ -90,7 +99,7 @@ class Denoiser(nn.Module):
     index for VP, 1000 t for flow). Everything downstream (losses, samplers, guidance) sees only this.
     """
 
-    def __init__(self, backbone: nn.Module, schedule, prediction: str = "eps", clamp: float = 1e-4):
+    def __init__(self, backbone: nn.Module, schedule, prediction: str = "eps", clamp: float = 0.05):
         super().__init__()
         _check(prediction, "objective.prediction")
         self.backbone = backbone
@@ -106,10 +115,13 @@ class Denoiser(nn.Module):
         return self.backbone(x_t, self.schedule.model_time(t), **(cond or {}))
 
     def to_prediction(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
+        """A backbone output `out` (prediction space) at (x_t, t) -> Prediction, with this denoiser's clamp.
+        The loss passes its target through here too, so output and target see the same conversion."""
         alpha, sigma = self.schedule.alpha_sigma(t.to(x_t.device))
-        alpha, sigma = broadcast_to(alpha, x_t), broadcast_to(sigma, x_t)  # (B, 1, 1, 1)
-        x0, eps = to_x0_eps(self.prediction, out.to(x_t.dtype), x_t, alpha, sigma, self.clamp)
-        return Prediction(x0=x0, eps=eps, alpha=alpha, sigma=sigma)
+        alpha, sigma = expand_like(alpha, x_t), expand_like(sigma, x_t)  # (B, 1, 1, 1)
+        out = out.to(x_t.dtype)
+        x0, eps = to_x0_eps(self.prediction, out, x_t, alpha, sigma, self.clamp)
+        return Prediction(x0=x0, eps=eps, alpha=alpha, sigma=sigma, raw=out, raw_kind=self.prediction)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> Prediction:
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t

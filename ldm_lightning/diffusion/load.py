@@ -1,0 +1,77 @@
+"""`load_denoiser(path)`: the one way to get a trained denoiser back, without Lightning.
+
+Mirrors `ldm_lightning.autoencoder.load`. Reads a DiffusionModule training checkpoint (EMA or live
+weights) or a `ldm-lightning export` folder (`denoiser.safetensors` + `config.json`). Both carry the
+same metadata (`CHECKPOINT_TAG`, backbone family + config, schedule, objective, conditioning, latent
+shape, the autoencoder's path and hash), from which `build_denoiser_parts` rebuilds the network.
+The training module, the exporter and `ldm-lightning sample` all import from here, so none of them
+imports another (no import cycle), and a tag check never loads Lightning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .conditioning import Conditioner, ConditioningConfig
+from .denoiser import Denoiser
+from .presets import backbone_from_config
+from .schedules import build_schedule
+
+CHECKPOINT_TAG = "ldm_lightning.diffusion.DiffusionModule"
+CONFIG_KEY = "ldm_lightning_denoiser"
+WEIGHTS = "denoiser.safetensors"
+WEIGHT_PREFIX = {"ema": "ema.module.", "live": "denoiser."}
+DEFAULT_CLAMP = 0.05  # ObjectiveConfig.clamp's default, for metadata written before the field existed
+
+
+def build_denoiser_parts(meta: dict) -> tuple[Denoiser, Conditioner]:
+    """(Denoiser, Conditioner) from the `ldm_lightning` checkpoint / export metadata (random weights)."""
+    sched = dict(meta["schedule"])
+    schedule = build_schedule(sched.pop("kind", "vp"), **sched)
+    objective = meta["objective"]
+    backbone = backbone_from_config(meta["backbone_family"], meta["backbone"])
+    denoiser = Denoiser(backbone, schedule, objective["prediction"], objective.get("clamp", DEFAULT_CLAMP))
+    return denoiser, Conditioner(ConditioningConfig(**meta["conditioning"]))
+
+
+def denoiser_state(ckpt: dict, weights: str, source: str) -> dict[str, torch.Tensor]:
+    """The denoiser's state dict (EMA or live) out of a DiffusionModule checkpoint dict."""
+    if weights not in WEIGHT_PREFIX:
+        raise ValueError(f"weights must be 'ema' or 'live'; got {weights!r}")
+    prefix = WEIGHT_PREFIX[weights]
+    sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not sd:
+        hint = "; the run had ema.enabled=false: use --no-ema / weights='live'" if weights == "ema" else ""
+        raise ValueError(f"{source}: checkpoint has no {weights} denoiser weights (prefix {prefix!r}){hint}")
+    return sd
+
+
+def load_denoiser(path: str | os.PathLike, weights: str = "ema"):
+    """(Denoiser, Conditioner, meta) in eval mode from an export folder or a DiffusionModule .ckpt.
+
+    `weights` picks EMA or live weights of a checkpoint (an export holds the ones it was made with)."""
+    path = Path(path)
+    if path.is_file() and path.name == WEIGHTS:
+        path = path.parent
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file() or CONFIG_KEY not in (dc := json.loads(cfg_file.read_text())):
+            raise FileNotFoundError(f"{path}: not a denoiser export (config.json with {CONFIG_KEY!r} missing); "
+                                    "create one with `ldm-lightning export --checkpoint diffusion.ckpt --out DIR`")
+        from safetensors.torch import load_file
+        meta, sd = dc[CONFIG_KEY], load_file(str(path / WEIGHTS), device="cpu")
+    else:
+        from ldm_lightning.autoencoder.load import read_checkpoint
+        ckpt = read_checkpoint(path)
+        meta = ckpt.get("ldm_lightning") if isinstance(ckpt, dict) else None
+        if not meta or meta.get("module") != CHECKPOINT_TAG:
+            raise ValueError(f"{path}: not a DiffusionModule checkpoint (ldm_lightning.module="
+                             f"{(meta or {}).get('module')!r}); pass a stage-2 .ckpt or a denoiser export folder")
+        sd = denoiser_state(ckpt, weights, str(path))
+    denoiser, conditioner = build_denoiser_parts(meta)
+    denoiser.load_state_dict(sd, strict=True)
+    return denoiser.eval().requires_grad_(False), conditioner, meta
