@@ -124,9 +124,12 @@ def test_validation_fixed_subset_split_over_ranks(mnist_shards):
     assert sorted(keys[0] + keys[1]) == [f"mnist-test-{i:06d}" for i in range(100)]
 
 
-def test_too_few_shards_for_slots(mnist_shards):
-    with pytest.raises(ValueError, match=r"need at least 10 shards.*--samples-per-shard"):
-        _dm(mnist_shards["test"], rank=0, world_size=2, num_workers=5).train_dataloader()
+def test_too_few_shards_for_slots(mnist_shards, capfd):
+    # more workers than shards per rank: as many workers as there are shards, with a note
+    loader = _dm(mnist_shards["test"], rank=0, world_size=2, num_workers=5).train_dataloader()
+    assert loader.num_workers == 2 and "using num_workers=2" in capfd.readouterr().err
+    with pytest.raises(ValueError, match=r"need at least 5 shards.*--samples-per-shard"):  # fewer shards than ranks
+        _dm(mnist_shards["test"], rank=0, world_size=5, num_workers=1).train_dataloader()
 
 
 @pytest.mark.parametrize("arg,value,allowed", [("resize_mode", "stretch", "pad | resize"), ("channels", 2, "1 or 3"),

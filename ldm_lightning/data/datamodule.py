@@ -10,14 +10,16 @@ YAML (under `data:` of a `ldm-lightning fit` config):
 from __future__ import annotations
 
 import os
+import sys
+from collections import Counter
 from typing import Iterator
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldm_lightning.data.shards import resolve_shards
-from ldm_lightning.data.stream import ShardStream
+from ldm_lightning.data.shards import resolve_shards, size_problems
+from ldm_lightning.data.stream import BadDataError, ShardStream
 from ldm_lightning.data.transforms import RESIZE_MODES, BadSample, ImageTransform, to_model_range
 
 KINDS = ("image", "latent")
@@ -61,12 +63,23 @@ class _TrainLoader(DataLoader):
         self._dm.load_state_dict(state)
 
     def _wrap(self, it) -> Iterator[dict]:
-        for batch in it:
-            batch = self.dataset.from_worker(batch)
-            self._dm.bad_samples += int(batch.pop("bad_samples"))
-            if self._dm.trainer is None:  # no Lightning: a batch is consumed when it is handed out
-                self._dm._consumed += 1
-            yield batch
+        bad: Counter = Counter()  # this epoch's bad samples per shard
+        try:
+            for batch in it:
+                batch = self.dataset.from_worker(batch)
+                self._dm.bad_samples += int(batch.pop("bad_samples"))
+                bad.update(batch.pop("bad_shards", {}))
+                if self._dm.trainer is None:  # no Lightning: a batch is consumed when it is handed out
+                    self._dm._consumed += 1
+                yield batch
+        except BadDataError as e:  # from a worker, torch wraps it in the worker's traceback: keep the message
+            raise BadDataError(str(e).strip().splitlines()[-1].removeprefix(
+                f"{BadDataError.__module__}.BadDataError: ").removeprefix("BadDataError: ")) from None
+        if bad:
+            shards = ", ".join(f"{os.path.basename(u)} ({n})" for u, n in bad.most_common(5))
+            print(f"data: epoch {self._dm._epoch}: {sum(bad.values())} bad samples skipped (run total "
+                  f"{self._dm.bad_samples}); shards: {shards}{' ...' if len(bad) > 5 else ''}", file=sys.stderr,
+                  flush=True)
 
 
 class _ValBatches(Dataset):
@@ -83,7 +96,7 @@ class _ValBatches(Dataset):
         recs = self.records[i * self.bs:(i + 1) * self.bs]
         rows = self.stream.new_batch(len(recs))
         cls, txt = zip(*(self.stream.fill(r, rows, n, None) for n, r in enumerate(recs)))
-        batch = self.stream.collate(rows.data, list(cls), list(txt), [r[0] for r in recs], 0)
+        batch = self.stream.collate(rows.data, list(cls), list(txt), [r.key for r in recs], None)
         batch.pop("bad_samples")
         return batch
 
@@ -105,6 +118,7 @@ class ShardDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         kind: str = "image",
         max_bad_fraction: float = 0.01,
+        alpha_background: int = 255,
         normalize_on_device: bool = True,
         reuse_batch_memory: bool = True,
         rank: int | None = None,
@@ -130,7 +144,11 @@ class ShardDataModule(L.LightningDataModule):
             val_batch_size: Validation batch size (default: batch_size).
             kind: 'image' (batches carry `image`) or 'latent' (batches carry `moments` from moments.npy).
             max_bad_fraction: Stop with an error when more than this fraction of a reader slot's samples
-                are unusable (undecodable, missing key, wrong size).
+                are unusable (undecodable, missing key, wrong size, or missing from a shard that holds
+                fewer samples than its manifest lists, e.g. a truncated one). Bad samples are counted
+                (W&B `data/bad_samples`) and summed up per shard in a line at each epoch's end.
+            alpha_background: Gray level (0–255) that images with transparency are composited onto
+                (255: white, as image viewers show them). 16-bit images are scaled to 8 bits.
             normalize_on_device: Workers send images as uint8 and `on_after_batch_transfer` converts them
                 to float32 in [-1, 1] on the training device: 4× fewer bytes through worker IPC and the
                 host→device copy, and no float pass on the loader's CPU. Under a Trainer this is invisible.
@@ -153,6 +171,7 @@ class ShardDataModule(L.LightningDataModule):
                                                           " | ".join(RESIZE_MODES)),
             ("val_samples", val_samples >= 1, ">= 1"), ("kind", kind in KINDS, " | ".join(KINDS)),
             ("max_bad_fraction", 0.0 <= max_bad_fraction <= 1.0, "in [0, 1]"),
+            ("alpha_background", 0 <= alpha_background <= 255, "a gray level in [0, 255]"),
             ("val_batch_size", val_batch_size is None or val_batch_size >= 1, ">= 1 or null"),
         ]
         for name, ok, allowed in checks:
@@ -164,9 +183,9 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer, self.kind, self.max_bad_fraction = shuffle_buffer, kind, max_bad_fraction
         self.normalize_on_device, self.reuse_batch_memory = normalize_on_device, reuse_batch_memory
         self.val_samples, self.val_batch_size = val_samples, val_batch_size or batch_size
-        self.transform = ImageTransform(image_size, channels, resize_mode, random_flip)
-        self.val_transform = ImageTransform(image_size, channels,
-                                            "center_crop" if resize_mode == "random_crop" else resize_mode, False)
+        self.transform = ImageTransform(image_size, channels, resize_mode, random_flip, alpha_background)
+        self.val_transform = ImageTransform(image_size, channels, "center_crop" if resize_mode == "random_crop"
+                                            else resize_mode, False, alpha_background)
         self._rank, self._world = rank, world_size
         self._epoch, self._consumed, self._resume = -1, 0, None
         self.bad_samples, self._bad_logged = 0, 0
@@ -182,15 +201,35 @@ class ShardDataModule(L.LightningDataModule):
 
     def _stream(self, shards, transform, shuffle: bool, num_workers: int) -> ShardStream:
         rank, world = self.rank_world()
-        return ShardStream(resolve_shards(shards), self.batch_size, num_workers=num_workers, rank=rank,
+        resolved = resolve_shards(shards)
+        self._check_sizes(resolved, rank)
+        if num_workers > 1 and len(resolved) >= world and world * num_workers > len(resolved):
+            # every reader slot needs a shard of its own: fewer workers rather than a refusal
+            fitted = len(resolved) // world
+            if rank == 0:
+                print(f"data: {len(resolved)} shards for world_size={world} × num_workers={num_workers}: using "
+                      f"num_workers={fitted} (re-pack with more, smaller shards to use more)", file=sys.stderr,
+                      flush=True)
+            num_workers = fitted
+        return ShardStream(resolved, self.batch_size, num_workers=num_workers, rank=rank,
                            world_size=world, seed=self.seed, shuffle=shuffle, shuffle_buffer=self.shuffle_buffer,
                            kind=self.kind, transform=transform, max_bad_fraction=self.max_bad_fraction,
                            uint8_images=self.normalize_on_device)
 
+    def _check_sizes(self, shards, rank: int) -> None:
+        """Start-up check, one stat per local shard: missing, empty or resized shards get named now (their
+        missing samples are then counted as bad while reading, up to max_bad_fraction)."""
+        problems = size_problems(shards)
+        if problems and rank == 0:
+            more = f" ... ({len(problems) - 5} more)" if len(problems) > 5 else ""
+            print(f"data: warning: {len(problems)} shard(s) do not match their manifest: {'; '.join(problems[:5])}"
+                  f"{more}. Their unreadable samples count as bad samples; check with `ldm-lightning data verify "
+                  f"{os.path.dirname(problems[0].split(':')[0]) or '.'}`", file=sys.stderr, flush=True)
+
     # --- loaders ---------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return _TrainLoader(self._stream(self.train_shards, self.transform, True, self.num_workers), self,
-                            self.num_workers)
+        stream = self._stream(self.train_shards, self.transform, True, self.num_workers)
+        return _TrainLoader(stream, self, stream.workers if self.num_workers else 0)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_shards is None:
@@ -198,12 +237,13 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = self.rank_world()
         if (rank, world) not in self._val_cache:
             shards = resolve_shards(self.val_shards)
+            self._check_sizes(shards, rank)
             stream = ShardStream(shards, 1, num_workers=1, rank=0, world_size=1, shuffle=False, kind=self.kind,
                                  transform=self.val_transform, uint8_images=self.normalize_on_device)
             usable, bad = [], 0
             scratch = stream.new_batch(1)
             for shard in shards:  # listed order, no shuffle: the same subset on every run
-                for rec in (r for recs in stream.records(shard.url) for r in recs):
+                for rec in (r for recs in stream.records(shard.url, shard.num_samples) for r in recs):
                     try:
                         stream.fill(rec, scratch, 0, None)
                     except BadSample:

@@ -369,6 +369,8 @@ class ShardStream(IterableDataset):
                         cls.append(c)
                         txt.append(t)
                 except BadSample as e:
+                    if cycle > 0:  # a slot wrapping around meets its bad samples again: counted once
+                        continue
                     bad += 1
                     batch_bad[rec.url] += 1
                     bad_by_shard[rec.url] += 1

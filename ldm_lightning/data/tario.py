@@ -55,9 +55,7 @@ def _check_header(header: bytes, source: str) -> None:
     rest = header[:148] + header[156:]
     unsigned = sum(rest) + 8 * 32
     if stored != unsigned and stored != unsigned - 256 * sum(b >= 128 for b in rest):  # some writers sum signed
-        raise ShardFormatError(f"{source}: not a tar file, or damaged: a member header fails its checksum "
-                               "(check the folder with `ldm-lightning data verify`; re-create the shard with "
-                               "`ldm-lightning data pack`)")
+        raise ShardFormatError(f"{source}: not a tar file, or damaged: a member header fails its checksum")
 
 
 def _skip(f: BinaryIO, n: int, source: str) -> None:
@@ -232,18 +230,23 @@ def _sequential_blocks(f: BinaryIO, source: str, exts=None) -> Iterator[Block]:
     """Blocks from the general path (`iter_members`), grouped by key like the fast path."""
     keys: list[str] = []
     rows: list[dict[str, bytes]] = []
-    for name, data in iter_members(f, source):
-        dot = name.find(".", name.rfind("/") + 1)
-        if dot < 0:
-            continue  # no extension: not a sample member
-        if not keys or name[:dot] != keys[-1]:
-            if len(keys) == SEQUENTIAL_BLOCK:
-                yield _columns(keys, rows)
-                keys, rows = [], []
-            keys.append(name[:dot])
-            rows.append({})
-        if exts is None or name[dot + 1:] in exts:
-            rows[-1][name[dot + 1:]] = data
+    try:
+        for name, data in iter_members(f, source):
+            dot = name.find(".", name.rfind("/") + 1)
+            if dot < 0:
+                continue  # no extension: not a sample member
+            if not keys or name[:dot] != keys[-1]:
+                if len(keys) == SEQUENTIAL_BLOCK:
+                    yield _columns(keys, rows)
+                    keys, rows = [], []
+                keys.append(name[:dot])
+                rows.append({})
+            if exts is None or name[dot + 1:] in exts:
+                rows[-1][name[dot + 1:]] = data
+    except (EOFError, ValueError):  # a truncated or damaged shard: the samples before the damage still count
+        if keys:
+            yield _columns(keys, rows)
+        raise
     if keys:
         yield _columns(keys, rows)
 
