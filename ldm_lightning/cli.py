@@ -3,7 +3,7 @@
 Training subcommands (`fit`, `validate`, `test`) are LightningCLI / jsonargparse:
     ldm-lightning fit -c configs/autoencoder/kl-f8.yaml --trainer.max_steps 1000
 Tool subcommands each own an argparse parser in the module that implements them:
-    ldm-lightning data pack | data encode | sample | export | demo
+    ldm-lightning data pack | data encode | data verify | sample | export | demo
 Heavy imports happen only inside the chosen subcommand, so `--help` is instant.
 """
 
@@ -16,6 +16,7 @@ import sys
 TOOLS = {
     ("data", "pack"): ("ldm_lightning.data.pack", "Pack MNIST or an image folder into WebDataset shards + manifest.json"),
     ("data", "encode"): ("ldm_lightning.diffusion.encode", "Encode image shards into latent shards with a trained autoencoder"),
+    ("data", "verify"): ("ldm_lightning.data.verify", "Check a shard folder against its manifest (counts, sizes, sha256)"),
     ("sample",): ("ldm_lightning.diffusion.sample", "Sample images from a trained diffusion checkpoint"),
     ("export",): ("ldm_lightning.export", "Export an autoencoder (diffusers/safetensors) or denoiser (safetensors)"),
     ("demo",): ("ldm_lightning.demo", "The end-to-end MNIST demo: both stages, sampling, measured quality"),
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             rc = module.main(argv[n:])
             return int(rc or 0)
     if argv[0] == "data":
-        print("usage: ldm-lightning data {pack,encode} [options]\n\n"
+        print("usage: ldm-lightning data {pack,encode,verify} [options]\n\n"
               + "\n".join(f"  {w[1]:<8} {h}" for w, (_, h) in TOOLS.items() if w[0] == "data"))
         return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
     print(f"ldm-lightning: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
