@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] in LIGHTNING_SUBCOMMANDS:
         from ldm_lightning.training.lightning_cli import run_lightning_cli
-        run_lightning_cli(argv)
-        return 0
+        return run_lightning_cli(argv)
     for n in (2, 1):
         key = tuple(argv[:n])
         if key in TOOLS:

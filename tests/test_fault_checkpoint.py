@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from ldm_lightning import fileio
 from ldm_lightning.training import checkpointing as ck
-from ldm_lightning.training.checkpointing import (AtomicCheckpointIO, CorruptCheckpointError, StepCheckpoint,
-                                                  atomic_torch_save, capture_rng_state, resolve_resume_checkpoint,
-                                                  restore_rng_state, validate_checkpoint)
+from ldm_lightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint, atomic_torch_save
+from ldm_lightning.training.resume import CorruptCheckpointError, resolve_resume_checkpoint, validate_checkpoint
+from ldm_lightning.training.rng_state import capture_rng_state, restore_rng_state
 
 
 def fake_ckpt(step: int) -> dict:
@@ -43,14 +44,14 @@ def truncate(path, keep_fraction=0.5):
 def test_atomic_save_roundtrip_fsyncs_and_leaves_no_temp(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(ck.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(fileio.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
     path = tmp_path / "sub" / "a.ckpt"
     AtomicCheckpointIO().save_checkpoint(fake_ckpt(3), path)
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.full((64, 64), 3.0))
     assert len(synced) >= 2, "file and directory must both be fsync'ed"
     assert sorted(os.listdir(path.parent)) == ["a.ckpt"]
     # Same permissions as a plain open() would give (mkstemp alone gives 0600).
-    assert (os.stat(path).st_mode & 0o777) == (0o666 & ~ck._current_umask())
+    assert (os.stat(path).st_mode & 0o777) == fileio._file_mode()
 
 
 def test_crash_mid_write_keeps_previous_file(tmp_path, monkeypatch):
@@ -80,7 +81,7 @@ def test_validate_names_file_and_reason(tmp_path):
     d = write_run(tmp_path)
     assert validate_checkpoint(d / "last.ckpt")["global_step"] == 12
     truncate(d / "last.ckpt")
-    with pytest.raises(CorruptCheckpointError, match=r"last\.ckpt cannot be loaded"):
+    with pytest.raises(CorruptCheckpointError, match=r"last\.ckpt cannot be loaded safely"):
         validate_checkpoint(d / "last.ckpt")
     (d / "empty.ckpt").write_bytes(b"")
     with pytest.raises(CorruptCheckpointError, match="empty"):
@@ -100,7 +101,7 @@ def test_truncated_last_falls_back_to_previous_good(tmp_path, capsys, arg):
     truncate(d / "step=00000012.ckpt", 0.9)
     os.utime(d / "last.ckpt", ns=(2 * 10**18,) * 2)  # still the newest
     chosen = resolve_resume_checkpoint(d if arg == "dir" else d / "last.ckpt")
-    assert chosen == str(d / "step=00000008.ckpt")
+    assert chosen.path == str(d / "step=00000008.ckpt") and chosen.global_step == 8
     out = capsys.readouterr().out
     assert "skipping unusable checkpoint" in out and "last.ckpt" in out and "step=00000012.ckpt" in out
     assert f"resuming from {d / 'step=00000008.ckpt'}" in out
@@ -119,6 +120,23 @@ def test_resolve_edge_cases(tmp_path):
         truncate(f)
     with pytest.raises(CorruptCheckpointError, match="no usable checkpoint"):
         resolve_resume_checkpoint(d)
+
+
+def test_crafted_pickle_is_refused_without_running_code(tmp_path, capsys):
+    d = write_run(tmp_path, steps=(4,))
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({**fake_ckpt(99), "x": Evil()}, d / "step=00000099.ckpt")
+    os.utime(d / "step=00000099.ckpt", ns=(3 * 10**18,) * 2)  # the newest file
+    with pytest.raises(CorruptCheckpointError, match="refused unloaded"):
+        validate_checkpoint(d / "step=00000099.ckpt")
+    assert resolve_resume_checkpoint(d).path == str(d / "last.ckpt")
+    assert not marker.exists()
+    assert "step=00000099.ckpt" in capsys.readouterr().out
 
 
 def test_step_checkpoint_validates_its_arguments():

@@ -218,6 +218,9 @@ class TrainingModule(L.LightningModule):
 
     def _register_bad_step(self, what: str, terms: dict[str, torch.Tensor], value: torch.Tensor) -> None:
         self._last_step_skipped = True
+        if int(self.nonfinite_consecutive) == 0:
+            # Skipped steps change no weights, EMA or optimizer state: the state now is the state of this step.
+            self._streak_start_step = int(self.global_step)
         self.nonfinite_skipped += 1
         self.nonfinite_consecutive += 1
         n = int(self.nonfinite_consecutive)
@@ -227,15 +230,35 @@ class TrainingModule(L.LightningModule):
         if self.global_rank == 0:
             print(f"[ldm-lightning] WARNING: {msg}", flush=True)
         if n >= self.guard_cfg.max_consecutive:
-            path = None
-            if self.trainer is not None and self.trainer.log_dir is not None:
-                import os
-                path = os.path.join(self.trainer.log_dir, "nonfinite-stop.ckpt")
-                self.trainer.save_checkpoint(path)
+            saved = self._save_nonfinite_stop() if self.trainer is not None else "nothing (no trainer)"
             raise NonFiniteLossError(
-                f"{msg}. Stopping after {n} consecutive non-finite steps "
-                f"(guard.max_consecutive={self.guard_cfg.max_consecutive}); last good weights saved to {path}. "
-                "Lower the learning rate, enable gradient clipping, or check the data for bad samples.")
+                f"{msg}. Stopped after {n} consecutive non-finite steps "
+                f"(guard.max_consecutive={self.guard_cfg.max_consecutive}); saved {saved}. "
+                "Resume from it with a lower learning rate (--model.init_args.optim.lr), gradient clipping "
+                "(--trainer.gradient_clip_val), or after checking the data for bad samples.")
+
+    def _save_nonfinite_stop(self) -> str:
+        """Write `nonfinite-stop.ckpt` beside the step checkpoints: the newest step checkpoint from before the
+        first non-finite step of this streak (a known-good point, possibly before a divergence that was still
+        finite), else the live state, which equals the state before that step (skipped steps change nothing)."""
+        import os
+
+        from ldm_lightning.training.checkpointing import atomic_copy, find_step_checkpoint
+        trainer = self.trainer
+        callback = find_step_checkpoint(trainer)
+        directory = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        path = os.path.join(directory, "nonfinite-stop.ckpt")
+        first_bad = getattr(self, "_streak_start_step", int(self.global_step))
+        source = callback.newest_before(first_bad) if callback is not None else None
+        if source is not None and os.path.isfile(source):
+            if trainer.is_global_zero:
+                atomic_copy(source, path)
+            trainer.strategy.barrier("nonfinite-stop")
+            return (f"{path} (a copy of {os.path.basename(source)}, the newest checkpoint from before the first "
+                    f"non-finite step at global step {first_bad})")
+        trainer.save_checkpoint(path)
+        return (f"{path} (the weights, EMA and optimizer state of global step {first_bad}, before the first "
+                "non-finite step; no earlier step checkpoint existed)")
 
     # --- optimizer -------------------------------------------------------------------------------
     def optimizer_param_groups(self):

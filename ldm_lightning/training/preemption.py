@@ -1,21 +1,25 @@
-"""Save-and-requeue on Slurm preemption / time limit, without losing a step.
+"""Save at the next step boundary on SIGUSR1 / SIGTERM, then requeue (Slurm) or exit with a known code.
 
-Slurm sends SIGUSR1 some time before the kill (`#SBATCH --signal=USR1@90`), or an operator does
-(`scancel --signal=USR1 --full JOBID`). The protocol:
+Slurm sends SIGUSR1 some time before the time limit (`#SBATCH --signal=USR1@90`), or an operator does
+(`scancel --signal=USR1 --full JOBID`); schedulers, `kill`, Kubernetes and Slurm's own preemption send
+SIGTERM. The protocol:
 
 1. The signal handler only sets a flag. Saving inside a handler interrupts arbitrary code (a
    collective, a half-written tensor) and can deadlock (Lightning issue #21406).
 2. At the next step boundary (`on_train_batch_end`) every rank all-reduces the flag (MAX), so all
    ranks agree even when the signal reached only some of them; the decision is collective, so no rank
    waits in a collective the others skipped.
-3. All ranks call `trainer.save_checkpoint(<ckpt dir>/last.ckpt)` (rank 0 writes it; atomically when
-   `AtomicCheckpointIO` is the checkpoint plugin); then a barrier.
-4. Rank 0 runs `scontrol requeue $SLURM_JOB_ID` (the job keeps its id; `SLURM_RESTART_COUNT` grows), and
-   the trainer stops. The requeued job runs the same command with `--ckpt_path last`, which
-   `StepCheckpoint` resolves to the newest valid checkpoint in the same directory.
+3. All ranks save the step (`StepCheckpoint.save_now`: a step checkpoint and `last.ckpt`, atomically);
+   then a barrier, and the trainer stops.
+4. Then: SIGUSR1 under Slurm -> rank 0 runs `scontrol requeue $SLURM_JOB_ID` (same job id,
+   `SLURM_RESTART_COUNT` grows) and the requeued job resumes with `--ckpt_path last`. Otherwise the
+   process exits with `exit_code`: EXIT_PREEMPTED (75) after SIGUSR1 outside Slurm or when the requeue
+   failed, EXIT_TERMINATED (143 = 128 + SIGTERM) after SIGTERM, so a wrapper never mistakes a stop for
+   a finished run.
 
-Lightning's own SLURM auto-requeue (which saves inside the handler) must be off:
-`slurm_environment()` gives `SLURMEnvironment(auto_requeue=False)` for `Trainer(plugins=[...])`.
+Lightning's own SLURM auto-requeue (which saves inside the handler) and its SIGTERM exception must be
+off: the CLI passes `slurm_environment()` (auto_requeue=False) as a plugin, and this callback takes the
+signals back from Lightning's signal connector when training starts.
 """
 
 from __future__ import annotations
@@ -30,13 +34,14 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from ldm_lightning.training.checkpointing import find_step_checkpoint
+
+EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: saved, resume with --ckpt_path last
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: the shell's code for "terminated", after a clean save
+
 
 def slurm_environment() -> SLURMEnvironment | None:
-    """`SLURMEnvironment(auto_requeue=False)` when running under Slurm (else None: let Lightning detect).
-
-    Passing it as a Trainer plugin disables Lightning's in-handler save + requeue, which would
-    otherwise race `PreemptionCallback` and save twice.
-    """
+    """`SLURMEnvironment(auto_requeue=False)` when running under Slurm (else None: let Lightning detect)."""
     return SLURMEnvironment(auto_requeue=False) if SLURMEnvironment.detect() else None
 
 
@@ -49,41 +54,49 @@ def slurm_job_id() -> str | None:
 
 
 class PreemptionCallback(L.Callback):
-    """Checkpoint at the next step boundary after `signals` arrive, requeue the Slurm job, stop.
+    """Checkpoint at the next step boundary after one of `signals` arrives, then requeue or stop.
 
     Args:
-        dirpath: where to write `last.ckpt`. Default: the trainer's `ModelCheckpoint` dirpath (so
-            `--ckpt_path last` finds it), else `<default_root_dir>/checkpoints`.
-        signals: signal names to treat as "about to be preempted". SIGTERM is deliberately not
-            included by default: Slurm sends it at the kill itself, too late to save reliably.
-        requeue: run `scontrol requeue` on rank 0 after saving (only when `$SLURM_JOB_ID` is set).
-        filename: checkpoint file name inside `dirpath`.
+        signals: signal names that mean "save and stop". SIGUSR1: preemption warning (requeued under
+            Slurm). SIGTERM: terminate (never requeued by us; exits EXIT_TERMINATED).
+        requeue: run `scontrol requeue` on rank 0 after a SIGUSR1 save under Slurm.
     """
 
-    def __init__(self, dirpath: str | os.PathLike | None = None, signals: tuple[str, ...] = ("SIGUSR1",),
-                 requeue: bool = True, filename: str = "last.ckpt"):
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), requeue: bool = True):
         super().__init__()
         self.signals = []
         for name in signals:
-            if not hasattr(signal, name):
-                raise ValueError(f"PreemptionCallback.signals: unknown signal {name!r}; use e.g. 'SIGUSR1', 'SIGUSR2'")
+            if name not in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"):
+                raise ValueError(f"PreemptionCallback.signals: {name!r} is not one of SIGUSR1, SIGUSR2, SIGTERM, "
+                                 "SIGINT, SIGHUP")
             self.signals.append(getattr(signal, name))
-        self.dirpath = None if dirpath is None else os.fspath(dirpath)
         self.requeue = requeue
-        self.filename = filename
-        self.received = False
+        self.received: int | None = None  # the first signal received, until it is acted on
+        self.stopped_by: int | None = None  # the signal that stopped training
+        self.requeued = False
         self.saved_path: str | None = None
         self._previous: dict[int, object] = {}
 
     # --- the handler: sets a flag, nothing else ----------------------------------------------------
     def _handler(self, signum, frame) -> None:
-        self.received = True
+        if self.received is None:
+            self.received = signum
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
             return  # signal.signal only works in the main thread
         for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handler)
+            previous = signal.signal(sig, self._handler)
+            self._previous.setdefault(sig, previous)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._install()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning's signal connector registered its handlers after `setup` (SIGTERM -> an exception that
+        # exits 0 without a save): take the signals back.
+        self._install()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         for sig, prev in self._previous.items():
@@ -91,48 +104,60 @@ class PreemptionCallback(L.Callback):
         self._previous.clear()
 
     # --- the step boundary ---------------------------------------------------------------------
-    def _agreed(self, trainer) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=trainer.strategy.root_device)
+    def _agreed(self, trainer) -> int | None:
+        flag = torch.tensor([float(self.received or 0)], device=trainer.strategy.root_device)
         if trainer.world_size > 1:
             flag = trainer.strategy.reduce(flag, reduce_op="max")
-        return bool(flag.item() > 0)
-
-    def checkpoint_path(self, trainer) -> str:
-        directory = self.dirpath
-        if directory is None and trainer.checkpoint_callback is not None:
-            directory = getattr(trainer.checkpoint_callback, "dirpath", None)
-        if directory is None:
-            directory = os.path.join(trainer.default_root_dir, "checkpoints")
-        return os.path.join(os.fspath(directory), self.filename)
+        signum = int(flag.item())
+        return signum or None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._agreed(trainer):
+        signum = self._agreed(trainer)
+        if signum is None:
             return
-        path = self.checkpoint_path(trainer)
+        name = signal.Signals(signum).name
+        checkpoint = find_step_checkpoint(trainer)
         if trainer.is_global_zero:
-            print(f"[ldm-lightning] preemption signal received: saving {path} at global step "
-                  f"{trainer.global_step}", flush=True)
-        trainer.save_checkpoint(path)
+            print(f"[ldm-lightning] {name} received: saving at global step {trainer.global_step}", flush=True)
+        if checkpoint is not None:
+            path = checkpoint.save_now(trainer)
+        else:
+            path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+            trainer.save_checkpoint(path)
         trainer.strategy.barrier("preemption-saved")
         self.saved_path = path
+        if trainer.is_global_zero:
+            print(f"[ldm-lightning] saved {path}", flush=True)
         job_id = slurm_job_id()
-        if self.requeue and job_id is not None and trainer.is_global_zero:
-            self._requeue(job_id)
+        if signum == signal.SIGUSR1 and self.requeue and job_id is not None:
+            self.requeued = self._requeue(job_id) if trainer.is_global_zero else True
         trainer.should_stop = True
-        self.received = False
+        self.stopped_by = signum
+        self.received = None
+
+    @property
+    def exit_code(self) -> int | None:
+        """None: training was not stopped by a signal. 0: saved and requeued. Else EXIT_*."""
+        if self.stopped_by is None:
+            return None
+        if self.stopped_by == signal.SIGTERM:
+            return EXIT_TERMINATED
+        return 0 if self.requeued else EXIT_PREEMPTED
 
     @staticmethod
-    def _requeue(job_id: str) -> None:
+    def _requeue(job_id: str) -> bool:
         if not re.fullmatch(r"[0-9_]+", job_id):
-            raise ValueError(f"refusing to requeue odd SLURM job id {job_id!r}")
+            print(f"[ldm-lightning] WARNING: refusing to requeue odd SLURM job id {job_id!r}", flush=True)
+            return False
         try:
             r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
         except (FileNotFoundError, subprocess.TimeoutExpired) as e:
             print(f"[ldm-lightning] WARNING: `scontrol requeue {job_id}` failed ({e}); resubmit the job by "
                   "hand, it will resume from the checkpoint just saved", flush=True)
-            return
+            return False
         if r.returncode == 0:
             print(f"[ldm-lightning] requeued Slurm job {job_id}", flush=True)
-        else:
-            print(f"[ldm-lightning] WARNING: `scontrol requeue {job_id}` exited {r.returncode}: "
-                  f"{r.stderr.strip()} (is the job submitted with --requeue?)", flush=True)
+            return True
+        print(f"[ldm-lightning] WARNING: `scontrol requeue {job_id}` exited {r.returncode}: "
+              f"{r.stderr.strip()} (is the job submitted with --requeue?)", flush=True)
+        return False

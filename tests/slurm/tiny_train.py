@@ -27,8 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldm_lightning.training.base import EMAConfig, GuardConfig, NonFiniteLossError, OptimConfig, TrainingModule
-from ldm_lightning.training.checkpointing import (AtomicCheckpointIO, RNGStateCallback, StepCheckpoint,
-                                                  resolve_resume_checkpoint)
+from ldm_lightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint
+from ldm_lightning.training.resume import resolve_resume_checkpoint
+from ldm_lightning.training.rng_state import RNGStateCallback
 from ldm_lightning.training.preemption import PreemptionCallback, slurm_environment
 
 
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     )
     ckpt = args.ckpt_path
     if ckpt not in (None, "last"):
-        ckpt = resolve_resume_checkpoint(ckpt, must_exist=True)
+        ckpt = resolve_resume_checkpoint(ckpt, must_exist=True).path
     os.makedirs(args.out, exist_ok=True)
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt)
