@@ -127,3 +127,80 @@ def test_tf32_is_set_for_the_fit_only_and_only_on_cuda():
     off = MatmulPrecision(tf32=False)
     off.enter(torch.device("cuda", 0))
     assert torch.get_float32_matmul_precision() == before
+
+
+@pytest.mark.parametrize("family", ["dit", "unet"])
+def test_compile_blocks_compiles_each_block_with_unchanged_outputs_and_grads(family):
+    from ldm_lightning.diffusion.presets import build_backbone
+    from ldm_lightning.training.speed import compile_network, compile_regions
+    torch.manual_seed(0)
+    net = build_backbone("dit-tiny" if family == "dit" else "unet-tiny", num_classes=10, **(
+        {"depth": 2} if family == "dit" else {"model_channels": 32, "norm_groups": 8, "head_dim": 16}))
+    for p in net.parameters():  # AdaLN-Zero / zero-init outputs would hide differences
+        torch.nn.init.normal_(p, std=0.05)
+    regional = compile_network(copy.deepcopy(net), True, "blocks", backend="eager")
+    regions = compile_regions(regional)
+    assert len(regions) == (2 if family == "dit" else len(net.down) + 1 + len(net.up))
+    assert all(r._compiled_call_impl is not None for r in regions) and regional._compiled_call_impl is None
+    assert [n for n, _ in regional.named_parameters()] == [n for n, _ in net.named_parameters()]  # ckpt keys
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([1, 10])
+    out, grads = _fwd_bwd(net, x, t, y, bf16=False)
+    out_c, grads_c = _fwd_bwd(regional, x, t, y, bf16=False)
+    torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)
+    for k in grads:
+        torch.testing.assert_close(grads_c[k], grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_compile_mode_is_validated():
+    from ldm_lightning.training.speed import SpeedConfig, compile_network
+    with pytest.raises(ValueError, match="speed.compile_mode must be one of"):
+        SpeedConfig(compile_mode="layers")
+    with pytest.raises(ValueError, match="compile_mode='model'"):
+        compile_network(torch.nn.Linear(2, 2), True, "blocks")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from ldm_lightning.diffusion.conditioning import FrozenTextEncoder
+    return FrozenTextEncoder(max_length=16)
+
+
+def test_trim_padding_drops_the_mask_only_when_no_caption_is_padded(minilm):
+    cpu = torch.device("cpu")
+    same = ["a photo of a digit", "a photo of a seven"]  # one token count each (MiniLM wordpieces)
+    h, m = minilm(same, cpu)
+    assert m is not None and not bool(m.all())  # padded to max_length=16: the mask rules flash out
+    ht, mt = minilm(same, cpu, trim=True)
+    assert mt is None and ht.shape[1] == int(m[0].sum()) and torch.equal(ht, h[:, :ht.shape[1]])
+    mixed = ["a digit", "a handwritten digit seven on a black background"]
+    h2, m2 = minilm(mixed, cpu, trim=True)
+    assert m2 is not None and h2.shape[1] == int(m2[1].sum()) < 16 and not bool(m2[0].all())
+
+
+@pytest.mark.parametrize("text_mode", ["cross_attn", "in_context"])
+def test_trimmed_context_gives_the_same_dit_outputs_and_grads(minilm, text_mode):
+    from ldm_lightning.diffusion.presets import build_backbone
+    torch.manual_seed(0)
+    net = build_backbone("dit-tiny", depth=2, context_dim=minilm.dim, text_mode=text_mode)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    caps = ["a photo of a digit", "a photo of a seven"]
+    full, mask = minilm(caps, torch.device("cpu"))
+    trimmed, none = minilm(caps, torch.device("cpu"), trim=True)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0])
+    out, grads = _fwd_bwd(net, x, t, None, full, mask, bf16=False)
+    out_t, grads_t = _fwd_bwd(net, x, t, None, trimmed, none, bf16=False)
+    torch.testing.assert_close(out_t, out, rtol=1e-5, atol=1e-6)
+    for k in grads:
+        torch.testing.assert_close(grads_t[k], grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_diffusion_module_speed_flags(tiny_ae):
+    from ldm_lightning.diffusion.module import DiffusionModule
+    m = DiffusionModule(tiny_ae, backbone="unet-tiny", val_num=0, compile=True,
+                        speed={"channels_last": True, "compile_mode": "blocks"})
+    net = m.denoiser.backbone
+    assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and not net.conv_in.weight.is_contiguous()
+    assert m.autoencoder.encoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    assert net._compiled_call_impl is None and net.mid._compiled_call_impl is not None
+    assert m.hparams["speed"]["compile_mode"] == "blocks"

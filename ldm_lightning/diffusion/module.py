@@ -20,7 +20,8 @@ import torch
 
 from ldm_lightning.data.transforms import ensure_model_range
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
-from ldm_lightning.training.strategies import maybe_compile
+from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
+                                          to_channels_last)
 
 from .conditioning import Conditioner, ConditioningConfig
 from .denoiser import Denoiser
@@ -45,14 +46,15 @@ def _plain(value):
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-class DiffusionModule(TrainingModule):
+class DiffusionModule(SpeedLevers, TrainingModule):
     def __init__(self, autoencoder: str, backbone: str = "unet-tiny", backbone_config: dict | None = None,
                  schedule: dict | None = None, objective: ObjectiveConfig | dict | None = None,
                  conditioning: ConditioningConfig | dict | None = None, encode_dtype: str = "fp32",
                  sample_posterior: bool = True, check_latent_hash: bool = True, loss_bins: int = 10,
                  val_sampler: str = "ddim", val_steps: int = 25, val_cfg: float = 3.0, val_num: int = 16,
                  val_seed: int = 0, optim: OptimConfig | dict | None = None, ema: EMAConfig | dict | None = None,
-                 guard: GuardConfig | dict | None = None, seed: int = 0, compile: bool = False):
+                 guard: GuardConfig | dict | None = None, seed: int = 0, compile: bool = False,
+                 speed: SpeedConfig | dict | None = None):
         """
         Args:
             autoencoder: Path of the frozen stage-1 autoencoder (.ckpt, export folder, diffusers folder);
@@ -79,8 +81,11 @@ class DiffusionModule(TrainingModule):
             compile: `torch.compile` the trained (live) backbone in place; parameter names do not change, so
                 checkpoints load with or without it. Activation checkpointing is the backbone's own flag
                 (`backbone_config: {grad_checkpointing: true}`).
+            speed: GPU throughput levers (training/speed.py): channels_last (UNet backbone, frozen autoencoder
+                and image inputs in NHWC), tf32, compile_mode ('model' | 'blocks': what `compile` compiles).
         """
         super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed)
+        self.speed = as_speed(speed)
         if backbone not in PRESETS:
             raise ValueError(f"model.backbone must be one of {sorted(PRESETS)}; got {backbone!r}")
         if encode_dtype not in ENCODE_DTYPES:
@@ -137,9 +142,12 @@ class DiffusionModule(TrainingModule):
             "check_latent_hash": check_latent_hash, "loss_bins": loss_bins, "val_sampler": val_sampler,
             "val_steps": val_steps, "val_cfg": val_cfg, "val_num": val_num, "val_seed": val_seed,
             "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
-            "seed": seed, "compile": compile})
+            "seed": seed, "compile": compile, "speed": _plain(self.speed)})
+        if self.speed.channels_last:  # before the EMA copy, so both are NHWC
+            to_channels_last(self.denoiser.backbone, ae)
         self.setup_ema(self.denoiser)
-        maybe_compile(self.denoiser.backbone, compile)  # after the EMA copy: EMA weights sample eagerly
+        # after the EMA copy: EMA weights sample eagerly
+        compile_network(self.denoiser.backbone, compile, self.speed.compile_mode)
         self._val_txt: list[str] | None = None
         self._latents_checked = False
 
@@ -180,7 +188,7 @@ class DiffusionModule(TrainingModule):
                                  f"{2 * ae.latent_channels} (mean ‖ logvar of {ae.latent_channels} channels)")
             post = DiagonalGaussian(m)
         elif "image" in batch:
-            x = ensure_model_range(batch["image"])  # (B, C, H, W) in [-1, 1]
+            x = images_channels_last(ensure_model_range(batch["image"]), self.speed.channels_last)  # (B, C, H, W)
             dtype = ENCODE_DTYPES[self.encode_dtype]
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 post = ae.encode(x)
