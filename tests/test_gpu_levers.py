@@ -204,3 +204,26 @@ def test_diffusion_module_speed_flags(tiny_ae):
     assert m.autoencoder.encoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
     assert net._compiled_call_impl is None and net.mid._compiled_call_impl is not None
     assert m.hparams["speed"]["compile_mode"] == "blocks"
+
+
+def test_pin_memory_is_on_only_for_cuda_and_batches_still_flow(mnist_shards):
+    from ldm_lightning.data import ShardDataModule
+    auto = ShardDataModule(mnist_shards["train"], batch_size=50, num_workers=1)
+    assert auto.pins() is torch.cuda.is_available()  # None: decided by the device, never on CPU
+    forced = ShardDataModule(mnist_shards["train"], val_shards=mnist_shards["test"], batch_size=50, num_workers=1,
+                             val_samples=50, pin_memory=True)
+    loader = forced.train_dataloader()
+    assert loader.pin_memory and forced.val_dataloader().pin_memory
+    batch = next(iter(loader))  # without CUDA torch skips pinning (with a warning); the batch is unchanged
+    assert batch["image"].shape == (50, 1, 32, 32) and batch["image"].dtype == torch.uint8
+    assert batch["image"].is_pinned() is torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_ring_and_fresh_batches_arrive_pinned(mnist_shards):
+    from ldm_lightning.data import ShardDataModule
+    for reuse in (True, False):
+        dm = ShardDataModule(mnist_shards["train"], batch_size=50, num_workers=2, reuse_batch_memory=reuse)
+        it = iter(dm.train_dataloader())
+        assert all(next(it)["image"].is_pinned() for _ in range(4)), reuse

@@ -42,8 +42,9 @@ class _TrainLoader(DataLoader):
 
     PREFETCH = 2  # batches in flight per worker
 
-    def __init__(self, dataset: ShardStream, dm: "ShardDataModule", num_workers: int):
+    def __init__(self, dataset: ShardStream, dm: "ShardDataModule", num_workers: int, pin_memory: bool = False):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                         pin_memory=pin_memory,
                          prefetch_factor=self.PREFETCH if num_workers else None, collate_fn=_as_built)
         self._dm = dm
 
@@ -66,7 +67,10 @@ class _TrainLoader(DataLoader):
         bad: Counter = Counter()  # this epoch's bad samples per shard
         try:
             for batch in it:
+                lent = "ring_slot" in batch
                 batch = self.dataset.from_worker(batch)
+                if lent and self.pin_memory and torch.cuda.is_available():  # a ring buffer (after the pin thread): its own pinned copy, which
+                    batch["image"] = batch["image"].pin_memory()  # also hands the buffer back at once
                 self._dm.bad_samples += int(batch.pop("bad_samples"))
                 bad.update(batch.pop("bad_shards", {}))
                 if self._dm.trainer is None:  # no Lightning: a batch is consumed when it is handed out
@@ -121,6 +125,7 @@ class ShardDataModule(L.LightningDataModule):
         alpha_background: int = 255,
         normalize_on_device: bool = True,
         reuse_batch_memory: bool = True,
+        pin_memory: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,
     ):
@@ -160,6 +165,10 @@ class ShardDataModule(L.LightningDataModule):
                 instead of torch moving every batch into a fresh shared-memory segment, whose page
                 faults were measured at ~50 µs per 256² image on a VM (see data/batch_ring.py).
                 Off: torch's default hand-over.
+            pin_memory: Put train/val batches in page-locked host memory, so Lightning's host→device copy
+                (non_blocking=True on CUDA) is an asynchronous DMA that overlaps the step instead of a staged
+                synchronous copy. None = on when the trainer's device (else torch) is CUDA; never on CPU.
+                Default provisional pending scripts/gpu_bench.sh.
             rank: Override the data-parallel rank (tests/tools; default: from the trainer / torch.distributed / RANK).
             world_size: Override the world size (default: from the trainer / torch.distributed / WORLD_SIZE).
         """
@@ -182,6 +191,7 @@ class ShardDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.shuffle_buffer, self.kind, self.max_bad_fraction = shuffle_buffer, kind, max_bad_fraction
         self.normalize_on_device, self.reuse_batch_memory = normalize_on_device, reuse_batch_memory
+        self.pin_memory = pin_memory
         self.val_samples, self.val_batch_size = val_samples, val_batch_size or batch_size
         self.transform = ImageTransform(image_size, channels, resize_mode, random_flip, alpha_background)
         self.val_transform = ImageTransform(image_size, channels, "center_crop" if resize_mode == "random_crop"
@@ -229,7 +239,7 @@ class ShardDataModule(L.LightningDataModule):
     # --- loaders ---------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         stream = self._stream(self.train_shards, self.transform, True, self.num_workers)
-        return _TrainLoader(stream, self, stream.workers if self.num_workers else 0)
+        return _TrainLoader(stream, self, stream.workers if self.num_workers else 0, self.pins())
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_shards is None:
@@ -262,7 +272,15 @@ class ShardDataModule(L.LightningDataModule):
                                  f"world_size={world} ranks ({bad} bad); give more validation shards")
             self._val_stream = stream  # only its fill/collate are used: batch size 1 is fine here
         ds = _ValBatches(self._val_cache[(rank, world)], self._val_stream, self.val_batch_size)
-        return DataLoader(ds, batch_size=None, num_workers=0)
+        return DataLoader(ds, batch_size=None, num_workers=0, pin_memory=self.pins())
+
+    def pins(self) -> bool:
+        """Whether loaders pin host memory (`pin_memory`; None: when the training device is CUDA)."""
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
 
     # --- exact position --------------------------------------------------------------------------
     def _begin_epoch(self, batches_per_epoch: int) -> tuple[int, int]:
