@@ -18,8 +18,8 @@ Phases (each timed; the times go to `metrics.json`):
  10. text eval  samples prompted "a handwritten digit K" (flow Heun, CFG): class accuracy and MNIST-FID
 
 Every phase goes through the same public entry points a user would call, in this one process; the
-trainer config is `configs/trainer/cpu-debug.yaml` with the demo's step counts and device written into
-`<out>/configs/trainer.yaml`, so a phase can be re-run by hand with the printed command.
+trainer config is the shipped `configs/trainer/cpu-debug.yaml` (package data, `shipped_configs.py`) with the
+demo's step counts and device written into `<out>/configs/trainer.yaml`, so a phase can be re-run by hand with the printed command.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from ldm_lightning.shipped_configs import shipped_config
+
 
 
 @dataclass
@@ -113,7 +114,7 @@ def write_trainer_config(out: Path, accelerator: str, max_steps: int, name: str)
     """cpu-debug.yaml with the demo's device, step count, progress bar and one checkpoint at the end."""
     import yaml
 
-    cfg = yaml.safe_load((REPO_CONFIGS / "trainer" / "cpu-debug.yaml").read_text())
+    cfg = yaml.safe_load(shipped_config("trainer/cpu-debug.yaml").read_text())
     t = cfg["trainer"]
     t.update(accelerator=accelerator, max_steps=max_steps, enable_progress_bar=True,
              log_every_n_steps=max(1, min(50, max_steps // 10)), val_check_interval=max_steps,
@@ -195,7 +196,7 @@ def phase_autoencoder(out: Path, plan: DemoPlan, data: dict[str, Path], accelera
     if vgg is None:
         print(f"LPIPS off: no local {VGG16_FILE} (--lpips-weights PATH or $TORCH_HOME/hub/checkpoints/); "
               "training with L1 + KL + PatchGAN", flush=True)
-    argv = ["fit", "-c", str(REPO_CONFIGS / "autoencoder" / "tiny-mnist.yaml"), "-c", str(trainer_cfg),
+    argv = ["fit", "-c", str(shipped_config("autoencoder/tiny-mnist.yaml")), "-c", str(trainer_cfg),
             "--data.init_args.train_shards", str(data["train"]), "--data.init_args.val_shards", str(data["test"]),
             "--data.init_args.val_samples", "256",
             "--model.init_args.loss.disc_start", str(plan.ae_disc_start), *lpips_overrides(vgg),
@@ -247,7 +248,7 @@ def phase_encode(out: Path, data: dict[str, Path], ae_ckpt: Path, device: str) -
 
 def phase_diffusion(out: Path, plan: DemoPlan, latents: dict[str, Path], ae_ckpt: Path, accelerator: str) -> Path:
     trainer_cfg = write_trainer_config(out, accelerator, plan.diffusion_steps, "diffusion")
-    argv = ["fit", "-c", str(REPO_CONFIGS / "diffusion" / "mnist-unet-class.yaml"), "-c", str(trainer_cfg),
+    argv = ["fit", "-c", str(shipped_config("diffusion/mnist-unet-class.yaml")), "-c", str(trainer_cfg),
             "--model.init_args.autoencoder", str(ae_ckpt),
             "--data.init_args.kind", "latent",
             "--data.init_args.train_shards", str(latents["train"]),
@@ -259,7 +260,7 @@ def phase_diffusion(out: Path, plan: DemoPlan, latents: dict[str, Path], ae_ckpt
 def phase_diffusion_text(out: Path, plan: DemoPlan, latents: dict[str, Path], ae_ckpt: Path,
                          accelerator: str) -> Path:
     trainer_cfg = write_trainer_config(out, accelerator, plan.text_steps, "diffusion-text")
-    argv = ["fit", "-c", str(REPO_CONFIGS / "diffusion" / "mnist-dit-text-latents.yaml"), "-c", str(trainer_cfg),
+    argv = ["fit", "-c", str(shipped_config("diffusion/mnist-dit-text-latents.yaml")), "-c", str(trainer_cfg),
             "--model.init_args.autoencoder", str(ae_ckpt),
             "--data.init_args.train_shards", str(latents["train"]),
             "--data.init_args.val_shards", str(latents["test"]), "--data.init_args.val_samples", "256",
