@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     if argv[0] in LIGHTNING_SUBCOMMANDS:
+        from ldm_lightning.shipped_configs import ConfigNotFound, resolve_argv
+        try:
+            argv = resolve_argv(argv)  # `-c ldm_lightning:trainer/cpu-debug.yaml`: a config shipped in the package
+        except ConfigNotFound as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         from ldm_lightning.training.lightning_cli import run_lightning_cli
         return run_lightning_cli(argv)
     for n in (2, 1):
