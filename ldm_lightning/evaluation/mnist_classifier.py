@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ldm_lightning.evaluation.mnist_data import load_mnist, to_model_range
+from ldm_lightning.fileio import atomic_write_bytes, atomic_write_json
 
 FORMAT = "ldm-lightning/mnist-classifier"
 FORMAT_VERSION = 1
@@ -299,11 +300,8 @@ def save_mnist_classifier(
         "train": asdict(train_config) if train_config is not None else None,
         "metrics": metrics or {},
     }
-    tmp_w, tmp_j = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".json.tmp")
-    save_file(state, str(tmp_w), metadata={"format": FORMAT})
-    tmp_j.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_j, _json_path(path))
-    os.replace(tmp_w, path)  # weights last: their presence means the pair is complete
+    atomic_write_json(_json_path(path), meta)
+    atomic_write_bytes(path, save(state, metadata={"format": FORMAT}))  # weights last: they mark a complete pair
 
 
 def load_mnist_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> MNISTClassifier:
