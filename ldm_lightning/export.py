@@ -3,9 +3,9 @@
     ldm-lightning export --checkpoint run/checkpoints/last.ckpt --format diffusers --out vae/
     ldm-lightning export --checkpoint vae.ckpt --format safetensors --out vae/
 
-Dispatch is on the checkpoint's `ldm_lightning.module` tag: autoencoder checkpoints are exported here;
-denoiser checkpoints go to `ldm_lightning.diffusion.export.export_denoiser` (imported lazily, so this
-module knows nothing of stage 2).
+Dispatch is on the checkpoint's `ldm_lightning.module` tag, read from the Lightning-free loaders
+(`autoencoder/load.py`, `diffusion/load.py`): autoencoder checkpoints are exported here; denoiser
+checkpoints go to `ldm_lightning.diffusion.export.export_denoiser` (stage 2 owns its export).
 - `safetensors`: `model.safetensors` + `config.json` (`ldm_lightning_autoencoder`: the AutoencoderConfig);
   any arch; the scale/shift/latent stats travel as tensors. `load_autoencoder(folder)` reads it.
 - `diffusers`: a `diffusers.AutoencoderKL.from_pretrained` folder (KL arch, no down-block attention);
@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from ldm_lightning.autoencoder.module import CHECKPOINT_TAG
+from ldm_lightning.autoencoder.load import CHECKPOINT_TAG
 
 FORMATS = ("diffusers", "safetensors")
 
@@ -51,7 +51,8 @@ def export_checkpoint(checkpoint: str, out: str, fmt: str, weights: str = "ema")
     module = (ckpt.get("ldm_lightning") or {}).get("module") if isinstance(ckpt, dict) else None
     if module == CHECKPOINT_TAG:
         return export_autoencoder(load_autoencoder(checkpoint, weights=weights), out, fmt)
-    if module is not None and "diffusion" in module.lower():
+    from ldm_lightning.diffusion.load import CHECKPOINT_TAG as DENOISER_TAG
+    if module == DENOISER_TAG:
         from ldm_lightning.diffusion.export import export_denoiser  # stage 2 owns its export
         return export_denoiser(ckpt, out, fmt, weights)
     raise ValueError(f"{checkpoint}: not an ldm-lightning training checkpoint (no 'ldm_lightning.module' tag; "

@@ -24,9 +24,10 @@ def _export_ae(folder: Path, seed: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def aes(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("aes")
-    return {"a": _export_ae(root / "a", 0), "b": _export_ae(root / "b", 1)}
+def aes(tmp_path_factory, tiny_ae) -> dict[str, str]:
+    """'a': non-trivial scale/shift (both latent paths must apply them); 'b': another autoencoder (another
+    hash), the session's tiny_ae."""
+    return {"a": _export_ae(tmp_path_factory.mktemp("aes") / "a", 0), "b": tiny_ae}
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +150,19 @@ def test_sample_cli_writes_named_pngs_and_is_deterministic(ckpt, tmp_path):
     assert main(["sample", "--checkpoint", ckpt, "--class", "4", "--num", "1", "--steps", "2", "--no-ema",
                  "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "4_0.png").is_file()
+
+
+@pytest.mark.parametrize("flag", ["--class=10", "--class=-3", "--classes=8-10"])
+def test_sample_cli_refuses_a_class_the_model_does_not_have(ckpt, tmp_path, flag):
+    """A 10-class model: class 10 (the null class's index) or a negative one is refused by name, no traceback."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "ldm_lightning", "sample", "--checkpoint", ckpt, flag, "--num", "1",
+                        "--steps", "1", "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    bad = {"--class=10": 10, "--class=-3": -3, "--classes=8-10": 10}[flag]
+    assert f"--class {bad} is out of range: this model has 10 classes, give 0-9" in r.stderr
+    assert not (tmp_path / "s").exists()  # nothing written
 
 
 def test_sample_cli_requires_a_condition_for_a_conditional_model(ckpt, tmp_path):

@@ -19,6 +19,7 @@ import torch
 from ldm_lightning.autoencoder.autoencoder import Autoencoder, AutoencoderConfig
 from ldm_lightning.autoencoder import interop
 
+CHECKPOINT_TAG = "ldm_lightning.autoencoder.AutoencoderModule"  # `ldm_lightning.module` of our stage-1 .ckpt
 EXPORT_CONFIG_KEY = "ldm_lightning_autoencoder"
 EXPORT_WEIGHTS = "model.safetensors"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")

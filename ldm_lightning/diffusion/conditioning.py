@@ -134,11 +134,12 @@ class Conditioner(nn.Module):
         return torch.rand(n, generator=generator, device=self._device.device) < p  # (B,)
 
     def from_labels(self, labels: torch.Tensor) -> dict:
+        """(B,) labels -> {'y'}; a negative label (unknown, -1 in shards) becomes the null class."""
         y = labels.to(self._device.device).long()
-        y = torch.where(y < 0, torch.full_like(y, self.cfg.num_classes), y)  # unknown (-1) -> null class
-        if (y > self.cfg.num_classes).any():
-            raise ValueError(f"class label {int(y.max())} >= conditioning.num_classes={self.cfg.num_classes}")
-        return {"y": y}
+        if (y >= self.cfg.num_classes).any():  # index num_classes is the null class, not a real one
+            raise ValueError(f"class label {int(y.max())} >= conditioning.num_classes={self.cfg.num_classes}; "
+                             f"real classes are 0-{self.cfg.num_classes - 1}")
+        return {"y": torch.where(y < 0, torch.full_like(y, self.cfg.num_classes), y)}
 
     def from_prompts(self, prompts: list[str], trim: bool = False) -> dict:
         ctx, mask = self._text(prompts, self._device.device, trim)

@@ -135,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     names, labels, prompts = [], None, None
     if a.cls is not None or a.classes is not None:
         classes = [a.cls] if a.cls is not None else parse_classes(a.classes)
+        if kind != "class":
+            raise SystemExit(f"this model is {'unconditional' if kind == 'none' else kind + '-conditional'}: "
+                             "drop --class / --classes" + (" and give --prompt TEXT" if kind == "text" else ""))
+        n_cls = conditioner.cfg.num_classes
+        bad = [c for c in classes if not 0 <= c < n_cls]
+        if bad:
+            raise SystemExit(f"--class {bad[0]} is out of range: this model has {n_cls} classes, "
+                             f"give 0-{n_cls - 1} (e.g. --classes 0-{n_cls - 1})")
         labels = [c for c in classes for _ in range(a.num)]
         names = [f"{c}_{i}" for c in classes for i in range(a.num)]
         rows = len(classes)
