@@ -19,6 +19,7 @@ TOOLS = {
     ("data", "verify"): ("ldm_lightning.data.verify", "Check a shard folder against its manifest (counts, sizes, sha256)"),
     ("sample",): ("ldm_lightning.diffusion.sample", "Sample images from a trained diffusion checkpoint"),
     ("export",): ("ldm_lightning.export", "Export an autoencoder (diffusers/safetensors) or denoiser (safetensors)"),
+    ("evaluate",): ("ldm_lightning.evaluation.evaluate", "FID, KID, IS, precision/recall of images or of a checkpoint's samples"),
     ("demo",): ("ldm_lightning.demo", "The end-to-end MNIST demo: both stages, sampling, measured quality"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")

@@ -3,10 +3,10 @@
 - Class accuracy: a sample generated for class k counts as correct when the project's MNIST classifier
   (`mnist_classifier.py`) predicts k. Reported overall and per class.
 - MNIST-FID: the Fréchet distance (Heusel et al., 2017, arXiv 1706.08500) between Gaussians fitted to the
-  classifier's penultimate features of two image sets, computed by torchmetrics'
-  `FrechetInceptionDistance` with the classifier as a custom `feature` module (Inception-v3 weights are
-  ImageNet features and cannot be downloaded here). Only comparable to other MNIST-FIDs computed with the
-  same classifier file; `reference_fid` gives the real-train-vs-real-test value to read it against.
+  classifier's penultimate features of two image sets — the project's one FID code (`scores.py`) with the
+  `mnist` extractor (`extractors.py`), as `ldm-lightning evaluate --extractor mnist` computes it. Only
+  comparable to other MNIST-FIDs computed with the same classifier file; `reference_fid` gives the
+  real-train-vs-real-test value to read it against.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ldm_lightning.evaluation.mnist_classifier import NUM_CLASSES, MNISTClassifier, prepare_images
+from ldm_lightning.evaluation.extractors import MNISTExtractor, extract
+from ldm_lightning.evaluation.mnist_classifier import NUM_CLASSES, MNISTClassifier
 from ldm_lightning.evaluation.mnist_data import load_mnist_32
+from ldm_lightning.evaluation.scores import feature_statistics, fid_from_features
 
 
 def class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> dict:
@@ -53,55 +54,28 @@ def sample_accuracy(classifier: MNISTClassifier, images: torch.Tensor, labels: t
     return class_accuracy(classifier.predict(images), labels)
 
 
-class ClassifierFeatures(nn.Module):
-    """The classifier's penultimate layer as a torchmetrics FID `feature` module: images → (B, feature_dim).
-
-    torchmetrics calls `feature(imgs)` and reads `num_features`; the classifier is frozen and kept in eval
-    mode (BatchNorm running statistics, no dropout) so the features of an image do not depend on its batch.
-    """
-
-    def __init__(self, classifier: MNISTClassifier):
-        super().__init__()
-        self.classifier = classifier.eval().requires_grad_(False)
-        self.num_features = classifier.config.feature_dim
-
-    def train(self, mode: bool = True) -> "ClassifierFeatures":
-        super().train(False)  # always eval: see the class docstring
-        return self
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(x)  # (B, feature_dim)
-
-
-def _fid_metric(classifier: MNISTClassifier):
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    device = classifier.head.weight.device
-    return FrechetInceptionDistance(feature=ClassifierFeatures(classifier), reset_real_features=False).to(device)
-
-
-def _update(metric, images: torch.Tensor, real: bool, batch_size: int) -> None:
-    device = next(metric.inception.parameters()).device
-    for i in range(0, len(images), batch_size):
-        metric.update(prepare_images(images[i : i + batch_size]).to(device), real=real)
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] → uint8 in [0, 255] (what a PNG of them holds; uint8 passes through)."""
+    if images.dtype == torch.uint8:
+        return images
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 @torch.no_grad()
 def mnist_fid(classifier: MNISTClassifier, fake: torch.Tensor, real: torch.Tensor, batch_size: int = 1000) -> float:
-    """MNIST-FID between image sets `fake` and `real` (each (N, 1|3, 32|28, 32|28) in [-1, 1], N ≥ 2).
+    """MNIST-FID between image sets `fake` and `real` (each (N, 1|3, 32|28, 32|28) in [-1, 1] or uint8, N ≥ 2).
 
-    FID is biased upwards for small N (Chong & Forsyth, 2020, arXiv 1911.07023): compare values only at
-    equal sample counts.
+    The same FID as `ldm-lightning evaluate --extractor mnist`: the images as uint8 (as saved), features
+    of the `mnist` extractor, `scores.frechet_distance`. FID is biased upwards for small N (Chong &
+    Forsyth, 2020, arXiv 1911.07023): compare values only at equal sample counts.
     """
     for name, images in (("fake", fake), ("real", real)):
         if len(images) < 2:
             raise ValueError(f"mnist_fid needs at least 2 {name} images to estimate a covariance; got {len(images)}")
-    metric = _fid_metric(classifier)
-    _update(metric, real, True, batch_size)
-    _update(metric, fake, False, batch_size)
-    value = metric.compute().item()
-    return max(value, 0.0)  # tiny negative values are round-off in the matrix square root
+    extractor = MNISTExtractor(classifier)
+    fake_features = extract(extractor, to_uint8(fake), batch_size)[0]  # (N, 128)
+    real_stats = feature_statistics(extract(extractor, to_uint8(real), batch_size)[0])
+    return max(fid_from_features(fake_features, *real_stats), 0.0)  # tiny negative values are round-off
 
 
 @torch.no_grad()
@@ -139,4 +113,4 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10, pad
     return path
 
 
-__all__ = ["ClassifierFeatures", "class_accuracy", "mnist_fid", "reference_fid", "sample_accuracy", "save_grid"]
+__all__ = ["class_accuracy", "mnist_fid", "reference_fid", "sample_accuracy", "save_grid", "to_uint8"]
