@@ -423,8 +423,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_console() -> None:
+    """Drop third-party console noise a demo user can do nothing about; real warnings stay."""
+    import logging
+    import warnings
+
+    # Lightning's own pytree use of torch's deprecated LeafSpec, and LightningCLI's note about args given
+    # while sys.argv holds the demo's own options (the demo passes each phase's argv on purpose).
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+    # The stream's len() is exact per worker (data/stream.py deals shards to workers): no duplicates to warn of.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
+    class _NoAdverts(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "litlogger" not in record.getMessage()  # Lightning's "💡 Tip: ... try installing litlogger"
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoAdverts())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_console()
     plan = PLANS["fast" if args.fast else "full"]
     accelerator = _accelerator(args.device)
     device = _torch_device(accelerator)

@@ -199,6 +199,7 @@ class ShardDataModule(L.LightningDataModule):
         self._rank, self._world = rank, world_size
         self._epoch, self._consumed, self._resume = -1, 0, None
         self.bad_samples, self._bad_logged = 0, 0
+        self._noted_workers = False  # the num_workers note is printed once
         self._val_cache: dict[tuple[int, int], list[tuple]] = {}
 
     # --- topology --------------------------------------------------------------------------------
@@ -216,7 +217,8 @@ class ShardDataModule(L.LightningDataModule):
         if num_workers > 1 and len(resolved) >= world and world * num_workers > len(resolved):
             # every reader slot needs a shard of its own: fewer workers rather than a refusal
             fitted = len(resolved) // world
-            if rank == 0:
+            if rank == 0 and not self._noted_workers:
+                self._noted_workers = True
                 print(f"data: {len(resolved)} shards for world_size={world} × num_workers={num_workers}: using "
                       f"num_workers={fitted} (re-pack with more, smaller shards to use more)", file=sys.stderr,
                       flush=True)

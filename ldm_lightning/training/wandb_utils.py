@@ -59,3 +59,5 @@ class PinnedWandbLogger(WandbLogger):
         if id is None and kwargs.get("version") is None:
             id = resolve_run_id(save_dir)
         super().__init__(save_dir=save_dir, id=id, resume=resume, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # Lightning always passes the key; wandb warns on it
+            self._wandb_init.pop("anonymous", None)
