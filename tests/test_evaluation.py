@@ -24,8 +24,9 @@ from ldm_lightning.evaluation import (
     save_grid,
     train_mnist_classifier,
 )
-from ldm_lightning.evaluation.mnist_classifier import ClassifierConfig, ClassifierTrainConfig, prepare_images
-from ldm_lightning.evaluation.mnist_data import load_mnist, to_model_range
+from ldm_lightning.evaluation.mnist_classifier import ClassifierConfig, prepare_images
+from ldm_lightning.evaluation.mnist_classifier_training import ClassifierTrainConfig
+from ldm_lightning.evaluation.mnist_data import load_mnist, to_padded_model_range
 
 QUICK = dict(epochs=1, seed=0, train_subset=12000)
 
@@ -55,7 +56,7 @@ def test_mnist_data_is_real_mnist():
     assert train_x.dtype == torch.uint8 and train_y.dtype == torch.int64
     assert torch.bincount(train_y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert torch.bincount(test_y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-    x = to_model_range(test_x[:4])  # (4, 1, 32, 32)
+    x = to_padded_model_range(test_x[:4])  # (4, 1, 32, 32)
     assert x.shape == (4, 1, 32, 32) and x.min() == -1 and x.max() == 1
     assert (x[..., :2, :] == -1).all() and (x[..., :, -2:] == -1).all()  # the 2-px black border
 
@@ -153,7 +154,7 @@ def test_training_is_deterministic(tmp_path):
 
 
 def test_cache_trains_once(tmp_path, monkeypatch):
-    import ldm_lightning.evaluation.mnist_classifier as mc
+    import ldm_lightning.evaluation.mnist_classifier_cache as mc
 
     calls = []
     real_train = mc.train_mnist_classifier

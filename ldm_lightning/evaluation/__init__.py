@@ -15,12 +15,9 @@ from ldm_lightning.evaluation.metrics import (
     sample_accuracy,
     save_grid,
 )
-from ldm_lightning.evaluation.mnist_classifier import (
-    MNISTClassifier,
-    get_or_train_classifier,
-    load_mnist_classifier,
-    train_mnist_classifier,
-)
+from ldm_lightning.evaluation.mnist_classifier import MNISTClassifier, load_mnist_classifier
+from ldm_lightning.evaluation.mnist_classifier_cache import get_or_train_classifier
+from ldm_lightning.evaluation.mnist_classifier_training import train_mnist_classifier
 from ldm_lightning.evaluation.mnist_data import load_mnist, load_mnist_32
 from ldm_lightning.evaluation.quality import METRICS, score_features
 from ldm_lightning.evaluation.reference import ReferenceStats, load_reference, save_reference

@@ -37,14 +37,14 @@ def load_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
+def to_padded_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 28, 28) or (N, 1, 28, 28) → float32 (N, 1, 32, 32) in [-1, 1] with a 2-px black (-1) border."""
     if images.dtype != torch.uint8:
-        raise TypeError(f"to_model_range expects uint8 MNIST images, got dtype {images.dtype}")
+        raise TypeError(f"to_padded_model_range expects uint8 MNIST images, got dtype {images.dtype}")
     if images.dim() == 3:
         images = images[:, None]  # (N, 1, 28, 28)
     if images.shape[1:] != (1, 28, 28):
-        raise ValueError(f"to_model_range expects (N, 28, 28) or (N, 1, 28, 28), got {tuple(images.shape)}")
+        raise ValueError(f"to_padded_model_range expects (N, 28, 28) or (N, 1, 28, 28), got {tuple(images.shape)}")
     x = images.float() / 127.5 - 1.0  # (N, 1, 28, 28) in [-1, 1]
     return F.pad(x, (2, 2, 2, 2), value=-1.0)  # (N, 1, 32, 32)
 
@@ -59,4 +59,4 @@ def load_mnist_32(split: str, limit: int | None = None) -> tuple[torch.Tensor, t
         if limit <= 0:
             raise ValueError(f"limit must be a positive number of images, got {limit}")
         images, labels = images[:limit], labels[:limit]
-    return to_model_range(images), labels
+    return to_padded_model_range(images), labels
