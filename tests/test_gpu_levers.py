@@ -5,6 +5,8 @@ configuration (`bash scripts/gpu_bench.sh --dry-run`). The speed itself is measu
 from __future__ import annotations
 
 import copy
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +144,7 @@ def test_compile_blocks_compiles_each_block_with_unchanged_outputs_and_grads(fam
     regions = compile_regions(regional)
     assert len(regions) == (2 if family == "dit" else len(net.down) + 1 + len(net.up))
     assert all(r._compiled_call_impl is not None for r in regions) and regional._compiled_call_impl is None
+    assert torch._dynamo.config.recompile_limit >= 2 * len(regions)  # UNet stages share one code object
     assert [n for n, _ in regional.named_parameters()] == [n for n, _ in net.named_parameters()]  # ckpt keys
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([1, 10])
     out, grads = _fwd_bwd(net, x, t, y, bf16=False)
@@ -227,3 +230,23 @@ def test_gpu_ring_and_fresh_batches_arrive_pinned(mnist_shards):
         dm = ShardDataModule(mnist_shards["train"], batch_size=50, num_workers=2, reuse_batch_memory=reuse)
         it = iter(dm.train_dataloader())
         assert all(next(it)["image"].is_pinned() for _ in range(4)), reuse
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_builds_every_configuration(tmp_path):
+    """`bash scripts/gpu_bench.sh --dry-run`: every row of the GPU table built and stepped once on CPU (tiny
+    stand-ins), the real DiT-B/2, DiT-XL/2 and SD UNet built on the meta device (XL's parameter count
+    checked against the published one inside the script)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    bench = sys.modules["gpu_bench"] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
+    spec.loader.exec_module(bench)
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "--dry-run"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"DiT-XL/2 +674\.82 M params", out) and "FAILED" not in out  # the script checks it exactly
+    for name in bench.MODELS:
+        for row, _ in bench.rows_for(name):
+            assert any(line.startswith(f"{name:9s} {row:15s}") for line in out.splitlines()), (name, row)
+    assert "pageable host blocked" in out

@@ -93,7 +93,15 @@ def compile_network(net: nn.Module, enabled: bool, mode: str = "model", **compil
     forward ('model') or each block of `compile_regions` ('blocks'). Returns `net`."""
     if not enabled:
         return net
-    for m in (compile_regions(net) if mode == "blocks" else [net]):
+    regions = compile_regions(net) if mode == "blocks" else [net]
+    if mode == "blocks":
+        import torch._dynamo
+        # UNet stages differ in structure but share one forward (Stage.forward): dynamo keeps one compiled
+        # variant per code object up to `recompile_limit` (default 8) and runs the rest EAGERLY (measured:
+        # the SD UNet's 25 stages hit it). Allow a variant per region (x2: train and eval/no-grad).
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 2 * len(regions) + 8)
+    for m in regions:
         m.compile(**compile_kwargs)
     return net
 
