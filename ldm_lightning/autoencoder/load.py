@@ -4,7 +4,8 @@ Accepts, by what is at `path`:
 - our Lightning checkpoint (`.ckpt` with an `ldm_lightning` entry): EMA weights unless `weights='live'`;
 - our export: a folder (or its `model.safetensors`) with `config.json` holding `ldm_lightning_autoencoder`;
 - a diffusers `AutoencoderKL` folder: `config.json` + `diffusion_pytorch_model.safetensors`;
-- a CompVis / Stable Diffusion state dict (`.ckpt` / `.safetensors`, `first_stage_model.` prefix or bare).
+- a CompVis / Stable Diffusion state dict (`.ckpt` / `.safetensors`, `first_stage_model.` prefix or bare);
+- the spec `identity:CxR`: the weightless pixel-space `IdentityAutoencoder` (identity.py).
 Everything is read with `torch.load(weights_only=True)` or safetensors: loading never runs pickled code.
 """
 
@@ -81,6 +82,10 @@ def load_autoencoder(path: str | os.PathLike, weights: str = "ema", config: Auto
     """
     if weights not in ("ema", "live"):
         raise ValueError(f"weights must be 'ema' or 'live'; got {weights!r}")
+    from ldm_lightning.autoencoder.identity import IdentityAutoencoder, parse_identity_spec
+    identity = parse_identity_spec(str(path))  # 'identity:CxR': stage 2 on pixels, no weights
+    if identity is not None:
+        return IdentityAutoencoder(identity).eval().requires_grad_(False).to(device)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"autoencoder {str(path)!r} does not exist: give a .ckpt, an export folder, a "

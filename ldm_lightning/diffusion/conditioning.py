@@ -18,6 +18,8 @@ from torch import nn
 
 from ldm_lightning.nn.attention import trim_key_padding
 
+from .concat import CONCAT_TASKS
+
 CONDITIONINGS = ("none", "class", "text")
 
 
@@ -35,6 +37,11 @@ class ConditioningConfig:
     """Tokens per caption (padded / truncated), so every batch's context has the same shape."""
     drop_prob: float = 0.1
     """Probability of replacing a condition by the null one in training (classifier-free guidance)."""
+    concat: str = "none"
+    """Concatenation conditioning (diffusion/concat.py): 'none', 'super_resolution' (a low-res image) or
+    'inpainting' (masked image + mask), joined to the backbone input as c_concat. Needs image batches."""
+    sr_factor: int = 4
+    """super_resolution: the low-res side is the image side / sr_factor (e.g. 4: 8² -> 32²)."""
     trim_padding: bool = False
     """Training batches: cut the token columns that are padding in every caption and drop the key mask
     when no caption is padded, so SDPA may use its flash kernel (any mask rules it out). Exact (masked
@@ -49,6 +56,10 @@ class ConditioningConfig:
             raise ValueError(f"conditioning.num_classes must be >= 1 for kind='class', got {self.num_classes}")
         if not 0.0 <= self.drop_prob < 1.0:
             raise ValueError(f"conditioning.drop_prob must be in [0, 1), got {self.drop_prob}")
+        if self.concat not in CONCAT_TASKS:
+            raise ValueError(f"conditioning.concat must be one of {CONCAT_TASKS}, got {self.concat!r}")
+        if self.sr_factor < 2:
+            raise ValueError(f"conditioning.sr_factor must be >= 2, got {self.sr_factor}")
         if self.max_length < 2:
             raise ValueError(f"conditioning.max_length must be >= 2, got {self.max_length}")
 

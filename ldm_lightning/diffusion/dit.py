@@ -31,6 +31,12 @@ class DiTConfig:
     """Latent height = width the fixed position embedding is built for (other sizes are recomputed)."""
     in_channels: int = 4
     """Latent channels (out channels are the same: learn_sigma is off)."""
+    concat_channels: int = 0
+    """Extra input channels joined to x before patchify (`c_concat`: a low-res image, a masked image + mask;
+    LDM §3.3). The output keeps in_channels."""
+    bottleneck_dim: int | None = None
+    """JiT's bottleneck patch embedding: patch -> Linear to this rank (no bias) -> Linear to hidden_size;
+    None = one Linear (DiT). Large pixel patches (p^2 C >> rank) are what it is for."""
     patch_size: int = 2
     """Patch side p; tokens = (input_size / p)^2."""
     hidden_size: int = 384
@@ -60,6 +66,10 @@ class DiTConfig:
                              f"{self.num_heads} and by 4 (2-D sin-cos position embedding)")
         if self.text_mode not in TEXT_MODES:
             raise ValueError(f"dit.text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
+        if self.concat_channels < 0:
+            raise ValueError(f"dit.concat_channels must be >= 0, got {self.concat_channels}")
+        if self.bottleneck_dim is not None and self.bottleneck_dim < 1:
+            raise ValueError(f"dit.bottleneck_dim must be None or >= 1, got {self.bottleneck_dim}")
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -112,7 +122,12 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, p = cfg.hidden_size, cfg.patch_size
-        self.x_embedder = nn.Conv2d(cfg.in_channels, D, p, stride=p)  # patchify
+        c_in = cfg.in_channels + cfg.concat_channels
+        if cfg.bottleneck_dim is None:
+            self.x_embedder = nn.Conv2d(c_in, D, p, stride=p)  # patchify
+        else:  # JiT: (p^2 C) -> rank -> D
+            self.x_embedder = nn.Sequential(nn.Conv2d(c_in, cfg.bottleneck_dim, p, stride=p, bias=False),
+                                            nn.Conv2d(cfg.bottleneck_dim, D, 1))
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes else None
         g = cfg.input_size // p
@@ -133,9 +148,11 @@ class DiT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.apply(_basic)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
+        for conv in (self.x_embedder if isinstance(self.x_embedder, nn.Sequential) else [self.x_embedder]):
+            w = conv.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -156,8 +173,14 @@ class DiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, h * p, w * p)  # (B, C, H, W)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D_ctx); mask (B, L)."""
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                c_concat: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D_ctx); mask (B, L);
+        c_concat (B, concat_channels, H, W)."""
+        if self.cfg.concat_channels:
+            if c_concat is None or c_concat.shape[1] != self.cfg.concat_channels:
+                raise ValueError(f"this DiT takes c_concat (B, {self.cfg.concat_channels}, H, W) joined to its input")
+            x = torch.cat([x, c_concat.to(x.dtype)], dim=1)  # (B, C + C_cat, H, W)
         B, _, H, W = x.shape
         p = self.cfg.patch_size
         if H % p or W % p:
@@ -203,7 +226,11 @@ class DiT(nn.Module):
         if self.cfg.context_dim is not None and self.context_embedder is None:
             per_block += N * 2 * D * D + L * 2 * cfg.context_dim * D + 2 * N * L * D  # q, out; k, v; attention
         macs = cfg.depth * per_block
-        macs += N * cfg.in_channels * cfg.patch_size ** 2 * D  # patch embed
+        c_in = cfg.in_channels + cfg.concat_channels
+        if cfg.bottleneck_dim is None:
+            macs += N * c_in * cfg.patch_size ** 2 * D  # patch embed
+        else:
+            macs += N * (c_in * cfg.patch_size ** 2 + D) * cfg.bottleneck_dim  # bottleneck patch embed
         macs += N * D * cfg.patch_size ** 2 * cfg.in_channels + 2 * D * D  # final linear + final adaLN
         macs += self.t_embedder.freq_dim * D + D * D  # timestep MLP (once)
         if self.context_embedder is not None:

@@ -1,10 +1,17 @@
 """`ldm-lightning sample`: images from a trained denoiser (a training .ckpt or a `export` folder).
 
-    ldm-lightning sample --checkpoint run/last.ckpt --sampler dpmpp_2m --steps 20 --cfg 3 \
+    ldm-lightning sample --checkpoint run/last.ckpt --sampler dpmpp_2m --steps 20 --guidance-scale 3 \
         --classes 0-9 --num 4 --seed 0 --out samples/
+    ldm-lightning sample --checkpoint sr.ckpt --cond-images low_res/ --out up/           # super-resolution
+    ldm-lightning sample --checkpoint inpaint.ckpt --cond-images imgs/ --masks masks/ --out filled/
+    ldm-lightning sample --checkpoint run/last.ckpt --classes 0-9 --size 48 --out big/   # another resolution
 
-Writes one PNG per sample, `{condition}_{index}.png` (the class index, a slug of the prompt, or `sample`
-for an unconditional model), and `grid.png` (one row per condition). Deterministic for a seed: the
+Writes one PNG per sample, `{condition}_{index}.png` (the class index, a slug of the prompt, the
+conditioning image's name, or `sample` for an unconditional model), and `grid.png` (one row per condition).
+`--size` samples at another resolution than training (convolutional UNet; DiT recomputes its positions).
+Concatenation-conditioned models (diffusion/concat.py) take `--cond-images DIR` (PNGs: the low-res images
+for super-resolution, the images for inpainting) and, for inpainting, `--masks DIR` (same file names;
+white = the pixels to generate); the output size follows the conditioning images. Deterministic for a seed: the
 initial noise is drawn on the CPU from `--seed` (so it does not depend on the device), ancestral noise
 from a generator seeded by `--seed + 1`.
 """
@@ -24,14 +31,24 @@ from .guidance import cfg_denoiser
 from .samplers import SAMPLERS, get_sampler
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's parameters, or of its buffers when it has none (the identity autoencoder)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def sample_images(denoiser, conditioner, autoencoder, latent_shape, num: int, sampler: str = "ddim",
-                  steps: int = 25, cfg: float = 1.0, seed: int = 0, labels: list[int] | None = None,
-                  prompts: list[str] | None = None, **sampler_options) -> torch.Tensor:
-    """(num, C, H, W) images in [-1, 1]: sample latents with `sampler` (CFG scale `cfg`), decode them.
+                  steps: int = 25, guidance_scale: float = 1.0, seed: int = 0, labels: list[int] | None = None,
+                  prompts: list[str] | None = None, c_concat: torch.Tensor | None = None,
+                  **sampler_options) -> torch.Tensor:
+    """(num, C, H, W) images in [-1, 1]: sample latents (c, h, w) = `latent_shape` with `sampler` (classifier-free
+    guidance scale `guidance_scale`), decode them.
 
-    labels / prompts: one condition per sample (class kind / text kind); neither for unconditional models."""
-    device = next(denoiser.parameters()).device
+    labels / prompts: one condition per sample (class kind / text kind); neither for unconditional models.
+    c_concat: (num, C_cat, h, w) concatenation condition (concat.build_c_concat), kept in both CFG branches."""
+    device = module_device(denoiser)
     kind = conditioner.cfg.kind
     if kind == "class" and labels is None:
         raise ValueError("this model is class-conditional: give labels (--class K or --classes A-B)")
@@ -46,12 +63,16 @@ def sample_images(denoiser, conditioner, autoencoder, latent_shape, num: int, sa
     else:
         cond = {}
     uncond = conditioner.null(num) if kind != "none" else None
-    fn = cfg_denoiser(denoiser, cond, uncond, float(cfg))
+    if c_concat is not None:
+        c_concat = c_concat.to(device)
+        cond = {**cond, "c_concat": c_concat}
+        uncond = None if uncond is None else {**uncond, "c_concat": c_concat}
+    fn = cfg_denoiser(denoiser, cond, uncond, float(guidance_scale))
     x_T = torch.randn((num, *latent_shape), generator=torch.Generator().manual_seed(seed)).to(device)  # (N, c, h, w)
     g = torch.Generator(device).manual_seed(seed + 1)
     z = get_sampler(sampler)(fn, x_T, denoiser.schedule, steps, generator=g, **sampler_options)  # (N, c, h, w)
     z = z.float() / autoencoder.scale_factor + autoencoder.shift_factor  # undo (z - shift) * scale
-    return autoencoder.decode(z.to(next(autoencoder.parameters()).device)).float().clamp(-1, 1)  # (N, C, H, W)
+    return autoencoder.decode(z.to(module_device(autoencoder))).float().clamp(-1, 1)  # (N, C, H, W)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -96,18 +117,75 @@ def parse_classes(spec: str) -> list[int]:
     return out
 
 
+def read_png(path: Path, channels: int) -> torch.Tensor:
+    """A PNG -> (channels, H, W) float in [-1, 1]."""
+    from PIL import Image
+    a = np.asarray(Image.open(path).convert("L" if channels == 1 else "RGB"), dtype=np.float32)
+    a = a[..., None] if a.ndim == 2 else a  # (H, W, C)
+    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
+
+
+def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Tensor, list[str], list[int]]:
+    """(c_concat (n, C_cat, h, w), file stems, [h, w]) from --cond-images (and --masks for inpainting);
+    `step`: the output side must be a multiple of it (autoencoder factor x the backbone's grid step)."""
+    from .concat import build_c_concat, mask_image
+    task = cond_cfg.concat
+    what = "low-resolution images" if task == "super_resolution" else "images to inpaint"
+    if a.cond_images is None:
+        raise SystemExit(f"this model is conditioned on {what} ({task}): give --cond-images DIR of PNGs")
+    files = sorted(Path(a.cond_images).glob("*.png")) if Path(a.cond_images).is_dir() else []
+    if not files:
+        raise SystemExit(f"--cond-images {a.cond_images}: no .png files there (expected the {what})")
+    imgs = [read_png(p, channels) for p in files]
+    if len({tuple(i.shape) for i in imgs}) != 1:
+        raise SystemExit(f"--cond-images {a.cond_images}: the images differ in size; give images of one size")
+    x = torch.stack(imgs)  # (n, C, H, W)
+    H, W = x.shape[-2:]
+    if task == "super_resolution":
+        H, W = H * cond_cfg.sr_factor, W * cond_cfg.sr_factor  # output size
+    if H % step or W % step:
+        raise SystemExit(f"--cond-images: output size {H}x{W} is not a multiple of {step} for this model")
+    f = a.ae_factor
+    hw = [H // f, W // f]
+    if task == "super_resolution":
+        if a.masks is not None:
+            raise SystemExit("--masks is for inpainting models; this one does super-resolution")
+        return build_c_concat(task, tuple(hw), low_res=x), [p.stem for p in files], hw
+    if a.masks is None:
+        raise SystemExit("this model inpaints: give --masks DIR (PNGs named as the --cond-images; white = generate)")
+    masks = []
+    for p in files:
+        mp = Path(a.masks) / p.name
+        if not mp.is_file():
+            raise SystemExit(f"--masks {a.masks}: no mask {p.name} for --cond-images {p}")
+        m = (read_png(mp, 1) > 0).float()  # (1, H, W): white (> mid-grey) = generate
+        if m.shape[-2:] != x.shape[-2:]:
+            raise SystemExit(f"mask {mp} is {m.shape[-1]}x{m.shape[-2]}, its image {W}x{H}: give masks of the same size")
+        masks.append(m)
+    mask = torch.stack(masks)  # (n, 1, H, W)
+    return build_c_concat(task, tuple(hw), masked=mask_image(x, mask), mask=mask), [p.stem for p in files], hw
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-lightning sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="diffusion .ckpt from `ldm-lightning fit`, or an export folder")
     p.add_argument("--autoencoder", default=None, help="autoencoder path (default: the one recorded at training)")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = conditional only)")
+    p.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=1.0,
+                   help="classifier-free guidance scale (1 = conditional only); --cfg is the short alias")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--class", dest="cls", type=int, default=None, help="one class index")
     cond.add_argument("--classes", default=None, help="classes, e.g. 0-9 or 1,3,5 (--num samples each)")
     cond.add_argument("--prompt", default=None, help="a text prompt")
     p.add_argument("--num", type=int, default=4, help="samples per condition")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (default: the training size); a multiple of the latent grid's step")
+    p.add_argument("--cond-images", default=None,
+                   help="folder of PNGs for a concatenation-conditioned model: low-res images (super-resolution) "
+                        "or the images to inpaint")
+    p.add_argument("--masks", default=None, help="inpainting: folder of mask PNGs named as --cond-images "
+                                                 "(white = generate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -127,24 +205,49 @@ def main(argv: list[str] | None = None) -> int:
     denoiser, conditioner, meta = load_denoiser(a.checkpoint, weights="ema" if a.ema else "live")
     denoiser, conditioner = denoiser.to(device).eval(), conditioner.to(device)
     ae_path = a.autoencoder or meta["autoencoder"]["path"]
-    if a.autoencoder is None and not Path(ae_path).exists():
+    try:
+        ae = load_autoencoder(ae_path, device=device)
+    except FileNotFoundError as err:
+        if a.autoencoder is not None:
+            raise SystemExit(str(err)) from None
         raise SystemExit(f"the autoencoder recorded in the checkpoint ({ae_path}) does not exist here: "
-                         "pass --autoencoder PATH")
-    ae = load_autoencoder(ae_path, device=device)
+                         "pass --autoencoder PATH") from None
     kind = conditioner.cfg.kind
+    latent_shape = list(meta["latent_shape"])
+    f = ae.downsample_factor
+    bb = denoiser.backbone.cfg  # the latent grid step: DiT patches, UNet halvings
+    step = f * (bb.patch_size if meta["backbone_family"] == "dit" else 2 ** (len(bb.channel_mult) - 1))
+    if a.size is not None:
+        if conditioner.cfg.concat != "none":
+            raise SystemExit("--size: a concatenation-conditioned model samples at the size its --cond-images give")
+        if a.size < step or a.size % step:
+            raise SystemExit(f"--size {a.size} must be a positive multiple of {step} for this model (autoencoder "
+                             f"factor {f} x the {meta['backbone_family']}'s grid step)")
+        latent_shape[1:] = [a.size // f, a.size // f]
+    c_concat, stems = None, None
+    a.ae_factor = f
+    if conditioner.cfg.concat != "none":
+        c_concat, stems, latent_shape[1:] = read_concat_inputs(a, conditioner.cfg, int(ae.config.in_channels), step)
+    elif a.cond_images is not None or a.masks is not None:
+        raise SystemExit("--cond-images / --masks: this model has no concatenation conditioning "
+                         "(conditioning.concat is 'none')")
     names, labels, prompts = [], None, None
-    if a.cls is not None or a.classes is not None:
+    if stems is not None:  # one row per conditioning image, --num samples each
+        names = [f"{s}_{i}" for s in stems for i in range(a.num)]
+        c_concat = c_concat.repeat_interleave(a.num, 0)  # (N, C_cat, h, w)
+        rows = len(stems)
+        if kind == "class":
+            if a.cls is None:
+                raise SystemExit("this model is also class-conditional: give --class K (applied to every image)")
+            labels = [a.cls] * len(names)
+        elif kind == "text":
+            if a.prompt is None:
+                raise SystemExit("this model is also text-conditional: give --prompt TEXT (applied to every image)")
+            prompts = [a.prompt] * len(names)
+    elif a.cls is not None or a.classes is not None:
         classes = [a.cls] if a.cls is not None else parse_classes(a.classes)
-        if kind != "class":
-            raise SystemExit(f"this model is {'unconditional' if kind == 'none' else kind + '-conditional'}: "
-                             "drop --class / --classes" + (" and give --prompt TEXT" if kind == "text" else ""))
-        n_cls = conditioner.cfg.num_classes
-        bad = [c for c in classes if not 0 <= c < n_cls]
-        if bad:
-            raise SystemExit(f"--class {bad[0]} is out of range: this model has {n_cls} classes, "
-                             f"give 0-{n_cls - 1} (e.g. --classes 0-{n_cls - 1})")
-        labels = [c for c in classes for _ in range(a.num)]
         names = [f"{c}_{i}" for c in classes for i in range(a.num)]
+        labels = [c for c in classes for _ in range(a.num)]
         rows = len(classes)
     elif a.prompt is not None:
         prompts = [a.prompt] * a.num
@@ -156,14 +259,24 @@ def main(argv: list[str] | None = None) -> int:
                              ("--class K or --classes A-B" if kind == "class" else "--prompt TEXT"))
         names = [f"sample_{i}" for i in range(a.num)]
         rows = 1
-    images = sample_images(denoiser, conditioner, ae, meta["latent_shape"], len(names), a.sampler, a.steps, a.cfg,
-                           a.seed, labels=labels, prompts=prompts)
+    if labels is not None:
+        if kind != "class":
+            raise SystemExit(f"this model is {'unconditional' if kind == 'none' else kind + '-conditional'}: "
+                             "drop --class / --classes" + (" and give --prompt TEXT" if kind == "text" else ""))
+        n_cls = conditioner.cfg.num_classes
+        bad = [c for c in labels if not 0 <= c < n_cls]
+        if bad:
+            raise SystemExit(f"--class {bad[0]} is out of range: this model has {n_cls} classes, "
+                             f"give 0-{n_cls - 1} (e.g. --classes 0-{n_cls - 1})")
+    images = sample_images(denoiser, conditioner, ae, latent_shape, len(names), a.sampler, a.steps,
+                           a.guidance_scale, a.seed, labels=labels, prompts=prompts, c_concat=c_concat)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in zip(names, to_uint8(images)):
         save_png(img, out / f"{name}.png")
     save_png(make_grid(images, nrow=len(names) // rows), out / "grid.png")
-    print(f"wrote {len(names)} samples + grid.png to {out} ({a.sampler}, {a.steps} steps, cfg {a.cfg}, seed {a.seed})")
+    print(f"wrote {len(names)} samples + grid.png to {out} ({a.sampler}, {a.steps} steps, guidance scale "
+          f"{a.guidance_scale}, seed {a.seed}, {images.shape[-1]}x{images.shape[-2]} px)")
     return 0
 
 

@@ -27,6 +27,8 @@ class UNetConfig:
     """Latent channels in."""
     out_channels: int | None = None
     """Channels out; None = in_channels."""
+    concat_channels: int = 0
+    """Extra input channels joined to x (`c_concat`: a low-res image, a masked image + mask; LDM §3.3)."""
     model_channels: int = 64
     """Channels at the first level."""
     channel_mult: tuple[int, ...] = (1, 2)
@@ -168,7 +170,7 @@ class UNet(nn.Module):
         emb_dim = 4 * mc
         self.time_embed = TimestepEmbedder(emb_dim, freq_dim=mc)
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
-        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.concat_channels, mc, 3, padding=1)
         res = lambda cin, cout: ResBlock(cin, cout, emb_dim, groups, cfg.dropout)  # noqa: E731
 
         self.down, skips, ch = nn.ModuleList(), [mc], mc
@@ -203,8 +205,14 @@ class UNet(nn.Module):
         return stage(*args)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D); mask (B, L)."""
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                c_concat: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D); mask (B, L);
+        c_concat (B, concat_channels, H, W)."""
+        if self.cfg.concat_channels:
+            if c_concat is None or c_concat.shape[1] != self.cfg.concat_channels:
+                raise ValueError(f"this UNet takes c_concat (B, {self.cfg.concat_channels}, H, W) joined to its input")
+            x = torch.cat([x, c_concat.to(x.dtype)], dim=1)  # (B, C + C_cat, H, W)
         f = 2 ** (len(self.cfg.channel_mult) - 1)
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"UNet input {tuple(x.shape)}: H and W must be divisible by {f} "
