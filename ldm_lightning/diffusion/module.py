@@ -14,7 +14,6 @@ fixed seed (the logger's `log_image` when it has one, else `<log_dir>/samples/st
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 
@@ -244,7 +243,9 @@ class DiffusionModule(SpeedLevers, TrainingModule):
     def on_validation_epoch_end(self) -> None:
         if self.val_num == 0 or self.trainer.sanity_checking or self.global_rank != 0:
             return
-        from .sample import make_grid, sample_images
+        from ldm_lightning.training.media import image_grid, log_image_grid
+
+        from .sample import sample_images
         kind = self.conditioner.cfg.kind
         spec = {}
         if kind == "class":
