@@ -240,7 +240,8 @@ def test_lpips_random_backbone_engages_at_step():
     assert "lpips" not in t0 and "lpips" in t1 and t1["lpips"] > 0
 
 
-@pytest.mark.parametrize("name", ["tiny-mnist", "kl-f8", "kl-f4", "vq-f4", "dcae-f32"])
+@pytest.mark.parametrize("name", ["tiny-mnist", "kl-f8", "kl-f4", "vq-f4", "dcae-f32", "movq-f4", "movq-f8",
+                                  "vqvae2-f4", "dcae-f32-phase2", "dcae-f32-phase3"])
 def test_yaml_configs_are_valid(name):
     import inspect
     from pathlib import Path

@@ -162,7 +162,8 @@ class AutoencoderLoss(nn.Module):
         if train_g:
             g_loss = self._gen(logits[2])
             w = torch.tensor(c.disc_weight, device=x.device)
-            if c.adaptive_weight and torch.is_grad_enabled():
+            # A frozen decoder head (e.g. a DC-AE phase training other layers) has no gradient to balance.
+            if c.adaptive_weight and torch.is_grad_enabled() and last_layer.requires_grad:
                 g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
                 g_g = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
                 w = (g_nll.float().norm() / (g_g.float().norm() + 1e-4)).clamp(0.0, 1e4).detach() * c.disc_weight

@@ -4,26 +4,35 @@ One optimiser, automatic optimisation: Lightning's DeepSpeed strategy supports a
 and manual optimisation would bypass the base's NaN guard, gradient clipping and accumulation. The
 autoencoder and the PatchGAN discriminator are two param groups of that optimiser (separate LRs) and
 train in the same backward pass; loss.py explains how the generator/discriminator gradients are kept
-apart. Latent statistics (`scale_factor`, ...) are computed at the end of training, before the
-final checkpoint is written, so checkpoints and exports carry them.
+apart. Latent statistics (`scale_factor`, ...) have one owner, the `LatentStatistics` callback this
+module adds (latent_stats.py): measured after the final step, before the final checkpoint is written,
+so checkpoints and exports carry them.
+
+Training phases (DC-AE, arXiv 2410.10733 sec. 3.3): `init_from` starts a run from a previous phase's
+weights and `train_only` freezes every autoencoder parameter whose name matches none of its patterns,
+e.g. phase 2 (high-resolution latent adaptation: only the layers next to the latent, at a higher
+image_size) and phase 3 (local refinement: only the decoder head, with the GAN loss). See
+configs/autoencoder/dcae-f32-phase{2,3}.yaml.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fnmatch
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ldm_lightning.autoencoder.autoencoder import Autoencoder, AutoencoderConfig
+from ldm_lightning.autoencoder.latent_stats import STAT_BUFFERS, LatentStatistics
+from ldm_lightning.autoencoder.load import CHECKPOINT_TAG
 from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
 from ldm_lightning.data.transforms import ensure_model_range
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.speed import SpeedConfig, SpeedLevers, as_speed, images_channels_last, to_channels_last
 from ldm_lightning.training.strategies import maybe_compile
-
-CHECKPOINT_TAG = "ldm_lightning.autoencoder.AutoencoderModule"
 
 
 def _as(cls, value):
@@ -44,7 +53,8 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
                  guard: GuardConfig | None = None, seed: int = 0, image_size: int | None = None,
                  sample_posterior: bool = True, scale_batches: int = 4, scale_use_shift: bool = False,
                  fid_inception_weights: str | None = None, log_images: int = 8, compile: bool = False,
-                 speed: SpeedConfig | dict | None = None):
+                 speed: SpeedConfig | dict | None = None, train_only: list[str] | None = None,
+                 init_from: str | None = None):
         """
         Args:
             preset: autoencoder preset name (presets.py) or None for AutoencoderConfig defaults.
@@ -56,11 +66,17 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
             scale_batches: train batches used to compute the latent scale factor at the end of fit.
             scale_use_shift: also store the latent mean as shift_factor (else shift 0, as LDM/SD).
             fid_inception_weights: local FID Inception weights (pt_inception-2015-12-05); rFID skipped if None.
-            log_images: images in the validation reconstruction grid (W&B only).
+            log_images: images in the validation reconstruction grid (the logger's `log_image`, else PNGs
+                under <log_dir>/reconstructions when a logger is set).
             compile: `torch.compile` the encoder and decoder of the trained (live) autoencoder in place;
                 parameter names do not change, so checkpoints load with or without it.
             speed: GPU throughput levers (training/speed.py): channels_last (autoencoder, discriminator and
                 their inputs in NHWC), tf32. compile_mode 'blocks' is for the diffusion backbone only.
+            train_only: fnmatch patterns over the autoencoder's parameter names (`decoder.conv_out.*`);
+                only matching parameters train, the rest are frozen (null: all train). A pattern that
+                matches nothing is an error. The discriminator always trains when the GAN is on.
+            init_from: weights to start from (a previous phase's .ckpt (EMA weights) or export, anything
+                `load_autoencoder` reads); applied at the start of a fresh fit, not on resume.
         """
         super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed)
         if preset is not None and preset not in PRESETS:
@@ -86,23 +102,53 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
             "seed": seed, "image_size": image_size, "sample_posterior": sample_posterior,
             "scale_batches": scale_batches, "scale_use_shift": scale_use_shift,
             "fid_inception_weights": fid_inception_weights, "log_images": log_images, "compile": compile,
-            "speed": _plain(self.speed)})
+            "speed": _plain(self.speed), "train_only": list(train_only) if train_only else None,
+            "init_from": init_from})
         self.autoencoder = Autoencoder(cfg)
+        self.train_only, self.init_from = train_only, init_from
+        if train_only:
+            self._freeze_all_but(list(train_only))
         self.loss = AutoencoderLoss(self.loss_cfg, cfg.out_channels or cfg.in_channels)
         if self.speed.channels_last:  # before the EMA copy, so both are NHWC
             to_channels_last(self.autoencoder, self.loss.discriminator)
         self.setup_ema(self.autoencoder)
         # After the EMA copy: the EMA weights only evaluate (validation, scale factor), eagerly.
-        if compile and self.loss.discriminator is not None and self.loss_cfg.adaptive_weight:
-            # The adaptive GAN weight takes autograd.grad(..., retain_graph=True) through the decoder;
-            # AOTAutograd's donated buffers forbid retaining a compiled backward graph. Process-wide,
-            # and it only costs the memory that buffer donation would have saved.
-            import torch._functorch.config
-            torch._functorch.config.donated_buffer = False
+        # The adaptive GAN weight takes autograd.grad(..., retain_graph=True) through the decoder, and
+        # AOTAutograd's donated buffers forbid retaining a compiled backward graph: the training step
+        # turns donation off for itself only (compute_loss), where the compiled graphs are built.
+        self._keep_buffers = compile and self.loss.discriminator is not None and self.loss_cfg.adaptive_weight
         for part in (self.autoencoder.encoder, self.autoencoder.decoder):
-            maybe_compile(part, compile)
+            if any(p.requires_grad for p in part.parameters()):  # a frozen (RAE) encoder runs eagerly
+                maybe_compile(part, compile)
         self._data_checked = False
-        self._scale_done = False
+
+    def _freeze_all_but(self, patterns: list[str]) -> None:
+        names = [n for n, _ in self.autoencoder.named_parameters()]
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            tops = sorted({n.split(".")[0] + "." + n.split(".")[1] + ".*" for n in names if n.count(".") >= 2})
+            raise ValueError(f"model.train_only patterns {unmatched} match no autoencoder parameter; names look "
+                             f"like {names[0]!r} (groups: {tops[:12]})")
+        for n, p in self.autoencoder.named_parameters():
+            if p.requires_grad and not any(fnmatch.fnmatchcase(n, pat) for pat in patterns):
+                p.requires_grad_(False)
+
+    def configure_callbacks(self):
+        # The one owner of the latent statistics (latent_stats.py); Lightning orders it before checkpoints.
+        return [LatentStatistics(self.scale_batches, self.scale_use_shift)]
+
+    def on_fit_start(self) -> None:
+        self._check_datamodule()
+        if self.init_from and self.trainer.ckpt_path is None and self.global_step == 0:
+            from ldm_lightning.autoencoder.load import load_autoencoder
+            src = load_autoencoder(self.init_from)
+            if src.config.to_dict() | {"scale_factor": 0, "shift_factor": 0} != \
+                    self.autoencoder.config.to_dict() | {"scale_factor": 0, "shift_factor": 0}:
+                raise ValueError(f"model.init_from={self.init_from!r} holds another architecture than this "
+                                 "model's autoencoder config; start from a checkpoint of the same preset/overrides")
+            sd = {k: v for k, v in src.state_dict().items() if k not in STAT_BUFFERS}
+            for net in {id(m): m for m in (self.autoencoder, self.ema_or_live())}.values():
+                net.load_state_dict(sd, strict=False)
 
     # --- start-up checks -------------------------------------------------------------------------
     def check_images(self, x: torch.Tensor) -> None:
@@ -121,7 +167,7 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
         if self.image_size is not None and tuple(x.shape[2:]) != (self.image_size, self.image_size):
             raise ValueError(f"data image size {tuple(x.shape[2:])} != model.image_size={self.image_size}")
 
-    def on_fit_start(self) -> None:
+    def _check_datamodule(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         for size_attr in ("image_size", "resolution"):
             size = getattr(dm, size_attr, None)
@@ -139,8 +185,13 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
             self.check_images(x)
             self._data_checked = True
         g = self.step_generator("posterior")
-        recon, posterior = self.autoencoder(x, sample_posterior=self.sample_posterior, generator=g)
-        return self.loss(x, recon, posterior, int(self.global_step), self.autoencoder.last_layer)
+        scope = contextlib.nullcontext()
+        if self._keep_buffers:
+            import torch._functorch.config as functorch_config
+            scope = functorch_config.patch(donated_buffer=False)
+        with scope:
+            recon, posterior = self.autoencoder(x, sample_posterior=self.sample_posterior, generator=g)
+            return self.loss(x, recon, posterior, int(self.global_step), self.autoencoder.last_layer)
 
     def optimizer_param_groups(self):
         ae = [p for p in self.autoencoder.parameters() if p.requires_grad]
@@ -186,7 +237,7 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
         x = ensure_model_range(batch["image"])                   # (B, C, H, W) in [-1, 1]
         net = self.ema_or_live()
         posterior = net.encode(x)
-        recon = net.decode_latent(posterior.mode()).float()      # (B, C, H, W)
+        recon = net.decode_latent(net.decoder_input(posterior)).float()  # (B, C, H, W)
         x01, r01 = (x.float() + 1) / 2, ((recon + 1) / 2).clamp(0, 1)
         m = self._val_metrics
         m["psnr"].update(r01, x01)
@@ -209,81 +260,20 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
         self._log_media()
 
     def _log_media(self) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-        if self._val_first is None or not isinstance(self.logger, WandbLogger) or self.global_rank != 0:
+        if self._val_first is None or self.global_rank != 0 or self.trainer.sanity_checking:
             return
-        import torchvision
-        import wandb
+        from ldm_lightning.training.media import image_grid, log_image_grid
         x, r, z = self._val_first
         pairs = torch.stack([x, r.clamp(-1, 1)], 1).flatten(0, 1)  # (2n, C, H, W): input | reconstruction
-        grid = torchvision.utils.make_grid((pairs + 1) / 2, nrow=2 * min(4, len(x)))
-        self.logger.log_image("val/reconstructions", [grid], step=self.global_step, caption=["input | recon"])
-        self.logger.experiment.log({"val/latent_hist": wandb.Histogram(z.flatten().cpu().numpy()),
-                                    "trainer/global_step": self.global_step})
-
-    # --- latent scale factor ---------------------------------------------------------------------
-    @torch.no_grad()
-    def update_scale_factor(self, loader=None) -> dict[str, torch.Tensor]:
-        """Compute latent statistics with the exported (EMA) weights on `scale_batches` batches of
-        `loader` (default: the train loader) and store them in both the live and EMA autoencoder."""
-        dm, data_state = None, None
-        if loader is None:
-            dm = getattr(self.trainer, "datamodule", None)
-            loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
-            # A fresh pass over a resumable loader (ShardDataModule) moves its position: put it back,
-            # so the checkpoint's data position is the training run's, not this side pass's.
-            if dm is not None and hasattr(dm, "state_dict") and hasattr(dm, "load_state_dict"):
-                data_state = dm.state_dict()
-        net = self.ema_or_live()
-        batches = ({"image": ensure_model_range(b["image"].to(self.device))} for b in loader)
-        try:
-            stats = net.compute_scale_factor(batches, max_batches=self.scale_batches,
-                                             use_shift=self.scale_use_shift, generator=self.step_generator("scale"))
-        finally:
-            if data_state is not None:
-                dm.load_state_dict(data_state)
-        for m in (self.autoencoder, net):
-            for k in ("scale_factor", "shift_factor", "latent_mean", "latent_std"):
-                getattr(m, k).copy_(stats[k])
-        rank_zero_info(f"[ldm-lightning] latent scale_factor={float(stats['scale_factor']):.5f} "
-                       f"shift_factor={float(stats['shift_factor']):.5f} "
-                       f"per-channel std={[round(v, 4) for v in stats['latent_std'].tolist()]}")
-        self._scale_done = True
-        return stats
-
-    def _at_last_step(self, epoch_done: bool = False) -> bool:
-        """After the run's final optimizer step (max_steps reached, or the last batch of max_epochs)."""
-        t = self.trainer
-        if t is None:
-            return False
-        by_epochs = epoch_done and t.max_epochs not in (None, -1) and t.current_epoch + 1 >= t.max_epochs
-        return (0 < t.max_steps <= t.global_step) or by_epochs
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        # After the final optimizer step and before the end-of-run validation and checkpoints
-        # (ModelCheckpoint saves on validation end or train-epoch end), so they carry the factor.
-        epoch_done = batch_idx + 1 >= self.trainer.num_training_batches
-        if not self._scale_done and self.scale_batches > 0 and self._at_last_step(epoch_done):
-            self.update_scale_factor()
-
-    def on_train_epoch_end(self) -> None:
-        if not self._scale_done and self.scale_batches > 0 and self._at_last_step(epoch_done=True):
-            self.update_scale_factor()
-
-    def on_fit_end(self) -> None:
-        if not self._scale_done and self.scale_batches > 0:
-            self.update_scale_factor()
+        log_image_grid(self.trainer, "val/reconstructions", image_grid(pairs, nrow=2 * min(4, len(x))),
+                       self.global_step, caption="input | recon",
+                       png_dir="reconstructions" if self.logger is not None else None)
+        from lightning.pytorch.loggers import WandbLogger
+        if isinstance(self.logger, WandbLogger):
+            import wandb
+            self.logger.experiment.log({"val/latent_hist": wandb.Histogram(z.flatten().cpu().numpy()),
+                                        "trainer/global_step": self.global_step})
 
     def on_save_checkpoint(self, checkpoint) -> None:
-        # A checkpoint written at the final step by a callback that ran before our batch-end hook
-        # (e.g. ModelCheckpoint(every_n_train_steps)): compute the factor now and patch it in.
-        if not self._scale_done and self.scale_batches > 0 and self._at_last_step():
-            self.update_scale_factor()
-            sd = checkpoint.get("state_dict", {})
-            for prefix, net in (("autoencoder.", self.autoencoder), ("ema.module.", self.ema_or_live())):
-                for k in ("scale_factor", "shift_factor", "latent_mean", "latent_std"):
-                    if prefix + k in sd:
-                        sd[prefix + k] = getattr(net, k).detach().clone()
         # What `load_autoencoder` and `ldm-lightning export` dispatch on.
         checkpoint["ldm_lightning"] = {"module": CHECKPOINT_TAG, "autoencoder": self.autoencoder.config.to_dict()}

@@ -5,6 +5,9 @@ Options, each behind its own flag:
   arXiv 2110.04627) — improves codebook usage.
 - `ema`: codebook updated by exponential moving averages of assigned encodings instead of by the
   codebook loss (VQ-VAE appendix A.1; Razavi et al. 2019). The codebook then gets no gradient.
+- `heads`: multichannel quantisation (MoVQ, Zheng et al. 2022, arXiv 2209.09002): the D latent channels
+  are split into `heads` groups of D/heads, each looked up in the same codebook of D/heads-dim codes,
+  so one spatial position holds `heads` codes (K^heads combinations for the price of K codes).
 - `restart_threshold`: codes whose EMA assignment count falls below it are re-initialised from
   random encodings of the current batch (dead-code restart, Dhariwal et al. 2020 "Jukebox";
   Zeghidour et al. 2021 "SoundStream"). The first training step therefore initialises the whole
@@ -34,13 +37,16 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 class VectorQuantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, l2_normalize: bool = False,
                  ema: bool = False, ema_decay: float = 0.99, restart_threshold: float = 0.0,
-                 usage_decay: float = 0.99):
+                 usage_decay: float = 0.99, heads: int = 1):
         super().__init__()
-        self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
+        if heads < 1 or dim % heads:
+            raise ValueError(f"autoencoder.vq_heads={heads} must be >= 1 and divide the latent width {dim}")
+        # `dim` is the width of one code: the latent's channels are `heads` codes side by side.
+        self.codebook_size, self.dim, self.beta, self.heads = codebook_size, dim // heads, beta, heads
         self.l2_normalize, self.use_ema, self.ema_decay = l2_normalize, ema, ema_decay
         self.restart_threshold, self.usage_decay = restart_threshold, usage_decay
         # `embedding.weight` is taming-transformers' name (`quantize.embedding.weight`).
-        self.embedding = nn.Embedding(codebook_size, dim)
+        self.embedding = nn.Embedding(codebook_size, self.dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         if ema:
             self.embedding.weight.requires_grad_(False)
@@ -52,9 +58,34 @@ class VectorQuantizer(nn.Module):
         e = self.embedding.weight.float()                        # (K, D)
         return F.normalize(e, dim=1) if self.l2_normalize else e
 
+    def _split(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, heads*d, h, w) -> (B*heads, d, h, w): each head a separate latent for the shared codebook."""
+        if self.heads == 1:
+            return z
+        B, _, h, w = z.shape
+        return z.reshape(B * self.heads, self.dim, h, w)
+
+    def _merge(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_split`: (B*heads, d, h, w) -> (B, heads*d, h, w)."""
+        if self.heads == 1:
+            return z
+        return z.reshape(z.shape[0] // self.heads, self.heads * self.dim, *z.shape[2:])
+
+    def _idx_out(self, idx: torch.Tensor) -> torch.Tensor:
+        # (B*heads, h, w) -> (B, h, w) for one head, (B, heads, h, w) for several.
+        return idx if self.heads == 1 else idx.reshape(-1, self.heads, *idx.shape[1:])
+
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
-        """Nearest-code indices for z (B, D, h, w) -> (B, h, w)."""
-        flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, D)
+        """Nearest-code indices for z (B, D, h, w) -> (B, h, w), or (B, heads, h, w) with several heads."""
+        return self._idx_out(self._lookup(self._split(z)))
+
+    def snap(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, D, h, w) -> its nearest codes (B, D, h, w), no gradient path: how a decoder reads latents
+        that a diffusion model produced off the codebook (LDM's VQModelInterface quantises in decode)."""
+        return self.embed(self.lookup(z)).to(z.dtype)
+
+    def _lookup(self, z: torch.Tensor) -> torch.Tensor:
+        flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.dim)  # (N, d)
         if self.l2_normalize:
             flat = F.normalize(flat, dim=1)
         e = self.codebook()
@@ -63,25 +94,30 @@ class VectorQuantizer(nn.Module):
         return d.argmin(1).reshape(z.shape[0], z.shape[2], z.shape[3])
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Indices (B, h, w) -> codes (B, D, h, w)."""
-        return F.embedding(idx, self.codebook()).permute(0, 3, 1, 2).contiguous()
+        """Indices (B, h, w) (or (B, heads, h, w)) -> codes (B, D, h, w)."""
+        if self.heads > 1:
+            idx = idx.flatten(0, 1)                              # (B*heads, h, w)
+        return self._merge(self._embed(idx))
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.codebook()).permute(0, 3, 1, 2).contiguous()  # (N, d, h, w)
 
     def forward(self, z: torch.Tensor, generator: torch.Generator | None = None):
         """Returns (z_q with straight-through gradient, vq loss, stats) for z (B, D, h, w)."""
-        zf = z.float()
+        zf = self._split(z.float())                              # (B*heads, d, h, w)
         if self.l2_normalize:
             zf = F.normalize(zf, dim=1)
-        idx = self.lookup(zf)                                    # (B, h, w)
+        idx = self._lookup(zf)                                   # (B*heads, h, w)
         counts = torch.bincount(idx.flatten(), minlength=self.codebook_size).float()  # (K,)
         if self.training:
             self._update(zf, idx, counts, generator)
-        zq = self.embed(idx)                                     # (B, D, h, w), post-update codebook
+        zq = self._embed(idx)                                    # (B*heads, d, h, w), post-update codebook
         commit = F.mse_loss(zf, zq.detach())
         loss = self.beta * commit if self.use_ema else F.mse_loss(zq, zf.detach()) + self.beta * commit
-        zq = zf + (zq - zf).detach()                             # straight-through estimator
+        zq = self._merge(zf + (zq - zf).detach())                # straight-through estimator, (B, D, h, w)
         p = counts / counts.sum()
         stats = {"perplexity": torch.exp(-(p * torch.log(p.clamp_min(1e-10))).sum()),
-                 "usage": (counts > 0).float().mean(), "indices": idx}
+                 "usage": (counts > 0).float().mean(), "indices": self._idx_out(idx)}
         return zq.to(z.dtype), loss, stats
 
     @torch.no_grad()
