@@ -1,7 +1,11 @@
 # Shared body of slurm/train_*.sbatch (sourced inside the job). Environment it reads:
-#   CONFIG      config file for the training command (required)
+#   CONFIG      config file(s) for the training command (required); several are composed in order, e.g.
+#               CONFIG="configs/autoencoder/kl-f8.yaml configs/trainer/multinode-ddp.yaml"
 #   OVERRIDES   extra arguments, e.g. "--trainer.max_steps=1000 --data.batch_size=64" (optional)
-#   TRAIN_CMD   training command (default: `ldm-lightning fit`); gets `-c $CONFIG $OVERRIDES --ckpt_path last`
+#   TRAIN_CMD   training command (default: `ldm-lightning fit`); gets `-c CONFIG... $OVERRIDES --ckpt_path last`
+#   LDM_MASTER_ADDR  rendezvous address override (e.g. 127.0.0.1 when "nodes" are emulated on one machine)
+# Fault tolerance is the CLI's default: SIGUSR1 (--signal=USR1@90, or `scancel --signal=USR1 --full`) saves at
+# the next step boundary and requeues the job; the restart resumes from <default_root_dir>/checkpoints.
 #   VENV        a virtualenv to activate first (optional)
 #   MASTER_PORT rendezvous port (default: derived from the job id)
 # shellcheck shell=bash
@@ -32,10 +36,12 @@ ldm_slurm_launch() {
   trap 'echo "[ldm-slurm] USR1 reached the batch shell; the tasks checkpoint and requeue"' USR1
   local cmd
   read -r -a cmd <<< "${TRAIN_CMD:-ldm-lightning fit}"
-  local -a overrides=()
+  local -a overrides=() configs=()
   if [ -n "${OVERRIDES:-}" ]; then read -r -a overrides <<< "$OVERRIDES"; fi
+  local c
+  for c in $CONFIG; do configs+=(-c "$c"); done
   # --ckpt_path last: the newest VALID checkpoint of this run (none on the first start -> from scratch).
   # --kill-on-bad-exit: one crashed rank ends the step instead of leaving the others in a collective.
-  srun --kill-on-bad-exit=1 "${cmd[@]}" -c "$CONFIG" "${overrides[@]}" \
+  srun --kill-on-bad-exit=1 "${cmd[@]}" "${configs[@]}" "${overrides[@]}" \
        --trainer.num_nodes="${SLURM_NNODES}" --trainer.devices="${SLURM_NTASKS_PER_NODE:-1}" --ckpt_path last
 }

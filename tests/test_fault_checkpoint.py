@@ -104,7 +104,7 @@ def test_truncated_last_falls_back_to_previous_good(tmp_path, capsys, arg):
     assert chosen.path == str(d / "step=00000008.ckpt") and chosen.global_step == 8
     out = capsys.readouterr().out
     assert "skipping unusable checkpoint" in out and "last.ckpt" in out and "step=00000012.ckpt" in out
-    assert f"resuming from {d / 'step=00000008.ckpt'}" in out
+    assert f"using {d / 'step=00000008.ckpt'} instead of the newer but unusable 2 file(s)" in out
 
 
 def test_resolve_edge_cases(tmp_path):

@@ -105,6 +105,13 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         self._start_step = trainer.global_step
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # No periodic save inside a run of skipped non-finite steps: they change no weights, and rotating
+        # them in would push out the good checkpoints a non-finite stop falls back to.
+        if int(getattr(pl_module, "nonfinite_consecutive", 0)) > 0:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def save_now(self, trainer) -> str:
         """Save this step as a step checkpoint and `last.ckpt` now (all ranks call it); returns last's path."""
         candidates = self._monitor_candidates(trainer)

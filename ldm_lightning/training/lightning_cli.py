@@ -90,8 +90,8 @@ def resolve_ckpt_path(requested: str | None, directory: str, max_steps: int | No
     if requested is None:
         found = resolve_resume_checkpoint(directory) if os.path.isdir(directory) else None
         if found is not None:
-            say(f"{directory} holds checkpoints of an earlier run: resuming from {found.path} "
-                "(a rerun in the same run directory resumes; for a fresh run use a new --trainer.default_root_dir)")
+            say(f"{directory} holds checkpoints of an earlier run; a rerun in the same run directory resumes "
+                "(for a fresh run use a new --trainer.default_root_dir)")
     elif requested == "last":
         found = resolve_resume_checkpoint(directory)
         if found is None:
@@ -100,6 +100,7 @@ def resolve_ckpt_path(requested: str | None, directory: str, max_steps: int | No
         found = resolve_resume_checkpoint(requested)
     if found is None:
         return None
+    say(f"resuming from {found.path}" + (f" (global step {found.global_step})" if found.global_step is not None else ""))
     if found.global_step is not None and max_steps is not None and 0 < max_steps <= found.global_step:
         say(f"{found.path} is at global step {found.global_step} and trainer.max_steps={max_steps}: nothing left "
             "to train (raise --trainer.max_steps to train longer)")

@@ -138,7 +138,7 @@ def resolve_resume_checkpoint(dir_or_path: str | os.PathLike | None, *, must_exi
             say(f"WARNING: skipping unusable checkpoint: {e}", verbose)
             continue
         if bad:
-            say(f"resuming from {c} instead of the newer but unusable {len(bad)} file(s) above", verbose)
+            say(f"using {c} instead of the newer but unusable {len(bad)} file(s) above", verbose)
         step = ckpt.get("global_step")
         return ResolvedCheckpoint(str(c), int(step) if step is not None else None)
     if candidates or must_exist:

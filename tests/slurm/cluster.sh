@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# A REAL single-node Slurm cluster for the `@pytest.mark.slurm` tests (Debian's slurm 22.05).
+# A REAL Slurm cluster for the `@pytest.mark.slurm` tests (Debian's slurm 22.05): N emulated nodes n1..nN
+# (default 2; LDM_SLURM_NODES), each its own slurmd on 127.0.0.1 with its own port, so a 1-node job and a
+# 2-node job (DDP across "nodes", rendezvous on 127.0.0.1) both run on one machine.
 #
 #   bash tests/slurm/cluster.sh up     # install (if missing) + start munged, slurmctld, slurmd; wait for `idle`
 #   eval "$(bash tests/slurm/cluster.sh env)"   # export SLURM_CONF for sinfo/sbatch/squeue
@@ -12,6 +14,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STATE="${LDM_SLURM_DIR:-/tmp/ldm-slurm}"
 CONF="$STATE/slurm.conf"
 CPUS="${LDM_SLURM_CPUS:-4}"
+NODES="${LDM_SLURM_NODES:-2}"
 
 log() { echo "[slurm-cluster] $*" >&2; }
 
@@ -56,28 +59,32 @@ up() {
   if [ -s "$STATE/slurmctld.pid" ] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null; then
     log "already up ($STATE)"; return
   fi
-  rm -rf "$STATE"; mkdir -p "$STATE/ctld" "$STATE/spool"
-  sed -e "s#@STATE@#$STATE#g" -e "s#@CPUS@#$CPUS#g" \
+  rm -rf "$STATE"; mkdir -p "$STATE/ctld"
+  local i node_lines=""
+  for i in $(seq "$NODES"); do
+    mkdir -p "$STATE/spool-n$i"
+    node_lines+="NodeName=n$i NodeAddr=127.0.0.1 Port=$(free_port) CPUs=$CPUS State=UNKNOWN\n"
+  done
+  sed -e "s#@STATE@#$STATE#g" -e "s#@NODES@#${node_lines%\\n}#" -e "s#@NODELIST@#n[1-$NODES]#" \
       -e "s#@CTLD_PORT@#${LDM_SLURM_CTLD_PORT:-$(free_port)}#g" \
-      -e "s#@SLURMD_PORT@#${LDM_SLURM_SLURMD_PORT:-$(free_port)}#g" \
       "$HERE/slurm.conf.in" > "$CONF"
   start_munge
   export SLURM_CONF="$CONF"
   slurmctld -i -f "$CONF"
-  slurmd -N localhost -f "$CONF"
+  for i in $(seq "$NODES"); do slurmd -N "n$i" -f "$CONF"; done
   local t0=$SECONDS
-  until sinfo -h -o '%T' 2>/dev/null | grep -qx idle; do
+  until [ "$(sinfo -h -N -o '%T' 2>/dev/null | grep -cx idle)" = "$NODES" ]; do
     if (( SECONDS - t0 > 60 )); then
       log "node did not become idle in 60 s; logs:"; tail -n 20 "$STATE"/slurm*.log >&2; exit 1
     fi
     sleep 0.5
   done
-  log "up in $((SECONDS - t0)) s: $(sinfo -h -o '%P %D %c %T')  (export SLURM_CONF=$CONF)"
+  log "up in $((SECONDS - t0)) s: $(sinfo -h -o '%P %D %c %T %N')  (export SLURM_CONF=$CONF)"
 }
 
 down() {
   local f pid
-  for f in slurmd slurmctld munged; do
+  for f in $(cd "$STATE" 2>/dev/null && ls slurmd-*.pid 2>/dev/null | sed 's/\.pid$//') slurmctld munged; do
     [ -s "$STATE/$f.pid" ] || continue
     pid="$(cat "$STATE/$f.pid")"
     if kill -0 "$pid" 2>/dev/null; then kill "$pid" 2>/dev/null || true; fi

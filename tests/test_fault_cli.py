@@ -1,0 +1,209 @@
+"""Fault tolerance through the user path: `ldm-lightning fit` (the installed console script) in a subprocess,
+with the SHIPPED configs, on real MNIST shards. Nothing in the configs lists a fault-tolerance piece: the
+defaults of the CLI do all of it. The one extra file (`ckpt.yaml`) is what a user writes to checkpoint every
+4 steps instead of the shipped 25.
+
+- SIGUSR1 -> saved at the next step boundary, exit 75; SIGTERM -> saved, exit 143 (outside Slurm).
+- SIGKILL at an arbitrary moment -> `--ckpt_path last` ends at the configured step, bitwise equal to an
+  uninterrupted run (weights, EMA, optimizer state), for both stages; mid-epoch.
+- a truncated `last.ckpt` -> the previous good checkpoint; a crafted pickle -> refused, no code runs.
+- a finished run -> a checkpoint of the final step; a rerun in the same directory resumes (never restarts).
+- a non-finite stop -> exit 3, `nonfinite-stop.ckpt` holds the state from before the first non-finite step.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LDM = str(Path(sys.executable).parent / "ldm-lightning")
+STEPS = 12
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def stage_args(stage: str, shards: dict, ae: str, out: Path, every: int = 4) -> list[str]:
+    """The README's fit command for a stage, with only data paths, sizes and steps overridden."""
+    (out).mkdir(parents=True, exist_ok=True)
+    ckpt_cfg = out.parent / "ckpt.yaml"
+    ckpt_cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "ldm_lightning.training.checkpointing.StepCheckpoint",
+         "init_args": {"every_n_train_steps": every, "keep_last_k": 2}}]}}))
+    config = {"autoencoder": "configs/autoencoder/tiny-mnist.yaml",
+              "diffusion": "configs/diffusion/mnist-unet-class.yaml"}[stage]
+    args = ["-c", str(ROOT / config), "-c", str(ROOT / "configs/trainer/cpu-debug.yaml"), "-c", str(ckpt_cfg),
+            "--data.init_args.train_shards", shards["train"], "--data.init_args.val_shards", shards["test"],
+            "--data.init_args.batch_size", "16", "--trainer.max_steps", str(STEPS),
+            "--trainer.default_root_dir", str(out)]
+    if stage == "diffusion":
+        args += ["--model.init_args.autoencoder", ae, "--model.init_args.val_num", "0"]
+    return args
+
+
+def env() -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_RUN_ID"))}
+    e.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    return e
+
+
+def fit(args: list[str], *extra: str, expect: int = 0, timeout: int = 400) -> subprocess.CompletedProcess:
+    r = subprocess.run([LDM, "fit", *args, *extra], capture_output=True, text=True, cwd=ROOT, env=env(),
+                       timeout=timeout)
+    assert r.returncode == expect, f"fit exited {r.returncode}, expected {expect}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def start(args: list[str], *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([LDM, "fit", *args, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, env=env())
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"fit ended ({proc.returncode}) before {path} appeared:\n{proc.stdout.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.05)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    diff = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:5]}"
+    assert any(k.startswith("ema.") for k in a["state_dict"]), "the EMA must be in the checkpoint"
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for pid, sa in opt_a["state"].items():
+            assert torch.equal(sa["exp_avg"], opt_b["state"][pid]["exp_avg"])
+            assert torch.equal(sa["exp_avg_sq"], opt_b["state"][pid]["exp_avg_sq"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, mnist_shards, tiny_ae):
+    """Uninterrupted runs of both stages: {stage: run dir}."""
+    runs = {}
+    for stage in ("autoencoder", "diffusion"):
+        out = tmp_path_factory.mktemp(f"ref-{stage}") / "run"
+        fit(stage_args(stage, mnist_shards, tiny_ae, out))
+        runs[stage] = out
+    return runs
+
+
+def test_finished_run_has_its_final_step_and_a_rerun_resumes(reference, mnist_shards, tiny_ae):
+    ckpts = reference["autoencoder"] / "checkpoints"
+    # every 4 steps, keep 2, plus last: the final step is saved whatever every_n_train_steps says
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step=00000008.ckpt", "step=00000012.ckpt"]
+    assert load(ckpts / "last.ckpt")["global_step"] == STEPS
+    # The same command again: resumes from the final step and has nothing left to train (no silent restart,
+    # no last-v1.ckpt).
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+    r = fit(stage_args("autoencoder", mnist_shards, tiny_ae, reference["autoencoder"]))
+    assert "holds checkpoints of an earlier run" in r.stdout and f"resuming from {ckpts / 'last.ckpt'}" in r.stdout
+    assert "nothing left to train" in r.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "diffusion"])
+def test_sigkill_at_an_arbitrary_moment_then_resume_is_bitwise_exact(stage, reference, tmp_path, mnist_shards,
+                                                                      tiny_ae):
+    out = tmp_path / "run"
+    args = stage_args(stage, mnist_shards, tiny_ae, out)
+    proc = start(args)
+    wait_for_file(out / "checkpoints" / "step=00000004.ckpt", proc)
+    time.sleep(random.uniform(0.0, 1.5))  # anywhere in steps 4..11 (2,000 samples / 16 = 125 per epoch: mid-epoch)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (out / "checkpoints" / f"step={STEPS:08d}.ckpt").exists(), "killed too late to test a resume"
+    r = fit(args, "--ckpt_path", "last")
+    assert "resuming" not in r.stdout or "unusable" not in r.stdout
+    assert_same_state(load(reference[stage] / "checkpoints" / "last.ckpt"), load(out / "checkpoints" / "last.ckpt"))
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGUSR1, 75), (signal.SIGTERM, 143)], ids=["usr1", "term"])
+def test_signal_saves_at_the_next_step_and_exits_with_its_code(sig, code, tmp_path, mnist_shards, tiny_ae):
+    out = tmp_path / "run"
+    args = stage_args("autoencoder", mnist_shards, tiny_ae, out)
+    proc = start(args, "--trainer.max_steps", "1000")
+    wait_for_file(out / "checkpoints" / "step=00000004.ckpt", proc)
+    proc.send_signal(sig)
+    log, _ = proc.communicate(timeout=180)
+    assert proc.returncode == code, log[-3000:]
+    name = signal.Signals(sig).name
+    assert f"{name} received: saving at global step" in log
+    step = int(log.split(f"{name} received: saving at global step ")[1].split()[0])
+    assert 4 <= step < 1000
+    last = load(out / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == step
+    assert (out / "checkpoints" / f"step={step:08d}.ckpt").exists()
+
+
+def test_truncated_last_and_crafted_pickle_fall_back_to_the_good_checkpoint(reference, tmp_path, mnist_shards,
+                                                                            tiny_ae):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(reference["autoencoder"] / "checkpoints", out / "checkpoints")
+    ckpts = out / "checkpoints"
+    last = ckpts / "last.ckpt"
+    with open(last, "r+b") as f:
+        f.truncate(last.stat().st_size // 2)
+    marker = tmp_path / "pwned"
+    evil = ckpts / "step=00000099.ckpt"
+    subprocess.run([sys.executable, "-c", (
+        "import os, torch\n"
+        "class Evil:\n"
+        f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
+        "torch.save({'state_dict': {}, 'global_step': 99, 'epoch': 0, 'loops': {}, 'optimizer_states': [],"
+        f" 'lr_schedulers': [], 'x': Evil()}}, r'{evil}')\n")], check=True, timeout=60)
+    now = time.time_ns()
+    os.utime(evil, ns=(now + 2 * 10**9,) * 2)  # the newest file, then the truncated last.ckpt
+    os.utime(last, ns=(now + 10**9,) * 2)
+    r = fit(stage_args("autoencoder", mnist_shards, tiny_ae, out), "--ckpt_path", "last",
+            "--trainer.max_steps", str(STEPS + 2))
+    assert not marker.exists(), "a crafted checkpoint ran code"
+    assert "skipping unusable checkpoint" in r.stdout and "step=00000099.ckpt" in r.stdout and "refused" in r.stdout
+    assert "last.ckpt cannot be loaded safely" in r.stdout
+    assert f"resuming from {ckpts / f'step={STEPS:08d}.ckpt'}" in r.stdout  # (the newer files are unusable)
+    assert load(ckpts / "last.ckpt")["global_step"] == STEPS + 2
+
+
+def test_explicit_missing_checkpoint_is_one_clear_line(tmp_path, mnist_shards, tiny_ae):
+    r = fit(stage_args("autoencoder", mnist_shards, tiny_ae, tmp_path / "run"), "--ckpt_path",
+            str(tmp_path / "nope.ckpt"), expect=2)
+    assert "nope.ckpt does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nonfinite_stop_keeps_the_state_from_before_the_first_nonfinite_step(tmp_path, mnist_shards, tiny_ae):
+    out = tmp_path / "run"
+    # lr 1e6: step 1 is finite (and blows the weights up), step 2 is not. Saving every step puts a checkpoint
+    # right before the first non-finite step; none is written during the skipped streak.
+    r = fit(stage_args("autoencoder", mnist_shards, tiny_ae, out, every=1), "--model.init_args.optim.lr", "1e6",
+            "--model.init_args.optim.warmup_steps", "0", "--model.init_args.guard.max_consecutive", "3",
+            "--trainer.max_steps", "200", expect=3)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "training stopped: non-finite" in r.stderr and "nonfinite-stop.ckpt" in r.stderr
+    first_bad = int(r.stdout.split("non-finite ")[1].split("at global step ")[1].split()[0])
+    stop = load(out / "checkpoints" / "nonfinite-stop.ckpt")
+    assert stop["global_step"] == first_bad
+    assert all(torch.isfinite(v).all() for v in stop["state_dict"].values() if v.is_floating_point())
+    # the newest step checkpoint from before the first non-finite step, and the message says so
+    source = r.stderr.split("a copy of ")[1].split(",")[0]
+    assert source in ("last.ckpt", f"step={first_bad:08d}.ckpt"), r.stderr[-2000:]
+    assert_same_state(load(out / "checkpoints" / f"step={first_bad:08d}.ckpt"), stop)
+    # Never a last.ckpt written after the first non-finite step.
+    last = out / "checkpoints" / "last.ckpt"
+    assert not last.exists() or load(last)["global_step"] <= first_bad
