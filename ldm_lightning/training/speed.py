@@ -44,14 +44,6 @@ class SpeedConfig:
     share one compiled code, so compile time no longer grows with depth; the small glue between blocks
     stays eager). Default 'model', PROVISIONAL pending the GPU bench (whole-model graphs can fuse across
     block boundaries)."""
-    sync_free_guard: bool = False
-    """Decide the non-finite guard on the device: no `.item()` / all-reduce-then-read per step, the skip
-    is done by the fused AdamW kernel (`found_inf`), EMA and the skip counters update on the device, and
-    the host reads the counters only every `trainer.log_every_n_steps` steps (warnings and the
-    `guard.max_consecutive` stop come up to that many steps late: a semantic change, hence off by
-    default). Needs `optim.implementation` 'fused' (or 'auto' on CUDA) and a torch optimizer (not
-    DeepSpeed). Per-timestep-bin losses are also computed only on logging steps under this flag."""
-
     def __post_init__(self):
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"speed.compile_mode must be one of {COMPILE_MODES}; got {self.compile_mode!r}")
