@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -262,3 +263,45 @@ def test_pack_does_not_follow_links_out_of_the_source(tmp_path):
     r = _cli("data", "pack", "--source", str(src), "--out", str(tmp_path / "out2"), "--no-progress",
              "--follow-external-links")
     assert r.returncode == 0 and _manifest(tmp_path / "out2")["num_samples"] == 3
+
+
+@pytest.mark.slow
+def test_encode_refuses_unsafe_names_keeps_readable_part_and_never_exits_0_on_nothing(mnist_shards, tiny_ae,
+                                                                                    tmp_path):
+    d = _copy(mnist_shards["test"], tmp_path / "shards")
+    kept = _unsafe_member(d)  # shard-000001: '../evil', '/abs/evil' and one good sample
+    f = d / "shard-000002.tar"
+    f.write_bytes(f.read_bytes()[:200_000])  # truncated input shard
+    r = _cli("data", "encode", "--autoencoder", tiny_ae, "--shards", str(d), "--out", str(tmp_path / "lat"),
+             "--batch-size", "50", "--device", "cpu", timeout=240)
+    assert r.returncode == 0, r.stderr
+    man = _manifest(tmp_path / "lat")
+    reasons = [s["reason"] for s in man["skipped"]]
+    assert sum("unsafe sample key" in x for x in reasons) == kept
+    assert any("unreadable after this point" in x and "truncated tar" in x for x in reasons)
+    assert "skipped" in r.stdout and "truncated tar" in r.stderr
+    for s in man["shards"]:
+        with tarfile.open(tmp_path / "lat" / s["name"]) as t:
+            names = t.getnames()
+        assert not any(n.startswith("/") or ".." in n.split("/") for n in names)
+        assert len({n.split(".")[0] for n in names}) == s["num_samples"]
+    assert man["shards"][1]["num_samples"] == 1  # the good sample of the hostile shard
+    assert 125 * 2 < man["num_samples"] < 125 * 3 + 1  # shards 0, 3 whole, 2 up to its cut, 1's good one
+    # every sample skipped (28 px images, pad to 16): a non-zero exit that says why, not "encoded 0 samples"
+    r = _cli("data", "encode", "--autoencoder", tiny_ae, "--shards", mnist_shards["test"], "--out",
+             str(tmp_path / "none"), "--image-size", "16", "--device", "cpu", timeout=240)
+    assert r.returncode == 1 and "every sample was skipped" in r.stderr and "larger than image_size" in r.stdout
+
+
+@pytest.mark.slow
+def test_fit_on_a_zero_byte_shard_fails_naming_it(mnist_shards, tmp_path):
+    d = _copy(mnist_shards["test"], tmp_path / "shards")
+    for i in (1, 2, 3):  # three of four: the run meets one within its first steps, whatever the shard order
+        (d / f"shard-{i:06d}.tar").write_bytes(b"")
+    r = _cli("fit", "-c", "configs/autoencoder/tiny-mnist.yaml", "-c", "configs/trainer/cpu-debug.yaml",
+             "--data.init_args.train_shards", str(d), "--data.init_args.val_shards", "null",
+             "--data.init_args.num_workers", "0", "--trainer.max_steps", "8",
+             "--trainer.default_root_dir", str(tmp_path / "run"), timeout=300)
+    assert r.returncode != 0
+    assert "shard-000003.tar: 0 bytes, but the manifest lists 125 samples" in r.stderr  # at start-up
+    assert re.search(r"too many bad samples.*in shards \S*shard-00000[123].tar", r.stderr), r.stderr[-3000:]

@@ -61,14 +61,16 @@ def test_readme_own_data_flow(tmp_path):
     _sh(d, "export", "--checkpoint", ckpt[0], "--format", "diffusers", "--out", "runs/kl-f8/export")
 
     # 3. cache latents, then stage 2: DiT-B/4 (narrow, 1 block) with the JiT recipe
-    out = _sh(d, "data", "encode", "--autoencoder", "runs/kl-f8/export", "--shards", "data/photos",
-              "--out", "data/photos-latents", "--resize-mode", "center_crop")  # see the README note
-    assert "encoded 10 samples" in out
+    for src, dst in (("data/photos", "data/photos-latents"), ("data/photos-val", "data/photos-latents-val")):
+        out = _sh(d, "data", "encode", "--autoencoder", "runs/kl-f8/export", "--shards", src, "--out", dst,
+                  "--resize-mode", "center_crop")
+        assert "encoded 10 samples" in out and "skipped 0" in out
     _sh(d, "fit", "-c", "configs/diffusion/jit-dit-b4-class.yaml", *TRAINER,
-        "--data.init_args.train_shards", "data/photos-latents", "--data.init_args.val_shards", "null",
-        "--data.init_args.batch_size", "4", "--model.init_args.backbone_config",
+        "--data.init_args.train_shards", "data/photos-latents", "--data.init_args.val_shards",
+        "data/photos-latents-val", "--trainer.default_root_dir", "runs/dit",
+        "--data.init_args.batch_size", "4", "--data.init_args.val_samples", "4", "--model.init_args.backbone_config",
         "{hidden_size: 32, depth: 1, num_heads: 2, qk_norm: true}", "--model.init_args.val_num", "2",
-        "--trainer.default_root_dir", "runs/dit", timeout=240)
+        "--model.init_args.val_steps", "2", timeout=240)
 
     # 4. sample
     ckpt = sorted(glob.glob(str(d / "runs/dit/**/last.ckpt"), recursive=True))

@@ -205,8 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": [s for r in recs for s in r["skipped"]],
     }
     atomic_write_json(out / MANIFEST, manifest, indent=1)
+    skipped = manifest["skipped"]
     print(f"encoded {manifest['num_samples']} samples into {len(recs)} latent shards in {out} "
-          f"(latent {manifest['latent_shape']}, autoencoder {ae_hash[:12]})")
+          f"(latent {manifest['latent_shape']}, autoencoder {ae_hash[:12]}); skipped {len(skipped)}")
+    for s in skipped[:10]:  # never silently: the reasons, as `data pack` prints them
+        print(f"  skipped {s['source']}: {s['reason']}")
+    if skipped and manifest["num_samples"] == 0:
+        print(f"error: every sample was skipped (first reason above); nothing usable in {out}. Fix the input or "
+              "the options (e.g. --resize-mode center_crop for images larger than --image-size)", file=sys.stderr)
+        return 1
     return 0
 
 
