@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ldm_lightning.data.shards import resolve_shards, size_problems
-from ldm_lightning.data.stream import BadDataError, ShardStream
+from ldm_lightning.data.stream import KEY, BadDataError, ShardStream
 from ldm_lightning.data.transforms import RESIZE_MODES, BadSample, ImageTransform, to_model_range
 
 KINDS = ("image", "latent")
@@ -100,7 +100,7 @@ class _ValBatches(Dataset):
         recs = self.records[i * self.bs:(i + 1) * self.bs]
         rows = self.stream.new_batch(len(recs))
         cls, txt = zip(*(self.stream.fill(r, rows, n, None) for n, r in enumerate(recs)))
-        batch = self.stream.collate(rows.data, list(cls), list(txt), [r.key for r in recs], None)
+        batch = self.stream.collate(rows.data, list(cls), list(txt), [r[KEY] for r in recs], None)
         batch.pop("bad_samples")
         return batch
 
