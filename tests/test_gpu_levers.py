@@ -306,3 +306,31 @@ def test_host_syncs_per_training_step_are_counted(tiny_ae, monkeypatch, tmp_path
         # the EMA's decay ramp reading its update count
         assert {k: v for k, v in syncs.items() if k != "diffusion/loss.py"} == {
             "training/base.py": 2, "diffusion/conditioning.py": 1, "nn/ema.py": 1}, dict(syncs)
+
+
+@pytest.mark.slow
+def test_cli_fit_with_every_lever_flag(tiny_ae, mnist_shards, tmp_path):
+    """The user path: `ldm-lightning fit` with the shipped MNIST diffusion config and each lever's documented
+    flag (compile itself is left off: CPU inductor compiles take minutes; compile_mode is still validated and
+    recorded). The run trains, and its checkpoint records the flags."""
+    from scale_run import TRAINER_CFG, run_cli
+    run = tmp_path / "run"
+    run_cli(["fit", "-c", str(ROOT / "configs" / "diffusion" / "mnist-unet-class.yaml"), "-c", str(TRAINER_CFG / "cpu-debug.yaml"),
+             "--model.init_args.autoencoder", tiny_ae, "--model.init_args.val_num", "0",
+             "--model.init_args.speed.channels_last", "true", "--model.init_args.speed.compile_mode", "blocks",
+             "--model.init_args.speed.tf32", "true", "--model.init_args.optim.implementation", "foreach",
+             "--data.init_args.pin_memory", "true",
+             "--data.init_args.train_shards", mnist_shards["train"], "--data.init_args.val_shards", mnist_shards["test"],
+             "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0", "--trainer.limit_val_batches", "0",
+             "--trainer.max_steps", "3", "--trainer.default_root_dir", str(run)], tmp_path, timeout=300)
+    ckpts = sorted(run.rglob("*.ckpt"))
+    assert ckpts, list(run.rglob("*"))
+    hp = torch.load(ckpts[-1], map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hp["speed"] == {"channels_last": True, "tf32": True, "compile_mode": "blocks"}
+    assert hp["optim"]["implementation"] == "foreach"
+    proc = subprocess.run([sys.executable, "-m", "ldm_lightning", "fit", "-c",
+                           str(ROOT / "configs" / "diffusion" / "mnist-unet-class.yaml"), "--model.init_args.autoencoder",
+                           tiny_ae, "--model.init_args.speed.compile_mode", "layers"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "invalid config: speed.compile_mode must be one of" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
