@@ -305,3 +305,19 @@ def test_fit_on_a_zero_byte_shard_fails_naming_it(mnist_shards, tmp_path):
     assert r.returncode != 0
     assert "shard-000003.tar: 0 bytes, but the manifest lists 125 samples" in r.stderr  # at start-up
     assert re.search(r"too many bad samples.*in shards \S*shard-00000[123].tar", r.stderr), r.stderr[-3000:]
+
+
+def test_pack_resize_scales_16bit_and_keeps_alpha_for_the_loader(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    g16 = np.full((40, 40), 30000, np.uint16)  # 30000 / 257 → 117, not clipped to 255
+    Image.fromarray(g16).save(src / "gray16.png")
+    rgba = np.zeros((40, 40, 4), np.uint8)  # fully transparent
+    Image.fromarray(rgba, "RGBA").save(src / "clear.png")
+    r = _cli("data", "pack", "--source", str(src), "--out", str(tmp_path / "out"), "--size", "16", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    dm = ShardDataModule(str(tmp_path / "out"), batch_size=2, num_workers=0, image_size=16, shuffle_buffer=1)
+    b = next(iter(dm.train_dataloader()))
+    px = dict(zip(b["key"], b["image"]))  # uint8 (1, 16, 16)
+    assert abs(float(px["gray16_png"].float().mean()) - 117) <= 1
+    assert (px["clear_png"] == 255).all()  # transparent → the white background, not black
