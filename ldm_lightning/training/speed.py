@@ -27,10 +27,9 @@ class SpeedConfig:
     channels_last: bool = False
     """Keep the convolutional networks (autoencoder, discriminator, UNet; the frozen autoencoder that
     encodes stage-2 images) and their image inputs in NHWC memory format, which cuDNN's bf16 tensor-core
-    convolutions use natively. Default off, PROVISIONAL pending `scripts/gpu_bench.sh`: GroupNorm (every
-    block of these networks) has no NHWC CUDA kernel in every torch version, and the format conversions
-    around it can cost more than the convolutions gain; on this project's 2-core CPU it measured slower
-    (benchmarks/gpu_bench.py --cpu-levers)."""
+    convolutions use natively. Default off, PROVISIONAL pending `scripts/gpu_bench.sh` (row 'eager +chlast'):
+    GroupNorm (in every block of these networks) has no NHWC CUDA kernel in every torch version, and the
+    format conversions around it can cost more than the convolutions gain. No CPU measurement decides it."""
     tf32: bool = True
     """Let float32 matmuls/convolutions use TF32 tensor cores on CUDA (torch.set_float32_matmul_precision
     ('high')), set when fit/validate starts and restored when it ends — never at import. Touches only work
