@@ -63,7 +63,7 @@ def test_fit_logs_sample_quality_and_evaluate_agrees(tiny_ae, mnist_shards, tmp_
     assert final, ckpts
     out = tmp_path / "r.json"
     run_cli(["evaluate", "--checkpoint", str(final[0]), "--num", "12", "--batch-size", "4", "--steps", "2",
-             "--sampler", "ddim", "--cfg", "1", "--seed", "0", "--reference", str(tmp_path / "ref.npz"),
+             "--sampler", "ddim", "--guidance-scale", "1", "--seed", "0", "--reference", str(tmp_path / "ref.npz"),
              "--metrics", "fid,kid", "--kid-subset-size", "12", "--out", str(out), *mnist], tmp_path)
     r = json.loads(out.read_text())
     print("evaluate --checkpoint:", r)

@@ -45,9 +45,11 @@ def classifier_path(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_mnist_stats_then_scores_from_folders_and_shards(classifier_path, mnist_shards, tmp_path):
-    """--save-stats from real test digits (shards), then train digits score far better than noise, and the
-    folder and shard readers give the same images (FID 0 between the same 500 digits)."""
+    """--save-stats from real test digits (shards), then train digits score far better than noise, the
+    folder and shard readers give the same images (FID 0 between the same 500 digits), and two ranks under
+    torchrun (gloo) give what one gives."""
     test_x, _ = load_mnist_32("test", limit=500)  # the 500 digits packed into mnist_shards["test"]
     train_x, _ = load_mnist_32("train", limit=300)
     noise = torch.rand(300, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -69,6 +71,18 @@ def test_mnist_stats_then_scores_from_folders_and_shards(classifier_path, mnist_
     assert tr["precision"] > 0.8 and tr["recall"] > 0.8 and nz["precision"] < 0.05
     # IS: digits of 10 classes are told apart (a short-trained classifier is unsure: measured 2.1), noise is not
     assert tr["is_mean"] > 1.5 and nz["is_mean"] < tr["is_mean"]
+    # two ranks, each reading half the images: the same set of features (order aside: KID's subsets differ)
+    sys.path.insert(0, str(TESTS))
+    from scale_run import cli_env
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                           "29581", "-m", "ldm_lightning", "evaluate", "--images", str(dirs["train"]), "--reference",
+                           str(tmp_path / "ref.npz"), "--metrics", "fid,pr,is", "--out", str(tmp_path / "ddp.json"),
+                           *common], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ddp = json.loads((tmp_path / "ddp.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["num_fake"] == 300
+    assert ddp["fid"] == pytest.approx(tr["fid"], rel=1e-6)
+    assert (ddp["precision"], ddp["recall"]) == (tr["precision"], tr["recall"])
     # the demo's MNIST-FID is this FID: the same number in-process from the same images
     clf = load_mnist_classifier(classifier_path)
     assert mnist_fid(clf, train_x, test_x) == pytest.approx(tr["fid"], rel=1e-6)
@@ -77,13 +91,14 @@ def test_mnist_stats_then_scores_from_folders_and_shards(classifier_path, mnist_
 def test_errors_name_the_flag_and_the_fix(tmp_path):
     (tmp_path / "imgs").mkdir()
     write_pngs(torch.zeros(2, 1, 8, 8), tmp_path / "imgs")
-    proc = evaluate(["--images", str(tmp_path / "imgs"), "--reference", "x.npz", "--weights",
+    proc = evaluate(["--images", str(tmp_path / "imgs"), "--reference", str(tmp_path / "imgs"), "--weights",
                      str(tmp_path / "nope.pth")], tmp_path, check=False)
     assert proc.returncode == 2 and "--weights" in proc.stderr and "nope.pth" in proc.stderr, proc.stderr
     assert "pt_inception" in proc.stderr or "inception-2015-12-05" in proc.stderr
     assert "Traceback" not in proc.stderr
     from ldm_lightning.evaluation.evaluate import main
     assert main(["--images", str(tmp_path / "missing"), "--weights", "w"]) == 2
+    assert main(["--images", str(tmp_path / "imgs"), "--reference", str(tmp_path / "ref.npz"), "--weights", "w"]) == 2
     assert main(["--images", str(tmp_path / "imgs"), "--metrics", "fid,lpips", "--weights", "w"]) == 2
     assert main(["--checkpoint", "c.ckpt", "--save-stats", "s.npz"]) == 2
 
@@ -109,6 +124,11 @@ def test_dinov2_extractor_from_a_local_folder(tmp_path):
     r = json.loads(out.read_text())
     assert np.isfinite(r["fid"]) and r["fid"] > 0 and r["num_fake"] == 12 and r["num_real"] == 12
     assert "is" in r["skipped"] and "precision" in r  # no classifier head: IS skipped, said why
+    # the same images as an ADM-style .npz (uint8 (N, H, W, C) under arr_0): the same score
+    np.savez(tmp_path / "a.npz", arr_0=crops[:12].permute(0, 2, 3, 1).numpy())
+    assert main(["--images", str(tmp_path / "a.npz"), "--reference", str(tmp_path / "b"), "--extractor", "dinov2",
+                 "--weights", str(tmp_path / "dinov2"), "--kid-subset-size", "12", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["fid"] == pytest.approx(r["fid"], rel=1e-6)
     assert main(["--images", str(tmp_path / "a"), "--extractor", "dinov2", "--weights",
                  str(tmp_path / "missing")]) == 2
 

@@ -33,7 +33,7 @@ from .reference import load_reference
 class SampleQualityCallback(Callback):
     def __init__(self, reference: str, weights: str, extractor: str = "inception", every_n_steps: int = 1000,
                  num_samples: int = 1000, batch_size: int = 50, metrics: list[str] | tuple[str, ...] = ("fid", "kid"),
-                 sampler: str = "ddim", steps: int = 25, cfg: float = 1.0, seed: int = 0,
+                 sampler: str = "ddim", steps: int = 25, guidance_scale: float = 1.0, seed: int = 0,
                  prompts: list[str] | None = None, kid_subset_size: int = 1000):
         """
         Args:
@@ -45,7 +45,7 @@ class SampleQualityCallback(Callback):
             num_samples: Images sampled per evaluation (K), shared over the ranks.
             batch_size: Images per sampling chunk (per rank at a time).
             metrics: Subset of ('fid', 'kid', 'is', 'pr').
-            sampler / steps / cfg: Sampler name, its steps and the classifier-free guidance scale.
+            sampler / steps / guidance_scale: Sampler name, its steps and the classifier-free guidance scale.
             seed: Base seed of the sample noise (fixed: successive evaluations see the same noise).
             prompts: Text-conditional models: prompts used in turn.
             kid_subset_size: KID subset size (capped at K).
@@ -57,13 +57,15 @@ class SampleQualityCallback(Callback):
             if v < 1:
                 raise ValueError(f"SampleQualityCallback.{name} must be >= 1; got {v}")
         if num_samples < 2:
-            raise ValueError(f"SampleQualityCallback.num_samples must be >= 2 (FID needs a covariance); got {num_samples}")
+            raise ValueError(f"SampleQualityCallback.num_samples must be >= 2 (FID needs a covariance); "
+                             f"got {num_samples}")
         bad = [m for m in metrics if m not in METRICS]
         if bad:
             raise ValueError(f"SampleQualityCallback.metrics must be among {METRICS}; got {bad}")
         self.reference_path, self.weights, self.extractor_name = reference, weights, extractor
         self.every_n_steps, self.num_samples, self.batch_size = every_n_steps, num_samples, batch_size
-        self.metrics, self.sampler, self.steps, self.cfg, self.seed = tuple(metrics), sampler, steps, cfg, seed
+        self.metrics, self.sampler, self.steps, self.seed = tuple(metrics), sampler, steps, seed
+        self.guidance_scale = guidance_scale
         self.prompts, self.kid_subset_size = prompts, kid_subset_size
         self._extractor = None
         self._reference = None
@@ -104,7 +106,7 @@ class SampleQualityCallback(Callback):
 
         def sample_fn(n, seed, **cond):
             return sample_images(denoiser, pl_module.conditioner, pl_module.autoencoder, pl_module.meta["latent_shape"],
-                                 n, self.sampler, self.steps, self.cfg, seed, **cond)
+                                 n, self.sampler, self.steps, self.guidance_scale, seed, **cond)
         try:
             fake, logits = features_of_samples(self._extractor, sample_fn, pl_module.conditioner, self.num_samples,
                                                self.batch_size, self.seed, trainer.global_rank, trainer.world_size,

@@ -5,7 +5,7 @@
         --extractor inception --weights weights-inception-2015-12-05-6726825d.pth --out fid.json
     # sample 50k images from a diffusion checkpoint (sharded over ranks under torchrun) and score them
     torchrun --nproc_per_node 8 -m ldm_lightning evaluate --checkpoint run/last.ckpt --num 50000 \
-        --sampler dpmpp_2m --steps 50 --cfg 1.5 --reference ref.npz --weights inception.pth --out fid.json
+        --sampler dpmpp_2m --steps 50 --guidance-scale 1.5 --reference ref.npz --weights inception.pth --out fid.json
     # write reference statistics from real images (mu, sigma and the features, for KID and P/R)
     ldm-lightning evaluate --images data/train --save-stats ref.npz --weights inception.pth
 
@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("sampling (--checkpoint)")
     s.add_argument("--sampler", default="ddim")
     s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = conditional only)")
+    s.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance scale (1 = conditional only)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--prompts", help="text models: a file of prompts, one a line, used in turn")
     s.add_argument("--autoencoder", help="autoencoder path (default: the one recorded at training)")
@@ -69,10 +70,7 @@ def _sampler_from_checkpoint(a, device):
     from ldm_lightning.autoencoder.load import load_autoencoder
     from ldm_lightning.diffusion import SAMPLERS
     from ldm_lightning.diffusion.sample import sample_images
-    try:  # diffusion/load.py is where the loader lives after the package's load/export split
-        from ldm_lightning.diffusion.load import load_denoiser
-    except ImportError:
-        from ldm_lightning.diffusion.export import load_denoiser
+    from ldm_lightning.diffusion.load import load_denoiser
     if a.sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}; got {a.sampler!r}")
     denoiser, conditioner, meta = load_denoiser(a.checkpoint, weights="ema" if a.ema else "live")
@@ -84,8 +82,8 @@ def _sampler_from_checkpoint(a, device):
     ae = load_autoencoder(ae_path, device=device)
 
     def sample_fn(n, seed, **cond):
-        return sample_images(denoiser, conditioner, ae, meta["latent_shape"], n, a.sampler, a.steps, a.cfg, seed,
-                             **cond)
+        return sample_images(denoiser, conditioner, ae, meta["latent_shape"], n, a.sampler, a.steps,
+                             a.guidance_scale, seed, **cond)
     return sample_fn, conditioner
 
 
@@ -135,8 +133,9 @@ def run(a) -> dict | None:
         raise ValueError(f"--num must be >= 2 (scores need a covariance); got {a.num}")
     if a.save_stats and a.images is None:
         raise ValueError("--save-stats writes the statistics of real images: give them with --images")
-    if a.images is not None:
-        source_kind(a.images)  # a clear error before any model loads
+    for spec in (a.images, a.reference):
+        if spec is not None:
+            source_kind(spec)  # a clear error before any model loads
     rank, world = _dist()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if a.device == "cuda" and world > 1
                           else a.device)
@@ -161,7 +160,8 @@ def run(a) -> dict | None:
     result.update({"extractor": a.extractor, "weights": str(a.weights), "images": a.images or a.checkpoint,
                    "reference": a.reference, "seconds": time.perf_counter() - t0, "world_size": world})
     if a.checkpoint is not None:
-        result.update({"sampler": a.sampler, "steps": a.steps, "cfg": a.cfg, "seed": a.seed, "ema": a.ema})
+        result.update({"sampler": a.sampler, "steps": a.steps, "guidance_scale": a.guidance_scale, "seed": a.seed,
+                       "ema": a.ema})
     if rank == 0:
         print(table_line(result))
         for m, why in result.get("skipped", {}).items():

@@ -71,8 +71,9 @@ def features_of_samples(extractor, sample_fn, conditioner, num: int, batch_size:
         if save_dir is not None and start < num:
             from PIL import Image
             Path(save_dir).mkdir(parents=True, exist_ok=True)
-            for i, img in enumerate(u8[: num - start].permute(0, 2, 3, 1).numpy()):
-                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(Path(save_dir) / f"{start + i:06d}.png")
+            for i, img in enumerate(u8[: num - start].permute(0, 2, 3, 1).numpy()):  # (H, W, C) each
+                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
+                    Path(save_dir) / f"{start + i:06d}.png")
         part.append((c, torch.cat([f.cpu(), lg.cpu()], 1) if lg is not None else f.cpu()))
     allf = torch.cat(gather_in_order(part))[:num]
     d = extractor.dim

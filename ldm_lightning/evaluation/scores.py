@@ -132,4 +132,5 @@ def precision_recall(fake, real, k: int = 3) -> tuple[float, float]:
     return precision, recall
 
 
-__all__ = ["feature_statistics", "fid_from_features", "frechet_distance", "inception_score", "kernel_distance", "precision_recall"]
+__all__ = ["feature_statistics", "fid_from_features", "frechet_distance", "inception_score", "kernel_distance",
+           "precision_recall"]
