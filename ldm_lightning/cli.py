@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             argv = resolve_argv(argv)  # `-c ldm_lightning:trainer/cpu-debug.yaml`: a config shipped in the package
         except ConfigNotFound as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"ldm-lightning: {e}", file=sys.stderr)
             return 2
         from ldm_lightning.training.lightning_cli import run_lightning_cli
         return run_lightning_cli(argv)

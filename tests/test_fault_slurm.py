@@ -68,7 +68,8 @@ def submit(layout: str, out: Path, shards: dict) -> str:
     overrides = [f"--data.init_args.train_shards={shards['train']}", f"--data.init_args.val_shards={shards['test']}",
                  "--data.init_args.batch_size=16", "--data.init_args.num_workers=1",
                  f"--trainer.max_steps={STEPS}", "--trainer.strategy=ddp", f"--trainer.default_root_dir={out / 'run'}"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "WANDB_RUN_ID"))}
+    env = {k: v for k, v in os.environ.items()
+           if k == "SLURM_CONF" or not k.startswith(("SLURM_", "WANDB_RUN_ID"))}
     env.update(CONFIG=f"configs/autoencoder/tiny-mnist.yaml configs/trainer/cpu-debug.yaml {ckpt_cfg}",
                OVERRIDES=" ".join(overrides), VENV=VENV, LDM_MASTER_ADDR="127.0.0.1", WANDB_MODE="offline",
                OMP_NUM_THREADS="1")

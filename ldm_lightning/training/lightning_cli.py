@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import traceback
+import warnings
 
 import torch
 
@@ -40,6 +43,7 @@ import ldm_lightning.training.strategies  # noqa: E402,F401  (registers deepspee
 from lightning.pytorch.plugins.environments import ClusterEnvironment  # noqa: E402
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 
+from ldm_lightning.errors import UserError, missing_extra_message  # noqa: E402
 from ldm_lightning.training.base import NonFiniteLossError  # noqa: E402
 from ldm_lightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint  # noqa: E402
 from ldm_lightning.training.preemption import PreemptionCallback, slurm_environment  # noqa: E402
@@ -123,6 +127,10 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
 
 
 class LDMLightningCLI(LightningCLI):
+    running = False
+    """False while parsing and building (an error then is in the user's config), True once the run starts."""
+    subcommand_name = "fit"
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
@@ -160,6 +168,11 @@ class LDMLightningCLI(LightningCLI):
         config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), checkpoint_dir(trainer),
                                              trainer.get("max_steps"))
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        check_hparams_agree(self.model, self.datamodule)
+        LDMLightningCLI.running = True  # from here on an exception is a run's, not the config's
+        super()._run_subcommand(subcommand)
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if "weights_only" in self._subcommand_method_arguments[subcommand] and kwargs.get("weights_only") is None:
@@ -167,13 +180,63 @@ class LDMLightningCLI(LightningCLI):
         return kwargs
 
 
-def _check_config_error(exc: SystemExit) -> None:
-    """Re-raise parse failures with the innermost message (our `__post_init__` texts name the field)."""
-    cause = exc.__context__
-    while cause is not None and cause.__context__ is not None and not isinstance(cause, ValueError):
-        cause = cause.__context__
-    if isinstance(cause, ValueError):
-        print(f"ldm-lightning: invalid config: {cause}", file=sys.stderr)
+def check_hparams_agree(model, datamodule) -> None:
+    """Model and data must agree on the fields both have (e.g. image_size): Lightning only finds out when it logs
+    the hyper-parameters, with a message about merging hparams."""
+    if datamodule is None:
+        return
+    m, d = getattr(model, "hparams", {}), getattr(datamodule, "hparams", {})
+    for key in sorted(set(m) & set(d)):
+        try:
+            same = bool(m[key] == d[key])
+        except Exception:  # values without a plain ==, e.g. tensors
+            same = repr(m[key]) == repr(d[key])
+        if not same:
+            raise UserError(f"model.init_args.{key}={m[key]!r} but data.init_args.{key}={d[key]!r}: set both to the "
+                            f"same value (e.g. --model.init_args.{key} {d[key]!r})")
+
+
+_NUMBER = re.compile(r"-(\d|\.\d|inf$|nan$)")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--key -1e-3` -> `--key=-1e-3`: argparse would read `-1e-3` as an option and say "expected one argument"."""
+    out: list[str] = []
+    for arg in argv:
+        if out and _NUMBER.match(arg) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while exc is not None and all(exc is not c for c in chain):
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def config_error_message(exc: BaseException) -> str:
+    """One paragraph for an error raised while parsing/building: our own validation text when there is one
+    (it names the field and the allowed values), else jsonargparse's innermost reason with its key."""
+    chain = _chain(exc)
+    for c in reversed(chain):  # innermost first
+        tb = traceback.extract_tb(c.__traceback__)
+        if isinstance(c, (ValueError, TypeError, UserError)) and tb and f"{os.sep}ldm_lightning{os.sep}" in tb[-1].filename:
+            return f"invalid config: {c}"
+    for c in chain:
+        if isinstance(c, ModuleNotFoundError) and missing_extra_message(c):
+            return missing_extra_message(c)
+    if isinstance(chain[-1], (OSError, UserError)):
+        return str(chain[-1])
+    where = str(chain[0]).splitlines()[0].strip() if str(chain[0]).strip() else type(chain[0]).__name__
+    reasons = [str(c).strip().replace("\n", " ") for c in chain if "Problem with given class_path" in str(c)]
+    reason = " ".join((reasons[-1] if reasons else str(chain[-1]).strip()).split())
+    where = "" if reason.startswith(where.rstrip(":")) else f"{where} "
+    return (f"invalid config: {where}{reason}. See `ldm-lightning {LDMLightningCLI.subcommand_name} --help` "
+            "for the fields and their types, and --print_config for the resolved config.")
 
 
 def exit_code(cli: LightningCLI) -> int:
@@ -185,22 +248,48 @@ def exit_code(cli: LightningCLI) -> int:
     return 0
 
 
+# Errors of the user's input whenever they happen (a run reads files and data long after start-up).
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError, CorruptCheckpointError)
+
+
 def run_lightning_cli(argv: list[str] | None = None) -> int:
-    """Entry point of `ldm-lightning fit|validate|test` (argv starts with the subcommand); returns the exit code."""
+    """Entry point of `ldm-lightning fit|validate|test` (argv starts with the subcommand); returns the exit code.
+
+    A user error prints one paragraph and returns 2; `--debug` (or LDM_DEBUG=1) shows the traceback instead.
+    """
+    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in argv or os.environ.get("LDM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    LDMLightningCLI.running = False
+    LDMLightningCLI.subcommand_name = argv[0] if argv else "fit"
     try:
         cli = build_lightning_cli(argv)
-    except (FileNotFoundError, CorruptCheckpointError) as e:  # from the checkpoint resolution
-        print(f"ldm-lightning: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except NonFiniteLossError as e:
         print(f"ldm-lightning: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except SystemExit:
+        raise  # --help, --print_config
+    except Exception as e:
+        extra = missing_extra_message(e) if isinstance(e, ModuleNotFoundError) else None
+        if not LDMLightningCLI.running:
+            message = config_error_message(e)
+        elif isinstance(e, USER_ERRORS) or extra:
+            message = extra or str(e)
+        else:
+            raise  # a failure of the run itself: its traceback is the report
+        if debug:
+            raise
+        print(f"ldm-lightning: {message}\n(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
     return exit_code(cli)
 
 
 def build_lightning_cli(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
     """The LightningCLI object (runs the subcommand when `run`)."""
-    try:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():
+        # We always pass argv (it may have been rewritten); Lightning warns when it differs from sys.argv.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return LDMLightningCLI(
             model_class=LightningModule,
             subclass_mode_model=True,
@@ -210,11 +299,9 @@ def build_lightning_cli(argv: list[str] | None = None, run: bool = True) -> Ligh
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
             auto_configure_optimizers=False,  # TrainingModule.configure_optimizers owns the optimizer
-            args=None if argv == sys.argv[1:] else argv,  # (Lightning warns when both are given)
+            args=argv,
             run=run,
+            # Raise instead of printing the whole usage: run_lightning_cli prints one paragraph.
+            parser_kwargs={"exit_on_error": False},
         )
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            _check_config_error(exc)
-        raise
 
