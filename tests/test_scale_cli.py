@@ -24,7 +24,7 @@ def test_trainer_configs_parse():
         assert t["precision"] == "bf16-mixed", name
         assert t["gradient_clip_val"] > 0 and t["accumulate_grad_batches"] >= 1, name
         kinds = [c["class_path"].rsplit(".", 1)[1] for c in t["callbacks"]]
-        assert "ModelCheckpoint" in kinds and "TelemetryCallback" in kinds, name
+        assert "StepCheckpoint" in kinds and "TelemetryCallback" in kinds, name
         assert t["logger"]["class_path"].endswith("PinnedWandbLogger"), name
     assert yaml.safe_load((TRAINER_CFG / "deepspeed-zero3.yaml").read_text())["trainer"]["strategy"]["init_args"]["stage"] == 3
 

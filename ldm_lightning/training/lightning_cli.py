@@ -30,26 +30,20 @@ import traceback
 import warnings
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.environments import ClusterEnvironment
+from lightning.pytorch.plugins.io import CheckpointIO
 
-if not torch.cuda.is_available():
-    # DeepSpeed chooses its accelerator when first imported; make the CPU choice explicit and quiet.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
-from lightning.pytorch.loggers import WandbLogger  # noqa: E402
-
-import ldm_lightning.training.strategies  # noqa: E402,F401  (registers deepspeed_*_anydevice)
-from lightning.pytorch.plugins.environments import ClusterEnvironment  # noqa: E402
-from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
-
-from ldm_lightning.errors import UserError, missing_extra_message  # noqa: E402
-from ldm_lightning.training.base import NonFiniteLossError  # noqa: E402
-from ldm_lightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint  # noqa: E402
-from ldm_lightning.training.preemption import PreemptionCallback, slurm_environment  # noqa: E402
-from ldm_lightning.training.resume import CorruptCheckpointError, resolve_resume_checkpoint, say  # noqa: E402
-from ldm_lightning.training.rng_state import RNGStateCallback  # noqa: E402
-from ldm_lightning.training.telemetry import TelemetryCallback  # noqa: E402
+import ldm_lightning.training.strategies  # noqa: F401  (registers deepspeed_*_anydevice)
+from ldm_lightning.errors import UserError, missing_extra_message
+from ldm_lightning.training.base import NonFiniteLossError
+from ldm_lightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint
+from ldm_lightning.training.preemption import PreemptionCallback, slurm_environment
+from ldm_lightning.training.resume import CorruptCheckpointError, resolve_resume_checkpoint, say
+from ldm_lightning.training.rng_state import RNGStateCallback
+from ldm_lightning.training.telemetry import TelemetryCallback
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
@@ -287,6 +281,10 @@ def run_lightning_cli(argv: list[str] | None = None) -> int:
 def build_lightning_cli(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
     """The LightningCLI object (runs the subcommand when `run`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available():
+        # DeepSpeed chooses its accelerator when first imported (a DeepSpeed strategy's constructor imports it):
+        # make the CPU choice explicit and quiet. Set here, at the CLI entry, not when a module is imported.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with warnings.catch_warnings():
         # We always pass argv (it may have been rewritten); Lightning warns when it differs from sys.argv.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
