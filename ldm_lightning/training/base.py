@@ -99,8 +99,8 @@ def _seed_from(*parts) -> int:
 
 
 class TrainingModule(L.LightningModule):
-    """Base LightningModule. Subclasses set `self.ema_target` (the nn.Module whose weights get an EMA)
-    in `__init__` before calling `self.setup_ema()`, and implement `compute_loss`."""
+    """Base LightningModule. Subclasses call `self.setup_ema(network)` in `__init__` with the trained
+    nn.Module whose weights get an EMA (a direct child), and implement `compute_loss`."""
 
     def __init__(self, optim: OptimConfig | None = None, ema: EMAConfig | None = None,
                  guard: GuardConfig | None = None, seed: int = 0):
