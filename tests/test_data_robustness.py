@@ -305,6 +305,7 @@ def test_fit_on_a_zero_byte_shard_fails_naming_it(mnist_shards, tmp_path):
     assert r.returncode != 0
     assert "shard-000003.tar: 0 bytes, but the manifest lists 125 samples" in r.stderr  # at start-up
     assert re.search(r"too many bad samples.*in shards \S*shard-00000[123].tar", r.stderr), r.stderr[-3000:]
+    assert r.returncode == 2 and "Traceback" not in r.stderr  # one paragraph, as for any user error
 
 
 def test_pack_resize_scales_16bit_and_keeps_alpha_for_the_loader(tmp_path):

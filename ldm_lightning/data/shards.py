@@ -10,6 +10,12 @@ import os
 import re
 from dataclasses import dataclass
 
+from ldm_lightning.errors import UserError
+
+
+class ShardSpecError(UserError, ValueError):
+    """A shard spec or manifest that cannot be used as given (the message names it and the fix)."""
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -38,7 +44,7 @@ def check_shard_name(name: str, where: str) -> str:
     """A manifest's shard name must be a plain file name in the manifest's own folder."""
     why = unsafe_reason(name) or ("a path separator" if "/" in name or "\\" in name else None)
     if why or name == ".":
-        raise ValueError(f"{where}: shard name {name!r} is refused ({why or 'not a file name'}); a manifest may only "
+        raise ShardSpecError(f"{where}: shard name {name!r} is refused ({why or 'not a file name'}); a manifest may only "
                          "name shard files in its own folder (e.g. 'shard-000000.tar'): fix or re-create the manifest")
     return name
 
@@ -90,14 +96,14 @@ def _manifest_counts(base: str) -> dict[str, tuple[int, int | None]]:
     try:
         return {check_shard_name(s["name"], url): (int(s["num_samples"]), s.get("bytes")) for s in man["shards"]}
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{url}: not a shard manifest (each entry of 'shards' needs 'name' and 'num_samples': "
+        raise ShardSpecError(f"{url}: not a shard manifest (each entry of 'shards' needs 'name' and 'num_samples': "
                          f"{type(e).__name__}: {e}); re-create it with `ldm-lightning data pack`") from None
 
 
 def _shard(url: str, base: str, name: str, spec: str) -> Shard:
     counts = _manifest_counts(base)
     if name not in counts:
-        raise ValueError(f"shard {name!r} (from {spec!r}) is not listed in {base}/manifest.json")
+        raise ShardSpecError(f"shard {name!r} (from {spec!r}) is not listed in {base}/manifest.json")
     return Shard(url, *counts[name])
 
 
@@ -112,7 +118,7 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
         for cmd in _braceexpand(spec):
             paths = [t for t in cmd[5:].split() if t.endswith(".tar")]
             if len(paths) != 1:
-                raise ValueError(f"pipe: command {cmd!r} must name exactly one .tar shard (to find its manifest count)")
+                raise ShardSpecError(f"pipe: command {cmd!r} must name exactly one .tar shard (to find its manifest count)")
             base, name = paths[0].rsplit("/", 1) if "/" in paths[0] else (".", paths[0])
             shards.append(_shard(cmd, base, name, spec))
         return shards
@@ -134,6 +140,6 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
     for f in files:
         d, name = os.path.dirname(os.path.abspath(f)), os.path.basename(f)
         if name not in counts[d]:
-            raise ValueError(f"shard {name!r} (from {spec!r}) is not listed in {d}/manifest.json")
+            raise ShardSpecError(f"shard {name!r} (from {spec!r}) is not listed in {d}/manifest.json")
         out.append(Shard(f, *counts[d][name]))
     return out

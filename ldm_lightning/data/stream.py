@@ -37,10 +37,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm_lightning.data import batch_ring
-from ldm_lightning.data.shards import Shard, unsafe_reason
+from ldm_lightning.data.shards import Shard, ShardSpecError, unsafe_reason
 from ldm_lightning.data.tario import iter_blocks
 from ldm_lightning.data.transforms import (IMAGE_KEYS, BadSample, ImageTransform, decode_moments, missing_payload,
                                            quick_check, to_model_range)
+from ldm_lightning.errors import UserError
 
 
 def _parsed(col: list | None, n: int, parse, absent) -> list:
@@ -133,7 +134,7 @@ def _seed(*parts: int) -> list[int]:
     return [int(p) & 0xFFFFFFFF for p in parts]
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError, RuntimeError):
     """More unusable samples than `max_bad_fraction` allows (the message names the shards)."""
 
 
@@ -163,7 +164,7 @@ class ShardStream(IterableDataset):
         self.workers, self.rank, self.world = max(1, num_workers), rank, world_size
         slots = self.world * self.workers
         if len(shards) < slots:
-            raise ValueError(
+            raise ShardSpecError(
                 f"{len(shards)} shards cannot feed world_size={world_size} × num_workers={self.workers} = {slots} "
                 f"reader slots; need at least {slots} shards: re-pack with a smaller --samples-per-shard "
                 "(or --shard-size-mb), or use fewer num_workers")
@@ -171,7 +172,7 @@ class ShardStream(IterableDataset):
         self.group_samples = [sum(shards[i].num_samples for i in g) for g in self.groups]
         self.batches_per_slot = min(self.group_samples) // batch_size
         if self.batches_per_slot == 0:
-            raise ValueError(f"batch_size={batch_size} is larger than the smallest reader slot's "
+            raise ShardSpecError(f"batch_size={batch_size} is larger than the smallest reader slot's "
                              f"{min(self.group_samples)} samples; lower batch_size or num_workers")
         self.epoch, self.consumed = 0, 0
         self.ring: batch_ring.BatchRing | None = None  # see use_batch_ring
