@@ -6,8 +6,9 @@
 
 Models (bf16, 32x32x4 latents = 256 px with an f8 autoencoder, precomputed latents as fast-DiT measures):
 DiT-B/2 and DiT-XL/2 class-conditional (1000 classes), the SD-1.x-sized UNet with 77x768 text context.
-Each row is one training step as `DiffusionModule` runs it (objective, loss bins, the non-finite guard's
-host checks, AdamW, EMA), timed after warm-up with the device synchronised:
+Each row is one training step as `DiffusionModule` runs it between logging steps (objective, the
+non-finite guard's two host checks, AdamW, EMA; per-timestep-bin losses are computed on logging steps
+only), timed after warm-up with the device synchronised:
 
   eager           the reference row: bf16 autocast, fused AdamW (optim.implementation auto on CUDA), TF32
                   for fp32 work (speed.tf32), no compile
@@ -15,6 +16,7 @@ host checks, AdamW, EMA), timed after warm-up with the device synchronised:
                   allow_tf32), torch's default AdamW, no compile, no guard
   eager tf32=off  the same fp32 recipe with TF32 off: what speed.tf32 buys fp32 work
   eager -fused    foreach AdamW (optim.implementation=foreach)
+  eager -guard    without the guard's two host syncs per step: the most speed.sync_free_guard can buy
   eager +chlast   channels_last (speed.channels_last; the convolutional UNet only)
   eager +mask     a text key-padding mask in every cross-attention, half the captions padded (what
                   conditioning.trim_padding removes when no caption is padded): the mask rules out flash
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import sys
 import time
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ldm_lightning.diffusion.denoiser import Denoiser
-from ldm_lightning.diffusion.loss import DiffusionObjective, ObjectiveConfig, loss_by_bin
+from ldm_lightning.diffusion.loss import DiffusionObjective, ObjectiveConfig
 from ldm_lightning.diffusion.presets import build_backbone
 from ldm_lightning.diffusion.schedules import build_schedule
 from ldm_lightning.nn.ema import EMA
@@ -85,6 +86,7 @@ ROWS: list[tuple[str, Levers, tuple[str, ...]]] = [  # (row name, levers, famili
     ("fb-DiT", Levers(bf16=False, optim="auto", compile="off", tf32=True, guard=False), ("dit",)),
     ("eager tf32=off", replace(EAGER, bf16=False, optim="auto", tf32=False, guard=False), ("dit",)),
     ("eager -fused", replace(EAGER, optim="foreach"), ("dit", "unet")),
+    ("eager -guard", replace(EAGER, guard=False), ("dit", "unet")),
     ("eager +chlast", replace(EAGER, channels_last=True), ("unet",)),
     ("eager +mask", replace(EAGER, mask=True), ("unet",)),
     ("compile=model", replace(EAGER, compile="model"), ("dit", "unet")),
@@ -163,7 +165,6 @@ def build(name: str, lv: Levers, device: torch.device, tiny: bool) -> Run:
         with autocast:
             out = objective.loss(denoiser, z0, cond_kw, gen)
         loss = out.loss.mean()
-        bins = loss_by_bin(out.loss, out.t_fraction, 10)  # as DiffusionModule logs them (host syncs included)
         if lv.guard and not bool(torch.isfinite(loss.detach()).item()):
             return
         loss.backward()
@@ -175,7 +176,7 @@ def build(name: str, lv: Levers, device: torch.device, tiny: bool) -> Run:
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(denoiser)
-        return loss, bins
+        return loss
 
     fpi, n_params = training_flops_per_image(preset, overrides, cond)
     return Run(denoiser, step, batch, fpi, n_params, {"family": family})

@@ -334,3 +334,73 @@ def test_cli_fit_with_every_lever_flag(tiny_ae, mnist_shards, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "invalid config: speed.compile_mode must be one of" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """MNIST-sized random image batches; the ones in `nan_at` hold a NaN pixel (a non-finite loss)."""
+
+    def __init__(self, n: int, nan_at=()):
+        self.n, self.nan_at = n, set(nan_at)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for i in range(self.n):
+            x = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
+            if i in self.nan_at:
+                x[0, 0, 0, 0] = float("nan")
+            yield {"image": x, "cls": torch.randint(0, 10, (4,), generator=g)}
+
+
+@pytest.mark.slow
+def test_sync_free_guard_skips_exactly_on_the_device_and_stops_on_a_streak(tiny_ae, tmp_path, monkeypatch, capsys):
+    """speed.sync_free_guard: a NaN batch changes nothing (weights, EMA, AdamW moments and step count) with no
+    host read of the guard between logging steps; a streak of guard.max_consecutive stops the run (at the
+    next logging step) with the usual error and a stop checkpoint."""
+    import lightning as L
+
+    from ldm_lightning.diffusion.module import DiffusionModule
+    from ldm_lightning.training.base import NonFiniteLossError
+    reads = []
+    original = torch.Tensor.item
+
+    def item(self):
+        frame = __import__("traceback").extract_stack(limit=2)[0].filename
+        if frame.endswith(("training/base.py", "training/speed.py")):
+            reads.append(module.global_step)
+        return original(self)
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: (reads.append(module.global_step), int(original(self)))[1])
+
+    snaps = []
+
+    class Snap(L.Callback):
+        def on_train_batch_end(self, trainer, m, *a):
+            opt = trainer.optimizers[0]
+            p = next(m.denoiser.parameters())
+            snaps.append((p.detach().clone(), next(m.ema.module.parameters()).detach().clone(),
+                          opt.state[p]["exp_avg"].clone(), float(original(opt.state[p]["step"]))))
+
+    kw = dict(backbone="unet-tiny", val_num=0, conditioning={"kind": "class", "num_classes": 10},
+              optim={"implementation": "fused", "lr": 1e-3}, speed={"sync_free_guard": True},
+              guard={"max_consecutive": 3})
+    module = DiffusionModule(tiny_ae, **kw)
+    trainer = L.Trainer(max_steps=6, logger=L.pytorch.loggers.CSVLogger(str(tmp_path)), log_every_n_steps=3,
+                        callbacks=[Snap()], enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(_Batches(6, nan_at={3}), batch_size=None))
+    assert int(module.nonfinite_skipped) == 1 and int(module.nonfinite_consecutive) == 0
+    for a, b in zip(snaps[3], snaps[2]):  # step 3 (NaN) left everything as step 2 did
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    assert not torch.equal(snaps[4][0], snaps[3][0]) and snaps[4][3] == snaps[2][3] + 1
+    assert all(torch.isfinite(s[0]).all() for s in snaps)
+    # the counters are read at the start (0) and after the logging steps (batches 2 and 5) only
+    assert set(reads) <= {0, 3, 6}, reads
+    assert "1 non-finite step(s) skipped up to global step 6" in capsys.readouterr().out
+
+    module = DiffusionModule(tiny_ae, **kw)
+    trainer = L.Trainer(max_steps=8, logger=False, log_every_n_steps=2, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
+                        default_root_dir=str(tmp_path / "streak"))
+    with pytest.raises(NonFiniteLossError, match=r"Stopped after 3 consecutive non-finite steps.*global step 1, before the first"):
+        trainer.fit(module, torch.utils.data.DataLoader(_Batches(8, nan_at=range(1, 8)), batch_size=None))
+    assert (tmp_path / "streak" / "checkpoints" / "nonfinite-stop.ckpt").is_file()
