@@ -14,6 +14,7 @@ from PIL import Image
 
 from ldm_lightning.data import pack
 from ldm_lightning.data.mnist import caption, load_mnist
+from ldm_lightning.data.shardwriter import sha256_file
 
 
 def _read_shards(out: Path) -> dict[str, dict[str, bytes]]:
@@ -32,7 +33,7 @@ def _check_manifest(out: Path) -> dict:
     for s in man["shards"]:
         f = out / s["name"]
         assert f.stat().st_size == s["bytes"]
-        assert pack.sha256_file(f) == s["sha256"]
+        assert sha256_file(f) == s["sha256"]
     assert not list(out.glob(".*tmp*"))
     return man
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ldm_lightning.data import ShardDataModule
-from ldm_lightning.data.pack import sha256_file
+from ldm_lightning.data.shardwriter import sha256_file
 
 
 def _dm(shards, **kw) -> ShardDataModule:
