@@ -90,11 +90,11 @@ def test_consecutive_nan_steps_save_and_stop(tmp_path):
     assert "global step 8" in msg and "mse=nan" in msg and "reg=" in msg and "3 consecutive" in msg
     stop = tmp_path / "checkpoints" / "nonfinite-stop.ckpt"
     assert str(stop) in msg and stop.exists() and "before the first non-finite step" in msg
-    saved = torch.load(stop, weights_only=False)["state_dict"]
+    saved = torch.load(stop, weights_only=True)["state_dict"]
     # The last good state = the weights (and EMA) after the 6 good steps of a clean run (same
     # max_steps: the cosine schedule depends on it), taken from its step-6 checkpoint.
     run(tmp_path / "six", "--every", "6", "--kill_self_at", "7", check=False)
-    good = torch.load(tmp_path / "six" / "checkpoints" / "step=00000006.ckpt", weights_only=False)["state_dict"]
+    good = torch.load(tmp_path / "six" / "checkpoints" / "step=00000006.ckpt", weights_only=True)["state_dict"]
     for k in good:
         if not k.startswith("nonfinite"):
             assert torch.equal(saved[k], good[k]), k
