@@ -41,8 +41,8 @@ def test_trainer_config_is_cpu_debug_with_the_demo_settings(tmp_path):
     t = cfg["trainer"]
     assert t["max_steps"] == 123 and t["accelerator"] == "cpu" and t["enable_progress_bar"] is True
     assert t["logger"] == base["trainer"]["logger"]  # W&B offline, as in cpu-debug
-    ckpt = [c for c in t["callbacks"] if c["class_path"].endswith("ModelCheckpoint")][0]["init_args"]
-    assert ckpt["every_n_train_steps"] == 123 and ckpt["save_top_k"] == 1
+    ckpt = [c for c in t["callbacks"] if c["class_path"].endswith("StepCheckpoint")][0]["init_args"]
+    assert ckpt["every_n_train_steps"] == 123 and ckpt["keep_last_k"] == 1
     assert demo.write_trainer_config(tmp_path, "gpu", 5, "y").read_text().count("bf16-mixed") == 1
 
 
