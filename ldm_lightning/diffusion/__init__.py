@@ -1,13 +1,15 @@
-"""Stage 2: denoiser backbones, schedules, objectives, losses, samplers, guidance, conditioning.
+"""Stage 2: denoiser backbones, schedules, the loss, samplers, guidance, conditioning.
 
-Everything meets at one interface, `Denoiser(x_t, t, cond) -> Prediction(x0, eps, ...)`:
-the loss (`DiffusionObjective.loss`) and every sampler (`SAMPLERS[name](fn, x_T, schedule, steps)`)
-talk only to it, so backbones, prediction types and schedules combine freely.
+Everything meets at one interface, `Denoiser(x_t, t, cond) -> Prediction(x0, eps, ...)` (denoiser.py):
+the loss (`DiffusionObjective.loss`, loss.py) and every sampler (`SAMPLERS[name](fn, x_T, schedule, steps)`)
+talk only to it, so backbones, prediction types and schedules combine freely. `load_denoiser` (load.py)
+rebuilds a trained one without Lightning; concat.py holds the super-resolution / inpainting conditions.
 """
 
 from .conditioning import Conditioner, ConditioningConfig, FrozenTextEncoder
 from .dit import DiT, DiTConfig
 from .gmm import GaussianMixture
+from .load import build_denoiser_parts, load_denoiser
 from .guidance import cfg_denoiser, concat_cond
 from .loss import DiffusionObjective, LossOutput, ObjectiveConfig, loss_by_bin
 from .denoiser import PREDICTIONS, Denoiser, Prediction, from_x0_eps, to_x0_eps
@@ -21,4 +23,5 @@ __all__ = [
     "DiffusionObjective", "LossOutput", "ObjectiveConfig", "loss_by_bin", "PREDICTIONS", "Denoiser", "Prediction",
     "from_x0_eps", "to_x0_eps", "PRESETS", "build_backbone", "SAMPLERS", "get_sampler", "FlowSchedule",
     "VPSchedule", "build_schedule", "make_betas", "rescale_zero_terminal_snr", "UNet", "UNetConfig",
+    "build_denoiser_parts", "load_denoiser",
 ]
