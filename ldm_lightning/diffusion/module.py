@@ -14,20 +14,21 @@ fixed seed (the logger's `log_image` when it has one, else `<log_dir>/samples/st
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 
 from ldm_lightning.data.transforms import ensure_model_range
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
-                                          to_channels_last)
+                                          is_logging_step, to_channels_last)
 
+from .concat import concat_channels, training_c_concat
 from .conditioning import Conditioner, ConditioningConfig
 from .denoiser import Denoiser
 from .load import CHECKPOINT_TAG
 from .loss import DiffusionObjective, ObjectiveConfig, loss_by_bin
 from .presets import PRESETS, build_backbone
+from .sample import module_device
 from .samplers import SAMPLERS
 from .schedules import build_schedule
 
@@ -117,6 +118,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             cfg["num_classes"] = cond_cfg.num_classes
         if cond_cfg.kind == "text":
             cfg["context_dim"] = self.conditioner.context_dim
+        if cond_cfg.concat != "none":  # c_concat: low-res image or masked image + mask (concat.py)
+            cfg["concat_channels"] = concat_channels(cond_cfg.concat, int(ae.config.in_channels))
         if family == "dit" and "input_size" not in cfg and "input_size" not in PRESETS[backbone][1]:
             cfg["input_size"] = int(ae.config.resolution) // ae.downsample_factor
         net = build_backbone(backbone, **cfg)
@@ -149,13 +152,14 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         # after the EMA copy: EMA weights sample eagerly
         compile_network(self.denoiser.backbone, compile, self.speed.compile_mode)
         self._val_txt: list[str] | None = None
+        self._val_concat: torch.Tensor | None = None
         self._latents_checked = False
 
     # --- the frozen autoencoder ------------------------------------------------------------------
     @property
     def autoencoder(self):
         ae = self._ae[0]
-        if next(ae.parameters()).device != self.device:
+        if module_device(ae) != self.device:
             self._ae[0] = ae = ae.to(self.device)
         return ae
 
@@ -200,9 +204,20 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         return (z - ae.shift_factor) * ae.scale_factor
 
     # --- the step --------------------------------------------------------------------------------
+    def c_concat(self, batch: dict, latent_hw: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
+        """The concatenation condition of an image batch (low-res image, or masked image + mask)."""
+        if "image" not in batch:
+            raise ValueError(f"conditioning.concat={self.conditioner.cfg.concat!r} degrades the clean images, so it "
+                             "needs image batches: set data.kind=image (latent shards hold no pixels)")
+        images = ensure_model_range(batch["image"]).float()  # (B, C, H, W)
+        cfg = self.conditioner.cfg
+        return training_c_concat(cfg.concat, images, latent_hw, cfg.sr_factor, generator)  # (B, C_cat, h, w)
+
     def _loss(self, batch, denoiser, g_post, g_cond, g_noise, drop: float | None = None):
         z0 = self.latents(batch, g_post)  # (B, c, h, w)
         cond = self.conditioner(batch, g_cond, drop_prob=drop)
+        if self.conditioner.cfg.concat != "none":  # never dropped: guidance acts on the class / text only
+            cond["c_concat"] = self.c_concat(batch, tuple(z0.shape[-2:]), g_cond)
         out = self.objective.loss(denoiser, z0, cond, g_noise)  # per-sample (B,)
         return out.loss.mean(), out
 
@@ -210,15 +225,9 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         loss, out = self._loss(batch, self.denoiser, self.step_generator("posterior"),
                                self.step_generator("cond_drop"), self.step_generator("noise"))
         terms = {}
-        if self.loss_bins and self._logging_step():  # 1 host sync per bin: only when Lightning logs them
+        if self.loss_bins and is_logging_step(self):  # 1 host sync per bin: only when Lightning logs them
             terms = {f"loss_bin_{k[6:]}": v for k, v in loss_by_bin(out.loss, out.t_fraction, self.loss_bins).items()}
         return loss, terms
-
-    def _logging_step(self) -> bool:
-        """Whether Lightning sends this step's `self.log` values to the loggers (every log_every_n_steps); on
-        other steps on_step-only values are dropped, so computing them would only cost host syncs."""
-        connector = getattr(self._trainer, "_logger_connector", None)
-        return True if connector is None or not self._trainer.training else bool(connector.should_update_logs)
 
     def validation_step(self, batch, batch_idx):
         # Fixed draws per validation batch: val/loss of successive validations differ only by the weights.
@@ -227,11 +236,16 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         self.log("val/loss", loss, sync_dist=True, batch_size=out.loss.shape[0])
         if batch_idx == 0 and "txt" in batch:
             self._val_txt = list(batch["txt"])
+        if batch_idx == 0 and self.conditioner.cfg.concat != "none":
+            g = torch.Generator(self.device).manual_seed(self.val_seed)
+            self._val_concat = self.c_concat(batch, tuple(self.meta["latent_shape"][1:]), g)[:self.val_num]
 
     def on_validation_epoch_end(self) -> None:
         if self.val_num == 0 or self.trainer.sanity_checking or self.global_rank != 0:
             return
-        from .sample import make_grid, sample_images
+        from ldm_lightning.training.media import image_grid, log_image_grid
+
+        from .sample import sample_images
         kind = self.conditioner.cfg.kind
         spec = {}
         if kind == "class":
@@ -239,6 +253,11 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         elif kind == "text":
             txt = self._val_txt or [""]
             spec = {"prompts": [txt[i % len(txt)] for i in range(self.val_num)]}
+        if self.conditioner.cfg.concat != "none":
+            if self._val_concat is None:
+                return  # no validation batch seen yet: nothing to condition on
+            c = self._val_concat
+            spec["c_concat"] = c.repeat((self.val_num + len(c) - 1) // len(c), 1, 1, 1)[:self.val_num]
         images = sample_images(self.ema_or_live(), self.conditioner, self.autoencoder, self.meta["latent_shape"],
                                self.val_num, self.val_sampler, self.val_steps, self.val_cfg, self.val_seed, **spec)
         log_image_grid(self.trainer, "val/samples", image_grid(images), self.global_step, png_dir="samples")
