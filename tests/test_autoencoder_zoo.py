@@ -190,6 +190,25 @@ def test_movq_fit_export_load(mnist_shards, mnist, tmp_path):
     # Stage 2's latent is pre-quantisation; the public object's decode quantises it.
     assert not torch.equal(post.mode(), post.quantized)
     torch.testing.assert_close(ae.decode(post.mode()), ae.decode_latent(post.quantized))
+    # End to end through stage 2's latent cache: `data encode` stores those pre-quantisation latents.
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from scale_run import run_cli
+    run_cli(["data", "encode", "--autoencoder", str(tmp_path / "export"), "--shards", mnist_shards["test"],
+             "--out", str(tmp_path / "latents"), "--batch-size", "125"], tmp_path, timeout=300)
+    shard = sorted(glob.glob(str(tmp_path / "latents" / "*.tar")))[0]
+    with tarfile.open(shard) as tar:
+        got = {m.name.split(".")[0]: np.load(io.BytesIO(tar.extractfile(m).read()))
+               for m in tar.getmembers() if m.name.endswith(".moments.npy")}
+    keys = sorted(got)[:8]
+    idx = [int(k.rsplit("-", 1)[1]) for k in keys]
+    x_all, _ = load_mnist_32("test", limit=max(idx) + 1)
+    mean = torch.from_numpy(np.stack([got[k] for k in keys]))[:, :4]  # moments = mean || logvar
+    with torch.no_grad():
+        torch.testing.assert_close(mean, ae.encode(x_all[idx]).mode(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
