@@ -34,7 +34,8 @@ from ldm_lightning.autoencoder import Autoencoder, AutoencoderConfig
 from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.evaluation.mnist_data import load_mnist_32
 
-BASE = dict(in_channels=1, ch=24, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, resolution=32)  # `--width` sets ch
+# `--width` sets ch of the convolutional kinds.
+BASE = dict(in_channels=1, ch=24, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, resolution=32)
 VQ = dict(vq_codebook_size=256, vq_restart_threshold=0.01)
 KINDS = {
     "kl": dict(BASE, regularizer="kl", z_channels=4),                                   # 8x8x4

@@ -156,7 +156,8 @@ def _fit(tmp_path, config: str, mnist_shards, autoencoder: dict, *extra: str, na
             "--trainer.limit_val_batches", "0",
             "--data.init_args.train_shards", mnist_shards["train"], "--data.init_args.val_shards", mnist_shards["test"],
             "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0",
-            "--data.init_args.image_size", "32", "--data.init_args.channels", "1", "--data.init_args.resize_mode", "pad",
+            "--data.init_args.image_size", "32", "--data.init_args.channels", "1",
+            "--data.init_args.resize_mode", "pad",
             "--model.init_args.image_size", "32", "--model.init_args.scale_batches", "1",
             "--model.init_args.autoencoder", json.dumps(autoencoder),
             "--model.init_args.loss.perceptual_weight", "0", *extra]
