@@ -1,7 +1,7 @@
 """The survey's comparison, measured here: every autoencoder kind at the SAME compression ratio and the SAME
 training budget on the same data (MNIST 32x32x1 -> 256 latent floats, i.e. 8x8x4, or 4x4x16 for DC-AE f8).
 
-    python benchmarks/bench_autoencoders.py --steps 60 --batch 32 --width 16 --eval 500   # shared CPU, ~7 min
+    python benchmarks/bench_autoencoders.py --quick      # = the README's small CPU budget, ~5 min on 2 cores
     python benchmarks/bench_autoencoders.py --steps 5000 --batch 128 --device cuda --threads 0
 
 Each kind is trained from scratch with the same recipe: AdamW lr 1e-3, batch `--batch`, `--steps` steps over
@@ -134,6 +134,8 @@ def speed(ae: Autoencoder, device: str, batch: int = 256) -> tuple[float, float]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--quick", action="store_true", help="the README's CPU budget: --steps 60 --batch 32 --width 16 "
+                   "--eval 500 --speed-batch 64 --rfid-epochs 1 --rfid-subset 10000")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--train", type=int, default=20000, help="MNIST train images to draw batches from")
@@ -150,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     a = p.parse_args(argv)
+    if a.quick:
+        a.steps, a.batch, a.width, a.eval, a.speed_batch, a.rfid_epochs, a.rfid_subset = 60, 32, 16, 500, 64, 1, 10000
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     x_train, _ = load_mnist_32("train", limit=a.train)         # (N, 1, 32, 32) in [-1, 1]
@@ -194,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                 v = f"{v:.3g}" if c not in ("encode_img_s", "decode_img_s") else f"{v:.0f}"
             cells.append(str(v))
         print("| " + " | ".join(cells) + " |")
+    by = {r["kind"]: r for r in rows}
+    if "movq" in by and "vq" in by:  # what MoVQ's modulated decoder costs and buys over the plain VQ decoder
+        print(f"ratio decode img/s movq / vq = {by['movq']['decode_img_s'] / by['vq']['decode_img_s']:.3f}")
+        if "rfid" in by["vq"]:
+            print(f"ratio rFID movq / vq = {by['movq']['rfid'] / by['vq']['rfid']:.3f}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=2)
