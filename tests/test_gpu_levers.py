@@ -203,7 +203,8 @@ def test_diffusion_module_speed_flags(tiny_ae):
     m = DiffusionModule(tiny_ae, backbone="unet-tiny", val_num=0, compile=True,
                         speed={"channels_last": True, "compile_mode": "blocks"})
     net = m.denoiser.backbone
-    assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and not net.conv_in.weight.is_contiguous()
+    w = net.conv_in.weight
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     assert m.autoencoder.encoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
     assert net._compiled_call_impl is None and net.mid._compiled_call_impl is not None
     assert m.hparams["speed"]["compile_mode"] == "blocks"
@@ -242,7 +243,8 @@ def test_gpu_bench_dry_run_builds_every_configuration(tmp_path):
     bench = sys.modules["gpu_bench"] = importlib.util.module_from_spec(spec)  # (dataclasses look it up)
     spec.loader.exec_module(bench)
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "--dry-run"], cwd=ROOT, text=True,
-                          capture_output=True, timeout=300, env={**os.environ, "OUT": str(tmp_path)})
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "OUT": str(tmp_path), "VENV": str(Path(sys.executable).parents[1])})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert re.search(r"DiT-XL/2 +674\.82 M params", out) and "FAILED" not in out  # the script checks it exactly
@@ -288,10 +290,13 @@ def test_host_syncs_per_training_step_are_counted(tiny_ae, monkeypatch, tmp_path
         def __iter__(self):
             g = torch.Generator().manual_seed(0)
             for _ in range(8):
-                yield {"image": torch.rand(4, 1, 32, 32, generator=g) * 2 - 1, "cls": torch.randint(0, 10, (4,), generator=g)}
+                yield {"image": torch.rand(4, 1, 32, 32, generator=g) * 2 - 1,
+                       "cls": torch.randint(0, 10, (4,), generator=g)}
 
-    module = DiffusionModule(tiny_ae, backbone="unet-tiny", val_num=0, conditioning={"kind": "class", "num_classes": 10})
-    trainer = L.Trainer(max_steps=8, logger=L.pytorch.loggers.CSVLogger(str(tmp_path)), log_every_n_steps=3, callbacks=[Window()], enable_progress_bar=False,
+    module = DiffusionModule(tiny_ae, backbone="unet-tiny", val_num=0,
+                             conditioning={"kind": "class", "num_classes": 10})
+    trainer = L.Trainer(max_steps=8, logger=L.pytorch.loggers.CSVLogger(str(tmp_path)), log_every_n_steps=3,
+                        callbacks=[Window()], enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, torch.utils.data.DataLoader(Batches(), batch_size=None))
     logging = {2, 5}  # global steps whose metrics go to the logger (log_every_n_steps=3)
@@ -311,14 +316,16 @@ def test_host_syncs_per_training_step_are_counted(tiny_ae, monkeypatch, tmp_path
 @pytest.mark.slow
 def test_cli_fit_with_every_lever_flag(tiny_ae, mnist_shards, tmp_path):
     """The user path: `ldm-lightning fit` with the shipped MNIST diffusion config and each lever's documented
-    flag (compile itself is left off: CPU inductor compiles take minutes; compile_mode is still validated and
-    recorded). The run trains, and its checkpoint records the flags."""
+    flag (fused AdamW, which the sync-free guard needs, runs on CPU too; compile itself is left off: CPU
+    inductor compiles take minutes, compile_mode is still validated and recorded). The run trains, and its
+    checkpoint records the flags."""
     from scale_run import TRAINER_CFG, run_cli
     run = tmp_path / "run"
     run_cli(["fit", "-c", str(ROOT / "configs" / "diffusion" / "mnist-unet-class.yaml"), "-c", str(TRAINER_CFG / "cpu-debug.yaml"),
              "--model.init_args.autoencoder", tiny_ae, "--model.init_args.val_num", "0",
              "--model.init_args.speed.channels_last", "true", "--model.init_args.speed.compile_mode", "blocks",
-             "--model.init_args.speed.tf32", "true", "--model.init_args.optim.implementation", "foreach",
+             "--model.init_args.speed.tf32", "true", "--model.init_args.optim.implementation", "fused",
+             "--model.init_args.speed.sync_free_guard", "true",
              "--data.init_args.pin_memory", "true",
              "--data.init_args.train_shards", mnist_shards["train"], "--data.init_args.val_shards", mnist_shards["test"],
              "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0", "--trainer.limit_val_batches", "0",
@@ -326,8 +333,8 @@ def test_cli_fit_with_every_lever_flag(tiny_ae, mnist_shards, tmp_path):
     ckpts = sorted(run.rglob("*.ckpt"))
     assert ckpts, list(run.rglob("*"))
     hp = torch.load(ckpts[-1], map_location="cpu", weights_only=True)["hyper_parameters"]
-    assert hp["speed"] == {"channels_last": True, "tf32": True, "compile_mode": "blocks"}
-    assert hp["optim"]["implementation"] == "foreach"
+    assert hp["speed"] == {"channels_last": True, "tf32": True, "compile_mode": "blocks", "sync_free_guard": True}
+    assert hp["optim"]["implementation"] == "fused"
     proc = subprocess.run([sys.executable, "-m", "ldm_lightning", "fit", "-c",
                            str(ROOT / "configs" / "diffusion" / "mnist-unet-class.yaml"), "--model.init_args.autoencoder",
                            tiny_ae, "--model.init_args.speed.compile_mode", "layers"],
@@ -363,13 +370,15 @@ def test_sync_free_guard_skips_exactly_on_the_device_and_stops_on_a_streak(tiny_
     reads = []
     original = torch.Tensor.item
 
-    def item(self):
-        frame = __import__("traceback").extract_stack(limit=2)[0].filename
-        if frame.endswith(("training/base.py", "training/speed.py")):
-            reads.append(module.global_step)
-        return original(self)
-    monkeypatch.setattr(torch.Tensor, "item", item)
-    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: (reads.append(module.global_step), int(original(self)))[1])
+    def guard_read(convert):
+        def read(self):
+            frame = __import__("traceback").extract_stack(limit=2)[0].filename
+            if frame.endswith(("training/base.py", "training/speed.py")):
+                reads.append(module.global_step)
+            return convert(original(self))
+        return read
+    monkeypatch.setattr(torch.Tensor, "item", guard_read(lambda v: v))
+    monkeypatch.setattr(torch.Tensor, "__int__", guard_read(int))
 
     snaps = []
 
@@ -401,6 +410,7 @@ def test_sync_free_guard_skips_exactly_on_the_device_and_stops_on_a_streak(tiny_
     trainer = L.Trainer(max_steps=8, logger=False, log_every_n_steps=2, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
                         default_root_dir=str(tmp_path / "streak"))
-    with pytest.raises(NonFiniteLossError, match=r"Stopped after 3 consecutive non-finite steps.*global step 1, before the first"):
+    stop = r"Stopped after 3 consecutive non-finite steps.*global step 1, before the first"
+    with pytest.raises(NonFiniteLossError, match=stop):
         trainer.fit(module, torch.utils.data.DataLoader(_Batches(8, nan_at=range(1, 8)), batch_size=None))
     assert (tmp_path / "streak" / "checkpoints" / "nonfinite-stop.ckpt").is_file()

@@ -4,7 +4,8 @@
         --model.init_args.speed.compile_mode blocks --model.init_args.compile true
 
 Every lever leaves the computed function unchanged (within dtype rounding; tests/test_gpu_levers.py
-checks outputs and gradients on CPU). Whether each one pays is a GPU question: `scripts/gpu_bench.sh`
+checks outputs and gradients on CPU); `sync_free_guard` changes only when the guard's warnings and stop
+come (on logging steps), not which steps are skipped. Whether each one pays is a GPU question: `scripts/gpu_bench.sh`
 measures every lever on and off in one table. Other levers live where they act: fused/foreach AdamW
 (`optim.implementation`, training/base.py), the flash-friendly text mask (`conditioning.trim_padding`),
 pinned host memory (`data.pin_memory`).
