@@ -1,6 +1,6 @@
 """GPU throughput of the stage-2 training step with each speed lever on and off, in one table.
 
-    bash scripts/gpu_bench.sh                  # all models, all rows (~6-8 min on one H100/H200)
+    bash scripts/gpu_bench.sh                  # all models, all rows (sized for < 8 min on one H100/H200; untimed)
     python benchmarks/gpu_bench.py --models DiT-B/2 --steps 10
     python benchmarks/gpu_bench.py --dry-run   # CPU: build every configuration, one tiny step each
 

@@ -3,7 +3,7 @@
 # (benchmarks/gpu_bench.py: DiT-B/2, DiT-XL/2 and the SD-sized UNet, bf16, 32x32x4 latents;
 # images/s, step time, peak memory, MFU; the facebookresearch/DiT recipe as a baseline row).
 #
-#   bash scripts/gpu_bench.sh                        # one GPU, ~6-8 min
+#   bash scripts/gpu_bench.sh                        # one GPU (sized for < 8 min; not yet timed on one)
 #   bash scripts/gpu_bench.sh --models DiT-XL/2      # a subset (see --help)
 #   bash scripts/gpu_bench.sh --dry-run              # CPU: build every configuration, one tiny step each
 #
