@@ -6,18 +6,14 @@ reuses the test venv's dependencies through a path entry (a venv's --system-site
 the base interpreter's packages, not this venv's). That path entry does not run the test venv's .pth
 files, so its editable install cannot shadow the installed copy; the test checks `ldm_lightning.__file__`.
 
-`ldm-lightning demo --fast` itself runs for minutes and already runs in test_demo.py; here the installed
-demo module builds its trainer config and its autoencoder fit config from the shipped files (what failed
+`ldm-lightning demo --fast` runs from this installed copy, outside the repository, in test_demo.py (the
+`installed_package` fixture of conftest.py builds it once per session); here the installed demo module builds its trainer config and its autoencoder fit config from the shipped files (what failed
 with FileNotFoundError after `pip install .`), and `fit --print_config` resolves them.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -33,30 +29,8 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 240, env: dict | None = None)
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> tuple[Path, dict]:
-    tmp = tmp_path_factory.mktemp("installed")
-    src = tmp / "src"  # a copy: the build writes build/ and *.egg-info next to the sources
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "configs", src / "configs")
-    shutil.copytree(ROOT / "ldm_lightning", src / "ldm_lightning", symlinks=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "whl"),
-          str(src)], cwd=tmp)
-    wheel = next((tmp / "whl").glob("ldm_lightning-*.whl"))
-    venv = tmp / "venv"
-    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp)
-    py = venv / "bin" / "python"
-    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-         cwd=tmp)
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
-    (site / "zz_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # after its own packages
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    work = tmp / "elsewhere"
-    work.mkdir()
-    return venv, env, work
+def installed(installed_package):
+    return installed_package
 
 
 def test_installed_package_ships_its_configs(installed):
