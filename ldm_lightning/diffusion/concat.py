@@ -26,6 +26,15 @@ def concat_channels(task: str, image_channels: int) -> int:
     return {"none": 0, "super_resolution": image_channels, "inpainting": image_channels + 1}[task]
 
 
+def join_concat(x: torch.Tensor, c_concat: torch.Tensor | None, channels: int, backbone: str) -> torch.Tensor:
+    """The backbone input with `c_concat` joined on the channels (x unchanged when `channels` is 0)."""
+    if not channels:
+        return x
+    if c_concat is None or c_concat.shape[1] != channels:
+        raise ValueError(f"this {backbone} takes c_concat (B, {channels}, H, W) joined to its input")
+    return torch.cat([x, c_concat.to(x.dtype)], dim=1)  # (B, C + C_cat, H, W)
+
+
 def downsample(images: torch.Tensor, factor: int) -> torch.Tensor:
     """(B, C, H, W) in [-1, 1] -> (B, C, H/f, W/f): bicubic with antialiasing (PIL's BICUBIC resize)."""
     h, w = images.shape[-2] // factor, images.shape[-1] // factor

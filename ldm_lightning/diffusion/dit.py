@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm_lightning.diffusion.concat import join_concat
 from ldm_lightning.nn.attention import Attention
 from ldm_lightning.nn.embeddings import TimestepEmbedder, sincos_2d
 
@@ -177,10 +178,7 @@ class DiT(nn.Module):
                 c_concat: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D_ctx); mask (B, L);
         c_concat (B, concat_channels, H, W)."""
-        if self.cfg.concat_channels:
-            if c_concat is None or c_concat.shape[1] != self.cfg.concat_channels:
-                raise ValueError(f"this DiT takes c_concat (B, {self.cfg.concat_channels}, H, W) joined to its input")
-            x = torch.cat([x, c_concat.to(x.dtype)], dim=1)  # (B, C + C_cat, H, W)
+        x = join_concat(x, c_concat, self.cfg.concat_channels, "DiT")  # (B, C + C_cat, H, W)
         B, _, H, W = x.shape
         p = self.cfg.patch_size
         if H % p or W % p:

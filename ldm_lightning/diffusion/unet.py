@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm_lightning.diffusion.concat import join_concat
 from ldm_lightning.nn.attention import Attention
 from ldm_lightning.nn.embeddings import TimestepEmbedder
 
@@ -209,10 +210,7 @@ class UNet(nn.Module):
                 c_concat: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D); mask (B, L);
         c_concat (B, concat_channels, H, W)."""
-        if self.cfg.concat_channels:
-            if c_concat is None or c_concat.shape[1] != self.cfg.concat_channels:
-                raise ValueError(f"this UNet takes c_concat (B, {self.cfg.concat_channels}, H, W) joined to its input")
-            x = torch.cat([x, c_concat.to(x.dtype)], dim=1)  # (B, C + C_cat, H, W)
+        x = join_concat(x, c_concat, self.cfg.concat_channels, "UNet")  # (B, C + C_cat, H, W)
         f = 2 ** (len(self.cfg.channel_mult) - 1)
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"UNet input {tuple(x.shape)}: H and W must be divisible by {f} "
