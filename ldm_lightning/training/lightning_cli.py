@@ -83,7 +83,7 @@ def checkpoint_dir(trainer_config) -> str:
 def resolve_ckpt_path(requested: str | None, directory: str, max_steps: int | None = None) -> str | None:
     """The checkpoint `fit` resumes from (None: from scratch). Raises FileNotFoundError /
     CorruptCheckpointError with a message for the user."""
-    if requested is not None and (requested in _LIGHTNING_CKPT_WORDS or "registry" in requested):
+    if requested is not None and (requested in _LIGHTNING_CKPT_WORDS or requested.startswith("registry")):
         return requested
     if requested is None:
         found = resolve_resume_checkpoint(directory) if os.path.isdir(directory) else None
@@ -128,8 +128,8 @@ class LDMLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
-        # One directory per run: the W&B logger writes where the trainer does unless told otherwise, so
-        # checkpoints (<save_dir>/<project>/<run id>/checkpoints) and wandb_run_id.txt follow default_root_dir.
+        # One directory per run: the W&B logger writes where the trainer does unless told otherwise, so its
+        # files and wandb_run_id.txt sit beside <default_root_dir>/checkpoints.
         logger = trainer.get("logger")
         for lg in logger if isinstance(logger, list) else [logger]:
             if hasattr(lg, "class_path") and lg.class_path.endswith("WandbLogger") and lg.init_args.get("save_dir") is None:
