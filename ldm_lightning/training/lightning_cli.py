@@ -7,15 +7,12 @@
   every stage; later `-c` files and `--a.b value` flags override earlier ones (jsonargparse).
 * `--print_config` prints the fully resolved config; `--help` lists every field with its type.
 * Typed arguments are checked by jsonargparse; our dataclass configs validate in `__post_init__`,
-  whose ValueError names the field and the allowed values — `_check_config_error` makes sure that text
-  reaches the user rather than a generic "does not validate" message.
+  whose ValueError names the field and the allowed values. A user error (config, files, data) is one
+  paragraph and exit 2 (training/cli_errors.py); `--debug` shows the traceback.
 * The resolved config is saved next to the logs AND into the W&B run config (`LoggedSaveConfigCallback`).
-* `default_callbacks()` / `default_plugins()` are the one place that adds what every run gets unless the
-  config already lists one of the same kind: telemetry and fault tolerance (step checkpoints + the final
-  step, atomic writes, RNG state, SIGUSR1/SIGTERM handling, Slurm without Lightning's in-handler requeue).
-* The checkpoint to resume from is resolved here (`resolve_ckpt_path`): `--ckpt_path last`, an explicit
-  file (validated, falling back to the newest good one), or nothing in a run directory that already holds
-  checkpoints (a rerun resumes; it never silently restarts). Loading is `weights_only=True`.
+* What every run gets unless its config lists one of the same kind — telemetry and fault tolerance — and
+  which checkpoint it resumes from (`--ckpt_path last`, an explicit file, or a rerun in a run directory
+  that holds checkpoints) are decided in training/fault_tolerance.py. Loading is `weights_only=True`.
 * `run_lightning_cli` returns the process exit code (see README "Fault tolerance"): 0 done, 75 stopped by
   SIGUSR1 outside Slurm, 143 stopped by SIGTERM, 3 non-finite stop, 2 a user error.
 """
@@ -24,85 +21,25 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
-import traceback
 import warnings
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.plugins.environments import ClusterEnvironment
-from lightning.pytorch.plugins.io import CheckpointIO
 
 import ldm_lightning.training.strategies  # noqa: F401  (registers deepspeed_*_anydevice)
 from ldm_lightning.errors import UserError, missing_extra_message
 from ldm_lightning.training.base import NonFiniteLossError
-from ldm_lightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint
-from ldm_lightning.training.preemption import PreemptionCallback, slurm_environment
-from ldm_lightning.training.resume import CorruptCheckpointError, resolve_resume_checkpoint, say
-from ldm_lightning.training.rng_state import RNGStateCallback
-from ldm_lightning.training.telemetry import TelemetryCallback
+from ldm_lightning.training.cli_errors import check_hparams_agree, config_error_message, join_negative_values
+from ldm_lightning.training.fault_tolerance import (checkpoint_dir, default_callbacks, default_plugins,
+                                                    resolve_ckpt_path)
+from ldm_lightning.training.preemption import PreemptionCallback
+from ldm_lightning.training.resume import CorruptCheckpointError
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
-# --ckpt_path values Lightning itself resolves (best model, Lightning's hpc checkpoints, model registry).
-_LIGHTNING_CKPT_WORDS = ("best", "hpc")
-
-
-def default_callbacks() -> list[Callback]:
-    """Callbacks every training run gets, unless the config already has one of the same class: config
-    files list one only to change its options."""
-    return [TelemetryCallback(), StepCheckpoint(), RNGStateCallback(), PreemptionCallback()]
-
-
-def default_plugins(configured: list, strategy) -> list:
-    """Plugins every run gets unless one of the same kind is configured: atomic checkpoint writes (not for
-    DeepSpeed, which writes its own directories) and, under Slurm, the cluster environment without
-    Lightning's auto-requeue (it saves inside the signal handler; PreemptionCallback does it safely)."""
-    extra = []
-    if "deepspeed" not in str(strategy).lower() and not any(isinstance(p, CheckpointIO) for p in configured):
-        extra.append(AtomicCheckpointIO())
-    slurm = slurm_environment()
-    if slurm is not None and not any(isinstance(p, ClusterEnvironment) for p in configured):
-        extra.append(slurm)
-    return extra
-
-
-def checkpoint_dir(trainer_config) -> str:
-    """Where this run's StepCheckpoint writes: its configured dirpath, else <default_root_dir>/checkpoints."""
-    for cb in trainer_config.get("callbacks") or []:
-        if str(getattr(cb, "class_path", "")).endswith("StepCheckpoint"):
-            dirpath = (getattr(cb, "init_args", None) or {}).get("dirpath")
-            if dirpath:
-                return os.fspath(dirpath)
-    return os.path.join(trainer_config.get("default_root_dir") or os.getcwd(), "checkpoints")
-
-
-def resolve_ckpt_path(requested: str | None, directory: str, max_steps: int | None = None) -> str | None:
-    """The checkpoint `fit` resumes from (None: from scratch). Raises FileNotFoundError /
-    CorruptCheckpointError with a message for the user."""
-    if requested is not None and (requested in _LIGHTNING_CKPT_WORDS or requested.startswith("registry")):
-        return requested
-    if requested is None:
-        found = resolve_resume_checkpoint(directory) if os.path.isdir(directory) else None
-        if found is not None:
-            say(f"{directory} holds checkpoints of an earlier run; a rerun in the same run directory resumes "
-                "(for a fresh run use a new --trainer.default_root_dir)")
-    elif requested == "last":
-        found = resolve_resume_checkpoint(directory)
-        if found is None:
-            say(f"--ckpt_path last: no checkpoint in {directory} yet; starting from scratch")
-    else:
-        found = resolve_resume_checkpoint(requested)
-    if found is None:
-        return None
-    say(f"resuming from {found.path}" + (f" (global step {found.global_step})" if found.global_step is not None else ""))
-    if found.global_step is not None and max_steps is not None and 0 < max_steps <= found.global_step:
-        say(f"{found.path} is at global step {found.global_step} and trainer.max_steps={max_steps}: nothing left "
-            "to train (raise --trainer.max_steps to train longer)")
-    return found.path
 
 
 def _jsonable(value):
@@ -174,65 +111,6 @@ class LDMLightningCLI(LightningCLI):
         return kwargs
 
 
-def check_hparams_agree(model, datamodule) -> None:
-    """Model and data must agree on the fields both have (e.g. image_size): Lightning only finds out when it logs
-    the hyper-parameters, with a message about merging hparams."""
-    if datamodule is None:
-        return
-    m, d = getattr(model, "hparams", {}), getattr(datamodule, "hparams", {})
-    for key in sorted(set(m) & set(d)):
-        try:
-            same = bool(m[key] == d[key])
-        except Exception:  # values without a plain ==, e.g. tensors
-            same = repr(m[key]) == repr(d[key])
-        if not same:
-            raise UserError(f"model.init_args.{key}={m[key]!r} but data.init_args.{key}={d[key]!r}: set both to the "
-                            f"same value (e.g. --model.init_args.{key} {d[key]!r})")
-
-
-_NUMBER = re.compile(r"-(\d|\.\d|inf$|nan$)")
-
-
-def join_negative_values(argv: list[str]) -> list[str]:
-    """`--key -1e-3` -> `--key=-1e-3`: argparse would read `-1e-3` as an option and say "expected one argument"."""
-    out: list[str] = []
-    for arg in argv:
-        if out and _NUMBER.match(arg) and out[-1].startswith("--") and "=" not in out[-1]:
-            out[-1] = f"{out[-1]}={arg}"
-        else:
-            out.append(arg)
-    return out
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    while exc is not None and all(exc is not c for c in chain):
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return chain
-
-
-def config_error_message(exc: BaseException) -> str:
-    """One paragraph for an error raised while parsing/building: our own validation text when there is one
-    (it names the field and the allowed values), else jsonargparse's innermost reason with its key."""
-    chain = _chain(exc)
-    for c in reversed(chain):  # innermost first
-        tb = traceback.extract_tb(c.__traceback__)
-        if isinstance(c, (ValueError, TypeError, UserError)) and tb and f"{os.sep}ldm_lightning{os.sep}" in tb[-1].filename:
-            return f"invalid config: {c}"
-    for c in chain:
-        if isinstance(c, ModuleNotFoundError) and missing_extra_message(c):
-            return missing_extra_message(c)
-    if isinstance(chain[-1], (OSError, UserError)):
-        return str(chain[-1])
-    where = str(chain[0]).splitlines()[0].strip() if str(chain[0]).strip() else type(chain[0]).__name__
-    reasons = [str(c).strip().replace("\n", " ") for c in chain if "Problem with given class_path" in str(c)]
-    reason = " ".join((reasons[-1] if reasons else str(chain[-1]).strip()).split())
-    where = "" if reason.startswith(where.rstrip(":")) else f"{where} "
-    return (f"invalid config: {where}{reason}. See `ldm-lightning {LDMLightningCLI.subcommand_name} --help` "
-            "for the fields and their types, and --print_config for the resolved config.")
-
-
 def exit_code(cli: LightningCLI) -> int:
     """0, or the code of a signal stop (PreemptionCallback.exit_code)."""
     trainer = getattr(cli, "trainer", None)
@@ -266,7 +144,7 @@ def run_lightning_cli(argv: list[str] | None = None) -> int:
     except Exception as e:
         extra = missing_extra_message(e) if isinstance(e, ModuleNotFoundError) else None
         if not LDMLightningCLI.running:
-            message = config_error_message(e)
+            message = config_error_message(e, LDMLightningCLI.subcommand_name)
         elif isinstance(e, USER_ERRORS) or extra:
             message = extra or str(e)
         else:

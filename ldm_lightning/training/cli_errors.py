@@ -1,0 +1,67 @@
+"""User errors of `ldm-lightning fit|validate|test` as one paragraph: what went wrong, where, and the fix."""
+
+from __future__ import annotations
+
+import os
+import re
+import traceback
+
+from ldm_lightning.errors import UserError, missing_extra_message
+
+def check_hparams_agree(model, datamodule) -> None:
+    """Model and data must agree on the fields both have (e.g. image_size): Lightning only finds out when it logs
+    the hyper-parameters, with a message about merging hparams."""
+    if datamodule is None:
+        return
+    m, d = getattr(model, "hparams", {}), getattr(datamodule, "hparams", {})
+    for key in sorted(set(m) & set(d)):
+        try:
+            same = bool(m[key] == d[key])
+        except Exception:  # values without a plain ==, e.g. tensors
+            same = repr(m[key]) == repr(d[key])
+        if not same:
+            raise UserError(f"model.init_args.{key}={m[key]!r} but data.init_args.{key}={d[key]!r}: set both to the "
+                            f"same value (e.g. --model.init_args.{key} {d[key]!r})")
+
+
+_NUMBER = re.compile(r"-(\d|\.\d|inf$|nan$)")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--key -1e-3` -> `--key=-1e-3`: argparse would read `-1e-3` as an option and say "expected one argument"."""
+    out: list[str] = []
+    for arg in argv:
+        if out and _NUMBER.match(arg) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while exc is not None and all(exc is not c for c in chain):
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def config_error_message(exc: BaseException, subcommand: str = "fit") -> str:
+    """One paragraph for an error raised while parsing/building: our own validation text when there is one
+    (it names the field and the allowed values), else jsonargparse's innermost reason with its key."""
+    chain = _chain(exc)
+    for c in reversed(chain):  # innermost first
+        tb = traceback.extract_tb(c.__traceback__)
+        if isinstance(c, (ValueError, TypeError, UserError)) and tb and f"{os.sep}ldm_lightning{os.sep}" in tb[-1].filename:
+            return f"invalid config: {c}"
+    for c in chain:
+        if isinstance(c, ModuleNotFoundError) and missing_extra_message(c):
+            return missing_extra_message(c)
+    if isinstance(chain[-1], (OSError, UserError)):
+        return str(chain[-1])
+    where = str(chain[0]).splitlines()[0].strip() if str(chain[0]).strip() else type(chain[0]).__name__
+    reasons = [str(c).strip().replace("\n", " ") for c in chain if "Problem with given class_path" in str(c)]
+    reason = " ".join((reasons[-1] if reasons else str(chain[-1]).strip()).split())
+    where = "" if reason.startswith(where.rstrip(":")) else f"{where} "
+    return (f"invalid config: {where}{reason}. See `ldm-lightning {subcommand} --help` "
+            "for the fields and their types, and --print_config for the resolved config.")
