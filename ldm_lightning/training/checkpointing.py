@@ -8,7 +8,7 @@
   same run directory finds them), and saving the final step when training ends for any reason
   but an error, so no trained step is in no checkpoint.
 
-`ldm-lightning fit` adds both by default (training/lightning_cli.py), with `RNGStateCallback`
+`ldm-lightning fit` adds both by default (training/fault_tolerance.py), with `RNGStateCallback`
 (training/rng_state.py) and `PreemptionCallback` (training/preemption.py); a config lists one to set
 its options. Which checkpoint a resume loads: training/resume.py.
 """
