@@ -85,9 +85,14 @@ class ImageTransform:
         self.decode_into(sample[k], k, out, rng)
         return out
 
-    def decode_into(self, data: bytes, ext: str, out: np.ndarray, rng: np.random.Generator | None) -> None:
+    def decode_into(self, data: bytes, ext: str, out: np.ndarray,
+                    rng: np.random.Generator | None) -> tuple[int, int, int, int]:
         """Decode one image member into `out` (C, size, size) uint8, all of which is written (a batch buffer
-        is reused). Nothing is written unless the decode succeeds: a BadSample leaves `out` as it was."""
+        is reused). Nothing is written unless the decode succeeds: a BadSample leaves `out` as it was.
+
+        Returns SDXL's crop conditioning (original_h, original_w, crop_top, crop_left): the source size,
+        and the crop's top-left corner in the resized image (after a flip, as seen in the flipped image);
+        (0, 0) for 'pad' and 'resize'."""
         try:
             img = open_image(data, ext)
             img.load()  # full decode: truncated data fails here
@@ -98,6 +103,7 @@ class ImageTransform:
         (w, h), s = img.size, self.size
         self.check_size(w, h)
         top = left = 0
+        crop = (h, w, 0, 0)
         if self.mode == "pad":
             top, left = (s - h) // 2, (s - w) // 2  # black border (→ -1): MNIST 28 → 32 with 2 px
         elif self.mode == "resize":
@@ -113,9 +119,12 @@ class ImageTransform:
             else:
                 x0, y0 = (nw - s) // 2, (nh - s) // 2
             img = img.crop((x0, y0, x0 + s, y0 + s))
+            crop = (h, w, y0, x0)
         a = np.asarray(img)  # (h, w) or (h, w, 3) uint8
         if self.flip and rng is not None and rng.random() < 0.5:
             a = a[:, ::-1]
+            if self.mode in ("center_crop", "random_crop"):
+                crop = (crop[0], crop[1], crop[2], nw - s - crop[3])  # the crop's left edge in the flipped image
         h, w = a.shape[:2]
         if (h, w) != (s, s):
             out[:] = 0  # the 'pad' border: black (→ -1)
@@ -123,6 +132,7 @@ class ImageTransform:
             out[0, top:top + h, left:left + w] = a
         else:
             out[:, top:top + h, left:left + w] = a.transpose(2, 0, 1)  # (3, h, w)
+        return crop
 
     def check_size(self, w: int, h: int) -> None:
         if self.mode == "pad" and (w > self.size or h > self.size):
