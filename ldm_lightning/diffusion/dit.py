@@ -73,8 +73,13 @@ class DiTConfig:
             raise ValueError(f"dit.bottleneck_dim must be None or >= 1, got {self.bottleneck_dim}")
 
 
+def per_token(v: torch.Tensor) -> torch.Tensor:
+    """A modulation vector (B, D) -> (B, 1, D); a per-token one (B, N, D) (DDT's decoder) stays as it is."""
+    return v[:, None] if v.ndim == 2 else v
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]  # (B, N, D)
+    return x * (1 + per_token(scale)) + per_token(shift)  # (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -99,11 +104,12 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(self, x, c, context=None, mask=None, self_mask=None):
-        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, D) each, once per image
-        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1), key_padding_mask=self_mask)  # (B, N, D)
+        # c: (B, D) once per image (DiT), or (B, N, D) per token (DDT's decoder, conditioned on the encoder's z)
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, [N,] D) each
+        x = x + per_token(g1) * self.attn(modulate(self.norm1(x), sh1, sc1), key_padding_mask=self_mask)  # (B, N, D)
         if self.cross is not None:
             x = x + self.cross(self.norm_c(x), context, mask)
-        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        return x + per_token(g2) * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
 class FinalLayer(nn.Module):
@@ -114,8 +120,24 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
 
     def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # (B, [N,] D) each
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*C)
+
+
+def patch_embedder(c_in: int, D: int, p: int, bottleneck_dim: int | None) -> nn.Module:
+    """Patchify + embed: one (p x p) conv (DiT), or JiT's bottleneck (p^2 C) -> rank -> D."""
+    if bottleneck_dim is None:
+        return nn.Conv2d(c_in, D, p, stride=p)
+    return nn.Sequential(nn.Conv2d(c_in, bottleneck_dim, p, stride=p, bias=False), nn.Conv2d(bottleneck_dim, D, 1))
+
+
+def init_patch_embedder(embedder: nn.Module) -> None:
+    """Xavier on the patch embedding seen as a Linear (as DiT), zero biases."""
+    for conv in (embedder if isinstance(embedder, nn.Sequential) else [embedder]):
+        w = conv.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
 
 
 class DiT(nn.Module):
@@ -124,11 +146,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         D, p = cfg.hidden_size, cfg.patch_size
         c_in = cfg.in_channels + cfg.concat_channels
-        if cfg.bottleneck_dim is None:
-            self.x_embedder = nn.Conv2d(c_in, D, p, stride=p)  # patchify
-        else:  # JiT: (p^2 C) -> rank -> D
-            self.x_embedder = nn.Sequential(nn.Conv2d(c_in, cfg.bottleneck_dim, p, stride=p, bias=False),
-                                            nn.Conv2d(cfg.bottleneck_dim, D, 1))
+        self.x_embedder = patch_embedder(c_in, D, p, cfg.bottleneck_dim)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes else None
         g = cfg.input_size // p
@@ -149,11 +167,7 @@ class DiT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         self.apply(_basic)
-        for conv in (self.x_embedder if isinstance(self.x_embedder, nn.Sequential) else [self.x_embedder]):
-            w = conv.weight
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
+        init_patch_embedder(self.x_embedder)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -173,25 +187,41 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, C)  # (B, h, w, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, h * p, w * p)  # (B, C, H, W)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                c_concat: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D_ctx); mask (B, L);
-        c_concat (B, concat_channels, H, W)."""
-        x = join_concat(x, c_concat, self.cfg.concat_channels, "DiT")  # (B, C + C_cat, H, W)
-        B, _, H, W = x.shape
+    def token_grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """(h, w) tokens of an input (B, C, H, W)."""
         p = self.cfg.patch_size
-        if H % p or W % p:
-            raise ValueError(f"DiT input {tuple(x.shape)}: H and W must be divisible by dit.patch_size={p}")
-        h, w = H // p, W // p
-        pos = self.pos_embed if h * w == self.pos_embed.shape[1] and h == w == self.cfg.input_size // p \
-            else sincos_2d(self.cfg.hidden_size, h, w).to(x.device)[None]
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + pos.to(x.dtype)  # (B, N, D)
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"{type(self).__name__} input {tuple(x.shape)}: H and W must be divisible by "
+                             f"patch_size={p}")
+        return x.shape[-2] // p, x.shape[-1] // p
+
+    def positions(self, h: int, w: int, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """(1, h*w, width) fixed sin-cos positions: the cached ones at the training grid, else recomputed."""
+        width = width or self.cfg.hidden_size
+        g = self.cfg.input_size // self.cfg.patch_size
+        if h == w == g and width == self.pos_embed.shape[-1]:
+            return self.pos_embed.to(x.dtype)
+        return sincos_2d(width, h, w).to(device=x.device, dtype=x.dtype)[None]
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """c = timestep embedding (+ class embedding), (B, D): what AdaLN modulates with."""
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
             if y is None:
                 raise ValueError("this DiT is class-conditional: pass y (use index num_classes for 'no class')")
             c = c + self.y_embedder(y)
+        return c
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                c_concat: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D_ctx); mask (B, L);
+        c_concat (B, concat_channels, H, W)."""
+        x = join_concat(x, c_concat, self.cfg.concat_channels, type(self).__name__)  # (B, C + C_cat, H, W)
+        B = x.shape[0]
+        h, w = self.token_grid(x)
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.positions(h, w, x)  # (B, N, D)
+        c = self.condition(t, y)  # (B, D)
         if self.cfg.context_dim is not None and context is None:
             raise ValueError("this DiT is text-conditional (context_dim set): pass context (B, L, context_dim)")
         self_mask, N = None, tokens.shape[1]

@@ -27,7 +27,8 @@ from .conditioning import Conditioner, ConditioningConfig
 from .denoiser import Denoiser
 from .load import CHECKPOINT_TAG
 from .loss import DiffusionObjective, ObjectiveConfig, loss_by_bin
-from .presets import PRESETS, build_backbone
+from .presets import PRESETS, TRANSFORMER_FAMILIES, build_backbone
+from .repa import BlockTap, REPAConfig, REPAError, REPAProjector, load_repa_encoder
 from .sample import module_device
 from .samplers import SAMPLERS
 from .schedules import build_schedule
@@ -55,7 +56,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                  val_sampler: str = "ddim", val_steps: int = 25, val_cfg: float = 3.0, val_num: int = 16,
                  val_seed: int = 0, optim: OptimConfig | dict | None = None, ema: EMAConfig | dict | None = None,
                  guard: GuardConfig | dict | None = None, seed: int = 0, compile: bool = False,
-                 speed: SpeedConfig | dict | None = None):
+                 speed: SpeedConfig | dict | None = None, repa: REPAConfig | dict | None = None):
         """
         Args:
             autoencoder: Path of the frozen stage-1 autoencoder (.ckpt, export folder, diffusers folder);
@@ -84,6 +85,10 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 (`backbone_config: {grad_checkpointing: true}`).
             speed: GPU throughput levers (training/speed.py): channels_last (UNet backbone, frozen autoencoder
                 and image inputs in NHWC), tf32, compile_mode ('model' | 'blocks': what `compile` compiles).
+            repa: REPAConfig (diffusion/repa.py): representation alignment of the tokens after block `block`
+                to a frozen encoder's patch features (`encoder`: a local DINOv2 folder or
+                'mnist-classifier:PATH'), weight `weight`; logged as `train/repa_loss`. Off by default.
+                Needs image batches (the encoder sees the clean pixels) and a DiT / DDT backbone.
         """
         super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed)
         self.speed = as_speed(speed)
@@ -100,6 +105,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         sched = dict(schedule or {"kind": "vp"})
         sched.setdefault("kind", "vp")
         obj_cfg = _as(ObjectiveConfig, objective)
+        repa_cfg = _as(REPAConfig, repa)
         cond_cfg = _as(ConditioningConfig, conditioning)
         self.autoencoder_path = str(autoencoder)
         from ldm_lightning.autoencoder.hashing import autoencoder_hash
@@ -120,16 +126,25 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             cfg["context_dim"] = self.conditioner.context_dim
         if cond_cfg.concat != "none":  # c_concat: low-res image or masked image + mask (concat.py)
             cfg["concat_channels"] = concat_channels(cond_cfg.concat, int(ae.config.in_channels))
-        if family == "dit" and "input_size" not in cfg and "input_size" not in PRESETS[backbone][1]:
+        if family in TRANSFORMER_FAMILIES and "input_size" not in cfg and "input_size" not in PRESETS[backbone][1]:
             cfg["input_size"] = int(ae.config.resolution) // ae.downsample_factor
         net = build_backbone(backbone, **cfg)
         bb_cfg = net.cfg
-        self.latent_size = int(bb_cfg.input_size) if family == "dit" else \
+        self.latent_size = int(bb_cfg.input_size) if family in TRANSFORMER_FAMILIES else \
             int(ae.config.resolution) // ae.downsample_factor
         self.meta = {"module": CHECKPOINT_TAG, "backbone_family": family, "backbone": dataclasses.asdict(bb_cfg),
                      "schedule": sched, "objective": _plain(obj_cfg), "conditioning": _plain(cond_cfg),
                      "latent_shape": [ae.latent_channels, self.latent_size, self.latent_size],
                      "autoencoder": {"path": self.autoencoder_path, "hash": self.autoencoder_hash}}
+        self.repa_cfg, self.repa = repa_cfg, None
+        if repa_cfg.enabled:  # the projector is trained (a submodule); the encoder is frozen and kept outside
+            if family not in TRANSFORMER_FAMILIES or not 1 <= repa_cfg.block <= len(net.blocks):
+                raise REPAError(f"repa.block={repa_cfg.block}: backbone {backbone!r} has "
+                                + (f"{len(net.blocks)} (encoder) blocks; give 1..{len(net.blocks)}"
+                                   if family in TRANSFORMER_FAMILIES else "no transformer blocks (use a DiT / DDT)"))
+            enc = load_repa_encoder(repa_cfg.encoder, repa_cfg.encoder_resolution)
+            self._repa_encoder = [enc]
+            self.repa = REPAProjector(bb_cfg.hidden_size, enc.feature_dim, repa_cfg.projector_dim)
         schedule_obj = build_schedule(**sched)
         self.denoiser = Denoiser(net, schedule_obj, obj_cfg.prediction, obj_cfg.clamp)
         self.objective = DiffusionObjective(obj_cfg, schedule_obj)
@@ -145,7 +160,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             "check_latent_hash": check_latent_hash, "loss_bins": loss_bins, "val_sampler": val_sampler,
             "val_steps": val_steps, "val_cfg": val_cfg, "val_num": val_num, "val_seed": val_seed,
             "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
-            "seed": seed, "compile": compile, "speed": _plain(self.speed)})
+            "seed": seed, "compile": compile, "speed": _plain(self.speed), "repa": _plain(repa_cfg)})
         if self.speed.channels_last:  # before the EMA copy, so both are NHWC
             to_channels_last(self.denoiser.backbone, ae)
         self.setup_ema(self.denoiser)
@@ -222,12 +237,37 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         return out.loss.mean(), out
 
     def compute_loss(self, batch):
-        loss, out = self._loss(batch, self.denoiser, self.step_generator("posterior"),
-                               self.step_generator("cond_drop"), self.step_generator("noise"))
+        gens = (self.step_generator("posterior"), self.step_generator("cond_drop"), self.step_generator("noise"))
         terms = {}
+        if self.repa is None:
+            loss, out = self._loss(batch, self.denoiser, *gens)
+        else:
+            with BlockTap(self.denoiser.backbone.blocks[self.repa_cfg.block - 1]) as tap:
+                loss, out = self._loss(batch, self.denoiser, *gens)
+            repa = self.repa_loss(batch, tap.tokens)
+            terms["diffusion_loss"], terms["repa_loss"] = loss.detach(), repa.detach()  # train/loss is the sum
+            loss = loss + self.repa_cfg.weight * repa
         if self.loss_bins and is_logging_step(self):  # 1 host sync per bin: only when Lightning logs them
-            terms = {f"loss_bin_{k[6:]}": v for k, v in loss_by_bin(out.loss, out.t_fraction, self.loss_bins).items()}
+            terms.update({f"loss_bin_{k[6:]}": v
+                          for k, v in loss_by_bin(out.loss, out.t_fraction, self.loss_bins).items()})
         return loss, terms
+
+    def repa_loss(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """REPA loss of the tapped block's tokens (B, N [+ L], D) against the frozen encoder's features of the
+        batch's clean images."""
+        if "image" not in batch:
+            raise REPAError("repa.encoder is set: REPA aligns to features of the clean images, so it needs image "
+                            "batches; set data.kind=image (latent shards hold no pixels)")
+        from ldm_lightning.data.transforms import ensure_model_range
+        images = ensure_model_range(batch["image"]).float()  # (B, C, H, W)
+        enc = self._repa_encoder[0]
+        if module_device(enc) != self.device:
+            self._repa_encoder[0] = enc = enc.to(self.device)
+        with torch.no_grad():
+            features = enc(images)  # (B, C_f, h_f, w_f)
+        step = self.autoencoder.downsample_factor * self.denoiser.backbone.cfg.patch_size
+        h, w = images.shape[-2] // step, images.shape[-1] // step  # the token grid
+        return self.repa(tokens[:, :h * w], features, h, w)
 
     def validation_step(self, batch, batch_idx):
         # Fixed draws per validation batch: val/loss of successive validations differ only by the weights.
@@ -267,4 +307,5 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         checkpoint["ldm_lightning"] = dict(self.meta)
 
     def optimizer_param_groups(self):
-        return [p for p in self.denoiser.parameters() if p.requires_grad]
+        params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        return params + ([] if self.repa is None else list(self.repa.parameters()))

@@ -10,6 +10,7 @@ from dataclasses import fields
 
 from torch import nn
 
+from .ddt import DDT, DDTConfig
 from .dit import DiT, DiTConfig
 from .unet import UNet, UNetConfig
 
@@ -19,7 +20,22 @@ PRESETS: dict[str, tuple[type, dict]] = {
     f"DiT-{size}/{p}": ("dit", dict(depth=d, hidden_size=h, num_heads=n, patch_size=p))
     for size, (d, h, n) in _DIT_SIZES.items() for p in (2, 4, 8)
 }
+# DDT (Wang et al. 2025): DDT-XL/2 is 22 encoder + 6 decoder blocks (the paper's); the smaller sizes keep
+# DiT's total depth with a 4-block decoder (a choice made here). DiT^DH (RAE, Zheng et al. 2025): a full DiT
+# as the encoder plus a 2-block, 2048-wide head (RAE's DiT^DH-XL); patch 1 for 16x16 representation latents.
+_DDT_SPLIT = {"S": 8, "B": 8, "L": 20, "XL": 22}
 PRESETS.update({
+    f"DDT-{size}/{p}": ("ddt", dict(depth=_DDT_SPLIT[size], decoder_depth=d - _DDT_SPLIT[size], hidden_size=h,
+                                    num_heads=n, patch_size=p))
+    for size, (d, h, n) in _DIT_SIZES.items() for p in (1, 2, 4)
+})
+PRESETS.update({
+    f"DiTDH-{size}/{p}": ("ddt", dict(depth=d, hidden_size=h, num_heads=n, patch_size=p, decoder_depth=2,
+                                      decoder_hidden_size=2048, decoder_num_heads=16))
+    for size, (d, h, n) in _DIT_SIZES.items() for p in (1, 2)
+})
+PRESETS.update({
+    "ddt-tiny": ("ddt", dict(input_size=8, depth=3, decoder_depth=1, hidden_size=128, num_heads=4, patch_size=2)),
     "dit-tiny": ("dit", dict(input_size=8, depth=4, hidden_size=128, num_heads=4, patch_size=2)),
     "unet-tiny": ("unet", dict(model_channels=64, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                                head_dim=32, norm_groups=32)),
@@ -30,7 +46,8 @@ PRESETS.update({
     "unet": ("unet", {}),  # the bare UNetConfig defaults
     "dit": ("dit", {}),    # the bare DiTConfig defaults
 })
-FAMILIES = {"dit": (DiT, DiTConfig), "unet": (UNet, UNetConfig)}
+FAMILIES = {"dit": (DiT, DiTConfig), "ddt": (DDT, DDTConfig), "unet": (UNet, UNetConfig)}
+TRANSFORMER_FAMILIES = ("dit", "ddt")  # patch-token backbones: input_size, patch_size, blocks
 
 
 def backbone_config(family: str, fields_: dict):

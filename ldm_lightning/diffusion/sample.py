@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .ddt import encoder_reuse
 from .guidance import cfg_denoiser
 from .samplers import SAMPLERS, get_sampler
 
@@ -42,12 +43,14 @@ def module_device(module: torch.nn.Module) -> torch.device:
 def sample_images(denoiser, conditioner, autoencoder, latent_shape, num: int, sampler: str = "ddim",
                   steps: int = 25, guidance_scale: float = 1.0, seed: int = 0, labels: list[int] | None = None,
                   prompts: list[str] | None = None, c_concat: torch.Tensor | None = None,
-                  **sampler_options) -> torch.Tensor:
+                  encoder_every: int = 1, **sampler_options) -> torch.Tensor:
     """(num, C, H, W) images in [-1, 1]: sample latents (c, h, w) = `latent_shape` with `sampler` (classifier-free
     guidance scale `guidance_scale`), decode them.
 
     labels / prompts: one condition per sample (class kind / text kind); neither for unconditional models.
-    c_concat: (num, C_cat, h, w) concatenation condition (concat.build_c_concat), kept in both CFG branches."""
+    c_concat: (num, C_cat, h, w) concatenation condition (concat.build_c_concat), kept in both CFG branches.
+    encoder_every: DDT backbones: run the condition encoder on every k-th network call and reuse its output on
+    the others (ddt.encoder_reuse); 1 = always recompute. The sampler itself is unchanged."""
     device = module_device(denoiser)
     kind = conditioner.cfg.kind
     if kind == "class" and labels is None:
@@ -70,7 +73,8 @@ def sample_images(denoiser, conditioner, autoencoder, latent_shape, num: int, sa
     fn = cfg_denoiser(denoiser, cond, uncond, float(guidance_scale))
     x_T = torch.randn((num, *latent_shape), generator=torch.Generator().manual_seed(seed)).to(device)  # (N, c, h, w)
     g = torch.Generator(device).manual_seed(seed + 1)
-    z = get_sampler(sampler)(fn, x_T, denoiser.schedule, steps, generator=g, **sampler_options)  # (N, c, h, w)
+    with encoder_reuse(denoiser.backbone, encoder_every):
+        z = get_sampler(sampler)(fn, x_T, denoiser.schedule, steps, generator=g, **sampler_options)  # (N, c, h, w)
     z = z.float() / autoencoder.scale_factor + autoencoder.shift_factor  # undo (z - shift) * scale
     return autoencoder.decode(z.to(module_device(autoencoder))).float().clamp(-1, 1)  # (N, C, H, W)
 
@@ -186,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the images to inpaint")
     p.add_argument("--masks", default=None, help="inpainting: folder of mask PNGs named as --cond-images "
                                                  "(white = generate)")
+    p.add_argument("--encoder-every", type=int, default=1,
+                   help="DDT backbones: recompute the condition encoder every K network calls, reuse it between "
+                        "(fewer encoder evaluations; 1 = every call)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -196,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.encoder_every < 1:
+        raise SystemExit(f"--encoder-every must be >= 1, got {a.encoder_every}")
     if a.num < 1 or a.steps < 1:
         raise SystemExit(f"--num and --steps must be >= 1 (got --num {a.num}, --steps {a.steps})")
     from ldm_lightning.autoencoder.load import load_autoencoder
@@ -212,11 +221,14 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(str(err)) from None
         raise SystemExit(f"the autoencoder recorded in the checkpoint ({ae_path}) does not exist here: "
                          "pass --autoencoder PATH") from None
+    if a.encoder_every > 1 and meta["backbone_family"] != "ddt":
+        raise SystemExit(f"--encoder-every {a.encoder_every} reuses a DDT's condition encoder; this checkpoint's "
+                         f"backbone is a {meta['backbone_family']} (drop the option)")
     kind = conditioner.cfg.kind
     latent_shape = list(meta["latent_shape"])
     f = ae.downsample_factor
     bb = denoiser.backbone.cfg  # the latent grid step: DiT patches, UNet halvings
-    step = f * (bb.patch_size if meta["backbone_family"] == "dit" else 2 ** (len(bb.channel_mult) - 1))
+    step = f * (bb.patch_size if meta["backbone_family"] in ("dit", "ddt") else 2 ** (len(bb.channel_mult) - 1))
     if a.size is not None:
         if conditioner.cfg.concat != "none":
             raise SystemExit("--size: a concatenation-conditioned model samples at the size its --cond-images give")
@@ -269,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--class {bad[0]} is out of range: this model has {n_cls} classes, "
                              f"give 0-{n_cls - 1} (e.g. --classes 0-{n_cls - 1})")
     images = sample_images(denoiser, conditioner, ae, latent_shape, len(names), a.sampler, a.steps,
-                           a.guidance_scale, a.seed, labels=labels, prompts=prompts, c_concat=c_concat)
+                           a.guidance_scale, a.seed, labels=labels, prompts=prompts, c_concat=c_concat,
+                           encoder_every=a.encoder_every)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in zip(names, to_uint8(images)):
