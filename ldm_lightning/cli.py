@@ -3,7 +3,7 @@
 Training subcommands (`fit`, `validate`, `test`) are LightningCLI / jsonargparse:
     ldm-lightning fit -c configs/autoencoder/kl-f8.yaml --trainer.max_steps 1000
 Tool subcommands each own an argparse parser in the module that implements them:
-    ldm-lightning data pack | data encode | data verify | sample | export | demo
+    ldm-lightning data pack | data encode | data verify | data index | sample | export | demo
 Heavy imports happen only inside the chosen subcommand, so `--help` is instant.
 """
 
@@ -17,6 +17,7 @@ TOOLS = {
     ("data", "pack"): ("ldm_lightning.data.pack", "Pack MNIST or an image folder into WebDataset shards + manifest.json"),
     ("data", "encode"): ("ldm_lightning.diffusion.encode", "Encode image shards into latent shards with a trained autoencoder"),
     ("data", "verify"): ("ldm_lightning.data.verify", "Check a shard folder against its manifest (counts, sizes, sha256)"),
+    ("data", "index"): ("ldm_lightning.data.index", "Count the samples of shards you already have (tar headers only) into a manifest.json"),
     ("sample",): ("ldm_lightning.diffusion.sample", "Sample images from a trained diffusion checkpoint"),
     ("export",): ("ldm_lightning.export", "Export an autoencoder (diffusers/safetensors) or denoiser (safetensors)"),
     ("evaluate",): ("ldm_lightning.evaluation.evaluate", "FID, KID, IS, precision/recall of images or of a checkpoint's samples"),
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             rc = module.main(argv[n:])
             return int(rc or 0)
     if argv[0] == "data":
-        print("usage: ldm-lightning data {pack,encode,verify} [options]\n\n"
+        print("usage: ldm-lightning data {pack,encode,verify,index} [options]\n\n"
               + "\n".join(f"  {w[1]:<8} {h}" for w, (_, h) in TOOLS.items() if w[0] == "data"))
         return 0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2
     print(f"ldm-lightning: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)

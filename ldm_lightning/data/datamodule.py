@@ -18,9 +18,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ldm_lightning.data.members import CAPTION_EXTS, CLASS_EXTS, MemberSpec
 from ldm_lightning.data.shards import resolve_shards, size_problems
 from ldm_lightning.data.stream import KEY, BadDataError, ShardStream
-from ldm_lightning.data.transforms import RESIZE_MODES, BadSample, ImageTransform, to_model_range
+from ldm_lightning.data.transforms import IMAGE_KEYS, RESIZE_MODES, BadSample, ImageTransform, to_model_range
 
 KINDS = ("image", "latent")
 
@@ -65,6 +66,7 @@ class _TrainLoader(DataLoader):
 
     def _wrap(self, it) -> Iterator[dict]:
         bad: Counter = Counter()  # this epoch's bad samples per shard
+        filtered = 0  # this epoch's samples left out by data.filters
         try:
             for batch in it:
                 lent = "ring_slot" in batch
@@ -72,6 +74,7 @@ class _TrainLoader(DataLoader):
                 if lent and self.pin_memory and torch.cuda.is_available():  # a ring buffer (after the pin thread): its own pinned copy, which
                     batch["image"] = batch["image"].pin_memory()  # also hands the buffer back at once
                 self._dm.bad_samples += int(batch.pop("bad_samples"))
+                filtered += int(batch.pop("filtered_samples", 0))
                 bad.update(batch.pop("bad_shards", {}))
                 if self._dm.trainer is None:  # no Lightning: a batch is consumed when it is handed out
                     self._dm._consumed += 1
@@ -79,6 +82,10 @@ class _TrainLoader(DataLoader):
         except BadDataError as e:  # from a worker, torch wraps it in the worker's traceback: keep the message
             raise BadDataError(str(e).strip().splitlines()[-1].removeprefix(
                 f"{BadDataError.__module__}.BadDataError: ").removeprefix("BadDataError: ")) from None
+        self._dm.filtered_samples += filtered
+        if filtered:
+            print(f"data: epoch {self._dm._epoch}: {filtered} samples left out by data.filters (run total "
+                  f"{self._dm.filtered_samples})", file=sys.stderr, flush=True)
         if bad:
             shards = ", ".join(f"{os.path.basename(u)} ({n})" for u, n in bad.most_common(5))
             print(f"data: epoch {self._dm._epoch}: {sum(bad.values())} bad samples skipped (run total "
@@ -99,9 +106,10 @@ class _ValBatches(Dataset):
     def __getitem__(self, i: int) -> dict:
         recs = self.records[i * self.bs:(i + 1) * self.bs]
         rows = self.stream.new_batch(len(recs))
-        cls, txt = zip(*(self.stream.fill(r, rows, n, None) for n, r in enumerate(recs)))
-        batch = self.stream.collate(rows.data, list(cls), list(txt), [r[KEY] for r in recs], None)
+        cls, txt, crops = zip(*(self.stream.fill(r, rows, n, None) for n, r in enumerate(recs)))
+        batch = self.stream.collate(rows.data, list(cls), list(txt), [r[KEY] for r in recs], None, crops=list(crops))
         batch.pop("bad_samples")
+        batch.pop("filtered_samples")
         return batch
 
 
@@ -128,12 +136,21 @@ class ShardDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        image_exts: list[str] = list(IMAGE_KEYS),
+        caption_exts: list[str] = list(CAPTION_EXTS),
+        caption_key: str | None = None,
+        class_exts: list[str] = list(CLASS_EXTS),
+        class_key: str | None = None,
+        filters: list[str] | None = None,
     ):
         """
         Args:
-            train_shards: Training shards: a directory holding manifest.json, a glob, a brace pattern
+            train_shards: Training shards: a directory, a glob, a brace pattern
                 (`dir/shard-{000000..000011}.tar`), an http(s) URL of a shard or of a directory, a `pipe:`
-                command, or a list of these. Sample counts come from manifest.json next to the shards.
+                command, a manifest file (`.../manifest.json`, e.g. written by `data index --out`), or a
+                list of these. Sample counts come from manifest.json next to the shards, else from
+                img2dataset's `_stats.json` / `.parquet` or a `sizes.json` (see data/shards.py); for other
+                shards run `ldm-lightning data index DIR` once.
             val_shards: Validation shards (same forms); None disables validation.
             batch_size: Samples per batch per rank (batches are built inside the workers).
             num_workers: DataLoader worker processes per rank; needs world_size × num_workers ≤ shards.
@@ -171,6 +188,20 @@ class ShardDataModule(L.LightningDataModule):
                 Default provisional pending scripts/gpu_bench.sh.
             rank: Override the data-parallel rank (tests/tools; default: from the trainer / torch.distributed / RANK).
             world_size: Override the world size (default: from the trainer / torch.distributed / WORLD_SIZE).
+            image_exts: Members that hold the image, in priority order (a sample's first present one is
+                used): the WebDataset extension after the key's first dot, e.g. jpg, jpeg, png, webp.
+            caption_exts: Members that hold the caption (`txt` field of batches), in priority order.
+            caption_key: Read the caption from this field of the sample's `json` member instead (e.g.
+                `caption` for img2dataset); a sample without the field gets "".
+            class_exts: Members that hold the class number (`cls` of batches), in priority order.
+            class_key: Read the class from this field of the sample's `json` member instead (-1 when absent).
+            filters: Keep only samples whose `json` member passes every one of these comparisons, each
+                `FIELD OP VALUE` with OP one of < <= > >= == != (e.g. `pwatermark < 0.5`,
+                `original_width >= 256`, `aspect <= 2`, `status == success`; `aspect` = original_width /
+                original_height). A sample that fails, or lacks the field, is left out: not an error, counted
+                as `data/filtered_samples` and summed up at each epoch's end. The epoch length stays the
+                exact, equal-per-rank one of the unfiltered counts: a reader slot that left samples out
+                refills its last batches from its own first samples, as after bad samples.
         """
         super().__init__()
         checks = [
@@ -193,6 +224,8 @@ class ShardDataModule(L.LightningDataModule):
         self.normalize_on_device, self.reuse_batch_memory = normalize_on_device, reuse_batch_memory
         self.pin_memory = pin_memory
         self.val_samples, self.val_batch_size = val_samples, val_batch_size or batch_size
+        self.members = MemberSpec.build(image_exts, caption_exts, caption_key, class_exts, class_key, filters)
+        self.filtered_samples = 0
         self.transform = ImageTransform(image_size, channels, resize_mode, random_flip, alpha_background)
         self.val_transform = ImageTransform(image_size, channels, "center_crop" if resize_mode == "random_crop"
                                             else resize_mode, False, alpha_background)
@@ -226,7 +259,7 @@ class ShardDataModule(L.LightningDataModule):
         return ShardStream(resolved, self.batch_size, num_workers=num_workers, rank=rank,
                            world_size=world, seed=self.seed, shuffle=shuffle, shuffle_buffer=self.shuffle_buffer,
                            kind=self.kind, transform=transform, max_bad_fraction=self.max_bad_fraction,
-                           uint8_images=self.normalize_on_device)
+                           uint8_images=self.normalize_on_device, members=self.members)
 
     def _check_sizes(self, shards, rank: int) -> None:
         """Start-up check, one stat per local shard: missing, empty or resized shards get named now (their
@@ -251,11 +284,12 @@ class ShardDataModule(L.LightningDataModule):
             shards = resolve_shards(self.val_shards)
             self._check_sizes(shards, rank)
             stream = ShardStream(shards, 1, num_workers=1, rank=0, world_size=1, shuffle=False, kind=self.kind,
-                                 transform=self.val_transform, uint8_images=self.normalize_on_device)
+                                 transform=self.val_transform, uint8_images=self.normalize_on_device,
+                                 members=self.members)
             usable, bad = [], 0
             scratch = stream.new_batch(1)
             for shard in shards:  # listed order, no shuffle: the same subset on every run
-                for rec in (r for recs in stream.records(shard.url, shard.num_samples) for r in recs):
+                for rec in (r for recs in stream.records(shard) for r in recs):
                     try:
                         stream.fill(rec, scratch, 0, None)
                     except BadSample:
@@ -316,8 +350,12 @@ class ShardDataModule(L.LightningDataModule):
             epoch, consumed = self._resume
         else:
             epoch, consumed = max(self._epoch, 0), self._consumed
-        return {"epoch": epoch, "consumed": consumed, "bad_samples": self.bad_samples}
+        state = {"epoch": epoch, "consumed": consumed, "bad_samples": self.bad_samples}
+        if self.filtered_samples:  # only runs with data.filters have the key
+            state["filtered_samples"] = self.filtered_samples
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = (int(state["epoch"]), int(state["consumed"]))
         self.bad_samples = int(state.get("bad_samples", 0))
+        self.filtered_samples = int(state.get("filtered_samples", 0))

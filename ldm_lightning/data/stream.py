@@ -37,27 +37,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm_lightning.data import batch_ring
+from ldm_lightning.data.members import Filtered, MemberSpec
 from ldm_lightning.data.shards import Shard, ShardSpecError, unsafe_reason
-from ldm_lightning.data.tario import iter_blocks
-from ldm_lightning.data.transforms import (IMAGE_KEYS, BadSample, ImageTransform, decode_moments, missing_payload,
-                                           quick_check, to_model_range)
+from ldm_lightning.data.tario import shard_blocks
+from ldm_lightning.data.transforms import (BadSample, ImageTransform, decode_moments, missing_payload, quick_check,
+                                           to_model_range)
 from ldm_lightning.errors import UserError
-
-
-def _parsed(col: list | None, n: int, parse, absent) -> list:
-    """A block's cls or txt member column, parsed in one pass; an unreadable entry becomes a BadSample."""
-    if col is None:
-        return [absent] * n
-    try:
-        return [absent if b is None else parse(b) for b in col]
-    except (ValueError, UnicodeDecodeError):
-        out = []
-        for b in col:
-            try:
-                out.append(absent if b is None else parse(b))
-            except (ValueError, UnicodeDecodeError) as e:
-                out.append(BadSample(f"unreadable cls/txt member {b[:40]!r}: {e}"))
-        return out
 
 
 log = logging.getLogger(__name__)
@@ -70,8 +55,9 @@ class Record(NamedTuple):
     measured at +0.3 to +1.3 µs per sample (a micro-benchmark on 4000 records, 2-core machine), 1–4% of
     a 28² MNIST sample's whole cost.
 
-    cls and txt are parsed a block at a time; an unreadable one is a BadSample there, raised when the
-    record is used (`_raise_unreadable`). So is a sample a shard was supposed to hold but does not (a
+    cls and txt are parsed a block at a time (members.py: which members or json fields give them); an
+    unreadable one is a BadSample there, and a sample a json filter leaves out a `Filtered`, raised when
+    the record is used (`_raise_unreadable`). So is a sample a shard was supposed to hold but does not (a
     truncated or unreadable shard, or a manifest count above what the shard holds): the stream counts
     it as bad instead of crashing or silently re-reading other samples."""
 
@@ -81,7 +67,7 @@ class Record(NamedTuple):
     """The payload member's extension; None when the sample has none (then `payload` lists what it has)."""
     payload: bytes | list
     cls: int | BadSample
-    """-1 when absent."""
+    """-1 when absent; a BadSample (or Filtered) when the sample is not to be used."""
     txt: str | BadSample
 
 
@@ -89,8 +75,8 @@ KEY, URL, EXT, PAYLOAD, CLS, TXT = range(6)  # Record's fields, for reads by pos
 
 
 def _raise_unreadable(rec: Record) -> None:
-    if type(rec[CLS]) is BadSample or type(rec[TXT]) is BadSample:
-        raise rec[CLS] if type(rec[CLS]) is BadSample else rec[TXT]
+    if type(rec[CLS]) is not int or type(rec[TXT]) is BadSample:  # BadSample or Filtered in place of cls
+        raise rec[CLS] if isinstance(rec[CLS], BadSample) else rec[TXT]
 
 
 def _missing(url: str, read: int, expected: int | None, error: str | None) -> list[Record]:
@@ -157,8 +143,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[Shard], batch_size: int, *, num_workers: int, rank: int, world_size: int,
                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000, kind: str = "image",
-                 transform: ImageTransform | None = None, max_bad_fraction: float = 0.01, uint8_images: bool = False):
+                 transform: ImageTransform | None = None, max_bad_fraction: float = 0.01, uint8_images: bool = False,
+                 members: MemberSpec | None = None):
         self.shards, self.batch_size, self.seed, self.shuffle = shards, batch_size, seed, shuffle
+        self.members = members or MemberSpec()
         self.shuffle_buffer, self.kind, self.transform = shuffle_buffer, kind, transform
         self.max_bad_fraction, self.uint8_images = max_bad_fraction, uint8_images
         self.workers, self.rank, self.world = max(1, num_workers), rank, world_size
@@ -193,6 +181,9 @@ class ShardStream(IterableDataset):
             worker, slot = batch.pop("ring_slot")
             batch["image"] = self.ring.lend(worker, slot, len(batch["key"]))  # (B, C, H, W) uint8
             batch["cls"] = torch.from_numpy(batch["cls"])  # (B,) int64
+            for k in ("original_size", "crop_top_left"):
+                if k in batch:
+                    batch[k] = torch.from_numpy(batch[k])  # (B, 2) int64
         return batch
 
     def __len__(self) -> int:
@@ -211,13 +202,15 @@ class ShardStream(IterableDataset):
             else np.arange(slots)
         return int(perm[rank * self.workers + worker])
 
-    def records(self, url: str, expected: int | None = None) -> Iterator[list[Record]]:
+    def records(self, shard: Shard) -> Iterator[list[Record]]:
         """The records of one shard, a block (a few MiB of the tar) at a time, in shard order. A shard that
-        cannot be read to its end, or holds fewer than `expected` (its manifest count) samples, ends with
-        one placeholder record per missing sample (`_missing`): the same on every read, so resume agrees."""
+        cannot be read to its end, or holds fewer than its manifest count of samples, ends with one
+        placeholder record per missing sample (`_missing`): the same on every read, so resume agrees.
+        A sample split across two tars (see `tario.shard_blocks`) is a record of the shard it starts in."""
+        url, expected = shard.url, shard.num_samples
         read, error = 0, None
         try:
-            for recs in self._shard_records(url):
+            for recs in self._shard_records(shard):
                 read += len(recs)
                 yield recs
         except (EOFError, ValueError, OSError) as e:  # truncated / not a tar / a link member / unreadable file
@@ -225,19 +218,20 @@ class ShardStream(IterableDataset):
         if error is not None or (expected is not None and read < expected):
             yield _missing(url, read, expected, error)
 
-    def _shard_records(self, url: str) -> Iterator[list[Record]]:
-        wanted = ("moments.npy",) if self.kind == "latent" else IMAGE_KEYS
-        for keys, members in iter_blocks(url, (*wanted, "cls", "txt")):
+    def _shard_records(self, shard: Shard) -> Iterator[list[Record]]:
+        url = shard.url
+        wanted = ("moments.npy",) if self.kind == "latent" else self.members.image_exts
+        for keys, members in shard_blocks(url, self.members.wanted(wanted), shard.head_key, shard.tail_url):
             n = len(keys)
-            cls = _unsafe_keys(keys, _parsed(members.get("cls"), n, int, -1))
-            txt = _parsed(members.get("txt"), n, lambda b: b.decode("utf-8"), "")
+            cls, txt = self.members.columns(members, n)
+            cls = _unsafe_keys(keys, cls)
             present = [(e, members[e]) for e in wanted if e in members]
             if len(present) == 1 and None not in present[0][1]:  # the common case: one payload kind, always there
                 ext, payload = present[0]
                 yield list(zip(keys, itertools.repeat(url, n), itertools.repeat(ext, n), payload, cls, txt))
                 continue
             exts, payload = [None] * n, [None] * n
-            for e, col in present:  # the first kind in IMAGE_KEYS order wins, as in image_key()
+            for e, col in present:  # the first kind in image_exts order wins
                 for i, d in enumerate(col):
                     if d is not None and payload[i] is None:
                         exts[i], payload[i] = e, d
@@ -257,7 +251,7 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"{self.seed}/{epoch}/{group}")  # str seeds hash via sha512: stable across runs
         if self.shuffle:
             rng.shuffle(shard_ids)
-        blocks = (recs for i in shard_ids for recs in self.records(self.shards[i].url, self.shards[i].num_samples))
+        blocks = (recs for i in shard_ids for recs in self.records(self.shards[i]))
         if not self.shuffle or self.shuffle_buffer <= 1:
             yield from blocks
             return
@@ -285,23 +279,27 @@ class ShardStream(IterableDataset):
                                    f"{[self.shards[i].url for i in self.groups[group]]} (empty or unreadable)")
             yield None
 
-    def fill(self, rec: Record, batch: "BatchArray", n: int, rng: np.random.Generator | None) -> tuple[int, str]:
+    def fill(self, rec: Record, batch: "BatchArray", n: int,
+             rng: np.random.Generator | None) -> tuple[int, str, tuple[int, int, int, int] | None]:
         """Decode a record into row n of `batch` (allocated here for latents, whose shape the first sample
-        tells); returns its (cls, txt). Raises BadSample, leaving the batch as it was."""
+        tells); returns its (cls, txt, crop): crop = (original h, w, crop top, left) of an image (see
+        `ImageTransform.decode_into`), None for latents. Raises BadSample, leaving the batch as it was."""
         _, _, ext, payload, cls, txt = rec
         _raise_unreadable(rec)
         if ext is None:
+            if self.kind == "image":
+                raise BadSample(f"no image member (data.image_exts: {', '.join(self.members.image_exts)}); of the "
+                                f"members read it has {payload}")
             raise BadSample(missing_payload(self.kind, payload))
         if self.kind == "image":
-            self.transform.decode_into(payload, ext, batch.data[n], rng)
-            return cls, txt
+            return cls, txt, self.transform.decode_into(payload, ext, batch.data[n], rng)
         m = decode_moments(payload)  # (2c, h, w) float32
         if batch.data is None:
             batch.data = np.empty((batch.rows, *m.shape), np.float32)
         elif m.shape != batch.data.shape[1:]:
             raise BadSample(f"moments.npy of shape {m.shape}, not the batch's {batch.data.shape[1:]}")
         batch.data[n] = m
-        return cls, txt
+        return cls, txt, None
 
     def new_batch(self, rows: int) -> "BatchArray":
         """An empty batch for `fill` (sized by the first sample for latents)."""
@@ -311,17 +309,24 @@ class ShardStream(IterableDataset):
         return BatchArray(np.empty((rows, t.channels, t.size, t.size), np.uint8), rows)
 
     def collate(self, pixels: np.ndarray, cls: list[int], txt: list[str], keys: list[str], bad: Counter | None,
-                ring_slot: tuple[int, int] | None = None) -> dict:
+                ring_slot: tuple[int, int] | None = None, crops: list | None = None, filtered: int = 0) -> dict:
         """One batch dict from `fill`'s rows (the first len(keys) of `pixels`). With `ring_slot` the pixels
         stay in the batch ring, and the main process's `from_worker` puts them in. `bad`: {shard url:
         samples skipped as bad while building this batch}, sent as `bad_samples` (the total) and, when
-        non-zero, `bad_shards` (the loader's epoch summary names them)."""
+        non-zero, `bad_shards` (the loader's epoch summary names them); `filtered`: samples the json
+        filters left out, sent as `filtered_samples`. `crops` (images cropped by resize_mode center_crop or
+        random_crop): fill's crop tuples, sent as `original_size` and `crop_top_left` (B, 2) int64 (SDXL's
+        crop conditioning)."""
         nbad = sum(bad.values()) if bad else 0
+        geometry = {}
+        if crops is not None and self.kind == "image" and self.transform.mode in ("center_crop", "random_crop"):
+            c = np.array(crops, np.int64).reshape(len(crops), 4)  # (B, 4) = h, w, top, left
+            geometry = {"original_size": c[:, :2].copy(), "crop_top_left": c[:, 2:].copy()}  # (B, 2) each
         if ring_slot is not None:
             # cls by value too: then no tensor, so no shared-memory segment and no file-descriptor
             # hand-over (a socket round trip to the worker's resource-sharer thread) per batch
             out = {"ring_slot": ring_slot, "cls": np.array(cls, np.int64), "txt": txt, "key": keys,
-                   "bad_samples": nbad}
+                   "bad_samples": nbad, "filtered_samples": filtered, **geometry}
             if nbad:
                 out["bad_shards"] = dict(bad)
             return out
@@ -333,7 +338,8 @@ class ShardStream(IterableDataset):
         else:
             out = {"moments": torch.from_numpy(pixels)}  # (B, 2c, h, w) float32
         out["cls"] = torch.tensor(cls, dtype=torch.int64)  # (B,)
-        out["txt"], out["key"], out["bad_samples"] = txt, keys, nbad
+        out.update((k, torch.from_numpy(v)) for k, v in geometry.items())  # (B, 2) int64
+        out["txt"], out["key"], out["bad_samples"], out["filtered_samples"] = txt, keys, nbad, filtered
         if nbad:
             out["bad_shards"] = dict(bad)
         return out
@@ -359,11 +365,15 @@ class ShardStream(IterableDataset):
             keys: list[str] = []
             cls: list[int] = []
             txt: list[str] = []
+            crops: list = []
             batch_bad: Counter = Counter()  # shard url → bad samples met while building this batch
+            batch_filtered = 0
             for rec in recs:
                 if rec is None:  # the slot's records start again
                     if good_in_cycle == 0:
-                        raise RuntimeError(f"reader slot {group} has no usable sample (all {seen} bad)")
+                        raise BadDataError(f"reader slot {group} has no usable sample (all {seen} bad or left out by "
+                                           "data.filters); loosen the filters or check the shards with "
+                                           "`ldm-lightning data verify DIR`")
                     cycle, pos, good_in_cycle = cycle + 1, 0, 0
                     continue
                 pos, seen = pos + 1, seen + 1
@@ -374,11 +384,15 @@ class ShardStream(IterableDataset):
                     else:
                         rng = np.random.default_rng(_seed(self.seed, epoch, group, cycle, pos - 1)) \
                             if self.needs_rng else None  # a Generator costs ~20 µs: only when augmenting
-                        c, t = self.fill(rec, batch, len(keys), rng)
+                        c, t, crop = self.fill(rec, batch, len(keys), rng)
                         cls.append(c)
                         txt.append(t)
+                        crops.append(crop)
                 except BadSample as e:
                     if cycle > 0:  # a slot wrapping around meets its bad samples again: counted once
+                        continue
+                    if isinstance(e, Filtered):  # not an error: counted apart, never against max_bad_fraction
+                        batch_filtered += 1
                         continue
                     bad += 1
                     batch_bad[rec[URL]] += 1
@@ -396,7 +410,7 @@ class ShardStream(IterableDataset):
                 if len(keys) == bs:
                     break
             if not skipping:
-                yield self.collate(batch.data, cls, txt, keys, batch_bad, ring_slot)
+                yield self.collate(batch.data, cls, txt, keys, batch_bad, ring_slot, crops, batch_filtered)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

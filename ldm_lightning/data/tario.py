@@ -343,3 +343,117 @@ def iter_samples(url: str) -> Iterator[dict]:
             s = {"__key__": key, "__url__": url}
             s.update((e, col[i]) for e, col in members.items() if col[i] is not None)
             yield s
+
+
+# ------------------------------------------------------------------------------------------------
+# samples split across two shards, and header-only scans
+# ------------------------------------------------------------------------------------------------
+def shard_blocks(url: str, exts=None, head_key: str | None = None, tail_url: str | None = None) -> Iterator[Block]:
+    """`iter_blocks` of one shard, with WebDataset's rule for a sample split across two tars (the same key
+    at the end of one and the start of the next, as a tar writer that rolls over mid-sample leaves it).
+    The sample belongs to the shard it starts in: `head_key` (the first key, when it continues the
+    previous shard's last sample) is dropped here, and `tail_url` (the next shard, when it holds the rest
+    of this shard's last sample) is opened for its first sample, whose members join this last one.
+    `ldm-lightning data index` finds both and records them in the manifest, so counts stay exact."""
+    blocks = iter_blocks(url, exts)
+    if head_key is not None:
+        blocks = _drop_head(blocks, head_key)
+    if tail_url is None:
+        yield from blocks
+        return
+    held: Block | None = None  # a block is held back until it is known not to be the last
+    try:
+        for block in blocks:
+            if held is not None:
+                yield held
+            held = block
+    except (EOFError, ValueError, OSError):
+        if held is not None:
+            yield held  # a damaged shard: the samples before the damage still count
+        raise
+    if held is not None:
+        yield _join_tail(held, tail_url, exts)
+
+
+def _drop_head(blocks: Iterator[Block], head_key: str) -> Iterator[Block]:
+    for i, (keys, members) in enumerate(blocks):
+        if i == 0 and keys and keys[0] == head_key:
+            keys, members = keys[1:], {e: col[1:] for e, col in members.items()}
+        yield keys, members
+
+
+def _join_tail(block: Block, tail_url: str, exts) -> Block:
+    keys, members = block
+    if not keys:
+        return block
+    try:
+        nkeys, nmembers = next(iter_blocks(tail_url, exts), ([], {}))
+    except (EOFError, ValueError, OSError):
+        return block  # the continuation is unreadable: the partial sample is used as it is (or counted bad)
+    if not nkeys or nkeys[0] != keys[-1]:
+        return block
+    members = dict(members)
+    for e, col in nmembers.items():
+        if col[0] is None:
+            continue
+        own = list(members.get(e) or [None] * len(keys))
+        if own[-1] is None:  # a member in both parts: the first part's wins
+            own[-1] = col[0]
+        members[e] = own
+    return keys, members
+
+
+def iter_headers(f: BinaryIO, source: str = "<stream>") -> Iterator[tuple[str, int]]:
+    """(name, size) of every regular-file member, reading only the 512-byte headers and seeking past the
+    data (a seekable file): `data index` counts a shard's samples without reading its images."""
+    long_name: str | None = None
+    pos, total = 0, f.seek(0, os.SEEK_END)
+    while True:
+        f.seek(pos)
+        header = f.read(BLOCK)
+        if len(header) < BLOCK:
+            if header.strip(b"\x00"):
+                raise EOFError(f"{source}: truncated tar (a member header is cut after {len(header)} bytes)")
+            return
+        if header == _ZERO_BLOCK:
+            return
+        _check_header(header, source)
+        name, size_field, kind, magic, prefix = _HEADER.unpack_from(header)
+        size = _octal(size_field)
+        data_at, pos = pos + BLOCK, pos + BLOCK + size + (-size) % BLOCK
+        if kind in (b"L", b"x"):  # GNU long name / pax record: the next member's name
+            f.seek(data_at)
+            data = f.read(size)
+            if kind == b"L":
+                long_name = data.rstrip(b"\x00").decode("utf-8")
+            elif m := re.search(rb"\d+ path=([^\n]*)\n", data):
+                long_name = m.group(1).decode("utf-8")
+            continue
+        if kind in (b"1", b"2"):
+            raise ShardFormatError(f"{source}: a link member; shards must hold regular files only")
+        if kind not in (b"0", b"\x00", b"7"):
+            long_name = None
+            continue
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = name.split(b"\x00", 1)[0].decode("utf-8")
+            if magic == b"ustar\x00" and prefix[0]:
+                name = prefix.split(b"\x00", 1)[0].decode("utf-8") + "/" + name
+        if total < data_at + size:
+            raise EOFError(f"{source}: truncated tar (member {name!r} needs {size} bytes)")
+        yield name, size
+
+
+def scan_keys(path: str) -> list[str]:
+    """The sample keys of a local shard in order (consecutive members with one key are one sample; key =
+    the basename up to its first dot), from the headers alone."""
+    keys: list[str] = []
+    with open(path, "rb") as f:
+        for name, _ in iter_headers(f, path):
+            dot = name.find(".", name.rfind("/") + 1)
+            if dot < 0:
+                continue
+            if not keys or name[:dot] != keys[-1]:
+                keys.append(name[:dot])
+    return keys
