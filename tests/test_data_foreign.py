@@ -164,6 +164,9 @@ def test_index_command_counts_split_and_dotted_samples_once(foreign, tmp_path):
     assert [(e["name"], e["num_samples"]) for e in man["shards"]] == [("data-000000.tar", 4), ("data-000001.tar", 4)]
     assert man["shards"][0]["tail_continues_in"] == "data-000001.tar" and man["shards"][1]["head_key"] == "hf-q"
     assert not (Path(foreign["hf"]) / "manifest.json").exists()  # --out: the shards' folder is left alone
+    r = subprocess.run([sys.executable, "-m", "ldm_lightning", "data", "verify", str(Path(manifest).parent)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "all 2 shards match the manifest (8 samples)" in r.stdout, r.stdout + r.stderr
     # the header scan agrees with img2dataset's own counts
     r = subprocess.run([sys.executable, "-m", "ldm_lightning", "data", "index", f"{foreign['i2d']}/*.tar", "--out",
                         str(tmp_path / "i2d-index")], capture_output=True, text=True, timeout=120)
@@ -312,3 +315,22 @@ def test_resume_mid_epoch_is_exact(foreign, tmp_path):
     resumed = fit(tmp_path / "resumed", ckpt=str(tmp_path / "ck" / "step=3.ckpt"))
     assert resumed == full[3:]
     assert torch.load(tmp_path / "ck" / "step=3.ckpt", weights_only=False)["ShardDataModule"]["consumed"] == 3
+
+
+def test_latent_shards_written_by_others(tmp_path):
+    """MLPerf-SD-style latent shards: `{key}.npy` moments + `{key}.txt`, counted by a sizes.json."""
+    rng = np.random.default_rng(0)
+    moments = {f"lat{i:03d}": rng.standard_normal((8, 4, 4)).astype(np.float32) for i in range(6)}
+    members = []
+    for k, m in moments.items():
+        buf = io.BytesIO()
+        np.save(buf, m)
+        members += [(f"{k}.npy", buf.getvalue()), (f"{k}.txt", f"caption {k}".encode())]
+    _tar(tmp_path / "00000.tar", members)
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 6}))
+    s = ShardStream(resolve_shards(str(tmp_path)), 3, num_workers=1, rank=0, world_size=1, shuffle=False,
+                    kind="latent", members=MemberSpec.build(latent_exts=["moments.npy", "npy"]))
+    got = list(s)
+    assert [k for b in got for k in b["key"]] == list(moments)
+    assert all(np.array_equal(b["moments"][i].numpy(), moments[k]) for b in got for i, k in enumerate(b["key"]))
+    assert got[0]["txt"][0] == "caption lat000" and "original_size" not in got[0]

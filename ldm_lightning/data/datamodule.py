@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldm_lightning.data.members import CAPTION_EXTS, CLASS_EXTS, MemberSpec
+from ldm_lightning.data.members import CAPTION_EXTS, CLASS_EXTS, LATENT_EXTS, MemberSpec
 from ldm_lightning.data.shards import resolve_shards, size_problems
 from ldm_lightning.data.stream import KEY, BadDataError, ShardStream
 from ldm_lightning.data.transforms import IMAGE_KEYS, RESIZE_MODES, BadSample, ImageTransform, to_model_range
@@ -142,6 +142,7 @@ class ShardDataModule(L.LightningDataModule):
         class_exts: list[str] = list(CLASS_EXTS),
         class_key: str | None = None,
         filters: list[str] | None = None,
+        latent_exts: list[str] = list(LATENT_EXTS),
     ):
         """
         Args:
@@ -202,6 +203,8 @@ class ShardDataModule(L.LightningDataModule):
                 as `data/filtered_samples` and summed up at each epoch's end. The epoch length stays the
                 exact, equal-per-rank one of the unfiltered counts: a reader slot that left samples out
                 refills its last batches from its own first samples, as after bad samples.
+            latent_exts: kind='latent': members that hold the (2c, h, w) float moments (mean ‖ logvar) as
+                .npy, in priority order; e.g. [npy] for latent shards written by others (MLPerf SD layout).
         """
         super().__init__()
         checks = [
@@ -224,7 +227,8 @@ class ShardDataModule(L.LightningDataModule):
         self.normalize_on_device, self.reuse_batch_memory = normalize_on_device, reuse_batch_memory
         self.pin_memory = pin_memory
         self.val_samples, self.val_batch_size = val_samples, val_batch_size or batch_size
-        self.members = MemberSpec.build(image_exts, caption_exts, caption_key, class_exts, class_key, filters)
+        self.members = MemberSpec.build(image_exts, caption_exts, caption_key, class_exts, class_key, filters,
+                                        latent_exts)
         self.filtered_samples = 0
         self.transform = ImageTransform(image_size, channels, resize_mode, random_flip, alpha_background)
         self.val_transform = ImageTransform(image_size, channels, "center_crop" if resize_mode == "random_crop"

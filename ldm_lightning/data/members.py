@@ -22,6 +22,7 @@ from ldm_lightning.data.transforms import IMAGE_KEYS, BadSample
 from ldm_lightning.errors import UserError
 
 CAPTION_EXTS = ("txt", "text", "caption")
+LATENT_EXTS = ("moments.npy",)
 CLASS_EXTS = ("cls",)
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
         "!=": operator.ne}
@@ -102,16 +103,19 @@ class MemberSpec:
     class_exts: tuple[str, ...] = CLASS_EXTS
     class_key: str | None = None
     filters: tuple[SampleFilter, ...] = ()
+    latent_exts: tuple[str, ...] = LATENT_EXTS
 
     @classmethod
     def build(cls, image_exts=IMAGE_KEYS, caption_exts=CAPTION_EXTS, caption_key=None, class_exts=CLASS_EXTS,
-              class_key=None, filters=()) -> "MemberSpec":
+              class_key=None, filters=(), latent_exts=LATENT_EXTS) -> "MemberSpec":
         """Validated, from the DataModule's plain options (lists, filter strings)."""
-        image = _exts("image_exts", image_exts)
-        if not image:
-            raise MemberSpecError("data.image_exts is empty: name at least one image member, e.g. [jpg, png]")
+        image, latent = _exts("image_exts", image_exts), _exts("latent_exts", latent_exts)
+        if not image or not latent:
+            raise MemberSpecError("data.image_exts and data.latent_exts must each name at least one member, "
+                                  "e.g. [jpg, png] and [moments.npy]")
         return cls(image, _exts("caption_exts", caption_exts), caption_key, _exts("class_exts", class_exts),
-                   class_key, tuple(f if isinstance(f, SampleFilter) else SampleFilter.parse(f) for f in filters or ()))
+                   class_key, tuple(f if isinstance(f, SampleFilter) else SampleFilter.parse(f) for f in filters or ()),
+                   latent)
 
     @property
     def needs_json(self) -> bool:

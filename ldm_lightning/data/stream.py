@@ -220,7 +220,7 @@ class ShardStream(IterableDataset):
 
     def _shard_records(self, shard: Shard) -> Iterator[list[Record]]:
         url = shard.url
-        wanted = ("moments.npy",) if self.kind == "latent" else self.members.image_exts
+        wanted = self.members.latent_exts if self.kind == "latent" else self.members.image_exts
         for keys, members in shard_blocks(url, self.members.wanted(wanted), shard.head_key, shard.tail_url):
             n = len(keys)
             cls, txt = self.members.columns(members, n)
