@@ -67,7 +67,7 @@ def test_readme_own_data_flow(tmp_path):
         assert "encoded 10 samples" in out and "skipped 0" in out
     _sh(d, "fit", "-c", "configs/diffusion/jit-dit-b4-class.yaml", *TRAINER,
         "--data.init_args.train_shards", "data/photos-latents", "--data.init_args.val_shards",
-        "data/photos-latents-val", "--trainer.default_root_dir", "runs/dit",
+        "data/photos-latents-val", "--data.init_args.image_size", "32", "--trainer.default_root_dir", "runs/dit",
         "--data.init_args.batch_size", "4", "--data.init_args.val_samples", "4", "--model.init_args.backbone_config",
         "{hidden_size: 32, depth: 1, num_heads: 2, qk_norm: true}", "--model.init_args.val_num", "2",
         "--model.init_args.val_steps", "2", timeout=240)

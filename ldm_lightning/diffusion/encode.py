@@ -7,10 +7,13 @@ the posterior mean ‖ logvar, UNSCALED (the trainer applies (z - shift) * scale
 valid if only the scale factor changes). `--mode sample` stores one posterior sample as the mean with the
 logvar at the clamp floor (a point mass), so readers see one format.
 
-The manifest records the autoencoder's content hash (`autoencoder_hash`: sha256 over its config and
-every tensor of its state dict, independent of the file format it was loaded from), its scale / shift
-factor and the latent shape; `DiffusionModule` refuses latent shards whose hash differs from the
-autoencoder it is configured with (`check_latent_manifest`).
+The manifest records the cache's key: the autoencoder's content hash (`autoencoder_hash`: sha256 over its
+config and every tensor of its state dict, independent of the file format it was loaded from), its scale /
+shift factor and the latent shape, and `preprocess`: how the images were made into the encoder's input
+(image_size, resize_mode, random_flip, bucketing). `DiffusionModule` refuses latent shards whose key
+differs from its configuration (`check_latent_manifest`): another autoencoder, or a data config that asks
+for another resolution, crop, flip or bucketing than the cache was encoded with, which would otherwise
+train silently on latents of the wrong geometry (kohya-ss/sd-scripts #1771).
 
 Distributed: rank r of W (RANK / WORLD_SIZE, as torchrun and Slurm set them) encodes input shards
 r, r + W, ...; each shard is written to a temporary name and renamed (atomic), with a per-shard record
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from ldm_lightning.autoencoder.hashing import autoencoder_hash
+from ldm_lightning.errors import UserError
 
 MANIFEST = "manifest.json"
 STATE_DIR = ".encode-state"
@@ -54,8 +58,38 @@ def find_manifest(shards) -> Path | None:
     return cand if cand.is_file() else None
 
 
-def check_latent_manifest(manifest: dict | str | os.PathLike, ae_hash: str, autoencoder: str = "") -> dict:
-    """Raise a ValueError naming both hashes when latent shards were encoded by another autoencoder."""
+class LatentCacheMismatch(UserError, ValueError):
+    """A latent cache whose key (autoencoder, resolution, crop, flip, buckets) differs from the configuration."""
+
+
+# The data config fields a latent cache is keyed by, and the `data encode` option that sets each.
+PREPROCESS_OPTIONS = {"image_size": "--image-size", "resize_mode": "--resize-mode", "random_flip": None,
+                      "bucketing": None}
+
+
+def check_preprocess(manifest: dict, want: dict, where: str = "latent shards") -> None:
+    """Raise LatentCacheMismatch naming both values and the fix when the data config `want` ({image_size,
+    resize_mode, random_flip, bucketing} of data.init_args) asks for images made otherwise than the cached
+    ones. Manifests written before `preprocess` was recorded are checked on image_size only."""
+    have = dict(manifest.get("preprocess") or {"image_size": manifest.get("image_size")})
+    diffs = [(k, want[k], have[k]) for k in PREPROCESS_OPTIONS if k in want and k in have and have[k] != want[k]]
+    if not diffs:
+        return
+    what = "; ".join(f"data.{k}={w!r}, but the cache was encoded with {k}={h!r}" for k, w, h in diffs)
+    redo = " ".join(f"{PREPROCESS_OPTIONS[k]} {w}" for k, w, _ in diffs if PREPROCESS_OPTIONS[k])
+    fixes = [f"re-encode with `ldm-lightning data encode --autoencoder AE --shards IMAGES --out DIR {redo}`"] \
+        if redo else []
+    fixes.append("set " + ", ".join(f"data.{k}: {h!r}" for k, _, h in diffs) + " to train on the cache as it is"
+                 + (" (a cache holds one unflipped, unbucketed encoding of each image)" if len(fixes) == 0 else ""))
+    raise LatentCacheMismatch(f"{where} do not match the data config: {what}. Training on them would silently "
+                              f"use latents of another resolution, crop or augmentation. Fix: {', or '.join(fixes)}")
+
+
+def check_latent_manifest(manifest: dict | str | os.PathLike, ae_hash: str, autoencoder: str = "",
+                          preprocess: dict | None = None) -> dict:
+    """Raise LatentCacheMismatch (a ValueError) naming both values when latent shards were encoded by another
+    autoencoder, or (`preprocess`: the data config's image_size, resize_mode, random_flip, bucketing) from
+    images made otherwise (`check_preprocess`)."""
     where = str(manifest) if not isinstance(manifest, dict) else "latent shards"
     if not isinstance(manifest, dict):
         manifest = json.loads(Path(manifest).read_text())
@@ -64,11 +98,13 @@ def check_latent_manifest(manifest: dict | str | os.PathLike, ae_hash: str, auto
         raise ValueError(f"{where}: not a latent-shard manifest (no 'autoencoder.hash'); latent shards must be "
                          "written by `ldm-lightning data encode`, or train on image shards (data.kind='image')")
     if enc["hash"] != ae_hash:
-        raise ValueError(
+        raise LatentCacheMismatch(
             f"{where} were encoded by autoencoder hash {enc['hash'][:16]}... ({enc.get('path', '?')}), but the "
             f"configured model.autoencoder {autoencoder!r} has hash {ae_hash[:16]}...; the latents would be "
             "meaningless to its decoder. Re-encode with `ldm-lightning data encode --autoencoder "
             f"{autoencoder or 'AE'} ...`, or set model.autoencoder to the autoencoder the shards were made with")
+    if preprocess is not None:
+        check_preprocess(manifest, preprocess, where)
     return manifest
 
 
@@ -201,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "autoencoder": {"hash": ae_hash, "path": str(args.autoencoder), "scale_factor": float(ae.scale_factor),
                         "shift_factor": float(ae.shift_factor), "config": ae.config.to_dict()},
         "image_size": size,
+        "preprocess": {"image_size": size, "resize_mode": args.resize_mode, "random_flip": False, "bucketing": None},
         "source": str(args.shards),
         "skipped": [s for r in recs for s in r["skipped"]],
     }

@@ -72,7 +72,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             conditioning: ConditioningConfig ('none' | 'class' with num_classes | 'text'; drop_prob for CFG).
             encode_dtype: 'fp32' or 'bf16' precision of on-the-fly encoding (fp16 is refused: it overflows).
             sample_posterior: Train on z ~ q(z|x) (LDM); False trains on the posterior mean.
-            check_latent_hash: Refuse latent shards whose manifest names another autoencoder hash.
+            check_latent_hash: Refuse latent shards whose manifest names another autoencoder hash, or another
+                image_size / resize_mode / random_flip / bucketing than the data config (the cache's key).
             loss_bins: Number of timestep bins of the logged `train/loss_bin_k` (0 = off).
             val_sampler: Sampler of validation samples (one of samplers.SAMPLERS).
             val_steps: Sampler steps of validation samples.
@@ -178,22 +179,25 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             self._ae[0] = ae = ae.to(self.device)
         return ae
 
-    def check_latent_shards(self, shards) -> None:
-        """Refuse latent shards made by another autoencoder (manifest next to `shards`)."""
+    def check_latent_shards(self, shards, preprocess: dict | None = None) -> None:
+        """Refuse latent shards made by another autoencoder (manifest next to `shards`), or (`preprocess`: the
+        data config's image_size, resize_mode, random_flip, bucketing) from images made otherwise."""
         from .encode import check_latent_manifest, find_manifest
         path = find_manifest(shards)
         if path is None:
             raise FileNotFoundError(f"latent shards {shards!r}: no manifest.json next to them, so the autoencoder "
                                     "that made them cannot be checked; keep the manifest written by `ldm-lightning "
                                     "data encode`, or set model.check_latent_hash=false")
-        check_latent_manifest(path, self.autoencoder_hash, self.autoencoder_path)
+        check_latent_manifest(path, self.autoencoder_hash, self.autoencoder_path, preprocess)
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if self.check_latent_hash and dm is not None and getattr(dm, "kind", None) == "latent":
+            hp = getattr(dm, "hparams", {})  # the latent cache's key on the data side (encode.check_preprocess)
+            preprocess = {k: hp[k] for k in ("image_size", "resize_mode", "random_flip", "bucketing") if k in hp}
             for shards in (dm.train_shards, getattr(dm, "val_shards", None)):
                 if shards is not None:
-                    self.check_latent_shards(shards)
+                    self.check_latent_shards(shards, preprocess)
 
     @torch.no_grad()
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
