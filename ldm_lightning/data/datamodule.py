@@ -18,6 +18,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ldm_lightning.data.bucket_stream import BucketStream
+from ldm_lightning.data.buckets import BucketConfig, Buckets
 from ldm_lightning.data.members import CAPTION_EXTS, CLASS_EXTS, LATENT_EXTS, MemberSpec
 from ldm_lightning.data.shards import resolve_shards, size_problems
 from ldm_lightning.data.stream import KEY, BadDataError, ShardStream
@@ -143,6 +145,7 @@ class ShardDataModule(L.LightningDataModule):
         class_key: str | None = None,
         filters: list[str] | None = None,
         latent_exts: list[str] = list(LATENT_EXTS),
+        bucketing: dict | None = None,
     ):
         """
         Args:
@@ -205,6 +208,15 @@ class ShardDataModule(L.LightningDataModule):
                 refills its last batches from its own first samples, as after bad samples.
             latent_exts: kind='latent': members that hold the (2c, h, w) float moments (mean ‖ logvar) as
                 .npy, in priority order; e.g. [npy] for latent shards written by others (MLPerf SD layout).
+            bucketing: Aspect-ratio bucketing (SDXL / NovelAI style), off when null: a mapping
+                `{target_pixels, divisor, max_aspect}` (data/buckets.py: pixels per image, the multiple every
+                side is of, the largest aspect). Each training sample goes to the bucket nearest its aspect
+                (from the image header), is scaled to cover it and cropped (random with resize_mode
+                'random_crop', else centered; random_flip applies), and every batch comes from one bucket,
+                the same on all ranks at each step. The epoch stays exact and resumable, at a cost printed
+                at start-up: samples left over in partially filled buckets each epoch (bucket_stream.py).
+                image_size then sizes only validation (square, center crop). Needs a model that takes
+                any size divisible by `divisor` (the UNet and DiT do).
         """
         super().__init__()
         checks = [
@@ -227,6 +239,7 @@ class ShardDataModule(L.LightningDataModule):
         self.normalize_on_device, self.reuse_batch_memory = normalize_on_device, reuse_batch_memory
         self.pin_memory = pin_memory
         self.val_samples, self.val_batch_size = val_samples, val_batch_size or batch_size
+        self.bucketing = BucketConfig.parse(bucketing)
         self.members = MemberSpec.build(image_exts, caption_exts, caption_key, class_exts, class_key, filters,
                                         latent_exts)
         self.filtered_samples = 0
@@ -260,10 +273,17 @@ class ShardDataModule(L.LightningDataModule):
                       f"num_workers={fitted} (re-pack with more, smaller shards to use more)", file=sys.stderr,
                       flush=True)
             num_workers = fitted
-        return ShardStream(resolved, self.batch_size, num_workers=num_workers, rank=rank,
-                           world_size=world, seed=self.seed, shuffle=shuffle, shuffle_buffer=self.shuffle_buffer,
-                           kind=self.kind, transform=transform, max_bad_fraction=self.max_bad_fraction,
-                           uint8_images=self.normalize_on_device, members=self.members)
+        kw = {}
+        if self.bucketing is not None:  # training only (validation stays square): batches of one bucket each
+            t = self.transform
+            kw["buckets"] = Buckets(self.bucketing, t.channels, t.mode == "random_crop", t.flip, t.background)
+        stream = (BucketStream if kw else ShardStream)(
+            resolved, self.batch_size, num_workers=num_workers, rank=rank, world_size=world, seed=self.seed,
+            shuffle=shuffle, shuffle_buffer=self.shuffle_buffer, kind=self.kind, transform=transform,
+            max_bad_fraction=self.max_bad_fraction, uint8_images=self.normalize_on_device, members=self.members, **kw)
+        if kw and rank == 0:
+            print(stream.summary(), file=sys.stderr, flush=True)
+        return stream
 
     def _check_sizes(self, shards, rank: int) -> None:
         """Start-up check, one stat per local shard: missing, empty or resized shards get named now (their

@@ -1,0 +1,193 @@
+"""Aspect-ratio bucketing (issue 16): bucket sets and assignment, the exact and resumable bucketed epoch, the
+same bucket on every rank at each step, and `ldm-lightning fit` with the shipped bucketing config under
+2-process DDP (gloo). Shards are JPEG crops of real photos (`skimage.data`) at six aspect ratios, written with
+the project's ShardWriter (so a manifest exists; reading foreign layouts is tested in test_data_foreign.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_lightning.data import ShardDataModule
+from ldm_lightning.data.buckets import BucketConfig, Buckets, bucket_sizes
+from ldm_lightning.data.shards import ShardSpecError
+from ldm_lightning.data.shardwriter import ShardWriter
+
+REPO = Path(__file__).resolve().parents[1]
+ASPECTS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # w / h of the crops; sample i of shard s has ASPECTS[(i + s) % 6]
+TINY = {"target_pixels": 1024, "divisor": 8, "max_aspect": 3.0}  # buckets 48x16 40x24 32x32 24x40 16x48 (H x W)
+
+
+def _photos() -> list[np.ndarray]:
+    from skimage import data as skd
+    return [np.asarray(f()) for f in (skd.astronaut, skd.coffee, skd.chelsea, skd.rocket, skd.immunohistochemistry)]
+
+
+def write_shards(out: Path, shards: int = 4, per: int = 24, seed: int = 0) -> str:
+    """`shards` JPEG shards of `per` real-photo crops (40–79 px high) at the six ASPECTS, with manifest.json."""
+    rng, photos, records = np.random.default_rng(seed), _photos(), []
+    out.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with ShardWriter(out / f"shard-{s:06d}.tar") as w:
+            for i in range(per):
+                p = photos[(7 * i + s) % len(photos)]
+                h = int(rng.integers(40, 80))
+                wd = max(8, round(h * ASPECTS[(i + s) % len(ASPECTS)]))
+                y, x = int(rng.integers(0, p.shape[0] - h + 1)), int(rng.integers(0, p.shape[1] - wd + 1))
+                buf = io.BytesIO()
+                Image.fromarray(p[y:y + h, x:x + wd]).save(buf, "JPEG", quality=90)
+                w.add(f"s{s}-{i:04d}", {"jpg": buf.getvalue(), "cls": str(i % 10).encode()})
+        records.append(w.record)
+    (out / "manifest.json").write_text(json.dumps({"num_samples": sum(r["num_samples"] for r in records),
+                                                   "shards": records}))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return write_shards(tmp_path_factory.mktemp("buckets") / "train")
+
+
+def _dm(shards: str, rank: int = 0, world: int = 2, workers: int = 2, batch_size: int = 4, **kw) -> ShardDataModule:
+    return ShardDataModule(shards, batch_size=batch_size, num_workers=workers, channels=3, image_size=32,
+                           resize_mode="random_crop", random_flip=True, shuffle_buffer=8,
+                           bucketing=kw.pop("bucketing", TINY), rank=rank, world_size=world, **kw)
+
+
+def _epoch(dm: ShardDataModule) -> list[dict]:
+    return [{"key": list(b["key"]), "image": b["image"].clone(), "crop": b["crop_top_left"].clone()}
+            for b in dm.train_dataloader()]
+
+
+def test_bucket_set_and_nearest_aspect_assignment():
+    for cfg in (BucketConfig(**TINY), BucketConfig(1024 ** 2, 64, 2.0), BucketConfig(256 ** 2, 32, 2.0)):
+        sizes = bucket_sizes(cfg)
+        assert (cfg.target_pixels ** 0.5 // cfg.divisor * cfg.divisor,) * 2 in sizes  # the square
+        for h, w in sizes:
+            assert h % cfg.divisor == 0 and w % cfg.divisor == 0 and h * w <= cfg.target_pixels
+            assert max(h / w, w / h) <= cfg.max_aspect and (w, h) in sizes  # mirrored
+    assert bucket_sizes(BucketConfig(**TINY)) == [(48, 16), (40, 24), (32, 32), (24, 40), (16, 48)]
+    assert (1024, 1024) in bucket_sizes(BucketConfig(1024 ** 2, 64, 2.0))  # SDXL's set includes 832x1216 too
+    assert (832, 1216) in bucket_sizes(BucketConfig(1024 ** 2, 64, 2.0))
+    b = Buckets(BucketConfig(**TINY), 3, random_crop=False, flip=False)
+    # nearest on a log scale: 2:1 goes to 24x40 (log distance 0.18) rather than 16x48 (0.41)
+    assert [b.sizes[b.nearest(w, 100)] for w in (30, 50, 75, 100, 150, 200, 300, 900)] == \
+        [(48, 16), (40, 24), (40, 24), (32, 32), (24, 40), (24, 40), (16, 48), (16, 48)]
+    # a real photo: decoded from its header's bucket, scaled to cover, center-cropped; crop geometry returned
+    photo = _photos()[0][:100, :300]  # 100 x 300 (aspect 3)
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "PNG")
+    k = b.of_payload("png", buf.getvalue())
+    assert b.sizes[k] == (16, 48)
+    out = np.zeros((3, 16, 48), np.uint8)
+    assert b.decode_into(buf.getvalue(), "png", out, None) == (100, 300, 0, 0)  # 16/100 = 48/300: no crop
+    ref = np.asarray(Image.fromarray(photo).resize((48, 16), Image.BICUBIC)).transpose(2, 0, 1)
+    assert np.array_equal(out, ref)
+    with pytest.raises(ValueError, match="data.bucketing.max_aspect"):
+        BucketConfig.parse({"target_pixels": 1024, "divisor": 8, "max_aspect": 0.5})
+    with pytest.raises(ValueError, match="unknown key"):
+        BucketConfig.parse({"pixels": 1024})
+
+
+def test_every_sample_once_same_bucket_on_all_ranks_and_exact_resume(shards):
+    """2 ranks × 2 workers: every sample exactly once per epoch (this data fills its buckets evenly), the
+    same bucket on both ranks at every step, several buckets used, different order in the next epoch; a
+    resume after 5 batches continues with bitwise the same batches (pixels, random crops and flips)."""
+    ranks = [_epoch(_dm(shards, r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 12
+    shapes = [[tuple(b["image"].shape) for b in rk] for rk in ranks]
+    assert shapes[0] == shapes[1]  # step i: one bucket on every rank
+    assert len({s[2:] for s in shapes[0]}) >= 3
+    keys = [k for rk in ranks for b in rk for k in b["key"]]
+    assert len(keys) == len(set(keys)) == 96
+    dm = _dm(shards, 0)
+    dm.load_state_dict({"epoch": 0, "consumed": 5})
+    resumed = _epoch(dm)
+    assert len(resumed) == 7
+    for a, b in zip(ranks[0][5:], resumed):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["crop"], b["crop"])
+    dm = _dm(shards, 0)
+    dm.load_state_dict({"epoch": 1, "consumed": 0})
+    assert [b["key"] for b in _epoch(dm)] != [b["key"] for b in ranks[0]]  # epoch 1 reshuffles
+
+
+def test_leftover_samples_are_counted_never_silent(tmp_path, capsys):
+    """Uneven buckets: the samples left over in partially filled buckets are printed and counted; the rest is
+    read once, and read + left over = all samples. A batch no bucket can fill is refused with the fix."""
+    data = write_shards(tmp_path / "uneven", shards=4, per=17, seed=1)
+    dm = _dm(data, 0, world=1, workers=2, batch_size=3)
+    batches = _epoch(dm)
+    stream = dm.train_dataloader().dataset
+    err = capsys.readouterr().err
+    assert f"{stream.leftover_samples} of 68 samples" in err and "left over" in err
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == len(set(keys)) == 68 - stream.leftover_samples > 0
+    assert stream.leftover_samples > 0
+    with pytest.raises(ShardSpecError, match="no bucket holds batch_size=9"):
+        _dm(data, 0, world=2, workers=2, batch_size=9).train_dataloader()
+
+
+def test_backbones_and_autoencoder_take_non_square_sizes():
+    """A bucket's H != W through the DiT (its sin-cos positions follow the grid), the UNet and an autoencoder."""
+    from ldm_lightning.autoencoder import Autoencoder, get_preset
+    from ldm_lightning.diffusion.dit import DiT, DiTConfig
+    from ldm_lightning.diffusion.unet import UNet, UNetConfig
+    from ldm_lightning.nn.embeddings import sincos_2d
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(in_channels=4, input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2))
+    x = torch.randn(2, 4, 6, 10)  # (B, C, H, W): a 3 x 5 token grid
+    assert dit(x, torch.rand(2)).shape == x.shape
+    pos = sincos_2d(32, 3, 5).reshape(3, 5, 32)
+    assert torch.equal(pos[2, 4], sincos_2d(32, 5, 5).reshape(5, 5, 32)[2, 4])  # a token's position: its (row, col)
+    unet = UNet(UNetConfig(in_channels=4, model_channels=32, norm_groups=8))
+    assert unet(torch.randn(2, 4, 8, 12), torch.rand(2)).shape == (2, 4, 8, 12)
+    ae = Autoencoder(get_preset("tiny-mnist")).eval()
+    with torch.no_grad():
+        z = ae.encode(torch.rand(1, 1, 32, 48) * 2 - 1).mean  # (1, 4, 8, 12)
+        assert z.shape[2:] == (8, 12) and ae.decode(z).shape == (1, 1, 32, 48)
+
+
+def _fit_args(shards: str, root: Path, probe: Path) -> list[str]:
+    return ["fit", "-c", str(REPO / "configs/diffusion/mnist-jit-pixels.yaml"),
+            "-c", str(REPO / "configs/trainer/cpu-debug.yaml"),
+            "-c", str(REPO / "configs/data/folder-buckets-256.yaml"),
+            "--data.init_args.train_shards", shards, "--data.init_args.val_shards", shards,
+            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1",
+            "--data.init_args.image_size", "32", "--data.init_args.channels", "1", "--data.init_args.val_samples", "8",
+            "--data.init_args.bucketing", json.dumps(TINY), "--data.init_args.shuffle_buffer", "8",
+            "--model.init_args.val_num", "2", "--model.init_args.val_steps", "2",
+            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(root),
+            "--trainer.callbacks+=batch_probe.BatchProbe", "--trainer.callbacks.out", str(probe)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cli_fit_bucketed_ddp_every_sample_once_and_resume_exact(shards, tmp_path):
+    """`ldm-lightning fit` with the shipped bucketing data config (tiny overrides) on 2 DDP ranks: 5 steps,
+    then a resume (`--ckpt_path last`) to step 12, the epoch's end. Both ranks take the same bucket at every step,
+    the stitched epoch reads every sample once, and each rank's batches are exactly the ones the
+    uninterrupted stream (rebuilt here in-process) gives: resume mid-epoch is exact."""
+    from scale_run import run_cli
+    probe = tmp_path / "probe"
+    args = _fit_args(shards, tmp_path / "run", probe)
+    first = run_cli([*args, "--trainer.max_steps", "5"], tmp_path, timeout=280)
+    assert "data: bucketing: 5 buckets" in first.stderr and "0 of 96 samples" in first.stderr
+    run_cli([*args, "--trainer.max_steps", "12", "--ckpt_path", "last"], tmp_path, timeout=280)  # 12 = one epoch
+    logs = [[json.loads(line) for line in (probe / f"batches-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert [[b["step"] for b in rk] for rk in logs] == [list(range(12))] * 2
+    assert [b["shape"][2:] for b in logs[0]] == [b["shape"][2:] for b in logs[1]]
+    keys = [k for rk in logs for b in rk for k in b["keys"]]
+    assert len(keys) == len(set(keys)) == 96
+    for r in (0, 1):
+        dm = ShardDataModule(shards, batch_size=4, num_workers=1, channels=1, image_size=32, resize_mode="random_crop",
+                             random_flip=True, shuffle_buffer=8, bucketing=TINY, rank=r, world_size=2)
+        expect = [(list(b["key"]), list(b["image"].shape)) for b in dm.train_dataloader()]
+        assert [(b["keys"], b["shape"]) for b in logs[r]] == expect
+    assert math.prod(logs[0][0]["shape"][2:]) <= TINY["target_pixels"]
