@@ -171,8 +171,9 @@ def test_index_command_counts_split_and_dotted_samples_once(foreign, tmp_path):
     r = subprocess.run([sys.executable, "-m", "ldm_lightning", "data", "index", f"{foreign['i2d']}/*.tar", "--out",
                         str(tmp_path / "i2d-index")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert [s.num_samples for s in resolve_shards(str(tmp_path / "i2d-index" / "manifest.json"))] == \
-        list(I2D_SIZES.values())
+    for spec in (tmp_path / "i2d-index" / "manifest.json", tmp_path / "i2d-index"):  # the manifest or its folder
+        shards = resolve_shards(str(spec))
+        assert [s.num_samples for s in shards] == list(I2D_SIZES.values()) and os.path.isfile(shards[0].url)
     members = MemberSpec.build(image_exts=["jpg", "jpeg", "png", "webp", "hires.jpg"])
     batches = _read(manifest, batch_size=8, members=members)
     assert sum(b["bad_samples"] for b in batches) == 0

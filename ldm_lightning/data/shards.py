@@ -250,8 +250,8 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
         return [_shard(u, u.rsplit("/", 1)[0], u.rsplit("/", 1)[1], spec) for u in _braceexpand(spec)]
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, MANIFEST)):
-            return _shards(path, _manifest_counts(path))
+        if os.path.isfile(os.path.join(path, MANIFEST)):  # (its `shards_dir`, if any, says where the shards are)
+            return _manifest_file(os.path.join(path, MANIFEST))
         names = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(path), "*.tar")))
         if not names:
             raise FileNotFoundError(f"shard folder {path!r} has no {MANIFEST} and no .tar shards")
