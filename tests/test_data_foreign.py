@@ -335,3 +335,19 @@ def test_latent_shards_written_by_others(tmp_path):
     assert [k for b in got for k in b["key"]] == list(moments)
     assert all(np.array_equal(b["moments"][i].numpy(), moments[k]) for b in got for i, k in enumerate(b["key"]))
     assert got[0]["txt"][0] == "caption lat000" and "original_size" not in got[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_fit_on_shards_without_counts_names_data_index(foreign, tmp_path):
+    (tmp_path / "keyrec.py").write_text(KEYREC)
+    (tmp_path / "model.yaml").write_text(f"model:\n  class_path: keyrec.KeyRecorder\n  init_args: {{out: {tmp_path}}}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1",
+           "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "ldm_lightning", "fit", "-c", "ldm_lightning:data/img2dataset-256.yaml",
+                        "-c", str(tmp_path / "model.yaml"), f"--data.init_args.train_shards={foreign['hf']}",
+                        "--data.init_args.val_shards=null", "--trainer.accelerator=cpu", "--trainer.max_steps=1",
+                        "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path / 'run'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "ldm-lightning data index" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
