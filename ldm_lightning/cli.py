@@ -10,6 +10,7 @@ Heavy imports happen only inside the chosen subcommand, so `--help` is instant.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module path, one-line help). Each module exposes `main(argv: list[str]) -> int | None`.
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         from ldm_lightning import __version__
         print(__version__)
         return 0
+    # Every weight loader takes a local path (and passes local_files_only): the Hugging Face hub must not
+    # reach for the network either, e.g. to check for a newer tokenizer. Set at the entry, not on import.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if argv[0] in LIGHTNING_SUBCOMMANDS:
         from ldm_lightning.shipped_configs import ConfigNotFound, resolve_argv
         try:

@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ldm_lightning.data import ShardDataModule
+from ldm_lightning.training.base import EMAConfig, TrainingModule
 
 
 class _Tiny(L.LightningModule):
@@ -63,6 +64,24 @@ def test_fit_trains_and_resumes_exactly(mnist_shards, tmp_path):
         assert resumed.seen == full.seen[step:], f"resume from step {step} diverged"
 
 
+class _TinyTraining(TrainingModule):
+    """_Tiny on the shared TrainingModule, which logs the DataModule's bad-sample count."""
+
+    def __init__(self):
+        super().__init__(ema=EMAConfig(enabled=False))
+        self.net = torch.nn.Linear(32 * 32, 10)
+        self.setup_ema(self.net)
+        self.seen: list[list[str]] = []
+
+    def compute_loss(self, batch):
+        self.seen.append(list(batch["key"]))
+        loss = torch.nn.functional.cross_entropy(self.net(batch["image"].flatten(1)), batch["cls"])
+        return loss, {}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 def test_bad_samples_logged_in_fit(mnist_shards, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
     from test_data_stream import _corrupt_copy
@@ -74,7 +93,7 @@ def test_bad_samples_logged_in_fit(mnist_shards, tmp_path):
     dm = ShardDataModule(str(bad_dir), batch_size=25, num_workers=2, shuffle_buffer=50)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path / "logs"), log_every_n_steps=1,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    model = _Tiny()
+    model = _TinyTraining()
     trainer.fit(model, datamodule=dm)
     assert len(model.seen) == 20 and dm.bad_samples == 2
     import csv

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -26,22 +26,25 @@ from ldm_lightning.autoencoder.kl import Decoder, Encoder
 from ldm_lightning.autoencoder.movq import MoVQDecoder
 from ldm_lightning.autoencoder.vq import VectorQuantizer
 from ldm_lightning.autoencoder.vqvae2 import HierarchicalQuantizer
-from ldm_lightning.data.transforms import ensure_model_range
+from ldm_lightning.nn.images import model_range
 
-ARCHS = ("kl", "dcae", "movq", "rae")
-REGULARIZERS = ("kl", "vq", "vq2", "none")
-VQ_LATENTS = ("pre_quant", "quantized")
+Arch = Literal["kl", "dcae", "movq", "rae"]
+ARCHS = get_args(Arch)
+Regularizer = Literal["kl", "vq", "vq2", "none"]
+REGULARIZERS = get_args(Regularizer)
+VQLatent = Literal["pre_quant", "quantized"]
+VQ_LATENTS = get_args(VQLatent)
 
 
 @dataclass
 class AutoencoderConfig:
     """Architecture of a stage-1 autoencoder. Field names follow CompVis `ddconfig` where one exists."""
 
-    arch: str = "kl"
+    arch: Arch = "kl"
     """Backbone: 'kl' (SD/LDM conv encoder-decoder), 'dcae' (DC-AE residual space<->channel shortcuts),
     'movq' (the 'kl' encoder + MoVQ's decoder with z_q-conditioned GroupNorms, movq.py) or 'rae' (frozen
     DINOv2 encoder from `rae_encoder` + trained ViT decoder, rae.py)."""
-    regularizer: str = "kl"
+    regularizer: Regularizer = "kl"
     """Latent regulariser: 'kl' (diagonal Gaussian posterior), 'vq' (vector quantisation), 'vq2' (VQ-VAE-2's
     two-level hierarchy, vqvae2.py; latent = 2*embed_dim channels) or 'none'."""
     in_channels: int = 3
@@ -87,7 +90,7 @@ class AutoencoderConfig:
     vq_heads: int = 1
     """'vq'/'vq2': multichannel quantisation (MoVQ): the latent split into this many heads sharing one
     codebook of embed_dim/vq_heads-dim codes."""
-    vq_latent: str = "pre_quant"
+    vq_latent: VQLatent = "pre_quant"
     """'vq'/'vq2': the latent `encode` gives stage 2: 'pre_quant' (LDM: diffusion on the pre-quantisation
     latent, `decode` quantises) or 'quantized' (the codes themselves)."""
     rae_encoder: str | None = None
@@ -316,7 +319,7 @@ class Autoencoder(nn.Module):
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            x = ensure_model_range(batch["image"] if isinstance(batch, dict) else batch)
+            x = model_range(batch["image"] if isinstance(batch, dict) else batch)
             h = self.encoder.features(x.to(device=device, dtype=torch.float32)).double()  # (B, D, h, w)
             s1 = h.sum(dim=(0, 2, 3)) if s1 is None else s1 + h.sum(dim=(0, 2, 3))
             s2 = h.pow(2).sum(dim=(0, 2, 3)) if s2 is None else s2 + h.pow(2).sum(dim=(0, 2, 3))
@@ -348,7 +351,7 @@ class Autoencoder(nn.Module):
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            x = ensure_model_range(batch["image"] if isinstance(batch, dict) else batch)  # uint8 pixels too
+            x = model_range(batch["image"] if isinstance(batch, dict) else batch)
             post = self.encode(x.to(device=device, dtype=torch.float32))
             z = (post.sample(generator=generator) if sample else post.mode()).double()  # (B, e, h, w)
             s1 += z.sum(dim=(0, 2, 3))

@@ -7,10 +7,13 @@ and needs SyncBatchNorm under DDP and special care under DeepSpeed; `norm='group
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
-NORMS = ("batch", "group", "none")
+DiscNorm = Literal["batch", "group", "none"]
+NORMS = get_args(DiscNorm)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

@@ -19,8 +19,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ldm_lightning.data.transforms import ensure_model_range
-
 STAT_BUFFERS = ("scale_factor", "shift_factor", "latent_mean", "latent_std")
 
 
@@ -67,7 +65,9 @@ class LatentStatistics(L.Callback):
         dm = getattr(trainer, "datamodule", None)
         loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
         state = dm.state_dict() if dm is not None and hasattr(dm, "load_state_dict") else None
-        batches = ({"image": ensure_model_range(b["image"].to(pl_module.device))} for b in loader)
+        # The DataModule owns pixel normalisation (uint8 → [-1, 1]); a plain loader must already yield floats.
+        prepare = getattr(dm, "model_inputs", lambda b: b)
+        batches = (prepare({"image": b["image"].to(pl_module.device)}) for b in loader)
         try:
             return fn(batches)
         finally:

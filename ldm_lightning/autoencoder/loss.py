@@ -17,21 +17,27 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_lightning.autoencoder.discriminator import NLayerDiscriminator
+from ldm_lightning.autoencoder.discriminator import DiscNorm, NLayerDiscriminator
+
+
+RecLoss = Literal["l1", "l2"]
+RecReduction = Literal["sum", "mean"]
+DiscLoss = Literal["hinge", "vanilla"]
 
 
 @dataclass
 class LossConfig:
     """Weights and schedule of the stage-1 loss (defaults: SD KL-f8)."""
 
-    rec_loss: str = "l1"
+    rec_loss: RecLoss = "l1"
     """Pixel reconstruction: 'l1' or 'l2'."""
-    rec_reduction: str = "sum"
+    rec_reduction: RecReduction = "sum"
     """'sum' over (C,H,W), mean over batch (LDM KL; kl_weight=1e-6 assumes it) or 'mean' (taming VQ)."""
     perceptual_weight: float = 1.0
     """LPIPS weight (0 disables LPIPS and skips building VGG)."""
@@ -55,13 +61,13 @@ class LossConfig:
     """Train the discriminator this many steps before disc_start (taming: 0, it is idle before)."""
     disc_factor: float = 1.0
     """Multiplier on both GAN losses once active."""
-    disc_loss: str = "hinge"
+    disc_loss: DiscLoss = "hinge"
     """'hinge' or 'vanilla' (non-saturating BCE)."""
     disc_layers: int = 3
     """PatchGAN conv layers (2 for 32x32 images)."""
     disc_ndf: int = 64
     """PatchGAN base width."""
-    disc_norm: str = "group"
+    disc_norm: DiscNorm = "group"
     """'group' (DDP/DeepSpeed-safe, default), 'batch' (taming original) or 'none'."""
     disc_lr_scale: float = 1.0
     """Discriminator learning rate = optim.lr * this (its own param group)."""
@@ -69,8 +75,9 @@ class LossConfig:
     """Use the adaptive generator weight (else disc_weight alone)."""
 
     def __post_init__(self):
-        for name, allowed in (("rec_loss", ("l1", "l2")), ("rec_reduction", ("sum", "mean")),
-                              ("disc_loss", ("hinge", "vanilla")), ("disc_norm", ("batch", "group", "none"))):
+        for name, choice in (("rec_loss", RecLoss), ("rec_reduction", RecReduction), ("disc_loss", DiscLoss),
+                             ("disc_norm", DiscNorm)):
+            allowed = get_args(choice)
             if getattr(self, name) not in allowed:
                 raise ValueError(f"loss.{name} must be one of {allowed}; got {getattr(self, name)!r}")
         for name in ("perceptual_weight", "kl_weight", "vq_weight", "disc_weight", "disc_warmup_train"):

@@ -29,7 +29,7 @@ from ldm_lightning.autoencoder.latent_stats import STAT_BUFFERS, LatentStatistic
 from ldm_lightning.autoencoder.load import CHECKPOINT_TAG
 from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
-from ldm_lightning.data.transforms import ensure_model_range
+from ldm_lightning.nn.images import model_range
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.speed import SpeedConfig, SpeedLevers, as_speed, images_channels_last, to_channels_last
 from ldm_lightning.training.strategies import maybe_compile
@@ -179,7 +179,7 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
 
     # --- training --------------------------------------------------------------------------------
     def compute_loss(self, batch):
-        x = ensure_model_range(batch["image"])                   # (B, C, H, W) in [-1, 1]
+        x = model_range(batch["image"])                          # (B, C, H, W) in [-1, 1]
         x = images_channels_last(x, self.speed.channels_last)   # NHWC when speed.channels_last
         if not self._data_checked:
             self.check_images(x)
@@ -234,7 +234,7 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
                                         feature_extractor_weights_path=self.fid_inception_weights)
 
     def validation_step(self, batch, batch_idx):
-        x = ensure_model_range(batch["image"])                   # (B, C, H, W) in [-1, 1]
+        x = model_range(batch["image"])                          # (B, C, H, W) in [-1, 1]
         net = self.ema_or_live()
         posterior = net.encode(x)
         recon = net.decode_latent(net.decoder_input(posterior)).float()  # (B, C, H, W)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from typing import Iterator
+from typing import Iterator, Literal
 
 import lightning as L
 import torch
@@ -20,10 +20,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm_lightning.data.bucket_stream import BucketStream
 from ldm_lightning.data.buckets import BucketConfig, Buckets
+from ldm_lightning.data.jpeg import JPEG_DECODERS
+from ldm_lightning.data.jpeg import available as jpeg_available
 from ldm_lightning.data.members import CAPTION_EXTS, CLASS_EXTS, LATENT_EXTS, MemberSpec
 from ldm_lightning.data.shards import resolve_shards, size_problems
 from ldm_lightning.data.stream import KEY, BadDataError, ShardStream
-from ldm_lightning.data.transforms import IMAGE_KEYS, RESIZE_MODES, BadSample, ImageTransform, to_model_range
+from ldm_lightning.data.transforms import IMAGE_KEYS, RESIZE_MODES, BadSample, ImageTransform, ResizeMode, to_model_range
 
 KINDS = ("image", "latent")
 
@@ -126,11 +128,11 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         image_size: int = 32,
         channels: int = 1,
-        resize_mode: str = "pad",
+        resize_mode: ResizeMode = "pad",
         random_flip: bool = False,
         val_samples: int = 1000,
         val_batch_size: int | None = None,
-        kind: str = "image",
+        kind: Literal["image", "latent"] = "image",
         max_bad_fraction: float = 0.01,
         alpha_background: int = 255,
         normalize_on_device: bool = True,
@@ -146,6 +148,7 @@ class ShardDataModule(L.LightningDataModule):
         filters: list[str] | None = None,
         latent_exts: list[str] = list(LATENT_EXTS),
         bucketing: dict | None = None,
+        jpeg_decoder: str = "torchvision",
     ):
         """
         Args:
@@ -172,14 +175,15 @@ class ShardDataModule(L.LightningDataModule):
             max_bad_fraction: Stop with an error when more than this fraction of a reader slot's samples
                 are unusable (undecodable, missing key, wrong size, or missing from a shard that holds
                 fewer samples than its manifest lists, e.g. a truncated one). Bad samples are counted
-                (W&B `data/bad_samples`) and summed up per shard in a line at each epoch's end.
+                (`data/bad_samples`, summed over ranks, logged by the stage modules' `TrainingModule`) and
+                summed up per shard in a line at each epoch's end.
             alpha_background: Gray level (0–255) that images with transparency are composited onto
                 (255: white, as image viewers show them). 16-bit images are scaled to 8 bits.
             normalize_on_device: Workers send images as uint8 and `on_after_batch_transfer` converts them
                 to float32 in [-1, 1] on the training device: 4× fewer bytes through worker IPC and the
                 host→device copy, and no float pass on the loader's CPU. Under a Trainer this is invisible.
                 Loaders used without one then yield uint8 images: pass them through
-                `ldm_lightning.data.ensure_model_range` (or set false to get float32 from the workers).
+                `model_inputs(batch)` (or set false to get float32 from the workers).
             reuse_batch_memory: With workers and uint8 images, workers decode into a ring of
                 shared-memory batch buffers (num_workers × 4 batches of /dev/shm per epoch) that the
                 main process lends out without a copy and takes back once nothing refers to them,
@@ -217,6 +221,11 @@ class ShardDataModule(L.LightningDataModule):
                 at start-up: samples left over in partially filled buckets each epoch (bucket_stream.py).
                 image_size then sizes only validation (square, center crop). Needs a model that takes
                 any size divisible by `divisor` (the UNet and DiT do).
+            jpeg_decoder: 'torchvision' (default) decodes 3-channel JPEGs with `torchvision.io.decode_jpeg`
+                straight into the batch's (3, H, W) layout: measured faster than PIL and pixel-identical on
+                256² photos (benchmarks/bench_loader_foreign.py; README "Benchmarks"). Grayscale, CMYK or
+                truncated JPEGs, other formats, and machines without torchvision's image support use PIL.
+                'pil': PIL for everything.
         """
         super().__init__()
         checks = [
@@ -227,6 +236,7 @@ class ShardDataModule(L.LightningDataModule):
             ("val_samples", val_samples >= 1, ">= 1"), ("kind", kind in KINDS, " | ".join(KINDS)),
             ("max_bad_fraction", 0.0 <= max_bad_fraction <= 1.0, "in [0, 1]"),
             ("alpha_background", 0 <= alpha_background <= 255, "a gray level in [0, 255]"),
+            ("jpeg_decoder", jpeg_decoder in JPEG_DECODERS, " | ".join(JPEG_DECODERS)),
             ("val_batch_size", val_batch_size is None or val_batch_size >= 1, ">= 1 or null"),
         ]
         for name, ok, allowed in checks:
@@ -243,12 +253,13 @@ class ShardDataModule(L.LightningDataModule):
         self.members = MemberSpec.build(image_exts, caption_exts, caption_key, class_exts, class_key, filters,
                                         latent_exts)
         self.filtered_samples = 0
-        self.transform = ImageTransform(image_size, channels, resize_mode, random_flip, alpha_background)
+        jpeg_decoder = jpeg_decoder if jpeg_available() else "pil"
+        self.transform = ImageTransform(image_size, channels, resize_mode, random_flip, alpha_background, jpeg_decoder)
         self.val_transform = ImageTransform(image_size, channels, "center_crop" if resize_mode == "random_crop"
-                                            else resize_mode, False, alpha_background)
+                                            else resize_mode, False, alpha_background, jpeg_decoder)
         self._rank, self._world = rank, world_size
         self._epoch, self._consumed, self._resume = -1, 0, None
-        self.bad_samples, self._bad_logged = 0, 0
+        self.bad_samples = 0
         self._noted_workers = False  # the num_workers note is printed once
         self._val_cache: dict[tuple[int, int], list[tuple]] = {}
 
@@ -353,20 +364,23 @@ class ShardDataModule(L.LightningDataModule):
             self._epoch, self._consumed = self._epoch + 1, 0
         return self._epoch, self._consumed
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+    def model_inputs(self, batch):
+        """The one place pixels are normalised: uint8 images → float32 in [-1, 1] (then the trainer's input
+        precision), on whatever device the batch is on. The models expect this and refuse uint8; code that
+        reads this DataModule's loaders outside the training loop (e.g. the latent-statistics pass) calls it."""
         if isinstance(batch, dict) and isinstance(batch.get("image"), torch.Tensor) \
                 and batch["image"].dtype == torch.uint8:
             batch["image"] = to_model_range(batch["image"])  # uint8 → float32 [-1, 1], on the device
             if self.trainer is not None:  # Lightning cast float inputs before the transfer ('bf16-true' etc.):
                 batch["image"] = self.trainer.precision_plugin.convert_input(batch["image"])  # redo it here
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        batch = self.model_inputs(batch)
         # Counted here, when the training step is about to receive the batch; not when the loader yields
         # (Lightning prefetches one batch ahead, which would make a checkpoint one batch off).
         if self.trainer is not None and self.trainer.training:
-            self._consumed += 1
-            if self.bad_samples != self._bad_logged and self.trainer.logger is not None:
-                self.trainer.logger.log_metrics({"data/bad_samples": float(self.bad_samples)},
-                                                step=self.trainer.global_step)
-                self._bad_logged = self.bad_samples
+            self._consumed += 1  # bad_samples reaches the loggers via TrainingModule.log_data_health
         return batch
 
     def state_dict(self) -> dict:

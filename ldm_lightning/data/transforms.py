@@ -10,15 +10,18 @@ deterministic, resumable stream.
 from __future__ import annotations
 
 import io
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ldm_lightning.data.jpeg import decode_rgb
 from ldm_lightning.data.pixels import to_mode
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
-RESIZE_MODES = ("pad", "resize", "center_crop", "random_crop")
+ResizeMode = Literal["pad", "resize", "center_crop", "random_crop"]
+RESIZE_MODES = get_args(ResizeMode)
 
 
 class BadSample(Exception):
@@ -73,10 +76,12 @@ class ImageTransform:
 
     16-bit grayscale is scaled to 8 bits and alpha composited onto the gray level `background` (pixels.py)."""
 
-    def __init__(self, image_size: int, channels: int, resize_mode: str, random_flip: bool, background: int = 255):
+    def __init__(self, image_size: int, channels: int, resize_mode: str, random_flip: bool, background: int = 255,
+                 jpeg_decoder: str = "pil"):
         self.size, self.channels, self.mode, self.flip = image_size, channels, resize_mode, random_flip
         self.pil_mode = "L" if channels == 1 else "RGB"
         self.background = background
+        self.jpeg_decoder = jpeg_decoder  # 'torchvision': 3-channel JPEGs decode to (3, H, W) there (data/jpeg.py)
 
     def __call__(self, sample: dict, rng: np.random.Generator | None) -> np.ndarray:
         """A WebDataset sample dict → a new uint8 (C, size, size) array."""
@@ -93,14 +98,20 @@ class ImageTransform:
         Returns SDXL's crop conditioning (original_h, original_w, crop_top, crop_left): the source size,
         and the crop's top-left corner in the resized image (after a flip, as seen in the flipped image);
         (0, 0) for 'pad' and 'resize'."""
-        try:
-            img = open_image(data, ext)
-            img.load()  # full decode: truncated data fails here
-        except Exception as e:  # noqa: BLE001
-            raise BadSample(f"undecodable {ext}: {type(e).__name__}: {e}") from None
-        if img.mode != self.pil_mode:
-            img = to_mode(img, self.pil_mode, self.background)  # MNIST 1→3 replicates the gray channel
-        (w, h), s = img.size, self.size
+        chw = decode_rgb(data) if self.jpeg_decoder == "torchvision" and self.channels == 3 \
+            and ext in ("jpg", "jpeg") else None  # (3, h, w) uint8, or None: PIL decodes
+        if chw is None:
+            try:
+                img = open_image(data, ext)
+                img.load()  # full decode: truncated data fails here
+            except Exception as e:  # noqa: BLE001
+                raise BadSample(f"undecodable {ext}: {type(e).__name__}: {e}") from None
+            if img.mode != self.pil_mode:
+                img = to_mode(img, self.pil_mode, self.background)  # MNIST 1→3 replicates the gray channel
+            w, h = img.size
+        else:
+            h, w = chw.shape[1:]
+        s = self.size
         self.check_size(w, h)
         top = left = 0
         crop = (h, w, 0, 0)
@@ -108,19 +119,22 @@ class ImageTransform:
             top, left = (s - h) // 2, (s - w) // 2  # black border (→ -1): MNIST 28 → 32 with 2 px
         elif self.mode == "resize":
             if (w, h) != (s, s):
-                img = img.resize((s, s), Image.BICUBIC)
+                img, chw = _as_pil(img if chw is None else chw).resize((s, s), Image.BICUBIC), None
         else:  # shorter side → s, then a center or random s×s crop (the LDM recipe)
             scale = s / min(w, h)
             nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
             if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), Image.BICUBIC)
+                img, chw = _as_pil(img if chw is None else chw).resize((nw, nh), Image.BICUBIC), None
             if self.mode == "random_crop" and rng is not None:
                 x0, y0 = int(rng.integers(0, nw - s + 1)), int(rng.integers(0, nh - s + 1))
             else:
                 x0, y0 = (nw - s) // 2, (nh - s) // 2
-            img = img.crop((x0, y0, x0 + s, y0 + s))
+            if chw is None:
+                img = img.crop((x0, y0, x0 + s, y0 + s))
+            else:
+                chw = chw[:, y0:y0 + s, x0:x0 + s]  # (3, s, s) view
             crop = (h, w, y0, x0)
-        a = np.asarray(img)  # (h, w) or (h, w, 3) uint8
+        a = np.asarray(img) if chw is None else chw.transpose(1, 2, 0)  # (h, w) or (h, w, 3) uint8
         if self.flip and rng is not None and rng.random() < 0.5:
             a = a[:, ::-1]
             if self.mode in ("center_crop", "random_crop"):
@@ -138,6 +152,11 @@ class ImageTransform:
         if self.mode == "pad" and (w > self.size or h > self.size):
             raise BadSample(f"{w}x{h} image is larger than image_size={self.size}; resize_mode='pad' only pads "
                             "(use 'resize' / 'center_crop' or re-pack with --size)")
+
+
+def _as_pil(img) -> Image.Image:
+    """A PIL image of a (3, H, W) uint8 array (a torchvision-decoded JPEG that needs resizing), or img itself."""
+    return img if isinstance(img, Image.Image) else Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)))
 
 
 def decode_moments(data: bytes) -> np.ndarray:

@@ -15,10 +15,13 @@ user's low-res images or images + masks), so the two cannot drift apart.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
-CONCAT_TASKS = ("none", "super_resolution", "inpainting")
+ConcatTask = Literal["none", "super_resolution", "inpainting"]
+CONCAT_TASKS = get_args(ConcatTask)
 
 
 def concat_channels(task: str, image_channels: int) -> int:

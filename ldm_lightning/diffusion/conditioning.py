@@ -12,22 +12,24 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from ldm_lightning.nn.attention import trim_key_padding
 
-from .concat import CONCAT_TASKS
+from .concat import CONCAT_TASKS, ConcatTask
 
-CONDITIONINGS = ("none", "class", "text")
+ConditioningKind = Literal["none", "class", "text"]
+CONDITIONINGS = get_args(ConditioningKind)
 
 
 @dataclass
 class ConditioningConfig:
     """What the denoiser is conditioned on."""
 
-    kind: str = "none"
+    kind: ConditioningKind = "none"
     """'none', 'class' (labels from batch['cls']) or 'text' (captions from batch['txt'])."""
     num_classes: int = 0
     """Number of real classes (class kind); the null class gets index num_classes."""
@@ -37,7 +39,7 @@ class ConditioningConfig:
     """Tokens per caption (padded / truncated), so every batch's context has the same shape."""
     drop_prob: float = 0.1
     """Probability of replacing a condition by the null one in training (classifier-free guidance)."""
-    concat: str = "none"
+    concat: ConcatTask = "none"
     """Concatenation conditioning (diffusion/concat.py): 'none', 'super_resolution' (a low-res image) or
     'inpainting' (masked image + mask), joined to the backbone input as c_concat. Needs image batches."""
     sr_factor: int = 4
@@ -78,7 +80,6 @@ class FrozenTextEncoder:
             raise FileNotFoundError(
                 f"text encoder directory {path!r} does not exist; set conditioning.text_encoder to a local "
                 "Hugging Face model directory (config.json + weights + tokenizer), or None for the bundled MiniLM")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
         from transformers import AutoModel, AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)

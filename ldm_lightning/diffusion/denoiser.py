@@ -20,11 +20,13 @@ network has exactly zero loss at every t (JiT, arXiv 2511.13720, clamps predicti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-PREDICTIONS = ("eps", "v", "x0", "flow")
+PredictionKind = Literal["eps", "v", "x0", "flow"]
+PREDICTIONS = get_args(PredictionKind)
 
 
 def _check(kind: str, what: str = "prediction") -> None:
@@ -99,7 +101,7 @@ class Denoiser(nn.Module):
     index for VP, 1000 t for flow). Everything downstream (losses, samplers, guidance) sees only this.
     """
 
-    def __init__(self, backbone: nn.Module, schedule, prediction: str = "eps", clamp: float = 0.05):
+    def __init__(self, backbone: nn.Module, schedule, prediction: PredictionKind = "eps", clamp: float = 0.05):
         super().__init__()
         _check(prediction, "objective.prediction")
         self.backbone = backbone

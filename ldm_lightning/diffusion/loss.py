@@ -16,24 +16,27 @@ This reproduces the paper's eps and v weights, min(SNR, g)/SNR and min(SNR, g)/(
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-from .denoiser import PREDICTIONS, expand_like, from_x0_eps
+from .denoiser import PREDICTIONS, PredictionKind, expand_like, from_x0_eps
 
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
-WEIGHTINGS = ("none", "min_snr")
+TimestepSampling = Literal["uniform", "logit_normal"]
+TIMESTEP_SAMPLING = get_args(TimestepSampling)
+Weighting = Literal["none", "min_snr"]
+WEIGHTINGS = get_args(Weighting)
 
 
 @dataclass
 class ObjectiveConfig:
     """What the denoiser predicts, where the loss is taken, which timesteps are trained and how they weigh."""
 
-    prediction: str = "eps"
+    prediction: PredictionKind = "eps"
     """Backbone output: 'eps', 'v', 'x0' or 'flow'."""
-    loss_space: str | None = None
+    loss_space: PredictionKind | None = None
     """Space of the MSE: one of the same four; None = the prediction space."""
-    timestep_sampling: str = "uniform"
+    timestep_sampling: TimestepSampling = "uniform"
     """'uniform' or 'logit_normal' (SD3 §3.1: u = sigmoid(N(mean, std)), then the schedule's t(u))."""
     logit_mean: float = 0.0
     """Mean of the logit-normal over the NOISE level: t = 1 is pure noise here (sigma = t on the flow path),
@@ -41,7 +44,7 @@ class ObjectiveConfig:
     in this convention; SD3 uses 0.0."""
     logit_std: float = 1.0
     """Std of the logit-normal (JiT uses 0.8, SD3 1.0)."""
-    weighting: str = "none"
+    weighting: Weighting = "none"
     """'none' or 'min_snr' (Hang et al. 2023)."""
     snr_gamma: float = 5.0
     """gamma of min-SNR weighting."""

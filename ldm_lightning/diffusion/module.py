@@ -14,10 +14,11 @@ fixed seed (the logger's `log_image` when it has one, else `<log_dir>/samples/st
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 
-from ldm_lightning.data.transforms import ensure_model_range
+from ldm_lightning.nn.images import model_range
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
                                           is_logging_step, to_channels_last)
@@ -33,6 +34,7 @@ from .sample import module_device
 from .samplers import SAMPLERS
 from .schedules import build_schedule
 
+EncodeDtype = Literal["fp32", "bf16"]  # fp16 is left out on purpose: it overflows in VAE encoders
 ENCODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -51,7 +53,7 @@ def _plain(value):
 class DiffusionModule(SpeedLevers, TrainingModule):
     def __init__(self, autoencoder: str, backbone: str = "unet-tiny", backbone_config: dict | None = None,
                  schedule: dict | None = None, objective: ObjectiveConfig | dict | None = None,
-                 conditioning: ConditioningConfig | dict | None = None, encode_dtype: str = "fp32",
+                 conditioning: ConditioningConfig | dict | None = None, encode_dtype: EncodeDtype = "fp32",
                  sample_posterior: bool = True, check_latent_hash: bool = True, loss_bins: int = 10,
                  val_sampler: str = "ddim", val_steps: int = 25, val_cfg: float = 3.0, val_num: int = 16,
                  val_seed: int = 0, optim: OptimConfig | dict | None = None, ema: EMAConfig | dict | None = None,
@@ -211,7 +213,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                                  f"{2 * ae.latent_channels} (mean ‖ logvar of {ae.latent_channels} channels)")
             post = DiagonalGaussian(m)
         elif "image" in batch:
-            x = images_channels_last(ensure_model_range(batch["image"]), self.speed.channels_last)  # (B, C, H, W)
+            x = images_channels_last(model_range(batch["image"]), self.speed.channels_last)  # (B, C, H, W)
             dtype = ENCODE_DTYPES[self.encode_dtype]
             with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 post = ae.encode(x)
@@ -228,7 +230,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         if "image" not in batch:
             raise ValueError(f"conditioning.concat={self.conditioner.cfg.concat!r} degrades the clean images, so it "
                              "needs image batches: set data.kind=image (latent shards hold no pixels)")
-        images = ensure_model_range(batch["image"]).float()  # (B, C, H, W)
+        images = model_range(batch["image"]).float()  # (B, C, H, W)
         cfg = self.conditioner.cfg
         return training_c_concat(cfg.concat, images, latent_hw, cfg.sr_factor, generator)  # (B, C_cat, h, w)
 

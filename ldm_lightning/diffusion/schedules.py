@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
-SPACINGS = ("leading", "trailing", "linspace")
+BetaSchedule = Literal["linear", "scaled_linear", "cosine"]
+BETA_SCHEDULES = get_args(BetaSchedule)
+Spacing = Literal["leading", "trailing", "linspace"]
+SPACINGS = get_args(Spacing)
 
 
 def make_betas(name: str, T: int = 1000, beta_start: float | None = None, beta_end: float | None = None,
@@ -57,7 +60,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 class VPSchedule:
     """Discrete variance-preserving schedule (DDPM / LDM / SD)."""
 
-    beta_schedule: str = "scaled_linear"
+    beta_schedule: BetaSchedule = "scaled_linear"
     """One of 'linear', 'scaled_linear' (SD), 'cosine' (improved DDPM)."""
     num_timesteps: int = 1000
     """T: training timesteps 0..T-1."""

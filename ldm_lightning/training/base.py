@@ -15,15 +15,21 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import lightning as L
 import torch
 from torch import nn
 
 from ldm_lightning.nn.ema import EMA
+from ldm_lightning.training.speed import is_logging_step
 
 
-ADAMW_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
+# Choice fields are Literal types: jsonargparse lists the choices in `--help` and refuses others at parse time;
+# __post_init__ repeats the check for configs built in Python.
+LRSchedule = Literal["constant", "cosine"]
+AdamWImplementation = Literal["auto", "fused", "foreach", "for_loop"]
+ADAMW_IMPLEMENTATIONS = get_args(AdamWImplementation)
 
 
 def adamw_kernel_kwargs(implementation: str, params) -> dict:
@@ -49,9 +55,9 @@ class OptimConfig:
     """AdamW epsilon."""
     warmup_steps: int = 0
     """Linear warmup from 0 to `lr` over this many optimizer steps."""
-    schedule: str = "constant"
+    schedule: LRSchedule = "constant"
     """After warmup: 'constant' or 'cosine' (to 0 at trainer.max_steps)."""
-    implementation: str = "auto"
+    implementation: AdamWImplementation = "auto"
     """AdamW kernel: 'fused' (one kernel for all parameters), 'foreach' (batched ops), 'for_loop', or
     'auto' = fused when the parameters are on CUDA (far fewer kernel launches per step; the same update
     within float rounding), else torch's default. 'auto' is PROVISIONAL pending scripts/gpu_bench.sh."""
@@ -61,8 +67,8 @@ class OptimConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule must be one of 'constant', 'cosine'; got {self.schedule!r}")
+        if self.schedule not in get_args(LRSchedule):
+            raise ValueError(f"optim.schedule must be one of {get_args(LRSchedule)}; got {self.schedule!r}")
         if self.implementation not in ADAMW_IMPLEMENTATIONS:
             raise ValueError(f"optim.implementation must be one of {ADAMW_IMPLEMENTATIONS}; got {self.implementation!r}")
 
@@ -170,7 +176,15 @@ class TrainingModule(L.LightningModule):
                           prog_bar=False, sync_dist=False)
             self.log("train/loss", loss.detach().float(), prog_bar=True)
         self.log("train/nonfinite_skipped", self.nonfinite_skipped.float())
+        self.log_data_health()
         return loss
+
+    def log_data_health(self) -> None:
+        """The DataModule's bad-sample count (skipped corrupt or unreadable samples), summed over ranks, through
+        the same `self.log` route as every other metric. Only on logging steps: the sum is a collective."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "bad_samples") and is_logging_step(self):
+            self.log("data/bad_samples", float(dm.bad_samples), reduce_fx="sum", sync_dist=True)
 
     def _all_ranks_finite(self, value: torch.Tensor) -> bool:
         ok = torch.isfinite(value.detach()).all().float().reshape(1)

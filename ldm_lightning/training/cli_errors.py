@@ -46,6 +46,22 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*?)\]\. Got value: ([^\n]*)")
+_KEY = re.compile(r'Parser key "([^"]+)"')
+
+
+def choice_error(text: str) -> str | None:
+    """jsonargparse's refusal of a Literal (choice) field as the project says it, with the flag's full key:
+    `model.init_args.optim.schedule must be one of 'constant', 'cosine'; got 'foo'`. `text` is the
+    outermost error, which nests one `Parser key` per level down to the failing field."""
+    m = _LITERAL.search(text)
+    if not m:
+        return None
+    keys = _KEY.findall(text[:m.start()])
+    path = ".".join(keys[:1] + (["init_args"] if keys and keys[0] in ("model", "data") else []) + keys[1:])
+    return f"invalid config: {path} must be one of {m.group(1)}; got {m.group(2).strip()!r}"
+
+
 def config_error_message(exc: BaseException, subcommand: str = "fit") -> str:
     """One paragraph for an error raised while parsing/building: our own validation text when there is one
     (it names the field and the allowed values), else jsonargparse's innermost reason with its key."""
@@ -59,6 +75,9 @@ def config_error_message(exc: BaseException, subcommand: str = "fit") -> str:
             return missing_extra_message(c)
     if isinstance(chain[-1], (OSError, UserError)):
         return str(chain[-1])
+    choice = choice_error(max((str(c) for c in chain), key=len))
+    if choice:
+        return choice
     where = str(chain[0]).splitlines()[0].strip() if str(chain[0]).strip() else type(chain[0]).__name__
     reasons = [str(c).strip().replace("\n", " ") for c in chain if "Problem with given class_path" in str(c)]
     reason = " ".join((reasons[-1] if reasons else str(chain[-1]).strip()).split())

@@ -14,11 +14,13 @@ pinned host memory (`data.pin_memory`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-COMPILE_MODES = ("model", "blocks")
+CompileMode = Literal["model", "blocks"]
+COMPILE_MODES = get_args(CompileMode)
 
 
 @dataclass
@@ -38,7 +40,7 @@ class SpeedConfig:
     and unaffected); bf16 autocast already runs on tensor cores. Default on: TF32 keeps fp32's range with a
     10-bit mantissa, the precision bf16 training already accepts (PyTorch's and Lightning's own advice on
     Ampere+); no effect on CPU."""
-    compile_mode: str = "model"
+    compile_mode: CompileMode = "model"
     """How `compile: true` compiles the trained network: 'model' (one graph of the whole forward) or
     'blocks' (each DiT block / UNet stage compiled on its own, i.e. regional compilation: repeated blocks
     share one compiled code, so compile time no longer grows with depth; the small glue between blocks
