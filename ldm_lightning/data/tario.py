@@ -403,14 +403,14 @@ def _join_tail(block: Block, tail_url: str, exts) -> Block:
     return keys, members
 
 
-def iter_headers(f: BinaryIO, source: str = "<stream>") -> Iterator[tuple[str, int]]:
-    """(name, size) of every regular-file member, reading only the 512-byte headers and seeking past the
-    data (a seekable file): `data index` counts a shard's samples without reading its images."""
+def iter_headers(fd: int, source: str = "<stream>") -> Iterator[tuple[str, int]]:
+    """(name, size) of every regular-file member of the tar file open as `fd`, reading only the 512-byte
+    headers (one pread each) and skipping the data: `data index` counts a shard's samples without reading
+    its images (a 65 MB shard of 2000 samples: 3 MB read instead of 65)."""
     long_name: str | None = None
-    pos, total = 0, f.seek(0, os.SEEK_END)
+    pos, total = 0, os.fstat(fd).st_size
     while True:
-        f.seek(pos)
-        header = f.read(BLOCK)
+        header = os.pread(fd, BLOCK, pos)
         if len(header) < BLOCK:
             if header.strip(b"\x00"):
                 raise EOFError(f"{source}: truncated tar (a member header is cut after {len(header)} bytes)")
@@ -422,8 +422,7 @@ def iter_headers(f: BinaryIO, source: str = "<stream>") -> Iterator[tuple[str, i
         size = _octal(size_field)
         data_at, pos = pos + BLOCK, pos + BLOCK + size + (-size) % BLOCK
         if kind in (b"L", b"x"):  # GNU long name / pax record: the next member's name
-            f.seek(data_at)
-            data = f.read(size)
+            data = os.pread(fd, size, data_at)
             if kind == b"L":
                 long_name = data.rstrip(b"\x00").decode("utf-8")
             elif m := re.search(rb"\d+ path=([^\n]*)\n", data):
@@ -449,11 +448,14 @@ def scan_keys(path: str) -> list[str]:
     """The sample keys of a local shard in order (consecutive members with one key are one sample; key =
     the basename up to its first dot), from the headers alone."""
     keys: list[str] = []
-    with open(path, "rb") as f:
-        for name, _ in iter_headers(f, path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, _ in iter_headers(fd, path):
             dot = name.find(".", name.rfind("/") + 1)
             if dot < 0:
                 continue
             if not keys or name[:dot] != keys[-1]:
                 keys.append(name[:dot])
+    finally:
+        os.close(fd)
     return keys
