@@ -191,3 +191,32 @@ def test_cli_fit_bucketed_ddp_every_sample_once_and_resume_exact(shards, tmp_pat
         expect = [(list(b["key"]), list(b["image"].shape)) for b in dm.train_dataloader()]
         assert [(b["keys"], b["shape"]) for b in logs[r]] == expect
     assert math.prod(logs[0][0]["shape"][2:]) <= TINY["target_pixels"]
+
+
+def test_jpeg_decoder_torchvision_gives_the_pil_pixels(shards):
+    """`data.jpeg_decoder`: torchvision (the default) and PIL give identical batches and crop geometry: on JPEGs
+    already at the crop size (the torchvision fast path), on ones that need a resize, a grayscale JPEG (PIL
+    decodes it) and a truncated one (a bad sample for both)."""
+    from ldm_lightning.data.transforms import BadSample, ImageTransform
+    photo = _photos()[0]
+    cases = []
+    for (h, w), fmt_mode in (((48, 64), "RGB"), ((64, 48), "RGB"), ((48, 48), "RGB"), ((90, 70), "RGB"),
+                             ((48, 60), "L")):
+        buf = io.BytesIO()
+        Image.fromarray(photo[:h, 100:100 + w]).convert(fmt_mode).save(buf, "JPEG", quality=85)
+        cases.append(buf.getvalue())
+    for mode in ("center_crop", "random_crop", "pad", "resize"):
+        size = 96 if mode == "pad" else 48
+        tv, pil = (ImageTransform(size, 3, mode, True, jpeg_decoder=d) for d in ("torchvision", "pil"))
+        for data in cases:
+            a, b = np.zeros((3, size, size), np.uint8), np.ones((3, size, size), np.uint8)
+            ca = tv.decode_into(data, "jpg", a, np.random.default_rng(5))
+            cb = pil.decode_into(data, "jpg", b, np.random.default_rng(5))
+            assert ca == cb and np.array_equal(a, b), (mode, len(data))
+    for t in (tv, pil):
+        with pytest.raises(BadSample):
+            t.decode_into(cases[0][:len(cases[0]) // 2], "jpg", np.zeros((3, 96, 96), np.uint8), None)
+    runs = [[(b["key"], b["image"]) for b in ShardDataModule(
+        shards, batch_size=8, num_workers=0, channels=3, image_size=40, resize_mode="random_crop", random_flip=True,
+        jpeg_decoder=d, rank=0, world_size=1).train_dataloader()] for d in ("torchvision", "pil")]
+    assert all(ka == kb and torch.equal(ia, ib) for (ka, ia), (kb, ib) in zip(*runs)) and len(runs[0]) == 12
