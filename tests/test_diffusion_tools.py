@@ -91,7 +91,7 @@ def test_image_and_latent_paths_give_the_same_loss(latents, mnist_shards, aes):
     for kind, shards in (("image", mnist_shards["test"]), ("latent", latents)):
         dm = ShardDataModule(shards, batch_size=16, num_workers=0, shuffle_buffer=1, kind=kind, rank=0,
                              world_size=1, image_size=32, channels=1, resize_mode="pad")
-        batches[kind] = next(iter(dm.train_dataloader()))
+        batches[kind] = dm.model_inputs(next(iter(dm.train_dataloader())))  # outside a Trainer: normalise here
     assert batches["image"]["key"] == batches["latent"]["key"]
     assert torch.equal(batches["image"]["cls"], batches["latent"]["cls"])
     m = make_module(aes["a"], conditioning={"kind": "class", "num_classes": 10, "drop_prob": 0.3})
