@@ -10,7 +10,10 @@ The stream is a pure function of (seed, epoch, rank, world_size, worker):
    seeded shuffle buffer, decodes after the buffer, and batches. Every slot yields exactly
    B = floor(min group samples / batch_size) batches, so all ranks have the same `len()` (no uneven-batch
    DDP hang) and no sample is seen twice in an epoch. A slot that runs short because bad samples were
-   skipped wraps around to its own first samples (deterministically) to fill its last batches.
+   skipped, or samples were left out by the json filters (members.py; counted apart, never an error),
+   wraps around to its own first samples (deterministically) to fill its last batches. A sample split
+   across two tars belongs to the shard it starts in (tario.shard_blocks; the manifest of `data index`
+   says which), so counts and slots stay exact.
 3. Resume: after n consumed batches (the DataLoader hands out batches round-robin over workers, so
    batch i came from worker i % W), physical worker p plays logical slot (p + n) % W and skips the
    batches that slot already produced. Skipping reads raw tar samples and only parses image headers
