@@ -207,7 +207,7 @@ class ShardDataModule(L.LightningDataModule):
                 `FIELD OP VALUE` with OP one of < <= > >= == != (e.g. `pwatermark < 0.5`,
                 `original_width >= 256`, `aspect <= 2`, `status == success`; `aspect` = original_width /
                 original_height). A sample that fails, or lacks the field, is left out: not an error, counted
-                as `data/filtered_samples` and summed up at each epoch's end. The epoch length stays the
+                (`filtered_samples`, this rank's, kept in checkpoints) and summed up at each epoch's end. The epoch length stays the
                 exact, equal-per-rank one of the unfiltered counts: a reader slot that left samples out
                 refills its last batches from its own first samples, as after bad samples.
             latent_exts: kind='latent': members that hold the (2c, h, w) float moments (mean ‖ logvar) as

@@ -30,7 +30,7 @@ _FILTER = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|==|!=|<|>)\s*(.+?)\s*$")
 
 
 class Filtered(BadSample):
-    """A sample a json filter leaves out: counted (`data/filtered_samples`), never an error."""
+    """A sample a json filter leaves out: counted (the DataModule's `filtered_samples`), never an error."""
 
 
 class MemberSpecError(UserError, ValueError):
