@@ -264,8 +264,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         if "image" not in batch:
             raise REPAError("repa.encoder is set: REPA aligns to features of the clean images, so it needs image "
                             "batches; set data.kind=image (latent shards hold no pixels)")
-        from ldm_lightning.data.transforms import ensure_model_range
-        images = ensure_model_range(batch["image"]).float()  # (B, C, H, W)
+        images = model_range(batch["image"]).float()  # (B, C, H, W)
         enc = self._repa_encoder[0]
         if module_device(enc) != self.device:
             self._repa_encoder[0] = enc = enc.to(self.device)
