@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     real, _ = load_mnist_32("test", limit=2000)
     data = MNISTBatches(x, y)
     t_start = time.perf_counter()
-    print(f"MNIST 32² pixels, width {a.width or 'as configured'}, {a.steps} steps x batch {a.batch} per variant, {a.num} samples ({a.sampler} "
+    print(f"MNIST 32² pixels, width {a.width or 'as configured'}, {a.steps} steps x batch {a.batch} per variant, "
+          f"{a.num} samples ({a.sampler} "
           f"{a.sample_steps} steps, CFG {a.cfg}, seed 0), torch threads {a.threads}; FID vs 2000 test images; "
           f"real floor at N={a.num}: {mnist_fid(clf, x[:a.num], real):.2f}\n")
 

@@ -29,7 +29,8 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _fit(config: str, shards: dict, root: Path, *extra: str) -> Path:
-    _cli(["fit", "-c", str(ROOT / "configs/diffusion" / f"{config}.yaml"), "-c", str(ROOT / "configs/trainer/cpu-debug.yaml"),
+    _cli(["fit", "-c", str(ROOT / "configs/diffusion" / f"{config}.yaml"),
+          "-c", str(ROOT / "configs/trainer/cpu-debug.yaml"),
           "--data.init_args.train_shards", shards["train"], "--data.init_args.val_shards", shards["test"], *TINY,
           "--trainer.default_root_dir", str(root), *extra], root.parent)
     last = sorted(root.rglob("last.ckpt"))
@@ -191,3 +192,18 @@ def test_ddt_fit_and_sample_with_encoder_reuse(mnist_shards, tmp_path):
     from ldm_lightning.diffusion.sample import main
     with pytest.raises(SystemExit, match="--encoder-every must be >= 1"):
         main(["--checkpoint", str(ckpt), "--class", "1", "--encoder-every", "0", "--out", str(tmp_path / "x")])
+
+
+def test_ddt_counted_flops_match_its_analytic_count():
+    """DDT.flops_per_image (what gpu_bench reports MFU with) against torch's FLOP counter, with and without the
+    encoder (a reused z_t); a wide DiT^DH-like head included."""
+    from ldm_lightning.diffusion.ddt import DDT, DDTConfig, encoder_reuse
+    from ldm_lightning.training.flops import count_flops
+    m = DDT(DDTConfig(input_size=16, in_channels=4, patch_size=2, hidden_size=64, depth=2, num_heads=4,
+                      num_classes=10, decoder_depth=2, decoder_hidden_size=128))
+    x, t, y = torch.randn(1, 4, 16, 16), torch.tensor([10.0]), torch.tensor([1])
+    assert count_flops(lambda: m(x, t, y)) == pytest.approx(m.flops_per_image(), rel=0.01)
+    with encoder_reuse(m, 2):
+        m(x, t, y)  # call 0 computes z_t, call 1 (counted) reuses it
+        reused = count_flops(lambda: m(x, t, y))
+    assert reused == pytest.approx(m.flops_per_image(encoder=False), rel=0.01)

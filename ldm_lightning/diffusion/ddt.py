@@ -113,9 +113,25 @@ class DDT(DiT):
         self.decoder_nfe += 1
         return self.unpatchify(self.final_layer(tokens, s), h, w)  # (B, C, H, W)
 
-    def flops_per_image(self, *args, **kwargs) -> float:
-        raise NotImplementedError("DDT has no analytic FLOP count (encoder and decoder widths differ); "
-                                  "use benchmarks/gpu_bench.py's FlopCounterMode path")
+    def flops_per_image(self, input_size: int | None = None, context_len: int = 0, training: bool = False,
+                        encoder: bool = True) -> float:
+        """Analytic matmul FLOPs for one image (2 per multiply-add), as DiT.flops_per_image, for encoder + decoder.
+        The decoder's AdaLN is per token (N rows), unlike the encoder's once-per-image one. encoder=False: a call
+        that reuses z_t (encoder_reuse), i.e. the decoder, its embeddings and the timestep MLP only."""
+        cfg, D = self.cfg, self.cfg.hidden_size
+        Dd, p, C = self.s_projector.out_features, cfg.patch_size, cfg.in_channels
+        N = ((input_size or cfg.input_size) // p) ** 2
+        c_in = C + cfg.concat_channels
+        dit_macs = super().flops_per_image(input_size, context_len) / 2  # embed + encoder + a width-D final layer
+        dit_final = N * D * p * p * C + 2 * D * D
+        t_mlp = self.t_embedder.freq_dim * D + D * D
+        macs = dit_macs - dit_final if encoder else t_mlp  # the DiT count holds the encoder's embedding and blocks
+        embed_d = N * c_in * p * p * Dd if cfg.bottleneck_dim is None else N * (c_in * p * p + Dd) * cfg.bottleneck_dim
+        mlp = int(Dd * cfg.mlp_ratio)
+        per_block = N * (4 * Dd * Dd + 2 * Dd * mlp) + 2 * N * N * Dd + N * 6 * Dd * Dd  # + per-token adaLN
+        macs += N * D * Dd + embed_d + cfg.decoder_depth * per_block  # s_projector, decoder embed, blocks
+        macs += N * Dd * p * p * C + N * 2 * Dd * Dd  # final linear + its per-token adaLN
+        return 2.0 * macs * (3 if training else 1)
 
 
 @contextmanager
