@@ -220,3 +220,40 @@ def test_jpeg_decoder_torchvision_gives_the_pil_pixels(shards):
         shards, batch_size=8, num_workers=0, channels=3, image_size=40, resize_mode="random_crop", random_flip=True,
         jpeg_decoder=d, rank=0, world_size=1).train_dataloader()] for d in ("torchvision", "pil")]
     assert all(ka == kb and torch.equal(ia, ib) for (ka, ia), (kb, ib) in zip(*runs)) and len(runs[0]) == 12
+
+
+def test_bucketing_on_img2dataset_shards_with_a_filter(tmp_path, capsys):
+    """img2dataset layout read in place (no manifest: counts from `_stats.json`, a gap in the numbering, uneven
+    shards; jpg/txt/json members) with a json filter: on 2 ranks, the same bucket per step, no sample twice,
+    filtered samples never batched, and read + left over + filtered = every sample."""
+    import tarfile
+    rng, photos, keys, meta = np.random.default_rng(3), _photos(), [], {}
+    root = tmp_path / "i2d"
+    root.mkdir()
+    for shard, n in (("00000", 10), ("00001", 7), ("00003", 12), ("00004", 9)):
+        with tarfile.open(root / f"{shard}.tar", "w") as tar:
+            for i in range(n):
+                key, a = f"{shard}{i:04d}", ASPECTS[int(rng.integers(len(ASPECTS)))]
+                h = int(rng.integers(40, 80))
+                w = round(h * a)
+                buf = io.BytesIO()
+                Image.fromarray(photos[i % len(photos)][:h, :w]).save(buf, "JPEG", quality=90)
+                meta[key] = {"original_width": w, "original_height": h, "caption": f"photo {key}"}
+                for ext, data in (("jpg", buf.getvalue()), ("txt", f"photo {key}".encode()),
+                                  ("json", json.dumps(meta[key]).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                keys.append(key)
+        (root / f"{shard}_stats.json").write_text(json.dumps({"successes": n}))
+    kept = {k for k in keys if meta[k]["original_width"] / meta[k]["original_height"] <= 2.5}
+    runs = []
+    for r in (0, 1):
+        dm = _dm(str(root), r, world=2, workers=1, batch_size=2, filters=["aspect <= 2.5"])
+        runs.append(_epoch(dm))
+    stream = dm.train_dataloader().dataset
+    assert [tuple(b["image"].shape) for b in runs[0]] == [tuple(b["image"].shape) for b in runs[1]]
+    seen = [k for rk in runs for b in rk for k in b["key"]]
+    assert len(seen) == len(set(seen)) and set(seen) <= kept
+    assert len(seen) + stream.leftover_samples == len(kept) and int(stream.counts[:, -1].sum()) == 38 - len(kept) > 0
+    assert "left over" in capsys.readouterr().err
