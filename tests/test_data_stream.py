@@ -233,7 +233,7 @@ def _npy(a) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("name", ["mnist", "folder-256", "mnist-latents"])
+@pytest.mark.parametrize("name", ["mnist", "folder-256", "mnist-latents", "folder-buckets-256"])
 def test_shipped_data_configs_are_valid(name):
     import inspect
 
