@@ -239,6 +239,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         a.rfid, a.s2 = "off", "off"
     if a.s2 == "on" and a.rfid == "off":
         p.error("stage 2 is scored with the MNIST classifier: --s2 on needs --rfid on (or pass --s2 off)")
+    from ldm_lightning.diffusion import PRESETS
+    if PRESETS.get(a.s2_backbone, ("",))[0] != "dit":
+        p.error(f"--s2-backbone {a.s2_backbone!r} is not a DiT preset; choose one of "
+                f"{sorted(k for k, v in PRESETS.items() if v[0] == 'dit')}")
     return a
 
 
