@@ -207,3 +207,20 @@ def test_ddt_counted_flops_match_its_analytic_count():
         m(x, t, y)  # call 0 computes z_t, call 1 (counted) reuses it
         reused = count_flops(lambda: m(x, t, y))
     assert reused == pytest.approx(m.flops_per_image(encoder=False), rel=0.01)
+
+
+def test_repa_on_a_ddt_aligns_an_encoder_block(tmp_path):
+    """REPA's block index counts a DDT's condition-encoder blocks; the projector reads the encoder's width."""
+    from ldm_lightning.diffusion import DDT, REPAConfig
+    from ldm_lightning.diffusion.module import DiffusionModule
+    from ldm_lightning.evaluation.mnist_classifier import MNISTClassifier, save_mnist_classifier
+    save_mnist_classifier(MNISTClassifier(), tmp_path / "clf.safetensors")
+    m = DiffusionModule("identity:1x32", backbone="ddt-tiny", backbone_config=dict(
+        input_size=32, patch_size=4, hidden_size=32, num_heads=2, decoder_hidden_size=64),
+        conditioning={"kind": "class", "num_classes": 10}, schedule={"kind": "flow"}, val_num=0,
+        objective={"prediction": "x0", "loss_space": "flow"},
+        repa=REPAConfig(encoder=f"mnist-classifier:{tmp_path / 'clf.safetensors'}", block=3, projector_dim=16))
+    assert isinstance(m.denoiser.backbone, DDT) and m.repa.mlp[0].in_features == 32
+    loss, terms = m.compute_loss({"image": torch.rand(2, 1, 32, 32) * 2 - 1, "cls": torch.tensor([1, 2])})
+    loss.backward()
+    assert math.isfinite(terms["repa_loss"].item()) and m.repa.mlp[0].weight.grad.abs().sum() > 0

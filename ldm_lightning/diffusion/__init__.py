@@ -7,6 +7,7 @@ rebuilds a trained one without Lightning; concat.py holds the super-resolution /
 """
 
 from .conditioning import Conditioner, ConditioningConfig, FrozenTextEncoder
+from .ddt import DDT, DDTConfig, encoder_reuse
 from .dit import DiT, DiTConfig
 from .gmm import GaussianMixture
 from .load import build_denoiser_parts, load_denoiser
@@ -14,6 +15,7 @@ from .guidance import cfg_denoiser, concat_cond
 from .loss import DiffusionObjective, LossOutput, ObjectiveConfig, loss_by_bin
 from .denoiser import PREDICTIONS, Denoiser, Prediction, from_x0_eps, to_x0_eps
 from .presets import PRESETS, build_backbone
+from .repa import REPAConfig
 from .samplers import SAMPLERS, get_sampler
 from .schedules import FlowSchedule, VPSchedule, build_schedule, make_betas, rescale_zero_terminal_snr
 from .unet import UNet, UNetConfig
@@ -23,5 +25,5 @@ __all__ = [
     "DiffusionObjective", "LossOutput", "ObjectiveConfig", "loss_by_bin", "PREDICTIONS", "Denoiser", "Prediction",
     "from_x0_eps", "to_x0_eps", "PRESETS", "build_backbone", "SAMPLERS", "get_sampler", "FlowSchedule",
     "VPSchedule", "build_schedule", "make_betas", "rescale_zero_terminal_snr", "UNet", "UNetConfig",
-    "build_denoiser_parts", "load_denoiser",
+    "build_denoiser_parts", "load_denoiser", "DDT", "DDTConfig", "encoder_reuse", "REPAConfig",
 ]
