@@ -13,8 +13,9 @@ checkpoints) -- a compact loop over a latent cache of `pool` training images enc
 The DiT sees the same number of tokens on every latent: patch side = latent side / `tokens_side`
 (8x8 latents: patch 2; DC-AE's 4x4: patch 1), so every row gets the same network but for its patch
 embedding and output layer, whose widths follow the latent's channels. `DH_HEAD` turns the same network
-into RAE's DiT^DH (Zheng et al. 2025): the DDT family (diffusion/ddt.py) with the DiT as its condition
-encoder and a 2-block head twice as wide (RAE's DiT^DH-XL: 1152 -> 2048), for the extra RAE row.
+into RAE's DiT^DH (Zheng et al. 2025): the `DiTDH-*` presets' DDT family (diffusion/ddt.py) with the DiT
+as its condition encoder and a 2-block head twice as wide (RAE's DiT^DH-XL: 1152 -> 2048), for the extra
+RAE row.
 """
 
 from __future__ import annotations
@@ -77,15 +78,17 @@ class Stage2Config:
 
 
 def dh_head(backbone: str) -> tuple[str, dict]:
-    """(preset, overrides) of RAE's DiT^DH built on the DiT preset `backbone`: the DDT family with the DiT's
-    blocks as the condition encoder and a 2-block head of twice the DiT's width."""
+    """(preset, overrides) of RAE's DiT^DH built on the DiT preset `backbone`: the `DiTDH-S/2` preset (DDT
+    family) scaled down to the DiT's blocks as the condition encoder, with its 2-block head at twice the DiT's
+    width (DiTDH-XL: 1152 -> 2048)."""
     family, base = PRESETS[backbone]
     if family != "dit":
         raise ValueError(f"the DiT^DH head is built on a DiT preset; got {backbone!r} ({family})")
     from ldm_lightning.diffusion.dit import DiTConfig
     d = {**DiTConfig().__dict__, **base}
-    return "ddt-tiny", dict(base, depth=d["depth"], decoder_depth=2, decoder_hidden_size=2 * d["hidden_size"],
-                            decoder_num_heads=d["num_heads"])
+    return "DiTDH-S/2", dict(base, depth=d["depth"], hidden_size=d["hidden_size"], num_heads=d["num_heads"],
+                             decoder_depth=2, decoder_hidden_size=2 * d["hidden_size"],
+                             decoder_num_heads=d["num_heads"])
 
 
 @torch.no_grad()
