@@ -57,3 +57,29 @@ def test_missing_manifest_and_files_are_clear(tmp_path, http_root):
         resolve_shards(f"{http_root}/nothing-here/")
     with pytest.raises(FileNotFoundError, match="no such file"):
         resolve_shards(str(tmp_path / "shard-{000000..000001}.tar"))
+
+
+def test_data_index_counts_http_shards_into_a_manifest_elsewhere(mnist_shards, http_root, tmp_path):
+    """`data index URL-pattern --out DIR`: remote shards streamed once (keys only); the manifest's shards_dir is
+    the base URL, so the loader reads the remote shards through it; no --out or a missing shard: one message."""
+    import json
+    import subprocess
+    import sys
+
+    urls = f"{http_root}/test/shard-{{000000..000003}}.tar"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ldm_lightning", "data", "index", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    r = run(urls, "--out", str(tmp_path / "idx"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    man = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    ours = json.loads((Path(mnist_shards["test"]) / "manifest.json").read_text())
+    assert man["shards_dir"] == f"{http_root}/test" and man["num_samples"] == ours["num_samples"] == 500
+    assert [(s["name"], s["num_samples"]) for s in man["shards"]] == \
+        [(s["name"], s["num_samples"]) for s in ours["shards"]]
+    got = _stream(str(tmp_path / "idx" / "manifest.json"))
+    assert [b["key"] for b in got] == [b["key"] for b in _stream(mnist_shards["test"])]
+    for args, fragment in (((urls,), "add --out DIR"),
+                           ((f"{http_root}/test/shard-00000{{0..9}}.tar", "--out", str(tmp_path / "x")),
+                            "is not a readable tar")):
+        r = run(*args)
+        assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

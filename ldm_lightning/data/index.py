@@ -1,11 +1,14 @@
-"""`ldm-lightning data index DIR_OR_GLOB [--out DIR]`: count the samples of WebDataset shards you already
+"""`ldm-lightning data index DIR_OR_GLOB_OR_URLS [--out DIR]`: count the samples of WebDataset shards you already
 have (img2dataset, LAION, Hugging Face, any tar writer) and write the `manifest.json` the loader needs.
 
     ldm-lightning data index /data/laion/                      # manifest.json beside the shards
     ldm-lightning data index '/ro/laion/{00000..00099}.tar' --out ~/laion-index   # read-only data
+    ldm-lightning data index 'https://host/laion/{00000..00099}.tar' --out ~/laion-index   # remote shards
     # then: train_shards: /data/laion   (or ~/laion-index/manifest.json)
 
-Reads only the tar headers (512 bytes per member, seeking past the data): no image is decoded or read.
+Local shards: reads only the tar headers (512 bytes per member, seeking past the data): no image is
+decoded or read. http(s) shards cannot be seeked, so each is streamed once (keys only, nothing decoded);
+their manifest goes to --out and its `shards_dir` is the URLs' common base.
 A sample's key is its member name's basename up to the first dot (`a.b.jpg`: key `a`, extension `b.jpg`),
 as in webdataset. Shards are taken in name order (gaps in the numbering are fine); when one shard ends
 with the key the next one starts with, the sample was split across the two: it counts in the shard it
@@ -19,12 +22,15 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import sys
 from pathlib import Path
 
 from ldm_lightning.data.shards import MANIFEST, ShardSpecError, _braceexpand, check_shard_name
 from ldm_lightning.data.shardwriter import atomic_write_json
-from ldm_lightning.data.tario import scan_keys
+from ldm_lightning.data.tario import iter_blocks, scan_keys
+
+URL = re.compile(r"^https?://")
 
 
 def _shard_files(spec: str) -> list[Path]:
@@ -43,22 +49,39 @@ def _shard_files(spec: str) -> list[Path]:
     return files
 
 
-def index(files: list[Path]) -> list[dict]:
-    """Manifest entries {name, num_samples, bytes[, head_key, tail_continues_in]} of shards in name order."""
+def _shard_urls(spec: str) -> tuple[str, list[str]]:
+    """(common base, shard names) of an http(s) URL or brace pattern of URLs."""
+    urls = _braceexpand(spec)
+    bases = {u.rsplit("/", 1)[0] for u in urls}
+    if len(bases) > 1:
+        raise ShardSpecError(f"data index: {spec!r} names shards under {len(bases)} base URLs; index one folder at a "
+                             "time (a manifest describes the shards of one folder)")
+    return bases.pop(), [u.rsplit("/", 1)[1] for u in urls]
+
+
+def _stream_keys(url: str) -> list[str]:
+    """The sample keys of a shard that can only be streamed (no member kept, nothing decoded)."""
+    return [k for keys, _ in iter_blocks(url, exts=()) for k in keys]
+
+
+def index(files: list[Path] | list[str], base: str | None = None) -> list[dict]:
+    """Manifest entries {name, num_samples[, bytes, head_key, tail_continues_in]} of shards in name order:
+    local paths, or (with `base`) shard names under an http(s) base URL."""
     entries, keys = [], []
     for f in files:
-        check_shard_name(f.name, str(f))
+        name = f if base is not None else f.name
+        check_shard_name(name, str(f))
         try:
-            k = scan_keys(str(f))
+            k = _stream_keys(f"{base}/{name}") if base is not None else scan_keys(str(f))
         except (EOFError, ValueError, OSError) as e:
-            raise ShardSpecError(f"data index: {f} is not a readable tar ({e}); remove or repair it, or index a glob "
-                                 "that leaves it out") from None
+            raise ShardSpecError(f"data index: {f if base is None else base + '/' + name} is not a readable tar "
+                                 f"({e}); remove or repair it, or index a pattern that leaves it out") from None
         keys.append(k)
-        entries.append({"name": f.name, "num_samples": len(k), "bytes": f.stat().st_size})
+        entries.append({"name": name, "num_samples": len(k)} | ({} if base else {"bytes": f.stat().st_size}))
     for i in range(1, len(files)):
         prev, cur = keys[i - 1], keys[i]
         if prev and cur and prev[-1] == cur[0]:  # the same sample at the end of one tar and the start of the next
-            entries[i - 1]["tail_continues_in"] = files[i].name
+            entries[i - 1]["tail_continues_in"] = entries[i]["name"]
             entries[i]["head_key"] = cur[0]
             entries[i]["num_samples"] -= 1  # it counts once, in the shard it starts in
     return entries
@@ -67,7 +90,8 @@ def index(files: list[Path]) -> list[dict]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-lightning data index", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("shards", help="a folder of .tar shards, or a glob / brace pattern of them (quote it)")
+    p.add_argument("shards", help="a folder of .tar shards, a glob / brace pattern of them, or an http(s) URL "
+                                  "(brace pattern) of shards (quote it)")
     p.add_argument("--out", type=Path, default=None,
                    help="write manifest.json into this folder instead of beside the shards (read-only data); "
                         "point the loader at OUT/manifest.json")
@@ -76,13 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    remote = bool(URL.match(args.shards))
+    if remote and args.out is None:
+        print("ldm-lightning data index: a manifest cannot be written beside http(s) shards; add --out DIR and "
+              "give the loader DIR/manifest.json", file=sys.stderr)
+        return 2
     try:
-        files = _shard_files(args.shards)
-        entries = index(files)
+        if remote:
+            folder, files = _shard_urls(args.shards)
+            entries = index(files, base=folder)
+        else:
+            files = _shard_files(args.shards)
+            folder = files[0].parent.resolve()
+            entries = index(files)
     except ShardSpecError as e:
         print(f"ldm-lightning data index: {e}", file=sys.stderr)
         return 2
-    folder = files[0].parent.resolve()
     out = (args.out or folder).expanduser().resolve()
     manifest = {"num_samples": sum(e["num_samples"] for e in entries), "shards": entries,
                 "written_by": "ldm-lightning data index"}
