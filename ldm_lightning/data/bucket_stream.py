@@ -36,8 +36,8 @@ import numpy as np
 from ldm_lightning.data.buckets import Buckets
 from ldm_lightning.data.members import Filtered
 from ldm_lightning.data.shards import ShardSpecError
-from ldm_lightning.data.stream import (EXT, KEY, PAYLOAD, URL, BadDataError, BatchArray, ShardStream, _raise_unreadable,
-                                       _seed)
+from ldm_lightning.data.stream import (EXT, KEY, PAYLOAD, URL, BadSampleBudget, BatchArray, ShardStream,
+                                       _raise_unreadable, _seed)
 from ldm_lightning.data.transforms import BadSample
 
 _COUNTS: dict[tuple, list[int]] = {}  # (group's shard urls, buckets, members) -> per-bucket counts, bad, filtered
@@ -125,20 +125,12 @@ class BucketStream(ShardStream):
         planned, bs = int(self.counts[group, :self.filtered].sum()), self.batch_size
         queues: list[deque] = [deque() for _ in range(len(self.buckets))]  # (record, cycle, position)
         recs = self._cycled(epoch, group)
-        cycle, pos, bad = 0, 0, 0
-        by_shard: Counter = Counter()
+        cycle, pos = 0, 0
+        budget = BadSampleBudget(self.max_bad_fraction, planned)
 
         def count_bad(rec, why) -> None:
-            nonlocal bad
-            bad += 1
-            by_shard[rec[URL]] += 1
             batch_bad[rec[URL]] += 1
-            if bad > self.max_bad_fraction * planned:
-                worst = ", ".join(f"{u} ({k})" for u, k in by_shard.most_common(5))
-                raise BadDataError(
-                    f"too many bad samples: {bad} in this reader slot (planned {planned}; max_bad_fraction="
-                    f"{self.max_bad_fraction}), in shards {worst}; latest: key {rec[KEY]!r}: {why}. Fix: check the "
-                    "shards with `ldm-lightning data verify DIR`, or raise data.max_bad_fraction")
+            budget.add(rec, why)
 
         for j, b in enumerate(self.schedule(epoch, logical_worker).tolist()):
             skipping = j < skip

@@ -136,6 +136,27 @@ class BatchArray:
         self.data, self.rows = data, rows
 
 
+class BadSampleBudget:
+    """A reader slot's bad samples (counted per shard) against `max_bad_fraction` of its planned samples:
+    past it, the run stops with one message naming the worst shards and the fix."""
+
+    def __init__(self, max_fraction: float, planned: int):
+        self.max_fraction, self.planned, self.count = max_fraction, planned, 0
+        self.by_shard: Counter = Counter()
+
+    def add(self, rec: tuple, why, seen: int | None = None) -> None:
+        self.count += 1
+        self.by_shard[rec[URL]] += 1
+        if self.count > self.max_fraction * self.planned:
+            worst = ", ".join(f"{u} ({k})" for u, k in self.by_shard.most_common(5))
+            read = "" if seen is None else f" of {seen} read so far"
+            raise BadDataError(
+                f"too many bad samples: {self.count}{read} in this reader slot (planned {self.planned}; "
+                f"max_bad_fraction={self.max_fraction}), in shards {worst}; latest: key {rec[KEY]!r}: {why}. "
+                "Fix: check the shards with `ldm-lightning data verify DIR` and re-pack them, or raise "
+                "data.max_bad_fraction") from None
+
+
 # ------------------------------------------------------------------------------------------------
 # the training stream
 # ------------------------------------------------------------------------------------------------
@@ -354,8 +375,8 @@ class ShardStream(IterableDataset):
         group = self.group_of(epoch, rank, logical_worker)
         planned, bs = self.group_samples[group], self.batch_size
         recs = self._cycled(epoch, group)
-        seen, bad, cycle, pos, good_in_cycle = 0, 0, 0, 0, 0
-        bad_by_shard: Counter = Counter()
+        seen, cycle, pos, good_in_cycle = 0, 0, 0, 0
+        budget = BadSampleBudget(self.max_bad_fraction, planned)
         for b in range(self.batches_per_slot):
             skipping = b < skip
             ring_slot = None
@@ -397,16 +418,8 @@ class ShardStream(IterableDataset):
                     if isinstance(e, Filtered):  # not an error: counted apart, never against max_bad_fraction
                         batch_filtered += 1
                         continue
-                    bad += 1
                     batch_bad[rec[URL]] += 1
-                    bad_by_shard[rec[URL]] += 1
-                    if bad > self.max_bad_fraction * planned:
-                        worst = ", ".join(f"{u} ({k})" for u, k in bad_by_shard.most_common(5))
-                        raise BadDataError(
-                            f"too many bad samples: {bad} of {seen} read so far in this reader slot "
-                            f"(planned {planned}; max_bad_fraction={self.max_bad_fraction}), in shards {worst}; "
-                            f"latest: key {rec[KEY]!r}: {e}. Fix: check the shards with `ldm-lightning data "
-                            "verify DIR` and re-pack them, or raise data.max_bad_fraction") from None
+                    budget.add(rec, e, seen)
                     continue
                 good_in_cycle += 1
                 keys.append(rec[KEY])
