@@ -96,29 +96,33 @@ def iter_members(f: BinaryIO, source: str = "<stream>") -> Iterator[tuple[str, b
         if pos > len(buf):
             _skip(f, pos - len(buf), source)
             buf, pos = b"", 0
-        if kind == b"L":  # GNU long name for the next member
-            long_name = data.rstrip(b"\x00").decode("utf-8")
-            continue
-        if kind in (b"x", b"g"):  # pax extended header: only `path` matters here
-            m = re.search(rb"\d+ path=([^\n]*)\n", data)
-            if kind == b"x" and m:
-                long_name = m.group(1).decode("utf-8")
-            continue
-        if kind in (b"1", b"2"):  # a link's target may lie anywhere: never a sample member, and never silently
-            link = long_name or name.split(b"\x00", 1)[0].decode("utf-8", "replace")
-            raise ShardFormatError(f"{source}: member {link!r} is a {'hard' if kind == b'1' else 'symbolic'} "
-                                   "link; shards must hold regular files only (refused; re-create the shard "
-                                   "with `ldm-lightning data pack`)")
-        if kind not in (b"0", b"\x00", b"7"):  # directories, devices, ...: not sample members
-            long_name = None
-            continue
-        if long_name is not None:
-            name, long_name = long_name, None
-        else:
-            name = name.split(b"\x00", 1)[0].decode("utf-8")
-            if magic == b"ustar\x00" and prefix[0]:  # POSIX ustar: long paths split in two
-                name = prefix.split(b"\x00", 1)[0].decode("utf-8") + "/" + name
-        yield name, data
+        name, long_name = _member_name(kind, name, magic, prefix, long_name, lambda: data, source)
+        if name is not None:
+            yield name, data
+
+
+def _member_name(kind: bytes, raw: bytes, magic: bytes, prefix: bytes, long_name: str | None, read_data,
+                 source: str) -> tuple[str | None, str | None]:
+    """What one tar header means, for the member readers: (full name, None) for a regular file, else (None,
+    the long name that applies to the next member). `read_data()` gives the member's data (pax / GNU records)."""
+    if kind == b"L":  # GNU long name for the next member
+        return None, read_data().rstrip(b"\x00").decode("utf-8")
+    if kind in (b"x", b"g"):  # pax extended header: only `path` matters here (a global one names nothing)
+        m = re.search(rb"\d+ path=([^\n]*)\n", read_data())
+        return None, m.group(1).decode("utf-8") if kind == b"x" and m else long_name
+    if kind in (b"1", b"2"):  # a link's target may lie anywhere: never a sample member, and never silently
+        link = long_name or raw.split(b"\x00", 1)[0].decode("utf-8", "replace")
+        raise ShardFormatError(f"{source}: member {link!r} is a {'hard' if kind == b'1' else 'symbolic'} "
+                               "link; shards must hold regular files only (refused; re-create the shard "
+                               "with `ldm-lightning data pack`)")
+    if kind not in (b"0", b"\x00", b"7"):  # directories, devices, ...: not sample members
+        return None, None
+    if long_name is not None:
+        return long_name, None
+    name = raw.split(b"\x00", 1)[0].decode("utf-8")
+    if magic == b"ustar\x00" and prefix[0]:  # POSIX ustar: long paths split in two
+        name = prefix.split(b"\x00", 1)[0].decode("utf-8") + "/" + name
+    return name, None
 
 
 
@@ -421,24 +425,10 @@ def iter_headers(fd: int, source: str = "<stream>") -> Iterator[tuple[str, int]]
         name, size_field, kind, magic, prefix = _HEADER.unpack_from(header)
         size = _octal(size_field)
         data_at, pos = pos + BLOCK, pos + BLOCK + size + (-size) % BLOCK
-        if kind in (b"L", b"x"):  # GNU long name / pax record: the next member's name
-            data = os.pread(fd, size, data_at)
-            if kind == b"L":
-                long_name = data.rstrip(b"\x00").decode("utf-8")
-            elif m := re.search(rb"\d+ path=([^\n]*)\n", data):
-                long_name = m.group(1).decode("utf-8")
+        name, long_name = _member_name(kind, name, magic, prefix, long_name,
+                                       lambda: os.pread(fd, size, data_at), source)
+        if name is None:
             continue
-        if kind in (b"1", b"2"):
-            raise ShardFormatError(f"{source}: a link member; shards must hold regular files only")
-        if kind not in (b"0", b"\x00", b"7"):
-            long_name = None
-            continue
-        if long_name is not None:
-            name, long_name = long_name, None
-        else:
-            name = name.split(b"\x00", 1)[0].decode("utf-8")
-            if magic == b"ustar\x00" and prefix[0]:
-                name = prefix.split(b"\x00", 1)[0].decode("utf-8") + "/" + name
         if total < data_at + size:
             raise EOFError(f"{source}: truncated tar (member {name!r} needs {size} bytes)")
         yield name, size
