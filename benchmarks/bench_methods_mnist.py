@@ -64,7 +64,7 @@ class MNISTBatches(torch.utils.data.Dataset):
         return {"image": self.x[i], "cls": self.y[i]}
 
 
-def train(kwargs: dict, data: MNISTBatches, steps: int, batch: int, seed: int = 0):
+def train(kwargs: dict, data: MNISTBatches, steps: int, batch: int, seed: int = 0, callbacks=()):
     """(module, seconds per step) after `steps` optimizer steps."""
     import lightning as L
 
@@ -75,7 +75,7 @@ def train(kwargs: dict, data: MNISTBatches, steps: int, batch: int, seed: int = 
                                          generator=torch.Generator().manual_seed(seed))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        gradient_clip_val=1.0, num_sanity_val_steps=0)
+                        gradient_clip_val=1.0, num_sanity_val_steps=0, callbacks=list(callbacks))
     t0 = time.perf_counter()
     trainer.fit(module, loader)
     return module.eval(), (time.perf_counter() - t0) / steps
@@ -87,6 +87,21 @@ def generate(module, num: int, sampler: str, steps: int, cfg: float, encoder_eve
     labels = [i % 10 for i in range(num)]
     return sample_images(module.ema_or_live(), module.conditioner, module.autoencoder, module.meta["latent_shape"],
                          num, sampler, steps, cfg, seed=0, labels=labels, encoder_every=encoder_every)
+
+
+def eval_during_training(at: list[int], evaluate):
+    """A callback that calls evaluate(module, step) after the optimizer steps in `at` (REPA's claim is about
+    convergence speed, so its comparison is a curve over steps, from one run per variant)."""
+    import lightning as L
+
+    class EvalAt(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            if trainer.global_step in at:
+                was_training = module.training
+                module.eval()
+                evaluate(module, trainer.global_step)
+                module.train(was_training)
+    return EvalAt()
 
 
 def scores(clf, images: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
@@ -106,6 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-limit", type=int, default=20000, help="MNIST train images held in memory")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the shared CPU machine: 1)")
     p.add_argument("--what", default="jit,repa,ddt")
+    p.add_argument("--repa-eval-at", default="",
+                   help="comma-separated steps: REPA on/off evaluated along one run each (a curve; replaces the "
+                        "single --steps point, trains to the largest)")
     p.add_argument("--width", type=int, default=None,
                    help="hidden size of the patch-4 DiT / DDT (default: the configs' 128; smaller fits a CPU budget)")
     a = p.parse_args(argv)
@@ -147,8 +165,20 @@ def main(argv=None) -> int:
     if "repa" in what:
         print("| REPA (pixel DiT, x-pred + v-loss, patch 4) | class accuracy | MNIST-FID | s/step |")
         print("|---|---|---|---|")
-        row("without REPA (mnist-jit-pixels)", config_kwargs("mnist-jit-pixels"))
-        row("with REPA, block 2, lambda 0.5 (mnist-dit-repa)", config_kwargs("mnist-dit-repa"))
+        variants = (("without REPA (mnist-jit-pixels)", config_kwargs("mnist-jit-pixels")),
+                    ("with REPA, block 2, lambda 0.5 (mnist-dit-repa)", config_kwargs("mnist-dit-repa")))
+        if not a.repa_eval_at:
+            for label, kw in variants:
+                row(label, kw)
+        else:
+            at = sorted(int(s) for s in a.repa_eval_at.split(","))
+            print("\n| REPA curve | step | class accuracy | MNIST-FID |\n|---|---|---|---|")
+            for label, kw in variants:
+                def evaluate(module, step, label=label):
+                    acc, fid = scores(clf, generate(module, a.num, a.sampler, a.sample_steps, a.cfg), real)
+                    print(f"| {label} | {step} | {acc:.3f} | {fid:.2f} |", flush=True)
+                _, sps = train(kw, data, at[-1], a.batch, callbacks=[eval_during_training(at, evaluate)])
+                print(f"| {label}: {sps:.3f} s/step over {at[-1]} steps (sampling included) | | | |", flush=True)
         print()
     if "ddt" in what:
         module, sps = train(config_kwargs("mnist-ddt-pixels"), data, a.steps, a.batch)
