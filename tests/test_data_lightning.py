@@ -108,3 +108,25 @@ def test_uint8_batches_reach_the_model_in_its_precision(mnist_shards, tmp_path):
     # DataModule must cast them after converting, or the bf16 Linear gets float32 input and fails.
     model, trainer = _fit(mnist_shards, tmp_path, 3, precision="bf16-true")
     assert model.net.weight.dtype == torch.bfloat16 and len(model.seen) == 3
+
+
+def test_pixels_are_normalised_once_by_the_datamodule(mnist_shards, tiny_ae):
+    """The DataModule's model_inputs is the one uint8 -> [-1, 1] path: both stage modules refuse raw uint8 pixels
+    (a loader read outside a Trainer) with a message naming that fix, and take what model_inputs gives."""
+    import pytest
+
+    from ldm_lightning.autoencoder import AutoencoderModule
+    from ldm_lightning.diffusion.module import DiffusionModule
+    dm = ShardDataModule(mnist_shards["test"], batch_size=8, num_workers=0, shuffle_buffer=1)
+    raw = next(iter(dm.train_dataloader()))
+    assert raw["image"].dtype == torch.uint8
+    ae = AutoencoderModule(preset="tiny-mnist", image_size=32, loss=dict(perceptual_weight=0.0))
+    dit = DiffusionModule(autoencoder=tiny_ae, backbone="dit-tiny", val_num=0,
+                          conditioning={"kind": "class", "num_classes": 10})
+    for module in (ae, dit):
+        with pytest.raises(TypeError, match="model_inputs"):
+            module.compute_loss(dict(raw))
+    batch = dm.model_inputs(dict(raw))
+    assert batch["image"].dtype == torch.float32 and batch["image"].min() == -1 and batch["image"].max() == 1
+    for module in (ae, dit):
+        assert torch.isfinite(module.compute_loss(batch)[0])
