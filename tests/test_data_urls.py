@@ -83,3 +83,15 @@ def test_data_index_counts_http_shards_into_a_manifest_elsewhere(mnist_shards, h
                             "is not a readable tar")):
         r = run(*args)
         assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_relative_shard_folder_resolves_to_its_own_files(mnist_shards, monkeypatch):
+    """`val_shards: data/photos-val` (relative, with its manifest.json): shard paths are the folder's files, not
+    the folder joined twice (a regression once broke the README flow that way)."""
+    import os
+
+    d = Path(mnist_shards["test"])
+    monkeypatch.chdir(d.parent)
+    shards = resolve_shards(d.name)
+    assert shards and all(os.path.isfile(s.url) for s in shards), [s.url for s in shards][:2]
+    assert sum(s.num_samples for s in shards) == 500

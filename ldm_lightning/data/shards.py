@@ -143,9 +143,11 @@ def _manifest_file(path: str) -> list[Shard]:
     """A manifest named directly: its shards live in its `shards_dir` (relative to the manifest) or beside it."""
     man = _read_manifest(path)
     where = os.path.dirname(path) or "."
-    base = man.get("shards_dir") or where
-    if not re.match(r"^https?://", base) and not os.path.isabs(base) and not re.match(r"^https?://", where):
-        base = os.path.join(where, base)
+    base = man.get("shards_dir")
+    if not base:
+        base = where
+    elif not re.match(r"^https?://", base) and not os.path.isabs(base) and not re.match(r"^https?://", where):
+        base = os.path.join(where, base)  # a relative shards_dir is relative to the manifest's folder
     return _shards(base, _entries(man, path))
 
 
