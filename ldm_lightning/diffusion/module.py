@@ -19,9 +19,9 @@ from typing import Literal
 import torch
 
 from ldm_lightning.nn.images import model_range
-from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
+from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule, is_logging_step
 from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
-                                          is_logging_step, to_channels_last)
+                                          to_channels_last)
 
 from .concat import concat_channels, training_c_concat
 from .conditioning import Conditioner, ConditioningConfig

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from ldm_lightning.nn.ema import EMA
-from ldm_lightning.training.speed import is_logging_step
 
 
 # Choice fields are Literal types: jsonargparse lists the choices in `--help` and refuses others at parse time;
@@ -102,6 +101,14 @@ class NonFiniteLossError(RuntimeError):
 def _seed_from(*parts) -> int:
     h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def is_logging_step(module) -> bool:
+    """Whether Lightning sends this training step's `self.log` values to the loggers (every
+    log_every_n_steps); on other steps on_step-only values are dropped. True outside a Trainer's fit."""
+    trainer = getattr(module, "_trainer", None)
+    connector = getattr(trainer, "_logger_connector", None)
+    return True if connector is None or not trainer.training else bool(connector.should_update_logs)
 
 
 class TrainingModule(L.LightningModule):

@@ -19,6 +19,8 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from ldm_lightning.training.base import NonFiniteLossError, is_logging_step
+
 CompileMode = Literal["model", "blocks"]
 COMPILE_MODES = get_args(CompileMode)
 
@@ -126,14 +128,6 @@ class MatmulPrecision:
             self._saved = None
 
 
-def is_logging_step(module) -> bool:
-    """Whether Lightning sends this training step's `self.log` values to the loggers (every
-    log_every_n_steps); on other steps on_step-only values are dropped. True outside a Trainer's fit."""
-    trainer = getattr(module, "_trainer", None)
-    connector = getattr(trainer, "_logger_connector", None)
-    return True if connector is None or not trainer.training else bool(connector.should_update_logs)
-
-
 @torch.no_grad()
 def ema_update_on_device(ema, model: nn.Module, ok: torch.Tensor) -> None:
     """`EMA.update` with its decay ramp computed on the device and no update where `ok` (0-dim) is 0."""
@@ -228,7 +222,6 @@ class SpeedLevers:
     def check_guard_counters(self) -> None:
         """The host's look at the device-side guard (two syncs, on logging steps only): warn about steps
         skipped since the last look, and stop after guard.max_consecutive in a row."""
-        from ldm_lightning.training.base import NonFiniteLossError
         total, run = int(self.nonfinite_skipped), int(self.nonfinite_consecutive)
         new = total - getattr(self, "_reported_skipped", 0)
         self._reported_skipped = total
