@@ -3,4 +3,4 @@
 # GPU tests skip themselves without CUDA). Extra arguments go to pytest, e.g. `-m "not slow"`.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
-exec python -m pytest -ra "$@"
+exec python -m pytest -ra --durations=40 "$@"
