@@ -22,23 +22,19 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import re
 import sys
 from pathlib import Path
 
-from ldm_lightning.data.shards import MANIFEST, ShardSpecError, _braceexpand, check_shard_name
+from ldm_lightning.data.shards import MANIFEST, ShardSpecError, braceexpand, check_shard_name, is_http
 from ldm_lightning.data.shardwriter import atomic_write_json
 from ldm_lightning.data.tario import iter_blocks, scan_keys
-
-URL = re.compile(r"^https?://")
-
 
 def _shard_files(spec: str) -> list[Path]:
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         files = sorted(path.glob("*.tar"))
     else:
-        files = sorted({Path(f) for pat in _braceexpand(str(path)) for f in glob.glob(pat)})
+        files = sorted({Path(f) for pat in braceexpand(str(path)) for f in glob.glob(pat)})
     if not files:
         raise ShardSpecError(f"data index: no .tar shards in {spec!r} (give a folder of shards or a glob such as "
                              "'/data/laion/*.tar')")
@@ -51,7 +47,7 @@ def _shard_files(spec: str) -> list[Path]:
 
 def _shard_urls(spec: str) -> tuple[str, list[str]]:
     """(common base, shard names) of an http(s) URL or brace pattern of URLs."""
-    urls = _braceexpand(spec)
+    urls = braceexpand(spec)
     bases = {u.rsplit("/", 1)[0] for u in urls}
     if len(bases) > 1:
         raise ShardSpecError(f"data index: {spec!r} names shards under {len(bases)} base URLs; index one folder at a "
@@ -100,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    remote = bool(URL.match(args.shards))
+    remote = is_http(args.shards)
     if remote and args.out is None:
         print("ldm-lightning data index: a manifest cannot be written beside http(s) shards; add --out DIR and "
               "give the loader DIR/manifest.json", file=sys.stderr)

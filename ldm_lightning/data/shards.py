@@ -28,6 +28,16 @@ MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
 
 
+def is_http(spec: str) -> bool:
+    """An http(s) URL (read over the network: no seek, no listing)."""
+    return re.match(r"^https?://", spec) is not None
+
+
+def is_streamed(spec: str) -> bool:
+    """An http(s) URL or a `pipe:` command: bytes that can only be read front to back."""
+    return is_http(spec) or spec.startswith("pipe:")
+
+
 class ShardSpecError(UserError, ValueError):
     """A shard spec or manifest that cannot be used as given (the message names it and the fix)."""
 
@@ -72,7 +82,7 @@ def size_problems(shards: list[Shard]) -> list[str]:
     """Local shards that are missing, empty, or not the size their manifest records (one stat each)."""
     out = []
     for s in shards:
-        if re.match(r"^(https?|pipe):", s.url):
+        if is_streamed(s.url):
             continue
         try:
             size = os.path.getsize(s.url)
@@ -86,14 +96,14 @@ def size_problems(shards: list[Shard]) -> list[str]:
     return out
 
 
-def _braceexpand(s: str) -> list[str]:
+def braceexpand(s: str) -> list[str]:
     import braceexpand
 
     return list(braceexpand.braceexpand(s))
 
 
 def _read_text(url: str) -> str:
-    if re.match(r"^(https?|pipe):", url):
+    if is_streamed(url):
         from webdataset.gopen import gopen
 
         with gopen(url, "rb") as f:
@@ -130,7 +140,7 @@ def _entries(man: dict, url: str) -> dict[str, dict]:
 
 
 def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}" if re.match(r"^https?://", base) else os.path.join(base, name)
+    return f"{base.rstrip('/')}/{name}" if is_http(base) else os.path.join(base, name)
 
 
 def _manifest_counts(base: str) -> dict[str, dict]:
@@ -146,7 +156,7 @@ def _manifest_file(path: str) -> list[Shard]:
     base = man.get("shards_dir")
     if not base:
         base = where
-    elif not re.match(r"^https?://", base) and not os.path.isabs(base) and not re.match(r"^https?://", where):
+    elif not is_http(base) and not os.path.isabs(base) and not is_http(where):
         base = os.path.join(where, base)  # a relative shards_dir is relative to the manifest's folder
     return _shards(base, _entries(man, path))
 
@@ -169,7 +179,7 @@ def _try_json(url: str):
 
 
 def _parquet_successes(path: str) -> int | None:
-    if re.match(r"^(https?|pipe):", path) or not os.path.isfile(path):
+    if is_streamed(path) or not os.path.isfile(path):
         return None
     try:
         import pyarrow.parquet as pq
@@ -236,7 +246,7 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
     spec = str(spec)
     if spec.startswith("pipe:"):
         shards = []
-        for cmd in _braceexpand(spec):
+        for cmd in braceexpand(spec):
             paths = [t for t in cmd[5:].split() if t.endswith(".tar")]
             if len(paths) != 1:
                 raise ShardSpecError(f"pipe: command {cmd!r} must name exactly one .tar shard (to find its manifest count)")
@@ -244,12 +254,12 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
             shards.append(_shard(cmd, base, name, spec))
         return shards
     if spec.endswith(".json"):
-        return _manifest_file(os.path.expanduser(spec) if not re.match(r"^https?://", spec) else spec)
-    if re.match(r"^https?://", spec):
+        return _manifest_file(os.path.expanduser(spec) if not is_http(spec) else spec)
+    if is_http(spec):
         if not spec.rstrip("/").endswith(".tar") and "{" not in spec:  # a directory URL
             base = spec.rstrip("/")
             return _shards(base, _manifest_counts(base))
-        return [_shard(u, u.rsplit("/", 1)[0], u.rsplit("/", 1)[1], spec) for u in _braceexpand(spec)]
+        return [_shard(u, u.rsplit("/", 1)[0], u.rsplit("/", 1)[1], spec) for u in braceexpand(spec)]
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, MANIFEST)):  # (its `shards_dir`, if any, says where the shards are)
@@ -258,7 +268,7 @@ def resolve_shards(spec: str | list[str]) -> list[Shard]:
         if not names:
             raise FileNotFoundError(f"shard folder {path!r} has no {MANIFEST} and no .tar shards")
         return _shards(path, foreign_counts(path, names), names)
-    files = sorted(f for pat in _braceexpand(path) for f in (glob.glob(pat) or [pat]))
+    files = sorted(f for pat in braceexpand(path) for f in (glob.glob(pat) or [pat]))
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(f"shard spec {spec!r}: no such file {missing[0]!r} (give a directory with "
