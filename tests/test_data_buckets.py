@@ -154,6 +154,136 @@ def test_backbones_and_autoencoder_take_non_square_sizes():
         assert z.shape[2:] == (8, 12) and ae.decode(z).shape == (1, 1, 32, 48)
 
 
+def _split_shards(out: Path) -> tuple[str, int]:
+    """4 img2dataset-style shards (jpg/json/cls) with what the header pass must get right: a sample split across
+    two tars (its jpg ends shard 0, its json opens shard 1: the manifest's tail_continues_in / head_key), a
+    corrupt JPEG (bad), and aspect-3 crops the filter `aspect <= 2.5` leaves out. Returns (folder, left out)."""
+    import tarfile
+    rng, photos, entries, wide = np.random.default_rng(7), _photos(), [], 0
+    out.mkdir(parents=True)
+
+    def member(tar, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for s, n in enumerate((9, 11, 8, 10)):
+        with tarfile.open(out / f"{s:05d}.tar", "w") as tar:
+            if s == 1:  # the rest of shard 0's last sample
+                member(tar, "split.json", json.dumps({"original_width": 60, "original_height": 40}).encode())
+                member(tar, "split.cls", b"1")
+            for i in range(n):
+                key, a, h = f"{s}{i:04d}", ASPECTS[int(rng.integers(len(ASPECTS)))], int(rng.integers(40, 80))
+                wide += a > 2.5
+                buf = io.BytesIO()
+                Image.fromarray(photos[i % len(photos)][:h, :round(h * a)]).save(buf, "JPEG", quality=90)
+                jpg = buf.getvalue()[:200] if (s, i) == (2, 3) else buf.getvalue()  # a truncated JPEG header
+                member(tar, f"{key}.jpg", jpg)
+                member(tar, f"{key}.json", json.dumps({"original_width": round(h * a), "original_height": h}).encode())
+                member(tar, f"{key}.cls", str(i % 10).encode())
+            if s == 0:
+                buf = io.BytesIO()
+                Image.fromarray(photos[0][:40, :60]).save(buf, "JPEG", quality=90)
+                member(tar, "split.jpg", buf.getvalue())
+        entries.append({"name": f"{s:05d}.tar", "num_samples": n + (s == 0)})
+    entries[0]["tail_continues_in"], entries[1]["head_key"] = "00001.tar", "split"
+    (out / "manifest.json").write_text(json.dumps({"num_samples": sum(e["num_samples"] for e in entries),
+                                                   "shards": entries}))
+    return str(out), wide
+
+
+def _no_tar_reads(monkeypatch) -> None:
+    """From here on, opening a shard's tar bytes fails the test; and this process forgets its in-memory entries."""
+    from ldm_lightning.data import header_cache, tario
+
+    def refuse(url, exts=None):
+        raise AssertionError(f"a tar was read: {url}")
+        yield
+
+    monkeypatch.setattr(header_cache, "_MEMO", {})
+    monkeypatch.setattr(tario, "iter_blocks", refuse)
+
+
+def test_header_cache_counts_equal_the_full_pass_and_a_second_start_reads_no_tar(tmp_path, monkeypatch, capsys):
+    """`data.bucketing.header_cache`: per-group counts summed from the per-shard cache equal a full pass over the
+    group's records (split sample, corrupt JPEG, filtered samples included) for several world sizes; a second
+    start (a fresh process's view: in-memory entries dropped) builds the same counts without opening any tar."""
+    from ldm_lightning.data import header_cache
+    monkeypatch.setattr(header_cache, "_MEMO", {})
+    data, wide = _split_shards(tmp_path / "split")
+    cfg = {**TINY, "header_cache": "auto"}
+    streams = {}
+    for world, workers in ((1, 2), (2, 2), (1, 1)):
+        st = _dm(data, 0, world=world, workers=workers, batch_size=1, filters=["aspect <= 2.5"],
+                 bucketing=cfg).train_dataloader().dataset
+        assert [list(c) for c in st.counts] == [st.group_counts_uncached(g) for g in range(len(st.groups))]
+        streams[world, workers] = st
+    total = streams[1, 1].counts.sum(axis=0)
+    assert total[-2] == 1 and total[-1] == wide > 0 and total.sum() == 39  # 1 corrupt; the split one kept
+    assert "0 of 4 shards from the cache, 4 read" in capsys.readouterr().err  # the first stream read them
+    cached = sorted((tmp_path / "split" / ".ldm-bucket-headers").glob("*.json"))
+    assert len(cached) == 4
+    _no_tar_reads(monkeypatch)
+    again = _dm(data, 0, world=2, workers=2, batch_size=1, filters=["aspect <= 2.5"],
+                bucketing=cfg).train_dataloader().dataset
+    assert np.array_equal(again.counts, streams[2, 2].counts)
+    assert "4 of 4 shards from the cache, 0 read" in capsys.readouterr().err
+    # other member options (no filter) are another entry: read, not taken from the filtered one
+    with pytest.raises(AssertionError, match="a tar was read"):
+        _dm(data, 0, world=1, workers=2, batch_size=1, bucketing=cfg).train_dataloader()
+
+
+def test_header_cache_rereads_a_rewritten_shard_and_a_corrupt_entry(shards, tmp_path, monkeypatch, capsys, caplog):
+    """A shard rewritten in place (new size and mtime) is read again, the others come from the cache; a
+    truncated or malformed cache file is reported with a warning and recomputed, never fatal; null turns the
+    cache off."""
+    import logging
+    import shutil
+    from ldm_lightning.data import header_cache
+    monkeypatch.setattr(header_cache, "_MEMO", {})
+    data = tmp_path / "data"
+    shutil.copytree(shards, data, ignore=shutil.ignore_patterns(".ldm-bucket-headers"))
+    folder = tmp_path / "hc"
+    cfg = {**TINY, "header_cache": str(folder)}
+    before = _dm(str(data), 0, world=1, workers=2, bucketing=cfg).train_dataloader().dataset
+    assert "0 of 4 shards from the cache, 4 read" in capsys.readouterr().err and len(list(folder.glob("*"))) == 4
+    other = write_shards(tmp_path / "other", shards=1, per=13, seed=9)  # shard 2 rewritten with 13 samples
+    shutil.copy(Path(other) / "shard-000000.tar", data / "shard-000002.tar")
+    man = json.loads((data / "manifest.json").read_text())
+    man["shards"][2].update(num_samples=13, bytes=(data / "shard-000002.tar").stat().st_size)
+    (data / "manifest.json").write_text(json.dumps(man))
+    monkeypatch.setattr(header_cache, "_MEMO", {})
+    after = _dm(str(data), 0, world=1, workers=2, bucketing=cfg).train_dataloader().dataset
+    assert "3 of 4 shards from the cache, 1 read" in capsys.readouterr().err
+    assert [list(c) for c in after.counts] == [after.group_counts_uncached(g) for g in range(2)]
+    assert after.counts.sum() == 85 != before.counts.sum()
+    entries = sorted(folder.glob("*.json"))
+    assert len(entries) == 4  # the rewritten shard's entry was replaced, not added
+    entries[0].write_text(entries[0].read_text()[:40])  # truncated
+    entries[1].write_text('{"key": 1}')  # not an entry
+    monkeypatch.setattr(header_cache, "_MEMO", {})
+    with caplog.at_level(logging.WARNING, logger="ldm_lightning.data.header_cache"):
+        again = _dm(str(data), 0, world=1, workers=2, bucketing=cfg).train_dataloader().dataset
+    assert np.array_equal(again.counts, after.counts)
+    assert "2 of 4 shards from the cache, 2 read" in capsys.readouterr().err
+    warned = [r.getMessage() for r in caplog.records if "unreadable header-cache file" in r.getMessage()]
+    assert len(warned) == 2 and str(entries[0]) in " ".join(warned)
+    assert all("key" in json.loads(e.read_text()) for e in entries)  # recomputed and rewritten
+    monkeypatch.setattr(header_cache, "_MEMO", {})
+    off = _dm(str(data), 0, world=1, workers=2, bucketing={**TINY, "header_cache": None}).train_dataloader().dataset
+    assert np.array_equal(off.counts, after.counts) and "header cache off" in capsys.readouterr().err
+    assert not (data / ".ldm-bucket-headers").exists()
+    tar = data / "shard-000003.tar"  # truncated: its missing samples count as bad, and it is never stored
+    tar.write_bytes(tar.read_bytes()[:tar.stat().st_size // 2])
+    for _ in range(2):
+        monkeypatch.setattr(header_cache, "_MEMO", {})
+        cut = _dm(str(data), 0, world=1, workers=2, bucketing=cfg).train_dataloader().dataset
+        assert "3 of 4 shards from the cache, 1 read" in capsys.readouterr().err
+        assert [list(c) for c in cut.counts] == [cut.group_counts_uncached(g) for g in range(2)]
+    with pytest.raises(ValueError, match="header_cache must be"):
+        BucketConfig.parse({**TINY, "header_cache": 3})
+
+
 def _fit_args(shards: str, root: Path, probe: Path) -> list[str]:
     return ["fit", "-c", str(REPO / "configs/diffusion/mnist-jit-pixels.yaml"),
             "-c", str(REPO / "configs/trainer/cpu-debug.yaml"),
@@ -161,7 +291,8 @@ def _fit_args(shards: str, root: Path, probe: Path) -> list[str]:
             "--data.init_args.train_shards", shards, "--data.init_args.val_shards", shards,
             "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1",
             "--data.init_args.image_size", "32", "--data.init_args.channels", "1", "--data.init_args.val_samples", "8",
-            "--data.init_args.bucketing", json.dumps(TINY), "--data.init_args.shuffle_buffer", "8",
+            "--data.init_args.bucketing", json.dumps({**TINY, "header_cache": str(root / "headers")}),
+            "--data.init_args.shuffle_buffer", "8",
             "--model.init_args.val_num", "2", "--model.init_args.val_steps", "2",
             "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(root),
             "--trainer.callbacks+=batch_probe.BatchProbe", "--trainer.callbacks.out", str(probe)]
@@ -173,13 +304,16 @@ def test_cli_fit_bucketed_ddp_every_sample_once_and_resume_exact(shards, tmp_pat
     """`ldm-lightning fit` with the shipped bucketing data config (tiny overrides) on 2 DDP ranks: 5 steps,
     then a resume (`--ckpt_path last`) to step 12, the epoch's end. Both ranks take the same bucket at every step,
     the stitched epoch reads every sample once, and each rank's batches are exactly the ones the
-    uninterrupted stream (rebuilt here in-process) gives: resume mid-epoch is exact."""
+    uninterrupted stream (rebuilt here in-process) gives: resume mid-epoch is exact. The header pass is paid
+    once: the resumed run takes every shard's image sizes from `data.bucketing.header_cache`."""
     from scale_run import run_cli
     probe = tmp_path / "probe"
     args = _fit_args(shards, tmp_path / "run", probe)
     first = run_cli([*args, "--trainer.max_steps", "5"], tmp_path, timeout=280)
     assert "data: bucketing: 5 buckets" in first.stderr and "0 of 96 samples" in first.stderr
-    run_cli([*args, "--trainer.max_steps", "12", "--ckpt_path", "last"], tmp_path, timeout=280)  # 12 = one epoch
+    assert "header cache: 0 of 4 shards from the cache, 4 read" in first.stderr
+    second = run_cli([*args, "--trainer.max_steps", "12", "--ckpt_path", "last"], tmp_path, timeout=280)  # 1 epoch
+    assert "header cache: 4 of 4 shards from the cache, 0 read" in second.stderr, second.stderr[-3000:]
     logs = [[json.loads(line) for line in (probe / f"batches-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
     assert [[b["step"] for b in rk] for rk in logs] == [list(range(12))] * 2
     assert [b["shape"][2:] for b in logs[0]] == [b["shape"][2:] for b in logs[1]]
@@ -249,7 +383,7 @@ def test_bucketing_on_img2dataset_shards_with_a_filter(tmp_path, capsys):
     kept = {k for k in keys if meta[k]["original_width"] / meta[k]["original_height"] <= 2.5}
     runs = []
     for r in (0, 1):
-        dm = _dm(str(root), r, world=2, workers=1, batch_size=2, filters=["aspect <= 2.5"])
+        dm = _dm(str(root), r, world=2, workers=1, batch_size=1, filters=["aspect <= 2.5"])
         runs.append(_epoch(dm))
     stream = dm.train_dataloader().dataset
     assert [tuple(b["image"].shape) for b in runs[0]] == [tuple(b["image"].shape) for b in runs[1]]

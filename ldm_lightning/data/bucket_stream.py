@@ -22,8 +22,14 @@ Cost: every epoch, c[g][b] - n_b × batch samples of each group and bucket are l
 partially filled buckets, plus a group's surplus over the group poorest in that bucket. Their number is
 fixed (printed at start-up, `leftover_samples`); which samples they are changes with the epoch's shuffle.
 Batches of many buckets on few samples waste the most: fewer buckets (a larger divisor or a smaller
-max_aspect), fewer reader slots or a smaller batch lower it. Also: the start-up pass reads the data once
-per rank; no batch ring (batches of different shapes; workers send batches the ordinary way).
+max_aspect), fewer reader slots or a smaller batch lower it. No batch ring (batches of different shapes;
+workers send batches the ordinary way).
+
+The counting pass is paid once, not at every start: each shard's image sizes (and its bad and left-out
+counts) are kept in the header cache (header_cache.py; `data.bucketing.header_cache`), keyed by the shard's
+path, size and mtime and independent of the bucket set and world size. c[g][b] is the sum over group g's
+shards of their cached sizes' buckets: the same numbers as a pass over the group's records, since the seeded
+shard order and shuffle buffer only permute them. Only shards not in the cache are read (by every rank).
 """
 
 from __future__ import annotations
@@ -33,14 +39,13 @@ from typing import Iterator
 
 import numpy as np
 
-from ldm_lightning.data.buckets import Buckets
+from ldm_lightning.data.buckets import Buckets, size_of
+from ldm_lightning.data.header_cache import HeaderCache, ShardHeaders
 from ldm_lightning.data.members import Filtered
-from ldm_lightning.data.shards import ShardSpecError
-from ldm_lightning.data.stream import (EXT, KEY, PAYLOAD, URL, BadSampleBudget, BatchArray, ShardStream,
-                                       _raise_unreadable, _seed)
+from ldm_lightning.data.shards import Shard, ShardSpecError
+from ldm_lightning.data.stream import (EXT, KEY, PAYLOAD, URL, BadSampleBudget, BatchArray, MissingSample,
+                                       ShardStream, _raise_unreadable, _seed)
 from ldm_lightning.data.transforms import BadSample
-
-_COUNTS: dict[tuple, list[int]] = {}  # (group's shard urls, buckets, members) -> per-bucket counts, bad, filtered
 
 
 class BucketStream(ShardStream):
@@ -54,7 +59,10 @@ class BucketStream(ShardStream):
                                  "size they were encoded at")
         self.buckets = buckets
         self.bad, self.filtered = len(buckets), len(buckets) + 1  # the counts' last two columns
-        self.counts = np.array([self._group_counts(g) for g in range(len(self.groups))])  # (groups, buckets + 2)
+        self.header_cache = HeaderCache(buckets.cfg.header_cache)
+        members = repr(self.members)
+        headers = [self.header_cache.get(shard, members, self._scan) for shard in self.shards]
+        self.counts = np.array([self._counts([headers[i] for i in g]) for g in self.groups])  # (groups, buckets + 2)
         per_bucket = self.counts[:, :self.bad]
         self.batches_per_bucket = (per_bucket // self.batch_size).min(axis=0)  # (buckets,) n_b
         self.batches_per_slot = int(self.batches_per_bucket.sum())
@@ -66,16 +74,43 @@ class BucketStream(ShardStream):
                 "num_workers, or use fewer buckets (larger divisor, smaller max_aspect)")
         self.leftover_samples = int(per_bucket.sum() - len(self.groups) * self.batches_per_slot * self.batch_size)
 
-    def _group_counts(self, group: int) -> list[int]:
-        """Samples per bucket, then bad and filtered ones, of a reader group: one header pass."""
-        key = (tuple(self.shards[i].url for i in self.groups[group]), tuple(self.buckets.sizes), repr(self.members))
-        if key not in _COUNTS:
-            counts = [0] * (len(self.buckets) + 2)
-            for recs in self._slot_records(0, group):
-                for rec in recs:
-                    counts[self._bucket(rec)] += 1
-            _COUNTS[key] = counts
-        return _COUNTS[key]
+    def _scan(self, shard: Shard) -> ShardHeaders:
+        """One shard's header pass (tar bytes read, no pixel decoded): its image sizes, bad and left-out samples."""
+        out = ShardHeaders()
+        for recs in self.records(shard):
+            for rec in recs:
+                try:
+                    _raise_unreadable(rec)
+                    wh = size_of(rec[EXT], rec[PAYLOAD])
+                    out.sizes[wh] = out.sizes.get(wh, 0) + 1
+                except Filtered:
+                    out.filtered += 1
+                except BadSample as e:
+                    out.bad += 1
+                    out.complete = out.complete and not isinstance(e, MissingSample)
+        return out
+
+    def _counts(self, headers: list[ShardHeaders]) -> list[int]:
+        """Samples per bucket, then bad and filtered ones, of a reader group from its shards' headers: what
+        `_bucket` over the group's records gives (the shard order and shuffle only permute them)."""
+        counts = [0] * (len(self.buckets) + 2)
+        for sh in headers:
+            for (w, h), n in sh.sizes.items():
+                try:
+                    counts[self.buckets.nearest(w, h)] += n
+                except BadSample:  # a 0-pixel side
+                    counts[self.bad] += n
+            counts[self.bad] += sh.bad
+            counts[self.filtered] += sh.filtered
+        return counts
+
+    def group_counts_uncached(self, group: int) -> list[int]:
+        """`_counts` the long way, from every record of the group's slot (tests compare the two)."""
+        counts = [0] * (len(self.buckets) + 2)
+        for recs in self._slot_records(0, group):
+            for rec in recs:
+                counts[self._bucket(rec)] += 1
+        return counts
 
     def _bucket(self, rec) -> int:
         """A record's bucket; `self.bad` for a sample bad at the header level, `self.filtered` for one the
@@ -94,7 +129,16 @@ class BucketStream(ShardStream):
         return (f"data: bucketing: {len(self.buckets)} buckets (H x W) of ~{self.buckets.cfg.target_pixels} pixels; "
                 f"batches per reader slot and epoch by bucket {used}; {self.leftover_samples} of {total} samples "
                 f"({100 * self.leftover_samples / max(total, 1):.1f}%) are left over each epoch in partially filled "
-                "buckets (which ones changes with the epoch's shuffle)")
+                "buckets (which ones changes with the epoch's shuffle)\n" + self.header_summary())
+
+    def header_summary(self) -> str:
+        c = self.header_cache
+        if not c.enabled:
+            return (f"data: bucketing: header cache off (data.bucketing.header_cache: null): read the image headers "
+                    f"of {c.scanned} shards" + (f", {c.hits} already read in this process" if c.hits else ""))
+        where = ", ".join(sorted(c.where)) or "nothing written"
+        return (f"data: bucketing: header cache: {c.hits} of {len(self.shards)} shards from the cache, {c.scanned} "
+                f"read (image headers only) ({where})")
 
     def use_batch_ring(self, slots: int) -> None:
         """No ring: batch shapes change with the bucket."""

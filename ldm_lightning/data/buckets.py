@@ -34,6 +34,12 @@ class BucketConfig:
     16 for f8 × patch 2. Sides must divide by it or the model refuses the batch."""
     max_aspect: float = 2.0
     """Largest long side / short side of a bucket; wider images go to the most extreme bucket (cropped)."""
+    header_cache: str | None = "auto"
+    """Where the start-up counting pass keeps each shard's image sizes (header_cache.py), so that it reads
+    every header once, not at every start or requeue: 'auto' = a `.ldm-bucket-headers/` folder beside the
+    shards when writable, else `$LDM_LIGHTNING_CACHE/bucket-headers` (default ~/.cache/ldm-lightning/...;
+    always there for http(s) and pipe: shards); a folder path; null = off (headers read at every start).
+    Entries are keyed by shard path, size and mtime, so a rewritten shard is read again."""
 
     def __post_init__(self):
         if not (isinstance(self.divisor, int) and self.divisor >= 1):
@@ -43,18 +49,20 @@ class BucketConfig:
                              f"got {self.target_pixels!r}")
         if not (isinstance(self.max_aspect, (int, float)) and self.max_aspect >= 1.0):
             raise ValueError(f"data.bucketing.max_aspect must be >= 1.0; got {self.max_aspect!r}")
+        if not (self.header_cache is None or (isinstance(self.header_cache, str) and self.header_cache)):
+            raise ValueError(f"data.bucketing.header_cache must be 'auto', a folder or null; got {self.header_cache!r}")
 
     @classmethod
     def parse(cls, value: "dict | BucketConfig | None") -> "BucketConfig | None":
         if value is None or isinstance(value, BucketConfig):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"data.bucketing must be a mapping {{target_pixels, divisor, max_aspect}} or null; "
-                             f"got {value!r}")
-        unknown = set(value) - {"target_pixels", "divisor", "max_aspect"}
+            raise ValueError("data.bucketing must be a mapping {target_pixels, divisor, max_aspect, header_cache} "
+                             f"or null; got {value!r}")
+        unknown = set(value) - {"target_pixels", "divisor", "max_aspect", "header_cache"}
         if unknown:
             raise ValueError(f"data.bucketing: unknown key(s) {sorted(unknown)}; allowed: target_pixels, divisor, "
-                             "max_aspect")
+                             "max_aspect, header_cache")
         return cls(**value)
 
     def to_dict(self) -> dict:
@@ -77,6 +85,16 @@ def bucket_sizes(cfg: BucketConfig) -> list[tuple[int, int]]:
     return sorted(sizes, key=lambda hw: (hw[1] / hw[0], hw[0]))
 
 
+def size_of(ext: str | None, payload) -> tuple[int, int]:
+    """(width, height) of an image member, from its header only; BadSample when there is none or it is unreadable."""
+    if ext is None:
+        raise BadSample(f"no image member (has {payload})")
+    try:
+        return open_image(payload, ext).size  # header only
+    except Exception as e:  # noqa: BLE001
+        raise BadSample(f"undecodable {ext}: {type(e).__name__}: {e}") from None
+
+
 class Buckets:
     """A bucket set, sample assignment and the resize-to-cover + crop into a bucket."""
 
@@ -97,13 +115,7 @@ class Buckets:
 
     def of_payload(self, ext: str | None, payload) -> int:
         """The bucket of an image member, from its header only."""
-        if ext is None:
-            raise BadSample(f"no image member (has {payload})")
-        try:
-            w, h = open_image(payload, ext).size  # header only
-        except Exception as e:  # noqa: BLE001
-            raise BadSample(f"undecodable {ext}: {type(e).__name__}: {e}") from None
-        return self.nearest(w, h)
+        return self.nearest(*size_of(ext, payload))
 
     def decode_into(self, data: bytes, ext: str, out: np.ndarray, rng: np.random.Generator | None) -> tuple:
         """Decode into `out` (C, H, W) uint8, a bucket's size: scale to cover, crop, optional flip. Nothing is

@@ -82,14 +82,19 @@ def _raise_unreadable(rec: Record) -> None:
         raise rec[CLS] if isinstance(rec[CLS], BadSample) else rec[TXT]
 
 
+class MissingSample(BadSample):
+    """A sample a shard was supposed to hold but did not deliver (`_missing`): counted as bad, and telling
+    the bucket header cache (header_cache.py) not to store a shard that may only have failed for now."""
+
+
 def _missing(url: str, read: int, expected: int | None, error: str | None) -> list[Record]:
     """Placeholder records for the samples a shard failed to deliver (each one counts as a bad sample)."""
     why = error or "the shard ends early"
     if expected is None or read >= expected:  # damaged after all its listed samples: one bad record says so
         expected = read + 1
-        bad = BadSample(f"shard {url}: unreadable after its {read} samples ({why})")
+        bad = MissingSample(f"shard {url}: unreadable after its {read} samples ({why})")
     else:
-        bad = BadSample(f"shard {url}: manifest lists {expected} samples, {read} readable ({why})")
+        bad = MissingSample(f"shard {url}: manifest lists {expected} samples, {read} readable ({why})")
     log.warning("data: %s; the %d missing samples count as bad (max_bad_fraction), the rest of the shard is "
                 "skipped; check the folder with `ldm-lightning data verify`", bad, expected - read)
     return [Record(f"<missing {i} of {url}>", url, None, [], bad, "") for i in range(read, expected)]

@@ -1,0 +1,184 @@
+"""The persistent per-shard header cache of the aspect-bucket counting pass (`data.bucketing.header_cache`).
+
+Bucketing (bucket_stream.py) needs, at every start, each reader group's samples per bucket. Reading every
+sample's image header for that is a full read of the data by every rank; with preemption and requeue it would
+be paid again at every restart. What the count needs of one shard does not depend on the bucket set, the world
+size or the seed: the multiset of image (width, height) of its samples, plus how many are bad at the header
+level and how many the json filters leave out. This file stores exactly that, one small JSON file per shard,
+so a group's counts are sums over its shards' entries with whatever bucket set is configured.
+
+Entry key (stored inside the file and compared on read; a mismatch re-reads the shard and rewrites the entry):
+the shard's URL, and for a local file its absolute path, size and mtime (a rewritten shard is re-read); for an
+http(s) / `pipe:` shard, its manifest's sample count and byte size. Also: the manifest count, the split-sample
+fields (head_key, tail shard and its size/mtime), the member options (`MemberSpec`: which member is the image,
+the class/caption parsing and the json filters decide "bad" and "left out") and FORMAT_VERSION. A shard that
+could not be read to its end (missing samples, a network error) is never stored: that may be transient.
+
+Where: `header_cache: auto` (the default) keeps entries in a `.ldm-bucket-headers/` folder beside the shards
+when that folder can be written (shared by every node that sees the data), else in
+`$LDM_LIGHTNING_CACHE/bucket-headers` (default `~/.cache/ldm-lightning/bucket-headers`), where http(s) and
+`pipe:` shards always go; a path puts every entry there; null turns the cache off (the pass is then paid at
+every start). Files are written atomically (fileio.atomic_write), so ranks writing the same entry at once
+leave one complete file; an unreadable or malformed file is reported with a warning and re-read, never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ldm_lightning.data.shards import Shard, is_streamed
+from ldm_lightning.fileio import atomic_write_json
+
+FORMAT_VERSION = 1
+BESIDE = ".ldm-bucket-headers"
+log = logging.getLogger(__name__)
+_MEMO: dict[str, "ShardHeaders"] = {}  # this process's entries by key: a second stream in one process reads none
+
+
+@dataclass
+class ShardHeaders:
+    """What the counting pass needs of one shard: {(width, height): samples}, and the bad / left-out counts."""
+
+    sizes: dict[tuple[int, int], int] = field(default_factory=dict)
+    bad: int = 0
+    filtered: int = 0
+    complete: bool = True
+    """False when the shard could not be read to its end (then it is not stored)."""
+
+    def to_json(self) -> dict:
+        return {"sizes": [[w, h, n] for (w, h), n in sorted(self.sizes.items())], "bad": self.bad,
+                "filtered": self.filtered}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ShardHeaders":
+        sizes: dict[tuple[int, int], int] = {}
+        for w, h, n in d["sizes"]:
+            if not all(type(v) is int for v in (w, h, n)) or n < 1:
+                raise ValueError(f"malformed size entry {[w, h, n]!r}")
+            sizes[(w, h)] = n
+        bad, filtered = d["bad"], d["filtered"]
+        if type(bad) is not int or type(filtered) is not int or bad < 0 or filtered < 0:
+            raise ValueError(f"malformed bad/filtered counts {bad!r}, {filtered!r}")
+        return cls(sizes, bad, filtered)
+
+
+def user_cache_dir() -> Path:
+    """`$LDM_LIGHTNING_CACHE/bucket-headers`, default `~/.cache/ldm-lightning/bucket-headers`."""
+    return Path(os.environ.get("LDM_LIGHTNING_CACHE", Path.home() / ".cache" / "ldm-lightning")) / "bucket-headers"
+
+
+def _stat(path: str) -> dict | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def entry_key(shard: Shard, members: str) -> dict | None:
+    """The key an entry must match to be used; None when the shard cannot be keyed (a missing local file)."""
+    key = {"version": FORMAT_VERSION, "num_samples": shard.num_samples, "head_key": shard.head_key,
+           "members": members}
+    if is_streamed(shard.url):
+        key.update(url=shard.url, bytes=shard.bytes, tail=shard.tail_url)
+        return key
+    st = _stat(shard.url)
+    if st is None:
+        return None
+    key.update(url=os.path.abspath(shard.url), **st)
+    if shard.tail_url is not None:  # its first sample's members join this shard's last sample
+        key["tail"] = {"url": os.path.abspath(shard.tail_url), **(_stat(shard.tail_url) or {})}
+    return key
+
+
+class HeaderCache:
+    """Entries of one configuration (`folder`: 'auto', a path, or None = off); counts its hits and misses."""
+
+    def __init__(self, folder: str | None):
+        self.folder = None if folder in (None, "auto") else os.path.expanduser(folder)
+        self.enabled = folder is not None
+        self.hits = self.scanned = 0
+        self.where: set[str] = set()
+        self._writable: dict[str, bool] = {}
+        self._warned_write = False
+
+    def path(self, shard: Shard, key: dict) -> Path:
+        name = os.path.basename(shard.url.split()[-1] if is_streamed(shard.url) else shard.url) or "shard"
+        digest = hashlib.sha256(json.dumps([key["url"], key["members"], key["version"]]).encode()).hexdigest()[:16]
+        return self._dir(shard) / f"{name[:80]}.{digest}.json"
+
+    def _dir(self, shard: Shard) -> Path:
+        if self.folder is not None:
+            return Path(self.folder)
+        if is_streamed(shard.url):
+            return user_cache_dir()
+        beside = os.path.join(os.path.dirname(os.path.abspath(shard.url)), BESIDE)
+        if beside not in self._writable:
+            try:
+                os.makedirs(beside, exist_ok=True)
+                self._writable[beside] = os.access(beside, os.W_OK)
+            except OSError:
+                self._writable[beside] = False
+        return Path(beside) if self._writable[beside] else user_cache_dir()
+
+    def get(self, shard: Shard, members: str, scan: Callable[[Shard], "ShardHeaders"]) -> "ShardHeaders":
+        """A shard's entry: from this process's memory, else from the cache folder, else `scan(shard)` (which
+        reads its headers), stored when the shard was read to its end."""
+        key = entry_key(shard, members)
+        if key is None:  # a missing local file: its samples are all missing (bad), nothing to key by
+            self.scanned += 1
+            return scan(shard)
+        memo = json.dumps(key, sort_keys=True)
+        if memo in _MEMO:
+            self.hits += 1
+            return _MEMO[memo]
+        headers = self.load(shard, key) if self.enabled else None
+        if headers is not None:
+            self.hits += 1
+        else:
+            self.scanned += 1
+            headers = scan(shard)
+            if not headers.complete:
+                return headers  # maybe transient (a network error): read again next time
+            if self.enabled:
+                self.store(shard, key, headers)
+        _MEMO[memo] = headers
+        return headers
+
+    def load(self, shard: Shard, key: dict) -> ShardHeaders | None:
+        """The stored entry, or None (absent, stale, or unreadable: the latter with a warning)."""
+        path = self.path(shard, key)
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+            if not isinstance(d, dict) or not isinstance(d.get("key"), dict):
+                raise ValueError("not a header-cache entry")
+            if d["key"] != key:
+                return None  # stale: the shard (or the member options) changed; re-read and rewrite it
+            headers = ShardHeaders.from_json(d)
+            self.where.add(str(path.parent))
+            return headers
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # noqa: BLE001  (truncated, hand-edited, not JSON: recompute, never crash)
+            log.warning("data: bucketing: ignoring the unreadable header-cache file %s (%s: %s); re-reading the "
+                        "headers of %s", path, type(e).__name__, e, shard.url)
+            return None
+
+    def store(self, shard: Shard, key: dict, headers: ShardHeaders) -> None:
+        path = self.path(shard, key)
+        try:
+            atomic_write_json(path, {"key": key, **headers.to_json()}, indent=None)
+            self.where.add(str(path.parent))
+        except OSError as e:
+            if not self._warned_write:
+                self._warned_write = True
+                log.warning("data: bucketing: cannot write the header cache %s (%s); the header pass will be "
+                            "paid again at the next start: set data.bucketing.header_cache to a writable folder",
+                            path.parent, e)
