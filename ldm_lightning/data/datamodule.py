@@ -220,7 +220,10 @@ class ShardDataModule(L.LightningDataModule):
                 the same on all ranks at each step. The epoch stays exact and resumable, at a cost printed
                 at start-up: samples left over in partially filled buckets each epoch (bucket_stream.py).
                 image_size then sizes only validation (square, center crop). Needs a model that takes
-                any size divisible by `divisor` (the UNet and DiT do).
+                any size divisible by `divisor` (the UNet and DiT do). Optional `header_cache`: where each
+                shard's image sizes are kept so the start-up header pass is paid once, not at every start
+                ('auto' = beside the shards if writable, else ~/.cache/ldm-lightning/bucket-headers; a
+                folder; null = off; data/header_cache.py).
             jpeg_decoder: 'torchvision' (default) decodes 3-channel JPEGs with `torchvision.io.decode_jpeg`
                 straight into the batch's (3, H, W) layout: measured faster than PIL and pixel-identical on
                 256² photos (benchmarks/bench_loader_foreign.py; README "Benchmarks"). Grayscale, CMYK or
