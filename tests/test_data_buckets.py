@@ -284,6 +284,57 @@ def test_header_cache_rereads_a_rewritten_shard_and_a_corrupt_entry(shards, tmp_
         BucketConfig.parse({**TINY, "header_cache": 3})
 
 
+_SHARED_PASS = """
+import json, sys
+import torch.distributed as dist
+from ldm_lightning.data import header_cache
+from ldm_lightning.data.bucket_stream import BucketStream
+from ldm_lightning.data.buckets import BucketConfig, Buckets
+from ldm_lightning.data.shards import resolve_shards
+from ldm_lightning.data.transforms import ImageTransform
+rank, store, data, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+
+def stream(cache):
+    buckets = Buckets(BucketConfig(1024, 8, 3.0, header_cache=cache), 3, True, True)
+    return BucketStream(resolve_shards(data), 4, num_workers=2, rank=rank, world_size=2, shuffle_buffer=8,
+                        transform=ImageTransform(32, 3, "random_crop", True), buckets=buckets)
+
+st = stream(folder + "/ok")
+print(json.dumps({"counts": st.counts.tolist(), "mine": st.header_cache.scanned, "all": st.header_scanned}))
+header_cache._MEMO.clear()
+if rank == 1:
+    BucketStream._scan = lambda self, shard: 1 / 0
+try:
+    stream(folder + "/fail")
+except Exception as e:
+    print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_split_header_pass_reads_each_shard_on_one_rank_and_a_failure_stops_every_rank(shards, tmp_path):
+    """`split_header_pass` under torch.distributed (2 gloo processes): each rank reads the headers of half the
+    shards, both get the counts of a single-process pass and the cache holds every shard; a rank whose pass
+    fails makes the other one stop with the reason too, instead of waiting in the collective forever."""
+    import subprocess
+    import sys
+    script = tmp_path / "shared_pass.py"
+    script.write_text(_SHARED_PASS)
+    expect = _dm(shards, 0, world=2, workers=2, bucketing={**TINY, "header_cache": None}).train_dataloader().dataset
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / "store"), shards, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    done = [(p.communicate(timeout=200), p.returncode) for p in procs]
+    assert [rc for _, rc in done] == [0, 0], "\n".join(err[-3000:] for (_, err), _ in done)
+    ok, fail = zip(*([json.loads(line) for line in out.strip().splitlines()[-2:]] for (out, _), _ in done))
+    assert [o["counts"] for o in ok] == [expect.counts.tolist()] * 2
+    assert [(o["mine"], o["all"]) for o in ok] == [(2, 4), (2, 4)]  # each rank read 2 of the 4 shards
+    assert len(list((tmp_path / "ok").glob("*.json"))) == 4
+    assert fail[1]["error"].startswith("ZeroDivisionError")
+    assert fail[0]["error"].startswith("RuntimeError: data.bucketing: the shared header pass failed on rank 1: "
+                                       "ZeroDivisionError")
+
+
 def _fit_args(shards: str, root: Path, probe: Path) -> list[str]:
     return ["fit", "-c", str(REPO / "configs/diffusion/mnist-jit-pixels.yaml"),
             "-c", str(REPO / "configs/trainer/cpu-debug.yaml"),
@@ -311,7 +362,7 @@ def test_cli_fit_bucketed_ddp_every_sample_once_and_resume_exact(shards, tmp_pat
     args = _fit_args(shards, tmp_path / "run", probe)
     first = run_cli([*args, "--trainer.max_steps", "5"], tmp_path, timeout=280)
     assert "data: bucketing: 5 buckets" in first.stderr and "0 of 96 samples" in first.stderr
-    assert "header cache: 0 of 4 shards from the cache, 4 read" in first.stderr
+    assert "header cache: 0 of 4 shards from the cache, 4 read (image headers only, split over 2 ranks)" in first.stderr
     second = run_cli([*args, "--trainer.max_steps", "12", "--ckpt_path", "last"], tmp_path, timeout=280)  # 1 epoch
     assert "header cache: 4 of 4 shards from the cache, 0 read" in second.stderr, second.stderr[-3000:]
     logs = [[json.loads(line) for line in (probe / f"batches-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]

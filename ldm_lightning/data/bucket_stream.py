@@ -29,7 +29,9 @@ The counting pass is paid once, not at every start: each shard's image sizes (an
 counts) are kept in the header cache (header_cache.py; `data.bucketing.header_cache`), keyed by the shard's
 path, size and mtime and independent of the bucket set and world size. c[g][b] is the sum over group g's
 shards of their cached sizes' buckets: the same numbers as a pass over the group's records, since the seeded
-shard order and shuffle buffer only permute them. Only shards not in the cache are read (by every rank).
+shard order and shuffle buffer only permute them. Only shards not in the cache are read, and under
+torch.distributed (`split_header_pass`) each by one rank: rank r takes shards r::world, and the per-shard
+counts are all-gathered (a failure on one rank is raised on all of them, never a hang).
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ from ldm_lightning.data.stream import (EXT, KEY, PAYLOAD, URL, BadSampleBudget, 
 from ldm_lightning.data.transforms import BadSample
 
 
+def _distributed(rank: int, world: int) -> bool:
+    """Whether this stream's ranks are torch.distributed's (then every one of them builds it: a collective is safe)."""
+    import torch.distributed as dist
+    return world > 1 and dist.is_available() and dist.is_initialized() and \
+        (dist.get_rank(), dist.get_world_size()) == (rank, world)
+
+
 class BucketStream(ShardStream):
     """A ShardStream whose batches come from one aspect bucket each (`buckets`); images only.
     Batches carry `image` (B, C, H, W) with (H, W) the step's bucket."""
@@ -60,9 +69,9 @@ class BucketStream(ShardStream):
         self.buckets = buckets
         self.bad, self.filtered = len(buckets), len(buckets) + 1  # the counts' last two columns
         self.header_cache = HeaderCache(buckets.cfg.header_cache)
-        members = repr(self.members)
-        headers = [self.header_cache.get(shard, members, self._scan) for shard in self.shards]
-        self.counts = np.array([self._counts([headers[i] for i in g]) for g in self.groups])  # (groups, buckets + 2)
+        self.header_ranks, self.header_hits, self.header_scanned = 1, 0, 0  # over all ranks that shared the pass
+        per_shard = self._shard_counts()  # (shards, buckets + 2)
+        self.counts = np.stack([per_shard[g].sum(axis=0) for g in self.groups])  # (groups, buckets + 2)
         per_bucket = self.counts[:, :self.bad]
         self.batches_per_bucket = (per_bucket // self.batch_size).min(axis=0)  # (buckets,) n_b
         self.batches_per_slot = int(self.batches_per_bucket.sum())
@@ -73,6 +82,42 @@ class BucketStream(ShardStream):
                 f"slot: {dict(zip(buckets.sizes, per_bucket.min(axis=0).tolist()))}. Lower batch_size or "
                 "num_workers, or use fewer buckets (larger divisor, smaller max_aspect)")
         self.leftover_samples = int(per_bucket.sum() - len(self.groups) * self.batches_per_slot * self.batch_size)
+
+    def _shard_counts(self) -> np.ndarray:
+        """(shards, buckets + 2) counts per shard: from the header cache, else by reading the shard's headers.
+        With `split_header_pass` under torch.distributed, rank r does shards r, r + world, ... and the rows
+        are all-gathered, so a shard missing from the cache is read by one rank, not by all of them."""
+        members, n = repr(self.members), len(self.shards)
+        out = np.zeros((n, len(self.buckets) + 2), np.int64)
+        shared = self.buckets.cfg.split_header_pass and _distributed(self.rank, self.world)
+        mine = range(self.rank, n, self.world) if shared else range(n)
+        error: Exception | None = None
+        try:
+            for i in mine:
+                out[i] = self._counts([self.header_cache.get(self.shards[i], members, self._scan)])
+        except Exception as e:  # noqa: BLE001  (under a shared pass every rank must reach the gather first)
+            if not shared:
+                raise
+            error = e
+        c = self.header_cache
+        if not shared:
+            self.header_hits, self.header_scanned = c.hits, c.scanned
+            return out
+        import torch.distributed as dist
+        gathered: list = [None] * self.world
+        mine_err = None if error is None else f"rank {self.rank}: {type(error).__name__}: {error}"
+        dist.all_gather_object(gathered, (out[mine], c.hits, c.scanned, mine_err))
+        if error is not None:
+            raise error
+        failed = [g[3] for g in gathered if g[3]]
+        if failed:
+            raise RuntimeError(f"data.bucketing: the shared header pass failed on {failed[0]} (see that rank's log)")
+        for r, (rows, hits, scanned, _) in enumerate(gathered):
+            out[r::self.world] = rows
+            self.header_hits += hits
+            self.header_scanned += scanned
+        self.header_ranks = self.world
+        return out
 
     def _scan(self, shard: Shard) -> ShardHeaders:
         """One shard's header pass (tar bytes read, no pixel decoded): its image sizes, bad and left-out samples."""
@@ -132,13 +177,14 @@ class BucketStream(ShardStream):
                 "buckets (which ones changes with the epoch's shuffle)\n" + self.header_summary())
 
     def header_summary(self) -> str:
-        c = self.header_cache
+        c, hits, scanned = self.header_cache, self.header_hits, self.header_scanned
+        split = f", split over {self.header_ranks} ranks" if self.header_ranks > 1 else ""
         if not c.enabled:
             return (f"data: bucketing: header cache off (data.bucketing.header_cache: null): read the image headers "
-                    f"of {c.scanned} shards" + (f", {c.hits} already read in this process" if c.hits else ""))
+                    f"of {scanned} shards{split}" + (f", {hits} already read in this process" if hits else ""))
         where = ", ".join(sorted(c.where)) or "nothing written"
-        return (f"data: bucketing: header cache: {c.hits} of {len(self.shards)} shards from the cache, {c.scanned} "
-                f"read (image headers only) ({where})")
+        return (f"data: bucketing: header cache: {hits} of {len(self.shards)} shards from the cache, {scanned} "
+                f"read (image headers only{split}) ({where})")
 
     def use_batch_ring(self, slots: int) -> None:
         """No ring: batch shapes change with the bucket."""

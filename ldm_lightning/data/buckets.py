@@ -40,6 +40,10 @@ class BucketConfig:
     shards when writable, else `$LDM_LIGHTNING_CACHE/bucket-headers` (default ~/.cache/ldm-lightning/...;
     always there for http(s) and pipe: shards); a folder path; null = off (headers read at every start).
     Entries are keyed by shard path, size and mtime, so a rewritten shard is read again."""
+    split_header_pass: bool = True
+    """Under torch.distributed, split the counting pass: rank r handles shards r, r + world, ... (from the
+    cache, or reading their headers) and the per-shard counts are all-gathered, so a first start reads the
+    data once in all, not once per rank. Off: every rank handles every shard (no collective)."""
 
     def __post_init__(self):
         if not (isinstance(self.divisor, int) and self.divisor >= 1):
@@ -49,6 +53,8 @@ class BucketConfig:
                              f"got {self.target_pixels!r}")
         if not (isinstance(self.max_aspect, (int, float)) and self.max_aspect >= 1.0):
             raise ValueError(f"data.bucketing.max_aspect must be >= 1.0; got {self.max_aspect!r}")
+        if not isinstance(self.split_header_pass, bool):
+            raise ValueError(f"data.bucketing.split_header_pass must be true or false; got {self.split_header_pass!r}")
         if not (self.header_cache is None or (isinstance(self.header_cache, str) and self.header_cache)):
             raise ValueError(f"data.bucketing.header_cache must be 'auto', a folder or null; got {self.header_cache!r}")
 
@@ -57,12 +63,12 @@ class BucketConfig:
         if value is None or isinstance(value, BucketConfig):
             return value
         if not isinstance(value, dict):
-            raise ValueError("data.bucketing must be a mapping {target_pixels, divisor, max_aspect, header_cache} "
-                             f"or null; got {value!r}")
-        unknown = set(value) - {"target_pixels", "divisor", "max_aspect", "header_cache"}
+            raise ValueError("data.bucketing must be a mapping {target_pixels, divisor, max_aspect, header_cache, "
+                             f"split_header_pass}} or null; got {value!r}")
+        allowed = ("target_pixels", "divisor", "max_aspect", "header_cache", "split_header_pass")
+        unknown = set(value) - set(allowed)
         if unknown:
-            raise ValueError(f"data.bucketing: unknown key(s) {sorted(unknown)}; allowed: target_pixels, divisor, "
-                             "max_aspect, header_cache")
+            raise ValueError(f"data.bucketing: unknown key(s) {sorted(unknown)}; allowed: {', '.join(allowed)}")
         return cls(**value)
 
     def to_dict(self) -> dict:

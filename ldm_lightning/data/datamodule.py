@@ -223,7 +223,8 @@ class ShardDataModule(L.LightningDataModule):
                 any size divisible by `divisor` (the UNet and DiT do). Optional `header_cache`: where each
                 shard's image sizes are kept so the start-up header pass is paid once, not at every start
                 ('auto' = beside the shards if writable, else ~/.cache/ldm-lightning/bucket-headers; a
-                folder; null = off; data/header_cache.py).
+                folder; null = off; data/header_cache.py), and `split_header_pass` (default true: under DDP
+                each rank reads 1/world of the shards not yet cached and the counts are all-gathered).
             jpeg_decoder: 'torchvision' (default) decodes 3-channel JPEGs with `torchvision.io.decode_jpeg`
                 straight into the batch's (3, H, W) layout: measured faster than PIL and pixel-identical on
                 256² photos (benchmarks/bench_loader_foreign.py; README "Benchmarks"). Grayscale, CMYK or
