@@ -39,11 +39,14 @@ def fsync_dir(directory: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", durable: bool = True) -> Iterator[IO[Any]]:
     """Open a temp file beside `path`; on a clean exit flush, fsync and rename it over `path`.
 
     On an exception the temp file is removed and `path` is untouched. The temp file lives in the
-    target's directory because `os.replace` is only atomic within one filesystem.
+    target's directory because `os.replace` is only atomic within one filesystem. `durable=False` skips
+    both fsyncs (~1-12 ms a file measured on this project's VM): only for caches whose reader treats an
+    unreadable file as a miss, since after a power loss some filesystems may keep the new name with
+    empty contents. Concurrent writers still never expose half a file.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write: mode must be 'wb' or 'w', got {mode!r}")
@@ -56,13 +59,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -70,7 +75,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    with atomic_write(path, "w") as f:
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2, durable: bool = True) -> None:
+    with atomic_write(path, "w", durable) as f:
         json.dump(obj, f, indent=indent)
         f.write("\n")
