@@ -80,6 +80,8 @@ def test_bucket_set_and_nearest_aspect_assignment():
     # nearest on a log scale: 2:1 goes to 24x40 (log distance 0.18) rather than 16x48 (0.41)
     assert [b.sizes[b.nearest(w, 100)] for w in (30, 50, 75, 100, 150, 200, 300, 900)] == \
         [(48, 16), (40, 24), (40, 24), (32, 32), (24, 40), (24, 40), (16, 48), (16, 48)]
+    w, h = (a.ravel() for a in np.meshgrid(np.arange(1, 121), np.arange(1, 121)))  # every size up to 120²
+    assert b.nearest_many(w, h).tolist() == [b.nearest(x, y) for x, y in zip(w.tolist(), h.tolist())]
     # a real photo: decoded from its header's bucket, scaled to cover, center-cropped; crop geometry returned
     photo = _photos()[0][:100, :300]  # 100 x 300 (aspect 3)
     buf = io.BytesIO()

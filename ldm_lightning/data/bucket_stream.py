@@ -94,7 +94,8 @@ class BucketStream(ShardStream):
         error: Exception | None = None
         try:
             for i in mine:
-                out[i] = self._counts([self.header_cache.get(self.shards[i], members, self._scan)])
+                out[i] = self.header_cache.tally(self.shards[i], members, self._scan, self._tally,
+                                                 tuple(self.buckets.sizes))
         except Exception as e:  # noqa: BLE001  (under a shared pass every rank must reach the gather first)
             if not shared:
                 raise
@@ -121,36 +122,37 @@ class BucketStream(ShardStream):
 
     def _scan(self, shard: Shard) -> ShardHeaders:
         """One shard's header pass (tar bytes read, no pixel decoded): its image sizes, bad and left-out samples."""
-        out = ShardHeaders()
+        sizes: dict[tuple[int, int], int] = {}
+        bad = filtered = 0
+        complete = True
         for recs in self.records(shard):
             for rec in recs:
                 try:
                     _raise_unreadable(rec)
                     wh = size_of(rec[EXT], rec[PAYLOAD])
-                    out.sizes[wh] = out.sizes.get(wh, 0) + 1
+                    sizes[wh] = sizes.get(wh, 0) + 1
                 except Filtered:
-                    out.filtered += 1
+                    filtered += 1
                 except BadSample as e:
-                    out.bad += 1
-                    out.complete = out.complete and not isinstance(e, MissingSample)
-        return out
+                    bad += 1
+                    complete = complete and not isinstance(e, MissingSample)
+        return ShardHeaders.from_sizes(sizes, bad, filtered, complete)
 
-    def _counts(self, headers: list[ShardHeaders]) -> list[int]:
-        """Samples per bucket, then bad and filtered ones, of a reader group from its shards' headers: what
-        `_bucket` over the group's records gives (the shard order and shuffle only permute them)."""
-        counts = [0] * (len(self.buckets) + 2)
-        for sh in headers:
-            for (w, h), n in sh.sizes.items():
-                try:
-                    counts[self.buckets.nearest(w, h)] += n
-                except BadSample:  # a 0-pixel side
-                    counts[self.bad] += n
-            counts[self.bad] += sh.bad
-            counts[self.filtered] += sh.filtered
-        return counts
+    def _tally(self, sh: ShardHeaders) -> np.ndarray:
+        """(buckets + 2,) a shard's samples per bucket, then bad and filtered ones: what `_bucket` over its
+        records gives (a group's counts are the sum over its shards: the shard order and shuffle only permute
+        its records)."""
+        nb = len(self.buckets)
+        row = np.zeros(nb + 2, np.int64)
+        ok = (sh.w >= 1) & (sh.h >= 1)  # a 0-pixel side is a bad sample (Buckets.nearest)
+        row[:nb] = np.bincount(self.buckets.nearest_many(sh.w[ok], sh.h[ok]), weights=sh.n[ok], minlength=nb)
+        row[self.bad] = sh.bad + int(sh.n[~ok].sum())
+        row[self.filtered] = sh.filtered
+        return row
 
     def group_counts_uncached(self, group: int) -> list[int]:
-        """`_counts` the long way, from every record of the group's slot (tests compare the two)."""
+        """A group's counts the long way, from every record of its slot (tests compare them with the sum of
+        its shards' `_tally` rows)."""
         counts = [0] * (len(self.buckets) + 2)
         for recs in self._slot_records(0, group):
             for rec in recs:

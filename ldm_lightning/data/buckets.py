@@ -119,6 +119,12 @@ class Buckets:
             raise BadSample(f"image of size {w}x{h}")
         return int(np.argmin(np.abs(self.log_aspects - math.log(w / h))))
 
+    def nearest_many(self, w: np.ndarray, h: np.ndarray) -> np.ndarray:
+        """`nearest` of many w × h sizes (all >= 1) at once: the same index for each, ties included (the same
+        math.log and float64 differences; argmin takes the first minimum as the scalar one does)."""
+        x = np.array([math.log(a / b) for a, b in zip(w.tolist(), h.tolist())], np.float64)  # (n,)
+        return np.abs(self.log_aspects[None, :] - x[:, None]).argmin(axis=1) if len(x) else np.zeros(0, np.int64)
+
     def of_payload(self, ext: str | None, payload) -> int:
         """The bucket of an image member, from its header only."""
         return self.nearest(*size_of(ext, payload))

@@ -29,9 +29,10 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import numpy as np
 
 from ldm_lightning.data.shards import Shard, is_streamed
 from ldm_lightning.fileio import atomic_write_json
@@ -39,34 +40,39 @@ from ldm_lightning.fileio import atomic_write_json
 FORMAT_VERSION = 1
 BESIDE = ".ldm-bucket-headers"
 log = logging.getLogger(__name__)
-_MEMO: dict[str, "ShardHeaders"] = {}  # this process's entries by key: a second stream in one process reads none
+_MEMO: dict[tuple, Any] = {}  # (entry key, tally tag) -> tallied row: a second stream in this process reads none
 
 
-@dataclass
 class ShardHeaders:
-    """What the counting pass needs of one shard: {(width, height): samples}, and the bad / left-out counts."""
+    """What the counting pass needs of one shard: image sizes with their sample counts (int64 arrays w, h, n
+    of equal length, one entry per distinct size), and how many samples are bad or left out by the filters."""
 
-    sizes: dict[tuple[int, int], int] = field(default_factory=dict)
-    bad: int = 0
-    filtered: int = 0
-    complete: bool = True
-    """False when the shard could not be read to its end (then it is not stored)."""
+    def __init__(self, w: np.ndarray, h: np.ndarray, n: np.ndarray, bad: int, filtered: int, complete: bool = True):
+        self.w, self.h, self.n, self.bad, self.filtered = w, h, n, bad, filtered
+        self.complete = complete
+        """False when the shard could not be read to its end (then it is not stored)."""
+
+    @classmethod
+    def from_sizes(cls, sizes: dict[tuple[int, int], int], bad: int, filtered: int,
+                   complete: bool = True) -> "ShardHeaders":
+        wh = sorted(sizes)
+        w, h = (np.array([p[i] for p in wh], np.int64) for i in (0, 1))
+        return cls(w, h, np.array([sizes[p] for p in wh], np.int64), bad, filtered, complete)
 
     def to_json(self) -> dict:
-        return {"sizes": [[w, h, n] for (w, h), n in sorted(self.sizes.items())], "bad": self.bad,
+        return {"w": self.w.tolist(), "h": self.h.tolist(), "n": self.n.tolist(), "bad": self.bad,
                 "filtered": self.filtered}
 
     @classmethod
     def from_json(cls, d: dict) -> "ShardHeaders":
-        sizes: dict[tuple[int, int], int] = {}
-        for w, h, n in d["sizes"]:
-            if not all(type(v) is int for v in (w, h, n)) or n < 1:
-                raise ValueError(f"malformed size entry {[w, h, n]!r}")
-            sizes[(w, h)] = n
+        cols = [np.asarray(d[k]) for k in ("w", "h", "n")]
+        if any(c.ndim != 1 or len(c) != len(cols[0]) or (len(c) and c.dtype.kind != "i") for c in cols) or \
+                (len(cols[2]) and cols[2].min() < 1):
+            raise ValueError("malformed w / h / n columns")
         bad, filtered = d["bad"], d["filtered"]
         if type(bad) is not int or type(filtered) is not int or bad < 0 or filtered < 0:
             raise ValueError(f"malformed bad/filtered counts {bad!r}, {filtered!r}")
-        return cls(sizes, bad, filtered)
+        return cls(*(c.astype(np.int64) for c in cols), bad, filtered)
 
 
 def user_cache_dir() -> Path:
@@ -128,14 +134,16 @@ class HeaderCache:
                 self._writable[beside] = False
         return Path(beside) if self._writable[beside] else user_cache_dir()
 
-    def get(self, shard: Shard, members: str, scan: Callable[[Shard], "ShardHeaders"]) -> "ShardHeaders":
-        """A shard's entry: from this process's memory, else from the cache folder, else `scan(shard)` (which
-        reads its headers), stored when the shard was read to its end."""
+    def tally(self, shard: Shard, members: str, scan: Callable[[Shard], ShardHeaders],
+              tally: Callable[[ShardHeaders], Any], tag: Any) -> Any:
+        """`tally` of a shard's entry (e.g. its samples per bucket; `tag` names what tally computes): from this
+        process's memory, else from the cache folder, else from `scan(shard)` (which reads its headers), stored
+        when the shard was read to its end. Memory keeps only tallies: entries can be large."""
         key = entry_key(shard, members)
         if key is None:  # a missing local file: its samples are all missing (bad), nothing to key by
             self.scanned += 1
-            return scan(shard)
-        memo = json.dumps(key, sort_keys=True)
+            return tally(scan(shard))
+        memo = (json.dumps(key, sort_keys=True), tag)
         if memo in _MEMO:
             self.hits += 1
             return _MEMO[memo]
@@ -146,11 +154,11 @@ class HeaderCache:
             self.scanned += 1
             headers = scan(shard)
             if not headers.complete:
-                return headers  # maybe transient (a network error): read again next time
+                return tally(headers)  # maybe transient (a network error): read again next time
             if self.enabled:
                 self.store(shard, key, headers)
-        _MEMO[memo] = headers
-        return headers
+        _MEMO[memo] = row = tally(headers)
+        return row
 
     def load(self, shard: Shard, key: dict) -> ShardHeaders | None:
         """The stored entry, or None (absent, stale, or unreadable: the latter with a warning)."""
