@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -116,9 +117,11 @@ class HeaderCache:
         self._warned_write = False
 
     def path(self, shard: Shard, key: dict) -> Path:
-        name = os.path.basename(shard.url.split()[-1] if is_streamed(shard.url) else shard.url) or "shard"
+        tars = [t for t in shard.url.split() if ".tar" in t] or [shard.url]  # a pipe: command names its shard
+        name = os.path.basename(tars[-1].strip("'\"").split("?")[0])
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:80] or "shard"  # a URL's query string, a pipe's quotes
         digest = hashlib.sha256(json.dumps([key["url"], key["members"], key["version"]]).encode()).hexdigest()[:16]
-        return self._dir(shard) / f"{name[:80]}.{digest}.json"
+        return self._dir(shard) / f"{name}.{digest}.json"
 
     def _dir(self, shard: Shard) -> Path:
         if self.folder is not None:
