@@ -1,9 +1,40 @@
-"""Shared fixtures, made once per test session: `mnist_shards` (a small real-MNIST pack) and `tiny_ae`
-(an untrained tiny-mnist autoencoder export)."""
+"""Shared fixtures, made once per test session (per worker under pytest-xdist): `mnist_shards` (a small
+real-MNIST pack), `tiny_ae` (an untrained tiny-mnist autoencoder export), `installed_package`, and
+`classifier_cache` (one folder for every worker). Also the settings for running the suite on several
+workers (`scripts/setup_and_test.sh` runs `pytest -n 2 --dist loadgroup`)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+
+def pytest_configure(config):
+    # Under pytest-xdist each worker is one process meant for one core: torch in the worker, and every
+    # subprocess a test starts (they inherit this environment), get one thread. Two workers with torch's
+    # default of one thread per core would put 4+ spinning OpenMP threads on 2 cores, which slowed training
+    # steps 3-5x here; one thread each keeps both cores busy without that.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slurm"):  # the emulated cluster has few CPUs: its jobs run one test at a time
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(tmp_path_factory) -> Path:
+    """The MNIST-classifier cache folder shared by the whole run (the demo and evaluation tests): under xdist
+    the parent of the workers' temp folders, so the classifier is trained once, not once per worker
+    (`get_or_train_classifier` holds a file lock while it trains)."""
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "mnist_classifier_cache"
 
 
 @pytest.fixture(scope="session")

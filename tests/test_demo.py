@@ -17,11 +17,6 @@ from ldm_lightning import demo
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def shared_classifier_cache(tmp_path_factory) -> Path:
-    """One MNIST-classifier cache for the whole pytest session (test_evaluation.py uses the same folder)."""
-    return tmp_path_factory.getbasetemp() / "mnist_classifier_cache"
-
-
 def test_plans_are_valid_and_fast_is_smaller():
     full, fast = demo.PLANS["full"], demo.PLANS["fast"]
     assert full.samples_per_class == 100 and full.train_images is None  # the issue's 100 per class, all 60k
@@ -75,7 +70,7 @@ def test_cli_help_and_bad_device():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_fast_demo_end_to_end(tmp_path, tmp_path_factory, installed_package):
+def test_fast_demo_end_to_end(tmp_path, classifier_cache, installed_package):
     """The reduced demo on real MNIST, run as a user of the INSTALLED package runs it (`ldm-lightning demo --fast`
     from a wheel installed non-editable, in a directory outside the repository): every artifact exists and the
     measured quality is far above what a broken stage gives (untrained autoencoder: PSNR ≈ 10 dB; broken
@@ -84,7 +79,7 @@ def test_fast_demo_end_to_end(tmp_path, tmp_path_factory, installed_package):
     out = tmp_path / "demo"
     env = dict(env, WANDB_SILENT="true")
     cmd = [str(venv / "bin" / "ldm-lightning"), "demo", "--fast", "--out", str(out),
-           "--classifier-cache", str(shared_classifier_cache(tmp_path_factory))]
+           "--classifier-cache", str(classifier_cache)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     m = json.loads((out / "metrics.json").read_text())

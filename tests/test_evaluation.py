@@ -205,10 +205,10 @@ def test_fid_rejects_too_few_images(quick_classifier, test_images):
 
 
 @pytest.mark.slow
-def test_full_classifier_reaches_98_percent(tmp_path_factory):
+def test_full_classifier_reaches_98_percent(classifier_cache):
     """The recipe the demo uses (all 60k real train digits): ≥ 98% on the 10k real test digits."""
     # The folder test_demo.py's demo run uses too: the full classifier trains once per session.
-    model = get_or_train_classifier(tmp_path_factory.getbasetemp() / "mnist_classifier_cache", verbose=True)
+    model = get_or_train_classifier(classifier_cache, verbose=True)
     test_x, test_y = load_mnist_32("test")  # (10000, 1, 32, 32)
     acc = sample_accuracy(model, test_x, test_y)
     print(f"\nfull classifier: test accuracy {acc['accuracy']:.4f}, per class "
