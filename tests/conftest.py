@@ -23,6 +23,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # The longest tests go first, so that on several workers they overlap the rest instead of running alone
+    # at the end (a stable sort: the order is otherwise the collection order, the same on every worker).
+    items.sort(key=lambda item: 0 if item.get_closest_marker("longest") else 1)
     for item in items:
         if item.get_closest_marker("slurm"):  # the emulated cluster has few CPUs: its jobs run one test at a time
             item.add_marker(pytest.mark.xdist_group("slurm"))
