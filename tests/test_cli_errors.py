@@ -28,6 +28,8 @@ CASES = {  # id -> (config args, extra args, message fragments)
                       ["model.init_args.image_size=32 but data.init_args.image_size=64", "same value"]),
     "missing-ckpt": (AE, ["--ckpt_path", "nope/last.ckpt"], ["nope/last.ckpt does not exist"]),
     "missing-config": ([], ["-c", "configs/nope.yaml"], ["nope.yaml"]),
+    "lightning-check": (AE, ["--trainer.max_epochs", "-5"],  # Lightning's own check, as the Trainer is built
+                        ["`max_epochs` must be a non-negative integer or -1. You passed in -5. See"]),
 }
 
 
@@ -50,6 +52,17 @@ def test_user_error_is_one_clear_paragraph(case, tmp_path, mnist_shards):
     for fragment in fragments:
         assert fragment in message[0], message[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_no_logger_leaves_the_lr_monitor_out(tmp_path, mnist_shards):
+    """`--trainer.logger false` over a shipped trainer config (which lists LearningRateMonitor) trains; Lightning
+    alone would refuse the run, since the monitor has nothing to log to."""
+    r = run([*AE, "--data.init_args.train_shards", mnist_shards["train"], "--data.init_args.val_shards",
+             mnist_shards["test"], "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
+             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "LearningRateMonitor callback is left out" in r.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_debug_shows_the_traceback(tmp_path):

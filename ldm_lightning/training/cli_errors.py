@@ -80,7 +80,7 @@ def config_error_message(exc: BaseException, subcommand: str = "fit") -> str:
         return choice
     where = str(chain[0]).splitlines()[0].strip() if str(chain[0]).strip() else type(chain[0]).__name__
     reasons = [str(c).strip().replace("\n", " ") for c in chain if "Problem with given class_path" in str(c)]
-    reason = " ".join((reasons[-1] if reasons else str(chain[-1]).strip()).split())
+    reason = " ".join((reasons[-1] if reasons else str(chain[-1]).strip()).split()).rstrip(".")
     where = "" if reason.startswith(where.rstrip(":")) else f"{where} "
     return (f"invalid config: {where}{reason}. See `ldm-lightning {subcommand} --help` "
             "for the fields and their types, and --print_config for the resolved config.")

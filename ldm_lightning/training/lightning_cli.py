@@ -25,7 +25,9 @@ import sys
 import warnings
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -78,6 +80,12 @@ class LDMLightningCLI(LightningCLI):
             trainer.num_nodes = int(nnodes)
 
     def _instantiate_trainer(self, config: dict, callbacks: list[Callback]) -> Trainer:
+        if config.get("logger") is False:  # e.g. `--trainer.logger false` over a shipped trainer config
+            listed = list(config.get("callbacks") or [])
+            config["callbacks"] = [c for c in listed if not isinstance(c, LearningRateMonitor)]
+            if len(config["callbacks"]) < len(listed):  # Lightning would stop the run: it has nothing to log to
+                print("[ldm-lightning] trainer.logger=false: the LearningRateMonitor callback is left out",
+                      file=sys.stderr)
         configured = list(config.get("callbacks") or []) + list(callbacks)
         present = {type(c) for c in configured}
         callbacks = list(callbacks) + [c for c in default_callbacks() if type(c) not in present]
@@ -121,7 +129,8 @@ def exit_code(cli: LightningCLI) -> int:
 
 
 # Errors of the user's input whenever they happen (a run reads files and data long after start-up).
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError, CorruptCheckpointError)
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError, CorruptCheckpointError,
+               MisconfigurationException)
 
 
 def run_lightning_cli(argv: list[str] | None = None) -> int:
@@ -145,6 +154,9 @@ def run_lightning_cli(argv: list[str] | None = None) -> int:
         extra = missing_extra_message(e) if isinstance(e, ModuleNotFoundError) else None
         if not LDMLightningCLI.running:
             message = config_error_message(e, LDMLightningCLI.subcommand_name)
+        elif isinstance(e, MisconfigurationException):  # Lightning's checks of the trainer against the module
+            message = (f"Lightning refused this configuration: {e} Change the trainer config or flags "
+                       "(--print_config shows the resolved config).")
         elif isinstance(e, USER_ERRORS) or extra:
             message = extra or str(e)
         else:
