@@ -75,7 +75,11 @@ def test_fast_demo_end_to_end(tmp_path, classifier_cache, installed_package):
     """The reduced demo on real MNIST, run as a user of the INSTALLED package runs it (`ldm-lightning demo --fast`
     from a wheel installed non-editable, in a directory outside the repository): every artifact exists and the
     measured quality is far above what a broken stage gives (untrained autoencoder: PSNR ≈ 10 dB; broken
-    conditioning: class accuracy ≈ 0.1)."""
+    conditioning: class accuracy ≈ 0.1).
+
+    Measured with the plan's 200 / 400 / 200 steps (idle 2-core machine, 2 threads, 2026-12-07; 11.2 min): PSNR
+    20.5 dB, SSIM 0.87; class model with CFG: accuracy 0.98, MNIST-FID 67 (real train vs test 24); text model
+    with CFG: accuracy 0.71 (0.98 at 300 steps). The plan's text model now trains 250 steps, for margin."""
     venv, env, _ = installed_package
     out = tmp_path / "demo"
     env = dict(env, WANDB_SILENT="true")

@@ -32,7 +32,7 @@ DESCRIPTION = "`ldm-lightning demo`: the whole system end to end on real MNIST, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-lightning demo", description=DESCRIPTION)
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
-    p.add_argument("--fast", action="store_true", help="a reduced run (a few minutes): fewer images and steps")
+    p.add_argument("--fast", action="store_true", help="a reduced run (about 11 min on 2 CPU cores): fewer images and steps")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: the GPU when one is visible, else the CPU")
     p.add_argument("--lpips-weights", type=Path, default=None,
