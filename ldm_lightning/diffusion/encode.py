@@ -51,7 +51,9 @@ def find_manifest(shards) -> Path | None:
     """The manifest.json next to a shard spec (directory, file, glob, or a list: its first entry)."""
     if isinstance(shards, (list, tuple)):
         shards = shards[0] if shards else None
-    if shards is None or str(shards).startswith(("http://", "https://", "pipe:")):
+    from ldm_lightning.data.shards import is_streamed
+
+    if shards is None or is_streamed(str(shards)):
         return None
     p = Path(os.path.expanduser(str(shards)))
     cand = p / MANIFEST if p.is_dir() else Path(os.path.dirname(os.path.abspath(str(p)))) / MANIFEST

@@ -129,8 +129,7 @@ def exit_code(cli: LightningCLI) -> int:
 
 
 # Errors of the user's input whenever they happen (a run reads files and data long after start-up).
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError, CorruptCheckpointError,
-               MisconfigurationException)
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError, CorruptCheckpointError)
 
 
 def run_lightning_cli(argv: list[str] | None = None) -> int:
