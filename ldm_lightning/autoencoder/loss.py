@@ -4,8 +4,9 @@ Follows LDM's `LPIPSWithDiscriminator` / taming's `VQLPIPSWithDiscriminator` (Es
 Rombach et al. 2022): nll = rec/exp(logvar) + logvar, adaptive generator weight
 ||grad_last nll|| / (||grad_last g|| + 1e-4) clamped to [0, 1e4] times disc_weight (VQGAN eq. 7).
 
-Single optimiser (DeepSpeed allows one): the discriminator runs on [x, sg(x_rec), x_rec]. Its own loss
-uses the first two; the generator term uses the third. The generator term would also push gradient
+Single optimiser (DeepSpeed allows one): the discriminator runs on [x, sg(x_rec), x_rec] (one batched
+pass for per-sample norms; one pass each with BatchNorm, whose batch statistics would otherwise mix the
+three and leak gradient into x_rec). Its own loss uses the first two; the generator term uses the third. The generator term would also push gradient
 into the discriminator's weights (in the wrong direction), so we add w*(-g(D(sg(x_rec)))): it has the
 same value with the opposite sign and the same weight-gradient, but none towards x_rec. The sum is the
 two-optimiser taming gradient exactly, with plain autograd: no manual optimisation, no param
@@ -68,7 +69,9 @@ class LossConfig:
     disc_ndf: int = 64
     """PatchGAN base width."""
     disc_norm: DiscNorm = "group"
-    """'group' (DDP/DeepSpeed-safe, default), 'batch' (taming original) or 'none'."""
+    """'group' (DDP/DeepSpeed-safe, default), 'batch' (taming original: D then runs one pass per real / detached
+    fake / fake batch, so BatchNorm statistics stay per pass as in taming; needs SyncBatchNorm under DDP) or
+    'none'."""
     disc_lr_scale: float = 1.0
     """Discriminator learning rate = optim.lr * this (its own param group)."""
     adaptive_weight: bool = True
@@ -161,7 +164,14 @@ class AutoencoderLoss(nn.Module):
             # find_unused_parameters) and DeepSpeed expect all trainable params to receive one.
             return loss + 0.0 * D(x[:1]).sum(), terms
         parts = [x, recon.detach()] + ([recon] if train_g else [])
-        logits = D(torch.cat(parts)).float().chunk(len(parts))   # each (B, 1, h', w')
+        if c.disc_norm == "batch":
+            # BatchNorm's batch statistics couple the samples of one forward: on cat[x, sg(x_rec), x_rec] they
+            # would carry gradient from x and sg(x_rec) into x_rec. One pass per part, as taming's two
+            # optimisers run D (real and fake apart); sg(x_rec) and x_rec then see identical statistics, so
+            # the cancelling term below still cancels exactly.
+            logits = [D(p).float() for p in parts]               # each (B, 1, h', w')
+        else:
+            logits = D(torch.cat(parts)).float().chunk(len(parts))  # per-sample norms: one batched pass
         d_loss = self._disc(logits[0], logits[1])
         loss = loss + c.disc_factor * d_loss
         terms.update(d_loss=d_loss.detach(), logits_real=logits[0].mean().detach(),
