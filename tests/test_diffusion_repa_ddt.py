@@ -70,7 +70,8 @@ def test_frozen_encoders_give_patch_feature_maps(tmp_path):
     from ldm_lightning.evaluation.mnist_classifier import MNISTClassifier, save_mnist_classifier
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     dino = load_repa_encoder(_dinov2_folder(tmp_path / "dino"))
-    assert dino(x).shape == (2, 32, 8, 8) and not any(p.requires_grad for p in dino.parameters())
+    # REPA's default grid: 16 patches a side (224 px for a /14 DINOv2), whatever the config's image_size
+    assert dino(x).shape == (2, 32, 16, 16) and not any(p.requires_grad for p in dino.parameters())
     assert load_repa_encoder(str(tmp_path / "dino"), resolution=16)(x).shape == (2, 32, 4, 4)
     save_mnist_classifier(MNISTClassifier(), tmp_path / "clf.safetensors")
     clf = load_repa_encoder(f"mnist-classifier:{tmp_path / 'clf.safetensors'}")

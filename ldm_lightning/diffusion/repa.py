@@ -8,7 +8,8 @@ to the transformer's token grid (bilinear, antialiased when shrinking) so each t
 
 Frozen encoders (held outside the module tree, as the autoencoder: not trained, not in checkpoints):
 - a local Hugging Face DINOv2 folder (`Dinov2Model.save_pretrained`; loaded offline with transformers):
-  images resized to `encoder_resolution`, ImageNet-normalised, CLS token dropped;
+  images resized to `encoder_resolution` (default REPA's 224 px for /14: 256 tokens), ImageNet-normalised, CLS
+  token dropped;
 - `mnist-classifier[:PATH]` (the project's MNIST classifier, evaluation/mnist_classifier.py): its conv map
   before the last pooling, (64, 8, 8) on 32 px digits — a small in-domain target for MNIST measurements.
 """
@@ -25,6 +26,8 @@ from torch import nn
 from ldm_lightning.errors import UserError
 
 MNIST_PREFIX = "mnist-classifier:"
+REPA_GRID = 16
+"""Default DINOv2 token grid side: REPA's 224 px input to a /14 DINOv2 (256 tokens)."""
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -49,7 +52,9 @@ class REPAConfig:
     projector_dim: int = 2048
     """Hidden width of the 3-layer SiLU MLP projector (REPA's 2048)."""
     encoder_resolution: int | None = None
-    """DINOv2 input side in pixels (REPA: 224 for 256 px images); None = the encoder config's image_size.
+    """DINOv2 input side in pixels. None = REPA's recipe: 16 patches a side, 256 tokens (224 px for DINOv2 /14,
+    what REPA feeds it for 256 px images), NOT the encoder config's image_size (518 in the published DINOv2
+    configs: 1369 tokens, 5.3x the encoder cost). REPA scales it with the image (448 for 512 px): set it then.
     Ignored for the MNIST classifier (32 px)."""
 
     def __post_init__(self):
@@ -78,7 +83,8 @@ class DinoFeatures(nn.Module):
                             "written by Dinov2Model.save_pretrained (nothing is downloaded)") from None
         cfg = self.model.config
         self.patch = int(cfg.patch_size)
-        self.resolution = (int(resolution or cfg.image_size) // self.patch) * self.patch
+        # REPA's 224 px for /14 = 16 patches a side; the config's image_size (518) is DINOv2's own pre-training.
+        self.resolution = (int(resolution or REPA_GRID * self.patch) // self.patch) * self.patch
         if self.resolution < self.patch:
             raise REPAError(f"repa.encoder_resolution={resolution} is below the encoder's patch size {self.patch}")
         self.feature_dim = int(cfg.hidden_size)
