@@ -19,6 +19,7 @@ import torch
 
 from ldm_lightning.autoencoder.autoencoder import Autoencoder, AutoencoderConfig
 from ldm_lightning.autoencoder import interop
+from ldm_lightning.errors import UnreadableCheckpointError, WrongFileError, checkpoint_load_error
 
 CHECKPOINT_TAG = "ldm_lightning.autoencoder.AutoencoderModule"  # `ldm_lightning.module` of our stage-1 .ckpt
 EXPORT_CONFIG_KEY = "ldm_lightning_autoencoder"
@@ -27,26 +28,38 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """torch.load(weights_only=True) with errors that name the path and the fix."""
+    """torch.load(weights_only=True) with errors that name the path and the fix: `UnsafeCheckpointError` for a
+    pickle the restricted unpickler refuses, `UnreadableCheckpointError` for a truncated or foreign file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by "
                                 "`ldm-lightning fit` (see the run's checkpoints/ folder)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle with disallowed globals, ...
-        raise RuntimeError(f"could not read checkpoint {str(path)!r} ({type(err).__name__}: {str(err)[:200]}); the "
-                           "file is truncated/corrupt or not a PyTorch checkpoint: re-copy it or use an earlier "
-                           "checkpoint") from err
+    except Exception as err:  # truncated zip, garbage bytes, a pickle naming objects that could run code
+        raise checkpoint_load_error(path, err) from err
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_export_config(path: Path) -> dict:
+    """An export's config.json; a corrupt one is named with the fix."""
+    try:
+        dc = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnreadableCheckpointError(f"{path} is not valid JSON ({err}); the export is corrupt: export the "
+                                        "checkpoint again") from err
+    if not isinstance(dc, dict):
+        raise UnreadableCheckpointError(f"{path} holds a {type(dc).__name__}, not an export config: export again")
+    return dc
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file on the CPU; a truncated or corrupt one is named with the fix."""
     from safetensors.torch import load_file
     try:
         return load_file(str(path), device="cpu")
     except Exception as err:
-        raise RuntimeError(f"could not read safetensors file {str(path)!r} ({type(err).__name__}: {err}); the file "
-                           "is truncated or corrupt: re-copy or re-export it") from err
+        raise UnreadableCheckpointError(f"could not read safetensors file {str(path)!r} ({type(err).__name__}: "
+                                        f"{err}); the file is truncated or corrupt: re-copy or re-export it") from err
 
 
 def _build(cfg: AutoencoderConfig, sd: dict[str, torch.Tensor], source: str) -> Autoencoder:
@@ -55,7 +68,7 @@ def _build(cfg: AutoencoderConfig, sd: dict[str, torch.Tensor], source: str) -> 
     # Latent statistics buffers are optional in foreign formats (their config carries the scale).
     missing = [k for k in missing if k not in ("scale_factor", "shift_factor", "latent_mean", "latent_std")]
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the autoencoder config: missing {missing[:5]}, "
+        raise WrongFileError(f"{source}: weights do not match the autoencoder config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     if "scale_factor" not in sd:
         ae.scale_factor.fill_(cfg.scale_factor)
@@ -65,11 +78,14 @@ def _build(cfg: AutoencoderConfig, sd: dict[str, torch.Tensor], source: str) -> 
 
 def _from_lightning(ckpt: dict, path: Path, weights: str) -> Autoencoder:
     meta = ckpt.get("ldm_lightning", {})
+    if meta.get("module") not in (None, CHECKPOINT_TAG):  # e.g. a diffusion checkpoint given where the autoencoder goes
+        raise WrongFileError(f"{path} is not an autoencoder checkpoint (ldm_lightning.module={meta.get('module')!r}); "
+                             "give the stage-1 .ckpt, its export folder, or a diffusers/SD autoencoder")
     cfg = AutoencoderConfig.from_dict(meta["autoencoder"])
     prefix = {"ema": "ema.module.", "live": "autoencoder."}[weights]
     sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not sd and weights == "ema":
-        raise ValueError(f"{path}: checkpoint has no EMA weights (ema.enabled was false); pass weights='live'")
+        raise WrongFileError(f"{path}: checkpoint has no EMA weights (ema.enabled was false); pass weights='live'")
     return _build(cfg, sd, str(path))
 
 
@@ -96,27 +112,27 @@ def load_autoencoder(path: str | os.PathLike, weights: str = "ema", config: Auto
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} is a folder without config.json: not an autoencoder export")
-        dc = json.loads(cfg_file.read_text())
+        dc = read_export_config(cfg_file)
         if EXPORT_CONFIG_KEY in dc:  # our export
             cfg = AutoencoderConfig.from_dict(dc[EXPORT_CONFIG_KEY])
-            ae = _build(cfg, _read_safetensors(path / EXPORT_WEIGHTS), str(path))
+            ae = _build(cfg, read_safetensors(path / EXPORT_WEIGHTS), str(path))
         else:  # diffusers AutoencoderKL
             cfg = interop.config_from_diffusers(dc)
             wfile = next((path / w for w in DIFFUSERS_WEIGHTS if (path / w).is_file()), None)
             if wfile is None:
                 raise FileNotFoundError(f"{path}: diffusers folder without {DIFFUSERS_WEIGHTS[0]}")
-            sd = _read_safetensors(wfile) if wfile.suffix == ".safetensors" else read_checkpoint(wfile)
+            sd = read_safetensors(wfile) if wfile.suffix == ".safetensors" else read_checkpoint(wfile)
             ae = _build(cfg, interop.from_diffusers_state_dict(sd, cfg), str(path))
         return ae.to(device)
     if path.suffix == ".safetensors":
-        sd = _read_safetensors(path)
+        sd = read_safetensors(path)
     else:
         ckpt = read_checkpoint(path)
         if isinstance(ckpt, dict) and "ldm_lightning" in ckpt and "state_dict" in ckpt:
             return _from_lightning(ckpt, path, weights).to(device)
         sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(sd, dict):
-            raise ValueError(f"{path}: not a state dict or a Lightning checkpoint")
+            raise WrongFileError(f"{path}: not a state dict or a Lightning checkpoint")
     sd = interop.strip_sd_prefix(sd)
     if config is not None:
         cfg = config if isinstance(config, AutoencoderConfig) else AutoencoderConfig.from_dict(config)

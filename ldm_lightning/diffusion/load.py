@@ -16,6 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ldm_lightning.autoencoder.load import CHECKPOINT_TAG as AUTOENCODER_TAG
+from ldm_lightning.autoencoder.load import read_checkpoint, read_export_config, read_safetensors
+from ldm_lightning.errors import WrongFileError
+
 from .conditioning import Conditioner, ConditioningConfig
 from .denoiser import Denoiser
 from .presets import backbone_from_config
@@ -46,7 +50,7 @@ def denoiser_state(ckpt: dict, weights: str, source: str) -> dict[str, torch.Ten
     sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not sd:
         hint = "; the run had ema.enabled=false: use --no-ema / weights='live'" if weights == "ema" else ""
-        raise ValueError(f"{source}: checkpoint has no {weights} denoiser weights (prefix {prefix!r}){hint}")
+        raise WrongFileError(f"{source}: checkpoint has no {weights} denoiser weights (prefix {prefix!r}){hint}")
     return sd
 
 
@@ -59,18 +63,19 @@ def load_denoiser(path: str | os.PathLike, weights: str = "ema"):
         path = path.parent
     if path.is_dir():
         cfg_file = path / "config.json"
-        if not cfg_file.is_file() or CONFIG_KEY not in (dc := json.loads(cfg_file.read_text())):
+        if not cfg_file.is_file() or CONFIG_KEY not in (dc := read_export_config(cfg_file)):
             raise FileNotFoundError(f"{path}: not a denoiser export (config.json with {CONFIG_KEY!r} missing); "
                                     "create one with `ldm-lightning export --checkpoint diffusion.ckpt --out DIR`")
-        from safetensors.torch import load_file
-        meta, sd = dc[CONFIG_KEY], load_file(str(path / WEIGHTS), device="cpu")
+        meta, sd = dc[CONFIG_KEY], read_safetensors(path / WEIGHTS)
     else:
-        from ldm_lightning.autoencoder.load import read_checkpoint
         ckpt = read_checkpoint(path)
         meta = ckpt.get("ldm_lightning") if isinstance(ckpt, dict) else None
-        if not meta or meta.get("module") != CHECKPOINT_TAG:
-            raise ValueError(f"{path}: not a DiffusionModule checkpoint (ldm_lightning.module="
-                             f"{(meta or {}).get('module')!r}); pass a stage-2 .ckpt or a denoiser export folder")
+        if not isinstance(meta, dict) or meta.get("module") != CHECKPOINT_TAG:
+            module = (meta if isinstance(meta, dict) else {}).get("module")
+            what = ("an autoencoder (stage-1) checkpoint" if module == AUTOENCODER_TAG
+                    else f"not a DiffusionModule checkpoint (ldm_lightning.module={module!r})")
+            raise WrongFileError(f"{path} is {what}; pass a diffusion (stage-2) .ckpt written by `ldm-lightning fit` "
+                                 "or a denoiser export folder")
         sd = denoiser_state(ckpt, weights, str(path))
     denoiser, conditioner = build_denoiser_parts(meta)
     denoiser.load_state_dict(sd, strict=True)
