@@ -5,6 +5,8 @@ Training subcommands (`fit`, `validate`, `test`) are LightningCLI / jsonargparse
 Tool subcommands each own an argparse parser in the module that implements them:
     ldm-lightning data pack | data encode | data verify | data index | sample | export | demo
 Heavy imports happen only inside the chosen subcommand, so `--help` is instant.
+Every subcommand treats an error in the user's input alike: one paragraph, exit 2, `--debug` (or LDM_DEBUG=1)
+for the traceback (user_errors.py; `fit` in training/lightning_cli.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+
+from ldm_lightning.user_errors import run_tool
 
 # name -> (module path, one-line help). Each module exposes `main(argv: list[str]) -> int | None`.
 TOOLS = {
@@ -64,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     for n in (2, 1):
         key = tuple(argv[:n])
         if key in TOOLS:
-            module = importlib.import_module(TOOLS[key][0])
-            rc = module.main(argv[n:])
-            return int(rc or 0)
+            # Heavy imports happen here too: a missing optional extra is a user error like any other.
+            return run_tool(f"ldm-lightning {' '.join(key)}",
+                            lambda args: importlib.import_module(TOOLS[key][0]).main(args), argv[n:])
     if argv[0] == "data":
         print("usage: ldm-lightning data {pack,encode,verify,index} [options]\n\n"
               + "\n".join(f"  {w[1]:<8} {h}" for w, (_, h) in TOOLS.items() if w[0] == "data"))

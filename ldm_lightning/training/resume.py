@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ldm_lightning.errors import UNSAFE_PICKLE, is_unsafe_pickle, unsafe_pickle_detail
+
 # Top-level keys every full-state Lightning training checkpoint has.
 REQUIRED_KEYS = ("state_dict", "global_step", "epoch", "loops", "optimizer_states", "lr_schedulers")
 CKPT_SUFFIX = ".ckpt"
@@ -72,9 +74,8 @@ def validate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # zip, pickle and "unsupported global" errors: all mean "not usable"
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = ("it holds objects other than tensors and plain values (refused unloaded: loading it could "
-                      f"run code) — {reason}")
+        if is_unsafe_pickle(e):  # the wording every loader uses (errors.py)
+            raise CorruptCheckpointError(f"checkpoint {path} {UNSAFE_PICKLE} ({unsafe_pickle_detail(e)})") from e
         raise CorruptCheckpointError(f"checkpoint {path} cannot be loaded safely: {reason}") from e
     if not isinstance(ckpt, dict):
         raise CorruptCheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
