@@ -27,3 +27,40 @@ def test_repa_dinov2_defaults_to_repas_224_px_not_the_configs_518(tmp_path):
     assert enc.resolution == 224
     assert enc(torch.rand(1, 3, 64, 64) * 2 - 1).shape == (1, 16, 16, 16)  # 256 tokens
     assert load_repa_encoder(str(tmp_path / "dino"), resolution=448).resolution == 448  # explicit: kept
+
+
+# --- JiT's v-loss, exactly (both 1/(1-t) clamped at 0.05) ----------------------------------------------
+
+
+class _FixedX0(torch.nn.Module):
+    """A backbone that outputs a fixed clean estimate and records the noisy input it was given."""
+
+    def __init__(self, x_pred: torch.Tensor):
+        super().__init__()
+        self.x_pred, self.z = x_pred, None
+
+    def forward(self, x_t, t, **cond):
+        self.z = x_t
+        return self.x_pred
+
+
+@pytest.mark.parametrize("noise_level", [0.001, 0.01, 0.04, 0.3])
+def test_jit_v_loss_equals_jits_formula_below_and_above_the_clamp(noise_level):
+    """JiT (arXiv 2511.13720), with t_jit = 1 - noise level (t = 1 clean) and z = t x + (1 - t) eps:
+    v = (x - z) / max(1 - t, 0.05), v_pred = (x_pred - z) / max(1 - t, 0.05), loss = mean (v - v_pred)^2.
+    Ours (t = noise level, u = eps - x0 = -v) must give the same number at every t."""
+    from ldm_lightning.diffusion.denoiser import Denoiser
+    from ldm_lightning.diffusion.loss import DiffusionObjective, ObjectiveConfig
+    from ldm_lightning.diffusion.schedules import FlowSchedule
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g)
+    x_pred = x + 0.1 * torch.randn(3, 2, 4, 4, generator=g)
+    net = _FixedX0(x_pred)
+    den = Denoiser(net, FlowSchedule(), prediction="x0", clamp=0.05)
+    obj = DiffusionObjective(ObjectiveConfig(prediction="x0", loss_space="flow", clamp=0.05))
+    got = obj.loss(den, x, generator=g, t=torch.full((3,), noise_level, dtype=torch.float64)).loss
+    z, t_jit = net.z.double(), 1 - noise_level
+    v = (x.double() - z) / max(1 - t_jit, 0.05)
+    v_pred = (x_pred.double() - z) / max(1 - t_jit, 0.05)
+    want = (v - v_pred).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)

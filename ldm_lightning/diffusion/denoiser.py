@@ -15,6 +15,13 @@ The v and flow inversions hold for any (alpha, sigma); eps needs alpha > 0 and x
 The Denoiser owns that clamp (one policy for training and sampling, JiT's 0.05 by default): the loss
 converts its target through the same `Denoiser.to_prediction` as the network output, so a perfect
 network has exactly zero loss at every t (JiT, arXiv 2511.13720, clamps prediction and target alike).
+
+JiT's velocity from an x0 output is u = (x_t - (alpha + sigma) x0) / max(sigma, clamp) (JiT writes
+v = (x - z) / max(1 - t, 0.05) with t = 1 clean; alpha + sigma = 1 on its path), computed straight from x0.
+Going through eps instead, eps - x0 = (x_t - alpha x0) / max(sigma, clamp) - x0, is the same above the clamp
+but below it weighs the x0 error by ((1 - sigma) / clamp + 1)^2 instead of JiT's 1 / clamp^2. So an x0 output
+carries that direct velocity (`Prediction.flow_direct`): the flow-space loss is JiT's exactly at every t, and
+the flow samplers step with JiT's clamped velocity as JiT's sampler does.
 """
 
 from __future__ import annotations
@@ -70,6 +77,9 @@ class Prediction:
     raw: torch.Tensor | None = None
     """The network output itself, in space `raw_kind` (None for combined predictions such as CFG's)."""
     raw_kind: str | None = None
+    flow_direct: torch.Tensor | None = None
+    """The flow velocity computed straight from an x0 output, (x_t - (alpha + sigma) x0) / max(sigma, clamp)
+    (JiT's clamped v; module docstring); None: flow = eps - x0 (the same wherever sigma >= clamp)."""
 
     @property
     def v(self) -> torch.Tensor:
@@ -77,12 +87,14 @@ class Prediction:
 
     @property
     def flow(self) -> torch.Tensor:
-        return self.eps - self.x0
+        return self.eps - self.x0 if self.flow_direct is None else self.flow_direct
 
     def get(self, kind: str) -> torch.Tensor:
         """The prediction in space `kind`; the network's own space is returned as output, unconverted."""
         if kind == self.raw_kind and self.raw is not None:
             return self.raw
+        if kind == "flow":
+            return self.flow
         return from_x0_eps(kind, self.x0, self.eps, self.alpha, self.sigma)
 
 
@@ -123,7 +135,11 @@ class Denoiser(nn.Module):
         alpha, sigma = expand_like(alpha, x_t), expand_like(sigma, x_t)  # (B, 1, 1, 1)
         out = out.to(x_t.dtype)
         x0, eps = to_x0_eps(self.prediction, out, x_t, alpha, sigma, self.clamp)
-        return Prediction(x0=x0, eps=eps, alpha=alpha, sigma=sigma, raw=out, raw_kind=self.prediction)
+        flow = None
+        if self.prediction == "x0":  # JiT's clamped velocity, not eps - x0 (module docstring)
+            flow = (x_t - (alpha + sigma) * out) / sigma.clamp_min(self.clamp)
+        return Prediction(x0=x0, eps=eps, alpha=alpha, sigma=sigma, raw=out, raw_kind=self.prediction,
+                          flow_direct=flow)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> Prediction:
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t

@@ -43,6 +43,9 @@ def cfg_denoiser(denoiser, cond: dict, uncond: dict | None, scale: float):
         B = x.shape[0]
         x0 = p.x0[B:] + scale * (p.x0[:B] - p.x0[B:])  # (B, C, H, W)
         eps = p.eps[B:] + scale * (p.eps[:B] - p.eps[B:])
-        return Prediction(x0=x0, eps=eps, alpha=p.alpha[:B], sigma=p.sigma[:B])
+        flow = None  # an x0 model's clamped velocity (denoiser.py), combined like the rest
+        if p.flow_direct is not None:
+            flow = p.flow_direct[B:] + scale * (p.flow_direct[:B] - p.flow_direct[B:])
+        return Prediction(x0=x0, eps=eps, alpha=p.alpha[:B], sigma=p.sigma[:B], flow_direct=flow)
 
     return fn

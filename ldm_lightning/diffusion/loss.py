@@ -3,7 +3,10 @@
 Prediction space and loss space are independent (JiT, arXiv 2511.13720: predict x0, regress v).
 The loss calls the Denoiser and takes `prediction.get(loss_space)`; the target is the perfect network
 output passed through the same `Denoiser.to_prediction` (same schedule, same clamp), so a perfect
-network has exactly zero loss at every t, as JiT's clamping of both prediction and target gives.
+network has exactly zero loss at every t, as JiT's clamping of both prediction and target gives. With x0
+prediction and the loss on the flow velocity (JiT's v-loss) the per-sample loss is JiT's exactly at every t,
+mean |x0_pred - x0|^2 / max(sigma, clamp)^2, below the clamp too (denoiser.py: that velocity is taken
+straight from x0, not through eps).
 
 Noise-level convention: x_t = alpha_t x0 + sigma_t eps. On the flow path sigma = t, so t = 1 is pure
 noise and t = 0 is clean (SD3's convention; JiT writes z = t x + (1 - t) eps, the reverse).
