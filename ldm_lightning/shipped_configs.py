@@ -8,16 +8,23 @@ fit / validate / test command is resolved like this:
     -c trainer/cpu-debug.yaml                 a file by that path if there is one, else the shipped one
     -c configs/trainer/cpu-debug.yaml         the same (the path the README uses, from any directory)
 
-A missing name gives one message listing the shipped configs.
+A missing name gives one message listing the shipped configs. A renamed config's old name still resolves to
+the new file for one release (RENAMED), with a note on stderr naming the new one.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 PREFIX = "ldm_lightning:"
 CONFIG_FLAGS = ("-c", "--config")
+RENAMED = {
+    # A latent DiT-B/4 with JiT's objective, not JiT (issue 30); the old name goes after the next release.
+    "diffusion/jit-dit-b4-class.yaml": "diffusion/dit-b4-xpred-vloss-class.yaml",
+}
+"""Old shipped-config name -> its new name (deprecated names, kept working for one release)."""
 
 
 class ConfigNotFound(FileNotFoundError):
@@ -40,6 +47,11 @@ def shipped_config(name: str) -> Path:
     rel = name.removeprefix(PREFIX).removeprefix("configs/")
     if not rel.endswith((".yaml", ".yml")):
         rel += ".yaml"
+    old = next((o for o in RENAMED if rel == o or rel.endswith("/configs/" + o)), None)
+    if old is not None:  # `configs/diffusion/jit-dit-b4-class.yaml` from a checkout or an absolute path
+        print(f"ldm-lightning: config {name!r} is deprecated and will be removed after the next release: it is now "
+              f"{RENAMED[old]!r} (-c configs/{RENAMED[old]})", file=sys.stderr)
+        rel = RENAMED[old]
     path = configs_root() / rel
     if ".." in Path(rel).parts or not path.is_file():
         raise ConfigNotFound(f"config {name!r}: no such file, and no shipped config {rel!r}. Shipped configs (use "

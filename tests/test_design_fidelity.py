@@ -64,3 +64,19 @@ def test_jit_v_loss_equals_jits_formula_below_and_above_the_clamp(noise_level):
     v_pred = (x_pred.double() - z) / max(1 - t_jit, 0.05)
     want = (v - v_pred).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+
+
+# --- the renamed latent DiT-B/4 config: the old name still resolves, with a note ------------------------
+
+
+def test_renamed_dit_b4_config_old_name_still_resolves_with_a_deprecation_note(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    assert not (root / "configs/diffusion/jit-dit-b4-class.yaml").exists()
+    r = subprocess.run([sys.executable, "-m", "ldm_lightning", "fit", "-c", "configs/diffusion/jit-dit-b4-class.yaml",
+                        "--print_config"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "deprecated" in r.stderr and "diffusion/dit-b4-xpred-vloss-class.yaml" in r.stderr
+    assert "backbone: DiT-B/4" in r.stdout and "loss_space: flow" in r.stdout

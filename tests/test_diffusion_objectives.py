@@ -197,7 +197,7 @@ def test_jit_config_draws_noisy_levels_with_the_logit_normal_law():
     """The shipped JiT config trains at high noise (t = 1 is noise here): the drawn t follow the
     logit-normal(+0.8, 0.8) law in distribution (Kolmogorov-Smirnov), not only in their moments."""
     import yaml
-    cfg = yaml.safe_load(open("configs/diffusion/jit-dit-b4-class.yaml"))["model"]["init_args"]
+    cfg = yaml.safe_load(open("configs/diffusion/dit-b4-xpred-vloss-class.yaml"))["model"]["init_args"]
     obj_cfg = ObjectiveConfig(**cfg["objective"])
     assert cfg["schedule"]["kind"] == "flow" and obj_cfg.logit_mean == 0.8 and obj_cfg.logit_std == 0.8
     obj = DiffusionObjective(obj_cfg, FlowSchedule())

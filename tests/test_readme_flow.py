@@ -65,7 +65,7 @@ def test_readme_own_data_flow(tmp_path):
         out = _sh(d, "data", "encode", "--autoencoder", "runs/kl-f8/export", "--shards", src, "--out", dst,
                   "--resize-mode", "center_crop")
         assert "encoded 10 samples" in out and "skipped 0" in out
-    _sh(d, "fit", "-c", "configs/diffusion/jit-dit-b4-class.yaml", *TRAINER,
+    _sh(d, "fit", "-c", "configs/diffusion/dit-b4-xpred-vloss-class.yaml", *TRAINER,
         "--data.init_args.train_shards", "data/photos-latents", "--data.init_args.val_shards",
         "data/photos-latents-val", "--data.init_args.image_size", "32", "--trainer.default_root_dir", "runs/dit",
         "--data.init_args.batch_size", "4", "--data.init_args.val_samples", "4", "--model.init_args.backbone_config",
