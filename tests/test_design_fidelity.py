@@ -80,3 +80,16 @@ def test_renamed_dit_b4_config_old_name_still_resolves_with_a_deprecation_note(t
     assert r.returncode == 0, r.stderr[-2000:]
     assert "deprecated" in r.stderr and "diffusion/dit-b4-xpred-vloss-class.yaml" in r.stderr
     assert "backbone: DiT-B/4" in r.stdout and "loss_space: flow" in r.stdout
+
+
+# --- MoVQ presets: the paper's 1024-entry multichannel codebook -------------------------------------
+
+
+@pytest.mark.parametrize("name", ["movq-f4", "movq-f8"])
+def test_movq_presets_use_the_papers_1024_codes_in_two_heads(name):
+    from ldm_lightning.autoencoder import Autoencoder, get_preset
+    cfg = get_preset(name)
+    assert (cfg.vq_codebook_size, cfg.vq_heads, cfg.embed_dim) == (1024, 2, 4)
+    with torch.device("meta"):
+        q = Autoencoder(cfg).quantize
+    assert (q.codebook_size, q.dim, q.heads) == (1024, 2, 2)  # 1024^2 code pairs per position

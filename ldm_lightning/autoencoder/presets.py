@@ -20,12 +20,16 @@ PRESETS: dict[str, dict] = {
     # DC-AE-style f32c32: 256x256x3 -> 8x8x32, attention at the two coarsest levels, no KL.
     "dcae-f32": dict(arch="dcae", regularizer="none", ch=128, ch_mult=(1, 2, 4, 4, 8, 8), num_res_blocks=2,
                      z_channels=32, resolution=256, attn_resolutions=(16, 8)),
-    # MoVQ f4: 256x256x3 -> 64x64x4; z_q-conditioned decoder norms, 2 heads of 2-dim codes (16384 codes).
+    # MoVQ f4: 256x256x3 -> 64x64x4; z_q-conditioned decoder norms, 2 heads of 2-dim codes from ONE codebook of
+    # 1024 entries. 1024 is the MoVQ paper's: multichannel quantisation is what lets a small codebook match
+    # VQGAN's 16384 (each position gets 1024^2 code pairs). Kandinsky's MoVQGAN checkpoints use 16384 codes of
+    # dim 4 with one head: set autoencoder.vq_codebook_size: 16384, vq_heads: 1 to build that layout.
     "movq-f4": dict(arch="movq", regularizer="vq", ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=4,
-                    embed_dim=4, resolution=256, vq_codebook_size=16384, vq_heads=2, vq_beta=0.25),
-    # MoVQ f8 (Kandinsky's MoVQ layout): 256x256x3 -> 32x32x4, attention at 32.
+                    embed_dim=4, resolution=256, vq_codebook_size=1024, vq_heads=2, vq_beta=0.25),
+    # MoVQ f8 (Kandinsky's MoVQ layout, the paper's 1024-entry multichannel codebook): 256x256x3 -> 32x32x4,
+    # attention at 32.
     "movq-f8": dict(arch="movq", regularizer="vq", ch=128, ch_mult=(1, 2, 2, 4), num_res_blocks=2, z_channels=4,
-                    embed_dim=4, resolution=256, attn_resolutions=(32,), vq_codebook_size=16384, vq_heads=2,
+                    embed_dim=4, resolution=256, attn_resolutions=(32,), vq_codebook_size=1024, vq_heads=2,
                     vq_beta=0.25),
     # VQ-VAE-2: bottom 64x64 and top 32x32 codes of dim 64 (512 each); stage-2 latent (128, 64, 64).
     "vqvae2-f4": dict(arch="kl", regularizer="vq2", ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, z_channels=64,
