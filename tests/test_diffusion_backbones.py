@@ -233,17 +233,19 @@ def test_text_encoder_missing_path_is_a_clear_error(tmp_path):
 
 
 def test_text_encoder_cache_matches_batched_encoding_and_skips_repeats():
-    from ldm_lightning.diffusion.conditioning import FrozenTextEncoder
-    enc = FrozenTextEncoder(max_length=16, cache_size=3)
+    from ldm_lightning.encoders import TextEncoderConfig, TextEncoders
+    enc = TextEncoders([TextEncoderConfig()], max_length=16, cache_size=3)
     texts = ["a handwritten digit seven", "", "a handwritten digit one", "a handwritten digit seven"]
-    ref_h, ref_m = enc.encode(texts, torch.device("cpu"))  # one uncached batch, the reference
+    ref = enc.encode(texts, torch.device("cpu"))  # one uncached batch, the reference
+    ref_h, ref_m = ref.states, ref.mask
     calls = []
     real = enc.encode
     enc.encode = lambda t, d: calls.append(list(t)) or real(t, d)
-    h, m = enc(texts, torch.device("cpu"))
+    e = enc(texts, torch.device("cpu"))
+    h, m = e.states, e.mask
     assert calls == [["a handwritten digit seven", "", "a handwritten digit one"]]  # each caption once
     assert torch.equal(m, ref_m) and torch.allclose(h, ref_h, atol=1e-5)
-    h2, _ = enc(["", "a handwritten digit one"], torch.device("cpu"))
+    h2 = enc(["", "a handwritten digit one"], torch.device("cpu")).states
     assert len(calls) == 1 and torch.allclose(h2, ref_h[1:3], atol=1e-5)  # all from the cache
     enc(["a handwritten digit two"], torch.device("cpu"))
     assert len(enc._cache) == 3 and "a handwritten digit seven" not in enc._cache  # least recently used went

@@ -164,8 +164,14 @@ def test_compile_mode_is_validated():
 
 @pytest.fixture(scope="module")
 def minilm():
-    from ldm_lightning.diffusion.conditioning import FrozenTextEncoder
-    return FrozenTextEncoder(max_length=16)
+    from ldm_lightning.encoders import TextEncoderConfig, TextEncoders
+
+    def states_and_mask(texts, device, trim=False):
+        e = enc(texts, device, trim)
+        return e.states, e.mask
+    enc = TextEncoders([TextEncoderConfig()], max_length=16)
+    states_and_mask.dim = enc.dim
+    return states_and_mask
 
 
 def test_trim_padding_drops_the_mask_only_when_no_caption_is_padded(minilm):

@@ -6,7 +6,7 @@ talk only to it, so backbones, prediction types and schedules combine freely. `l
 rebuilds a trained one without Lightning; concat.py holds the super-resolution / inpainting conditions.
 """
 
-from .conditioning import Conditioner, ConditioningConfig, FrozenTextEncoder
+from .conditioning import Conditioner, ConditioningConfig
 from .ddt import DDT, DDTConfig, encoder_reuse
 from .dit import DiT, DiTConfig
 from .gmm import GaussianMixture
@@ -21,7 +21,7 @@ from .schedules import FlowSchedule, VPSchedule, build_schedule, make_betas, res
 from .unet import UNet, UNetConfig
 
 __all__ = [
-    "Conditioner", "ConditioningConfig", "FrozenTextEncoder", "DiT", "DiTConfig", "GaussianMixture", "cfg_denoiser", "concat_cond",
+    "Conditioner", "ConditioningConfig", "DiT", "DiTConfig", "GaussianMixture", "cfg_denoiser", "concat_cond",
     "DiffusionObjective", "LossOutput", "ObjectiveConfig", "loss_by_bin", "PREDICTIONS", "Denoiser", "Prediction",
     "from_x0_eps", "to_x0_eps", "PRESETS", "build_backbone", "SAMPLERS", "get_sampler", "FlowSchedule",
     "VPSchedule", "build_schedule", "make_betas", "rescale_zero_terminal_snr", "UNet", "UNetConfig",

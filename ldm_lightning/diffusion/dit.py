@@ -3,7 +3,8 @@
 
 The timestep (+ class) embedding c regresses per-block shift/scale/gate vectors; the modulation MLPs
 and the final layer start at zero, so every block is the identity and the output is 0 at init.
-Text conditioning (optional): 'cross_attn' adds a cross-attention sub-block after self-attention in
+A pooled text vector (optional, `pooled_dim`: SD3's CLIP pooled vector) goes through Linear-SiLU-Linear and
+is added to c, next to the timestep. Text conditioning (optional): 'cross_attn' adds a cross-attention sub-block after self-attention in
 each block (PixArt-alpha), its output projection zero-initialised to keep the identity at init;
 'in_context' appends projected text tokens to the sequence (DiT §3.2 "in-context conditioning").
 """
@@ -54,6 +55,9 @@ class DiTConfig:
     """Width of text tokens; None = no text conditioning."""
     text_mode: str = "cross_attn"
     """'cross_attn' or 'in_context'."""
+    pooled_dim: int | None = None
+    """Width of a pooled text vector added to the AdaLN condition (SD3's 'vector' input: the text encoders'
+    joined pooled vectors, encoders/text_join.py); None = no such input (and no extra layer)."""
     qk_norm: bool = False
     """RMSNorm on queries and keys (SD3: stabilises mixed-precision training)."""
     grad_checkpointing: bool = False
@@ -71,6 +75,8 @@ class DiTConfig:
             raise ValueError(f"dit.concat_channels must be >= 0, got {self.concat_channels}")
         if self.bottleneck_dim is not None and self.bottleneck_dim < 1:
             raise ValueError(f"dit.bottleneck_dim must be None or >= 1, got {self.bottleneck_dim}")
+        if self.pooled_dim is not None and self.pooled_dim < 1:
+            raise ValueError(f"dit.pooled_dim must be None or >= 1, got {self.pooled_dim}")
 
 
 def per_token(v: torch.Tensor) -> torch.Tensor:
@@ -149,6 +155,9 @@ class DiT(nn.Module):
         self.x_embedder = patch_embedder(c_in, D, p, cfg.bottleneck_dim)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes else None
+        # SD3's pooled-text projection (Linear-SiLU-Linear); only when configured, so older checkpoints load
+        self.pooled_embedder = (nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(), nn.Linear(D, D))
+                                if cfg.pooled_dim else None)
         g = cfg.input_size // p
         self.register_buffer("pos_embed", sincos_2d(D, g, g)[None], persistent=False)  # (1, N, D), fixed
         cross = cfg.context_dim is not None and cfg.text_mode == "cross_attn"
@@ -203,25 +212,30 @@ class DiT(nn.Module):
             return self.pos_embed.to(x.dtype)
         return sincos_2d(width, h, w).to(device=x.device, dtype=x.dtype)[None]
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """c = timestep embedding (+ class embedding), (B, D): what AdaLN modulates with."""
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """c = timestep embedding (+ class embedding) (+ pooled text embedding), (B, D): what AdaLN modulates with."""
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
             if y is None:
                 raise ValueError("this DiT is class-conditional: pass y (use index num_classes for 'no class')")
             c = c + self.y_embedder(y)
+        if self.pooled_embedder is not None:
+            if pooled is None:
+                raise ValueError(f"this {type(self).__name__} takes a pooled text vector (pooled_dim set): pass "
+                                 f"pooled (B, {self.cfg.pooled_dim})")
+            c = c + self.pooled_embedder(pooled.to(c.dtype))
         return c
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                c_concat: torch.Tensor | None = None) -> torch.Tensor:
+                c_concat: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D_ctx); mask (B, L);
-        c_concat (B, concat_channels, H, W)."""
+        c_concat (B, concat_channels, H, W); pooled (B, pooled_dim)."""
         x = join_concat(x, c_concat, self.cfg.concat_channels, type(self).__name__)  # (B, C + C_cat, H, W)
         B = x.shape[0]
         h, w = self.token_grid(x)
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.positions(h, w, x)  # (B, N, D)
-        c = self.condition(t, y)  # (B, D)
+        c = self.condition(t, y, pooled)  # (B, D)
         if self.cfg.context_dim is not None and context is None:
             raise ValueError("this DiT is text-conditional (context_dim set): pass context (B, L, context_dim)")
         self_mask, N = None, tokens.shape[1]

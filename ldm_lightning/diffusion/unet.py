@@ -46,6 +46,9 @@ class UNetConfig:
     """Width of text tokens for cross-attention; None = no cross-attention."""
     num_classes: int | None = None
     """Class conditioning: embedding table of num_classes + 1 rows (last = null class)."""
+    pooled_dim: int | None = None
+    """Width of a pooled text vector added to the time embedding through Linear-SiLU-Linear (SDXL's
+    `add_embedding` of CLIP-G's pooled vector); None = no such input (and no extra layer)."""
     norm_groups: int = 32
     """GroupNorm groups; must divide every level's channels."""
     dropout: float = 0.0
@@ -171,6 +174,9 @@ class UNet(nn.Module):
         emb_dim = 4 * mc
         self.time_embed = TimestepEmbedder(emb_dim, freq_dim=mc)
         self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        # SDXL's add_embedding; only when configured, so older checkpoints load
+        self.pooled_embed = (nn.Sequential(nn.Linear(cfg.pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                             if cfg.pooled_dim else None)
         self.conv_in = nn.Conv2d(cfg.in_channels + cfg.concat_channels, mc, 3, padding=1)
         res = lambda cin, cout: ResBlock(cin, cout, emb_dim, groups, cfg.dropout)  # noqa: E731
 
@@ -207,9 +213,9 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                c_concat: torch.Tensor | None = None) -> torch.Tensor:
+                c_concat: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D); mask (B, L);
-        c_concat (B, concat_channels, H, W)."""
+        c_concat (B, concat_channels, H, W); pooled (B, pooled_dim)."""
         x = join_concat(x, c_concat, self.cfg.concat_channels, "UNet")  # (B, C + C_cat, H, W)
         f = 2 ** (len(self.cfg.channel_mult) - 1)
         if x.shape[-2] % f or x.shape[-1] % f:
@@ -220,6 +226,11 @@ class UNet(nn.Module):
             if y is None:
                 raise ValueError("this UNet is class-conditional: pass y (use index num_classes for 'no class')")
             emb = emb + self.class_embed(y)
+        if self.pooled_embed is not None:
+            if pooled is None:
+                raise ValueError(f"this UNet takes a pooled text vector (pooled_dim set): pass pooled "
+                                 f"(B, {self.cfg.pooled_dim})")
+            emb = emb + self.pooled_embed(pooled.to(emb.dtype))
         if self.cfg.context_dim and context is None:
             raise ValueError("this UNet has cross-attention (context_dim set): pass context (B, L, context_dim)")
         h = self.conv_in(x)  # (B, mc, H, W)
