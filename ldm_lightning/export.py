@@ -10,6 +10,9 @@ checkpoints go to `ldm_lightning.diffusion.export.export_denoiser` (stage 2 owns
   any arch; the scale/shift/latent stats travel as tensors. `load_autoencoder(folder)` reads it.
 - `diffusers`: a `diffusers.AutoencoderKL.from_pretrained` folder (KL arch, no down-block attention);
   `scaling_factor` / `shift_factor` carry our measured factors.
+An `--out` that already holds files is refused unless `--overwrite`; then the new export is written to a
+sibling temp folder and swapped in with renames, so the folder is never a mix of two exports and a crash
+while writing leaves the old one intact.
 """
 
 from __future__ import annotations
@@ -19,44 +22,54 @@ import json
 import os
 from pathlib import Path
 
-from ldm_lightning.autoencoder.load import CHECKPOINT_TAG
+from ldm_lightning.autoencoder.load import CHECKPOINT_TAG, DIFFUSERS_WEIGHTS, EXPORT_WEIGHTS
+from ldm_lightning.errors import WrongFileError
+from ldm_lightning.output_paths import replace_dir
 
 FORMATS = ("diffusers", "safetensors")
+# What any export writes (autoencoder in either format, denoiser): a folder holding only these may be replaced.
+EXPORT_FILES = {"config.json", EXPORT_WEIGHTS, *DIFFUSERS_WEIGHTS, "denoiser.safetensors"}
 
 
-def export_autoencoder(ae, out: str | os.PathLike, fmt: str = "safetensors") -> Path:
-    """Write `ae` (an `Autoencoder`) to folder `out` in format `fmt`; returns the folder."""
+def export_autoencoder(ae, out: str | os.PathLike, fmt: str = "safetensors", overwrite: bool = True) -> Path:
+    """Write `ae` (an `Autoencoder`) to folder `out` in format `fmt`; returns the folder.
+
+    An existing export in `out` is replaced whole (`replace_dir`: never a mix of two exports); with
+    `overwrite=False` (the CLI's default) a non-empty `out` is refused instead."""
     from safetensors.torch import save_file
 
     from ldm_lightning.autoencoder import interop
     from ldm_lightning.autoencoder.load import EXPORT_CONFIG_KEY, EXPORT_WEIGHTS
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}; got {fmt!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in ae.state_dict().items()}
     if fmt == "safetensors":
-        save_file(sd, str(out / EXPORT_WEIGHTS))
-        (out / "config.json").write_text(json.dumps({EXPORT_CONFIG_KEY: ae.config.to_dict()}, indent=2))
+        config = {EXPORT_CONFIG_KEY: ae.config.to_dict()}
+        weights = {EXPORT_WEIGHTS: sd}
     else:
-        cfg = interop.config_to_diffusers(ae.config, float(ae.scale_factor), float(ae.shift_factor))
-        save_file(interop.to_diffusers_state_dict(sd, ae.config), str(out / "diffusion_pytorch_model.safetensors"))
-        (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out
+        config = interop.config_to_diffusers(ae.config, float(ae.scale_factor), float(ae.shift_factor))
+        weights = {"diffusion_pytorch_model.safetensors": interop.to_diffusers_state_dict(sd, ae.config)}
+
+    def write(folder: Path) -> None:
+        for name, tensors in weights.items():
+            save_file(tensors, str(folder / name))
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return replace_dir(out, write, EXPORT_FILES, overwrite)
 
 
-def export_checkpoint(checkpoint: str, out: str, fmt: str, weights: str = "ema") -> Path:
+def export_checkpoint(checkpoint: str, out: str, fmt: str, weights: str = "ema", overwrite: bool = False) -> Path:
+    """Export the model of training checkpoint `checkpoint` (autoencoder or denoiser) to folder `out`."""
     from ldm_lightning.autoencoder.load import load_autoencoder, read_checkpoint
     ckpt = read_checkpoint(checkpoint)
     module = (ckpt.get("ldm_lightning") or {}).get("module") if isinstance(ckpt, dict) else None
     if module == CHECKPOINT_TAG:
-        return export_autoencoder(load_autoencoder(checkpoint, weights=weights), out, fmt)
+        return export_autoencoder(load_autoencoder(checkpoint, weights=weights), out, fmt, overwrite)
     from ldm_lightning.diffusion.load import CHECKPOINT_TAG as DENOISER_TAG
     if module == DENOISER_TAG:
         from ldm_lightning.diffusion.export import export_denoiser  # stage 2 owns its export
-        return export_denoiser(ckpt, out, fmt, weights)
-    raise ValueError(f"{checkpoint}: not an ldm-lightning training checkpoint (no 'ldm_lightning.module' tag; "
-                     f"found {module!r}); pass a .ckpt written by `ldm-lightning fit`")
+        return export_denoiser(ckpt, out, fmt, weights, overwrite)
+    raise WrongFileError(f"{checkpoint}: not an ldm-lightning training checkpoint (no 'ldm_lightning.module' tag; "
+                         f"found {module!r}); pass a .ckpt written by `ldm-lightning fit`")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="safetensors", choices=FORMATS)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--weights", default="ema", choices=("ema", "live"), help="which weights to export")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing export in --out (written beside it, then swapped in whole)")
     a = p.parse_args(argv)
-    out = export_checkpoint(a.checkpoint, a.out, a.format, a.weights)
+    out = export_checkpoint(a.checkpoint, a.out, a.format, a.weights, a.overwrite)
     print(f"exported {a.checkpoint} -> {out} ({a.format})")
     return 0
 

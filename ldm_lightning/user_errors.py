@@ -40,10 +40,17 @@ OS_ERROR_FIXES = {
 PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+def debug_requested() -> bool:
+    """Whether this process shows tracebacks of user errors (LDM_DEBUG=1, which `--debug` sets)."""
+    return os.environ.get("LDM_DEBUG", "") not in ("", "0")
+
+
 def split_debug(argv: list[str]) -> tuple[bool, list[str]]:
-    """(whether the traceback was asked for, argv without `--debug`): `--debug` or LDM_DEBUG=1."""
-    debug = "--debug" in argv or os.environ.get("LDM_DEBUG", "") not in ("", "0")
-    return debug, [a for a in argv if a != "--debug"]
+    """(whether the traceback was asked for, argv without `--debug`): `--debug` or LDM_DEBUG=1. `--debug` sets
+    LDM_DEBUG=1 for the rest of the process (a tool's own handler, a subprocess it starts) to see."""
+    if "--debug" in argv:
+        os.environ["LDM_DEBUG"] = "1"
+    return debug_requested(), [a for a in argv if a != "--debug"]
 
 
 def os_error_message(exc: OSError) -> str:

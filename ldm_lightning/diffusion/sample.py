@@ -27,6 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm_lightning.errors import UserError
+from ldm_lightning.finite import finite_float
+from ldm_lightning.output_paths import prepare_output_dir
+
 from .ddt import encoder_reuse
 from .guidance import cfg_denoiser
 from .samplers import SAMPLERS, get_sampler
@@ -176,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoencoder", default=None, help="autoencoder path (default: the one recorded at training)")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=1.0,
+    p.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=finite_float, default=1.0,
                    help="classifier-free guidance scale (1 = conditional only); --cfg is the short alias")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--class", dest="cls", type=int, default=None, help="one class index")
@@ -207,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--encoder-every must be >= 1, got {a.encoder_every}")
     if a.num < 1 or a.steps < 1:
         raise SystemExit(f"--num and --steps must be >= 1 (got --num {a.num}, --steps {a.steps})")
+    out = prepare_output_dir(a.out)  # before the model loads: a bad --out must not cost a sampling run
     from ldm_lightning.autoencoder.load import load_autoencoder
 
     from .load import load_denoiser
@@ -262,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         labels = [c for c in classes for _ in range(a.num)]
         rows = len(classes)
     elif a.prompt is not None:
+        if kind != "text":
+            raise UserError(f"--prompt: this model is {'unconditional' if kind == 'none' else kind + '-conditional'}, "
+                            "not text-conditional: drop --prompt" + (" and give --class K or --classes A-B"
+                                                                      if kind == "class" else ""))
         prompts = [a.prompt] * a.num
         names = [f"{slug(a.prompt)}_{i}" for i in range(a.num)]
         rows = 1
@@ -283,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     images = sample_images(denoiser, conditioner, ae, latent_shape, len(names), a.sampler, a.steps,
                            a.guidance_scale, a.seed, labels=labels, prompts=prompts, c_concat=c_concat,
                            encoder_every=a.encoder_every)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     for name, img in zip(names, to_uint8(images)):
         save_png(img, out / f"{name}.png")
     save_png(make_grid(images, nrow=len(names) // rows), out / "grid.png")

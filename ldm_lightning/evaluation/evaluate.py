@@ -26,6 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm_lightning.errors import UserError
+from ldm_lightning.finite import finite_float
+from ldm_lightning.output_paths import prepare_output_dir, prepare_output_file
+from ldm_lightning.user_errors import EXIT_USER_ERROR, debug_requested, print_user_error
+
 from .extractors import EXTRACTORS, build_extractor
 from .generated import features_of_images, features_of_samples
 from .image_sources import source_kind
@@ -56,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("sampling (--checkpoint)")
     s.add_argument("--sampler", default="ddim")
     s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--guidance-scale", type=float, default=1.0,
+    s.add_argument("--guidance-scale", type=finite_float, default=1.0,
                    help="classifier-free guidance scale (1 = conditional only)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--prompts", help="text models: a file of prompts, one a line, used in turn")
@@ -136,6 +141,11 @@ def run(a) -> dict | None:
     for spec in (a.images, a.reference):
         if spec is not None:
             source_kind(spec)  # a clear error before any model loads
+    for option, path in (("--out", a.out), ("--save-stats", a.save_stats)):
+        if path:
+            prepare_output_file(path, option)  # before the work: an hour of sampling must not end in "is a folder"
+    if a.save_samples:
+        prepare_output_dir(a.save_samples, "--save-samples")
     rank, world = _dist()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if a.device == "cuda" and world > 1
                           else a.device)
@@ -176,9 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         run(a)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"ldm-lightning evaluate: error: {e}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError, UserError) as e:  # the others: user_errors.run_tool (cli.py)
+        if debug_requested():
+            raise
+        print_user_error("ldm-lightning evaluate", str(e))
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -20,6 +20,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ldm_lightning.errors import UserError
+
+class UnreadableImageError(UserError, ValueError):
+    """A file of the image set (by its name or shard member an image) that PIL cannot decode."""
+
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SHARD_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -29,9 +35,16 @@ def decode_image(data: bytes | str | os.PathLike) -> torch.Tensor:
     """An image file (bytes or path) → uint8 (C, H, W), C = 1 for gray images, else 3 (alpha dropped)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-        im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
-        a = np.asarray(im)  # (H, W) or (H, W, 3) uint8
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
+            a = np.asarray(im)  # (H, W) or (H, W, 3) uint8
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError (an OSError), truncated data
+        if isinstance(err, (FileNotFoundError, PermissionError)):
+            raise
+        where = "" if isinstance(data, bytes) else f"{os.fspath(data)}: "
+        raise UnreadableImageError(f"{where}not a readable image ({type(err).__name__}: {err}); remove or replace "
+                                   "the file, or score another set") from err
     return torch.from_numpy(a.copy()).reshape(a.shape[0], a.shape[1], -1).permute(2, 0, 1)  # (C, H, W)
 
 
@@ -94,7 +107,11 @@ def iter_images(spec: str, rank: int = 0, world: int = 1, limit: int | None = No
                     raise ValueError(f"{shard.url}: sample {sample['__key__']!r} has no image member "
                                      f"({'/'.join(SHARD_IMAGE_KEYS)}); is this a latent shard?")
                 if take(i):
-                    yield decode_image(sample[key])
+                    try:
+                        image = decode_image(sample[key])
+                    except UnreadableImageError as err:
+                        raise UnreadableImageError(f"{shard.url}: sample {sample['__key__']!r}: {err}") from err
+                    yield image
                 i += 1
 
 
@@ -117,4 +134,4 @@ def iter_batches(spec: str, batch_size: int, rank: int = 0, world: int = 1,
         raise ValueError(f"{spec}: no images")
 
 
-__all__ = ["IMAGE_EXTS", "decode_image", "iter_batches", "iter_images", "source_kind"]
+__all__ = ["IMAGE_EXTS", "UnreadableImageError", "decode_image", "iter_batches", "iter_images", "source_kind"]
