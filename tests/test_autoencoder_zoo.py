@@ -264,3 +264,11 @@ def test_dcae_phases_freeze_by_name_and_start_from_previous_phase(mnist_shards, 
                 assert torch.equal(v, before[k]), f"{k} should be frozen"
     ck = torch.load(p3, map_location="cpu", weights_only=True)
     assert any(k.startswith("loss.discriminator.") for k in ck["state_dict"])
+    # phase 3 (encoder frozen, keep_latent_stats) keeps phase 2's latent statistics instead of re-measuring them
+    # at its own resolution (32 px here, 64 in phase 2): latents made with phase 2 keep their scale
+    ae2, ae3 = load_autoencoder(p2), load_autoencoder(p3)
+    for k in ("scale_factor", "shift_factor", "latent_mean", "latent_std"):
+        assert torch.equal(getattr(ae3, k), getattr(ae2, k)), k
+    with torch.no_grad():
+        x = torch.rand(2, 1, 32, 32) * 2 - 1
+        torch.testing.assert_close(ae3.encode(x).mode(), ae2.encode(x).mode(), rtol=0, atol=0)

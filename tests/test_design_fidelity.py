@@ -93,3 +93,39 @@ def test_movq_presets_use_the_papers_1024_codes_in_two_heads(name):
     with torch.device("meta"):
         q = Autoencoder(cfg).quantize
     assert (q.codebook_size, q.dim, q.heads) == (1024, 2, 2)  # 1024^2 code pairs per position
+
+
+# --- the latent scale factor is 1 / std of the latents (LDM's scale_by_std) -----------------------------
+
+
+def test_scale_factor_is_one_over_the_std_of_the_latents():
+    """On real MNIST through a tiny trained-shape autoencoder: the measured factor equals 1 / std of every latent
+    value the pass encoded (posterior samples replayed from the same generator; and the posterior mode)."""
+    from ldm_lightning.autoencoder import Autoencoder, get_preset
+    from ldm_lightning.evaluation.mnist_data import load_mnist_32
+    torch.manual_seed(0)
+    ae = Autoencoder(get_preset("tiny-mnist")).eval()
+    x, _ = load_mnist_32("test", limit=24)  # (24, 1, 32, 32) in [-1, 1]
+    batches = list(x.split(8))
+    for sample in (False, True):
+        stats = ae.compute_scale_factor(batches, sample=sample, generator=torch.Generator().manual_seed(3))
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            z = torch.cat([(ae.encode(b).sample(generator=g) if sample else ae.encode(b).mode()).double()
+                           for b in batches])
+        assert float(stats["scale_factor"]) == pytest.approx(1 / z.std(unbiased=False).item(), rel=1e-6)
+        assert float(ae.scale_factor) == float(stats["scale_factor"]) and float(ae.shift_factor) == 0.0
+        torch.testing.assert_close(stats["latent_std"].double(), z.transpose(0, 1).flatten(1).std(1, unbiased=False),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_keep_latent_stats_is_refused_where_the_latents_change():
+    from ldm_lightning.autoencoder import AutoencoderModule
+    with pytest.raises(ValueError, match="keep_latent_stats needs model.init_from"):
+        AutoencoderModule(keep_latent_stats=True, loss={"perceptual_weight": 0, "disc_weight": 0})
+    with pytest.raises(ValueError, match="the latent side trains"):
+        AutoencoderModule(keep_latent_stats=True, init_from="x.ckpt", train_only=["encoder.conv_in.*"],
+                          loss={"perceptual_weight": 0, "disc_weight": 0})
+    m = AutoencoderModule(keep_latent_stats=True, init_from="x.ckpt", train_only=["decoder.conv_out.*"],
+                          loss={"perceptual_weight": 0, "disc_weight": 0})
+    assert m.configure_callbacks()[0].keep

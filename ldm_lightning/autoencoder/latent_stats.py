@@ -20,16 +20,20 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 STAT_BUFFERS = ("scale_factor", "shift_factor", "latent_mean", "latent_std")
+DECODER_SIDE = ("decoder.", "post_quant_conv.")
+"""Autoencoder parameter-name prefixes that do not change the latents (everything else is the latent side)."""
 
 
 class LatentStatistics(L.Callback):
-    def __init__(self, batches: int = 4, use_shift: bool = False):
+    def __init__(self, batches: int = 4, use_shift: bool = False, keep: bool = False):
         """
         Args:
             batches: train batches each statistics pass reads.
             use_shift: also store the latent mean as shift_factor (else shift 0, as LDM/SD).
+            keep: keep the statistics the module started with (model.keep_latent_stats: the previous phase's,
+                the latent side frozen) instead of measuring them after the final step.
         """
-        self.batches, self.use_shift = batches, use_shift
+        self.batches, self.use_shift, self.keep = batches, use_shift, keep
         self.done = False
 
     # --- when ------------------------------------------------------------------------------------
@@ -87,6 +91,10 @@ class LatentStatistics(L.Callback):
     def update(self, trainer, pl_module) -> dict[str, torch.Tensor] | None:
         """Measure the latent statistics with the EMA (exported) weights; store them in both copies."""
         self.done = True
+        if self.keep:
+            rank_zero_info(f"[ldm-lightning] latent statistics kept from model.init_from (keep_latent_stats): "
+                           f"scale_factor={float(pl_module.autoencoder.scale_factor):.5f}")
+            return None
         if self.batches <= 0:
             return None
         net = pl_module.ema_or_live()

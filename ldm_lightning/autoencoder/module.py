@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ldm_lightning.autoencoder.autoencoder import Autoencoder, AutoencoderConfig
-from ldm_lightning.autoencoder.latent_stats import STAT_BUFFERS, LatentStatistics
+from ldm_lightning.autoencoder.latent_stats import DECODER_SIDE, STAT_BUFFERS, LatentStatistics
 from ldm_lightning.autoencoder.load import CHECKPOINT_TAG
 from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
@@ -54,7 +54,7 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
                  sample_posterior: bool = True, scale_batches: int = 4, scale_use_shift: bool = False,
                  fid_inception_weights: str | None = None, log_images: int = 8, compile: bool = False,
                  speed: SpeedConfig | dict | None = None, train_only: list[str] | None = None,
-                 init_from: str | None = None):
+                 init_from: str | None = None, keep_latent_stats: bool = False):
         """
         Args:
             preset: autoencoder preset name (presets.py) or None for AutoencoderConfig defaults.
@@ -77,6 +77,11 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
                 matches nothing is an error. The discriminator always trains when the GAN is on.
             init_from: weights to start from (a previous phase's .ckpt (EMA weights) or export, anything
                 `load_autoencoder` reads); applied at the start of a fresh fit, not on resume.
+            keep_latent_stats: keep init_from's latent statistics (scale/shift factor, per-channel mean/std)
+                instead of measuring them again after the run. Only with init_from and a frozen latent side
+                (every encoder-side parameter outside train_only): the latents are then the previous phase's
+                exactly, so a stage-2 model trained on them keeps its scale (DC-AE phase 3 after phase 2,
+                which measured at another resolution).
         """
         super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed)
         if preset is not None and preset not in PRESETS:
@@ -103,11 +108,13 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
             "scale_batches": scale_batches, "scale_use_shift": scale_use_shift,
             "fid_inception_weights": fid_inception_weights, "log_images": log_images, "compile": compile,
             "speed": _plain(self.speed), "train_only": list(train_only) if train_only else None,
-            "init_from": init_from})
+            "init_from": init_from, "keep_latent_stats": keep_latent_stats})
         self.autoencoder = Autoencoder(cfg)
-        self.train_only, self.init_from = train_only, init_from
+        self.train_only, self.init_from, self.keep_latent_stats = train_only, init_from, keep_latent_stats
         if train_only:
             self._freeze_all_but(list(train_only))
+        if keep_latent_stats:
+            self._check_latent_side_frozen()
         self.loss = AutoencoderLoss(self.loss_cfg, cfg.out_channels or cfg.in_channels)
         if self.speed.channels_last:  # before the EMA copy, so both are NHWC
             to_channels_last(self.autoencoder, self.loss.discriminator)
@@ -133,9 +140,20 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
             if p.requires_grad and not any(fnmatch.fnmatchcase(n, pat) for pat in patterns):
                 p.requires_grad_(False)
 
+    def _check_latent_side_frozen(self) -> None:
+        if not self.init_from:
+            raise ValueError("model.keep_latent_stats needs model.init_from: the checkpoint whose latent statistics "
+                             "to keep (or set keep_latent_stats: false to measure them)")
+        training = [n for n, p in self.autoencoder.named_parameters()
+                    if p.requires_grad and not n.startswith(DECODER_SIDE)]
+        if training:
+            raise ValueError(f"model.keep_latent_stats: the latent side trains ({training[:4]}...), so the latents "
+                             "change and their statistics must be measured again: set keep_latent_stats: false, or "
+                             "list only decoder parameters in model.train_only")
+
     def configure_callbacks(self):
         # The one owner of the latent statistics (latent_stats.py); Lightning orders it before checkpoints.
-        return [LatentStatistics(self.scale_batches, self.scale_use_shift)]
+        return [LatentStatistics(self.scale_batches, self.scale_use_shift, keep=self.keep_latent_stats)]
 
     def on_fit_start(self) -> None:
         self._check_datamodule()
@@ -146,7 +164,7 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
                     self.autoencoder.config.to_dict() | {"scale_factor": 0, "shift_factor": 0}:
                 raise ValueError(f"model.init_from={self.init_from!r} holds another architecture than this "
                                  "model's autoencoder config; start from a checkpoint of the same preset/overrides")
-            sd = {k: v for k, v in src.state_dict().items() if k not in STAT_BUFFERS}
+            sd = {k: v for k, v in src.state_dict().items() if self.keep_latent_stats or k not in STAT_BUFFERS}
             for net in {id(m): m for m in (self.autoencoder, self.ema_or_live())}.values():
                 net.load_state_dict(sd, strict=False)
 
