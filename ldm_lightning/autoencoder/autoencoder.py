@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.autoencoder.dcae import DCDecoder, DCEncoder
 from ldm_lightning.autoencoder.distributions import DiagonalGaussian, PointPosterior
 from ldm_lightning.autoencoder.kl import Decoder, Encoder
@@ -111,6 +112,7 @@ class AutoencoderConfig:
     """Initial latent shift (overwritten by compute_scale_factor(use_shift=True))."""
 
     def __post_init__(self):
+        check_finite_fields(self, "autoencoder")  # NaN/inf pass every comparison below
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
         if self.arch not in ARCHS:
             raise ValueError(f"autoencoder.arch must be one of {ARCHS}; got {self.arch!r}")

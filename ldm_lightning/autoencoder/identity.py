@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.autoencoder.distributions import PointPosterior
 
 SPEC_PREFIX = "identity:"
@@ -30,6 +31,7 @@ class IdentityConfig:
     """Nominal image side (the DiT's default input_size, the validation sample size)."""
 
     def __post_init__(self):
+        check_finite_fields(self, "identity")  # NaN/inf pass every comparison below
         if self.in_channels < 1 or self.resolution < 1:
             raise ValueError(f"identity autoencoder: in_channels and resolution must be >= 1, got "
                              f"{self.in_channels}, {self.resolution}")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.autoencoder.discriminator import DiscNorm, NLayerDiscriminator
 
 
@@ -78,6 +79,7 @@ class LossConfig:
     """Use the adaptive generator weight (else disc_weight alone)."""
 
     def __post_init__(self):
+        check_finite_fields(self, "loss")  # NaN/inf pass every comparison below
         for name, choice in (("rec_loss", RecLoss), ("rec_reduction", RecReduction), ("disc_loss", DiscLoss),
                              ("disc_norm", DiscNorm)):
             allowed = get_args(choice)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from ldm_lightning.data.pixels import to_mode
 from ldm_lightning.data.transforms import BadSample, open_image
+from ldm_lightning.finite import check_finite_fields
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class BucketConfig:
     data once in all, not once per rank. Off: every rank handles every shard (no collective)."""
 
     def __post_init__(self):
+        check_finite_fields(self, "data.bucketing")  # NaN/inf pass every comparison below
         if not (isinstance(self.divisor, int) and self.divisor >= 1):
             raise ValueError(f"data.bucketing.divisor must be an int >= 1; got {self.divisor!r}")
         if not (isinstance(self.target_pixels, int) and self.target_pixels >= self.divisor ** 2):

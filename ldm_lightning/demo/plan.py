@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from ldm_lightning.finite import check_finite_fields
+
 
 @dataclass
 class DemoPlan:
@@ -30,6 +32,7 @@ class DemoPlan:
     """Classifier-free guidance scale of the guided samples (1.0 = conditional only)."""
 
     def __post_init__(self):
+        check_finite_fields(self, "demo plan")  # NaN/inf pass every comparison below
         for name in ("ae_steps", "diffusion_steps", "samples_per_class", "sampler_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"demo plan {name} must be >= 1, got {getattr(self, name)}")

@@ -16,6 +16,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.encoders.text import TextEncoderConfig
 from ldm_lightning.encoders.text_join import TextEncoders
 
@@ -59,6 +60,7 @@ class ConditioningConfig:
     it pays for template captions of one length and small batches (nn/attention.trim_key_padding)."""
 
     def __post_init__(self):
+        check_finite_fields(self, "conditioning")  # NaN/inf pass every comparison below
         if self.kind not in CONDITIONINGS:
             raise ValueError(f"conditioning.kind must be one of {CONDITIONINGS}, got {self.kind!r}")
         if self.kind == "class" and self.num_classes < 1:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.diffusion.concat import join_concat
 from ldm_lightning.nn.attention import Attention
 from ldm_lightning.nn.embeddings import TimestepEmbedder, sincos_2d
@@ -64,6 +65,7 @@ class DiTConfig:
     """Recompute each block in backward (torch.utils.checkpoint, use_reentrant=False)."""
 
     def __post_init__(self):
+        check_finite_fields(self, "dit")  # NaN/inf pass every comparison below
         if self.input_size % self.patch_size:
             raise ValueError(f"dit.input_size={self.input_size} must be divisible by dit.patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads or self.hidden_size % 4:

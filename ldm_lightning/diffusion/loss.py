@@ -23,6 +23,7 @@ from typing import Literal, get_args
 
 import torch
 
+from ldm_lightning.finite import check_finite_fields
 from .denoiser import PREDICTIONS, PredictionKind, expand_like, from_x0_eps
 
 TimestepSampling = Literal["uniform", "logit_normal"]
@@ -56,6 +57,7 @@ class ObjectiveConfig:
     Denoiser owns it: applied alike to the network output and to the target, in training and sampling."""
 
     def __post_init__(self):
+        check_finite_fields(self, "objective")  # NaN/inf pass every comparison below
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"objective.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.loss_space is None:

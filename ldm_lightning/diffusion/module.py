@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from ldm_lightning.finite import check_finite
 from ldm_lightning.nn.images import model_range
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule, is_logging_step
 from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
@@ -105,6 +106,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         for name, v, lo in (("loss_bins", loss_bins, 0), ("val_steps", val_steps, 1), ("val_num", val_num, 0)):
             if v < lo:
                 raise ValueError(f"model.{name} must be >= {lo}; got {v}")
+        check_finite("model.val_cfg", val_cfg)
         sched = dict(schedule or {"kind": "vp"})
         sched.setdefault("kind", "vp")
         obj_cfg = _as(ObjectiveConfig, objective)

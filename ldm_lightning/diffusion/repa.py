@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.errors import UserError
 
 MNIST_PREFIX = "mnist-classifier:"
@@ -58,6 +59,7 @@ class REPAConfig:
     Ignored for the MNIST classifier (32 px)."""
 
     def __post_init__(self):
+        check_finite_fields(self, "repa")  # NaN/inf pass every comparison below
         if self.block < 1:
             raise REPAError(f"repa.block must be >= 1 (1-based block index), got {self.block}")
         if self.weight < 0:

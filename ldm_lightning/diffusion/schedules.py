@@ -19,6 +19,8 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from ldm_lightning.finite import check_finite_fields
+
 BetaSchedule = Literal["linear", "scaled_linear", "cosine"]
 BETA_SCHEDULES = get_args(BetaSchedule)
 Spacing = Literal["leading", "trailing", "linspace"]
@@ -72,6 +74,7 @@ class VPSchedule:
     kind = "vp"
 
     def __post_init__(self):
+        check_finite_fields(self, "schedule")  # NaN/inf pass every comparison below
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"schedule.beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.num_timesteps < 2:
@@ -128,6 +131,7 @@ class FlowSchedule:
     kind = "flow"
 
     def __post_init__(self):
+        check_finite_fields(self, "schedule")  # NaN/inf pass every comparison below
         if self.shift <= 0:
             raise ValueError(f"schedule.shift must be > 0, got {self.shift}")
 

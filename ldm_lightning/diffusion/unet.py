@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.diffusion.concat import join_concat
 from ldm_lightning.nn.attention import Attention
 from ldm_lightning.nn.embeddings import TimestepEmbedder
@@ -59,6 +60,7 @@ class UNetConfig:
     """Recompute each block in backward (torch.utils.checkpoint, use_reentrant=False)."""
 
     def __post_init__(self):
+        check_finite_fields(self, "unet")  # NaN/inf pass every comparison below
         self.channel_mult = tuple(self.channel_mult)
         self.attention_levels = tuple(self.attention_levels)
         if not self.channel_mult:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
 
+from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.fileio import atomic_write_bytes, atomic_write_json
 
 FORMAT = "ldm-lightning/mnist-classifier"
@@ -46,6 +47,7 @@ class ClassifierConfig:
     """Dropout on the feature layer during training (features for FID are taken in eval mode)."""
 
     def __post_init__(self):
+        check_finite_fields(self, "classifier")  # NaN/inf pass every comparison below
         self.widths = tuple(int(w) for w in self.widths)
         if len(self.widths) != 3 or any(w <= 0 for w in self.widths):
             raise ValueError(f"classifier.widths must be 3 positive channel counts, got {self.widths}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.evaluation.mnist_classifier import (
     NUM_CLASSES,
     ClassifierConfig,
@@ -45,6 +46,7 @@ class ClassifierTrainConfig:
     """Use the channels-last memory format (≈1.5× faster convolutions on CPU, measured here)."""
 
     def __post_init__(self):
+        check_finite_fields(self, "train")  # NaN/inf pass every comparison below
         if self.epochs < 1:
             raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:

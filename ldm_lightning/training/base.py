@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.nn.ema import EMA
 
 
@@ -62,6 +63,7 @@ class OptimConfig:
     within float rounding), else torch's default. 'auto' is PROVISIONAL pending scripts/gpu_bench.sh."""
 
     def __post_init__(self):
+        check_finite_fields(self, "optim")  # NaN/inf pass every comparison below
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -82,6 +84,9 @@ class EMAConfig:
     """Target decay; ramps up as (1+n)/(10+n) early in training unless warmup_steps > 0."""
     warmup_steps: int = 0
     """If > 0, decay ramps linearly from 0 to `decay` over this many updates instead."""
+
+    def __post_init__(self):
+        check_finite_fields(self, "ema")
 
 
 @dataclass

@@ -32,15 +32,15 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 import ldm_lightning.training.strategies  # noqa: F401  (registers deepspeed_*_anydevice)
-from ldm_lightning.errors import UserError, missing_extra_message
+from ldm_lightning.errors import UserError
 from ldm_lightning.training.base import NonFiniteLossError
 from ldm_lightning.training.cli_errors import check_hparams_agree, config_error_message, join_negative_values
 from ldm_lightning.training.fault_tolerance import (checkpoint_dir, default_callbacks, default_plugins,
                                                     resolve_ckpt_path)
 from ldm_lightning.training.preemption import PreemptionCallback
 from ldm_lightning.training.resume import CorruptCheckpointError
+from ldm_lightning.user_errors import EXIT_USER_ERROR, print_user_error, split_debug, user_error_message
 
-EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
 
 
@@ -128,18 +128,13 @@ def exit_code(cli: LightningCLI) -> int:
     return 0
 
 
-# Errors of the user's input whenever they happen (a run reads files and data long after start-up).
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, PermissionError, CorruptCheckpointError)
-
-
 def run_lightning_cli(argv: list[str] | None = None) -> int:
     """Entry point of `ldm-lightning fit|validate|test` (argv starts with the subcommand); returns the exit code.
 
     A user error prints one paragraph and returns 2; `--debug` (or LDM_DEBUG=1) shows the traceback instead.
     """
     argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
-    debug = "--debug" in argv or os.environ.get("LDM_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
+    debug, argv = split_debug(argv)
     LDMLightningCLI.running = False
     LDMLightningCLI.subcommand_name = argv[0] if argv else "fit"
     try:
@@ -150,19 +145,20 @@ def run_lightning_cli(argv: list[str] | None = None) -> int:
     except SystemExit:
         raise  # --help, --print_config
     except Exception as e:
-        extra = missing_extra_message(e) if isinstance(e, ModuleNotFoundError) else None
         if not LDMLightningCLI.running:
             message = config_error_message(e, LDMLightningCLI.subcommand_name)
         elif isinstance(e, MisconfigurationException):  # Lightning's checks of the trainer against the module
             message = (f"Lightning refused this configuration: {e} Change the trainer config or flags "
                        "(--print_config shows the resolved config).")
-        elif isinstance(e, USER_ERRORS) or extra:
-            message = extra or str(e)
+        elif isinstance(e, CorruptCheckpointError):
+            message = str(e)
+        elif user_error_message(e) is not None:  # errors of the user's input whenever they happen (a run reads
+            message = user_error_message(e)      # files and data long after start-up): the rule of every subcommand
         else:
             raise  # a failure of the run itself: its traceback is the report
         if debug:
             raise
-        print(f"ldm-lightning: {message}\n(run with --debug for the traceback)", file=sys.stderr)
+        print_user_error("ldm-lightning", message)
         return EXIT_USER_ERROR
     return exit_code(cli)
 

@@ -19,6 +19,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.training.base import NonFiniteLossError, is_logging_step
 
 CompileMode = Literal["model", "blocks"]
@@ -58,6 +59,7 @@ class SpeedConfig:
     ('auto' on CUDA) and a torch optimizer (not DeepSpeed)."""
 
     def __post_init__(self):
+        check_finite_fields(self, "speed")  # NaN/inf pass every comparison below
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"speed.compile_mode must be one of {COMPILE_MODES}; got {self.compile_mode!r}")
 
