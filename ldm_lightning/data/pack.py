@@ -31,6 +31,7 @@ import numpy as np
 
 from ldm_lightning.data.pixels import has_alpha, to_8bit
 from ldm_lightning.data.shardwriter import ShardWriter, atomic_write_json, sha256_file
+from ldm_lightning.finite import finite_float
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST = "manifest.json"
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder for shard-NNNNNN.tar + manifest.json")
     p.add_argument("--split", default="train", choices=["train", "test"], help="MNIST split (default: train)")
     p.add_argument("--size", type=int, default=None, help="resize shorter side to N and center-crop (re-encodes)")
-    p.add_argument("--shard-size-mb", type=float, default=None,
+    p.add_argument("--shard-size-mb", type=finite_float, default=None,
                    help=f"target shard size (default: {FOLDER_SHARD_MB:g} MB for folders)")
     p.add_argument("--samples-per-shard", type=int, default=None,
                    help=f"exact samples per shard (default for MNIST: {MNIST_SAMPLES_PER_SHARD})")
