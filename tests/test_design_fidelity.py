@@ -129,3 +129,58 @@ def test_keep_latent_stats_is_refused_where_the_latents_change():
     m = AutoencoderModule(keep_latent_stats=True, init_from="x.ckpt", train_only=["decoder.conv_out.*"],
                           loss={"perceptual_weight": 0, "disc_weight": 0})
     assert m.configure_callbacks()[0].keep
+
+
+# --- schedules: SD3's loss weight, RAE's dimension-dependent shift, a sampling-only grid -------------------
+
+
+def test_sd3_weighting_is_sd3s_rectified_flow_weight_in_every_loss_space():
+    """SD3 (arXiv 2403.03206 §2): eps-space weight w_t * (-lambda'_t / 2), w_t = t / (1 - t), lambda = 2 log((1-t)/t);
+    so in every loss space the weighted loss equals the unweighted flow-matching loss of the same model."""
+    from ldm_lightning.diffusion.denoiser import Denoiser
+    from ldm_lightning.diffusion.loss import DiffusionObjective, ObjectiveConfig
+    from ldm_lightning.diffusion.schedules import FlowSchedule
+    t = torch.tensor([0.02, 0.1, 0.3, 0.5, 0.7, 0.9, 0.97], dtype=torch.float64)
+    alpha, sigma = FlowSchedule().alpha_sigma(t)
+    lam_prime = -2 / (t * (1 - t))  # d/dt 2 log((1 - t) / t)
+    sd3_eps = (t / (1 - t)) * (-0.5 * lam_prime)
+    w = DiffusionObjective(ObjectiveConfig(prediction="eps", weighting="sd3")).weight(alpha, sigma)
+    torch.testing.assert_close(w, sd3_eps, rtol=1e-12, atol=0)
+
+    class _Off(torch.nn.Module):  # an imperfect eps-predictor: a fixed function of x_t
+        def forward(self, x_t, t, **cond):
+            return 0.5 * x_t + 0.1
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(len(t), 2, 4, 4, generator=g)
+    den = Denoiser(_Off(), FlowSchedule(), "eps", clamp=0.0)
+    losses = {}
+    for space in ("eps", "x0", "v", "flow"):
+        obj = DiffusionObjective(ObjectiveConfig(prediction="eps", loss_space=space, weighting="sd3", clamp=0.0))
+        losses[space] = obj.loss(den, x0, generator=torch.Generator().manual_seed(1), t=t).loss.double()
+    flow_plain = DiffusionObjective(ObjectiveConfig(prediction="eps", loss_space="flow", clamp=0.0)).loss(
+        den, x0, generator=torch.Generator().manual_seed(1), t=t).loss.double()
+    for space, got in losses.items():
+        torch.testing.assert_close(got, flow_plain, rtol=1e-4, atol=1e-6, msg=space)
+
+
+def test_rae_shift_and_sampling_only_grid():
+    from ldm_lightning.diffusion.schedules import FlowSchedule
+    rae = FlowSchedule(shift_base_dim=4096, latent_dim=16 * 16 * 768)  # RAE's DINOv2-B latent at 256 px
+    assert rae.shift == pytest.approx(math.sqrt(48)) and rae.shift == pytest.approx(6.928, abs=1e-3)
+    u = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    s = math.sqrt(48)
+    torch.testing.assert_close(rae.sample_t(u), s * u / (1 + (s - 1) * u))  # training draws are shifted
+    torch.testing.assert_close(rae.inference_times(4), rae.shift_t(torch.tensor([1, 0.75, 0.5, 0.25]).double()))
+    # the sampling grid alone: training unchanged, the grid shifted (more of it at high noise)
+    plain, grid = FlowSchedule(), FlowSchedule(sample_shift=3.0)
+    torch.testing.assert_close(grid.sample_t(u), plain.sample_t(u))
+    g = grid.inference_times(4)
+    torch.testing.assert_close(g, 3 * plain.inference_times(4) / (1 + 2 * plain.inference_times(4)))
+    assert (g[1:] > plain.inference_times(4)[1:]).all()
+    both = FlowSchedule(shift_base_dim=4096, latent_dim=16 * 16 * 768, sample_shift=1.0)
+    torch.testing.assert_close(both.inference_times(4), plain.inference_times(4))
+    for bad, match in ((dict(shift_base_dim=4096), "needs schedule.latent_dim"),
+                       (dict(shift=3.0, shift_base_dim=4096, latent_dim=8192), "both set the training shift"),
+                       (dict(sample_shift=0.0), "sample_shift must be > 0")):
+        with pytest.raises(ValueError, match=match):
+            FlowSchedule(**bad)

@@ -13,7 +13,8 @@ noise and t = 0 is clean (SD3's convention; JiT writes z = t x + (1 - t) eps, th
 Min-SNR-gamma (Hang et al. 2023) is defined on the x0-space error, w_x0 = min(SNR, gamma); in another
 loss space L the same weighting is w_x0 / k_L, where ||dL||^2 = k_L ||dx0||^2 at fixed x_t:
 k_eps = SNR, k_v = (alpha^2 + sigma^2)^2 / sigma^2 (= SNR + 1 for VP), k_flow = ((alpha + sigma) / sigma)^2.
-This reproduces the paper's eps and v weights, min(SNR, g)/SNR and min(SNR, g)/(SNR + 1).
+This reproduces the paper's eps and v weights, min(SNR, g)/SNR and min(SNR, g)/(SNR + 1). SD3's
+rectified-flow weight (`weighting: sd3`) is w_x0 = k_flow in the same scheme: the flow-matching loss in any space.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .denoiser import PREDICTIONS, PredictionKind, expand_like, from_x0_eps
 
 TimestepSampling = Literal["uniform", "logit_normal"]
 TIMESTEP_SAMPLING = get_args(TimestepSampling)
-Weighting = Literal["none", "min_snr"]
+Weighting = Literal["none", "min_snr", "sd3"]
 WEIGHTINGS = get_args(Weighting)
 
 
@@ -49,7 +50,12 @@ class ObjectiveConfig:
     logit_std: float = 1.0
     """Std of the logit-normal (JiT uses 0.8, SD3 1.0)."""
     weighting: Weighting = "none"
-    """'none' or 'min_snr' (Hang et al. 2023)."""
+    """'none', 'min_snr' (Hang et al. 2023) or 'sd3': SD3's rectified-flow weight (Esser et al. 2024, arXiv
+    2403.03206, §2 and Table 1's 'rf'): L = -1/2 E[w_t lambda'_t ||eps_pred - eps||^2] with w_t = t / (1 - t),
+    lambda_t = log SNR = 2 log((1 - t) / t), so the eps-space weight is w_t (-lambda'_t / 2) = 1 / (1 - t)^2. That is
+    the flow-matching loss ||u_pred - u||^2 in any loss space (x0-space weight ((alpha + sigma) / sigma)^2), i.e. an
+    eps/x0/v-space loss weighted to train like SD3; with loss_space 'flow' it is 1. Timestep density stays with
+    `timestep_sampling` (SD3: logit_normal(0, 1))."""
     snr_gamma: float = 5.0
     """gamma of min-SNR weighting."""
     clamp: float = 0.05
@@ -105,7 +111,10 @@ class DiffusionObjective:
         if self.cfg.weighting == "none":
             return torch.ones_like(alpha)
         snr = alpha ** 2 / sigma.clamp_min(1e-12) ** 2
-        w_x0 = snr.clamp_max(self.cfg.snr_gamma)
+        if self.cfg.weighting == "sd3":  # the flow-matching loss's own x0-space weight, k_flow (docstring)
+            w_x0 = ((alpha + sigma) / sigma.clamp_min(1e-12)) ** 2
+        else:
+            w_x0 = snr.clamp_max(self.cfg.snr_gamma)
         k = {"x0": torch.ones_like(snr), "eps": snr, "v": (alpha ** 2 + sigma ** 2) ** 2 / sigma ** 2,
              "flow": ((alpha + sigma) / sigma) ** 2}[self.cfg.loss_space]
         return w_x0 / k

@@ -139,6 +139,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         bb_cfg = net.cfg
         self.latent_size = int(bb_cfg.input_size) if family in TRANSFORMER_FAMILIES else \
             int(ae.config.resolution) // ae.downsample_factor
+        if sched["kind"] == "flow" and sched.get("shift_base_dim") and not sched.get("latent_dim"):
+            sched["latent_dim"] = ae.latent_channels * self.latent_size ** 2  # RAE's shift: m = C*H*W (schedules.py)
         self.meta = {"module": CHECKPOINT_TAG, "backbone_family": family, "backbone": dataclasses.asdict(bb_cfg),
                      "schedule": sched, "objective": _plain(obj_cfg), "conditioning": _plain(cond_cfg),
                      "latent_shape": [ae.latent_channels, self.latent_size, self.latent_size],

@@ -121,12 +121,30 @@ class VPSchedule:
 
 @dataclass
 class FlowSchedule:
-    """Rectified flow / conditional flow matching with a linear path (Liu et al. 2022; SD3)."""
+    """Rectified flow / conditional flow matching with a linear path (Liu et al. 2022; SD3).
+
+    Two kinds of shift, both t' = s*t / (1 + (s-1)*t): the training shift (`shift`, or RAE's dimension-dependent
+    one from `shift_base_dim`) moves the noise levels trained and, by default, the sampling grid; `sample_shift`
+    moves only the sampling grid (`inference_times`), so a model can be sampled with more steps at high noise
+    than it was trained with."""
 
     shift: float = 1.0
-    """Timestep shift s: t' = s*t / (1 + (s-1)*t) (SD3 eq. 23; s > 1 spends more steps at high noise)."""
+    """Timestep shift s: t' = s*t / (1 + (s-1)*t) (SD3 eq. 23; s > 1 spends more steps at high noise). Applies to
+    training and, unless `sample_shift` is set, to the sampling grid."""
     time_scale: float = 1000.0
     """The backbone embeds time_scale * t, so its sinusoidal embedding sees the same range as VP indices."""
+    shift_base_dim: int | None = None
+    """RAE's dimension-dependent shift (Zheng et al. 2025, arXiv 2510.11690, "noise schedule shift"): when set,
+    the shift is s = sqrt(m / n) with m = `latent_dim` (C*H*W of the stage-2 latent) and n = this base dimension
+    (RAE uses n = 4096; its 16x16x768 DINOv2-B latents get s = sqrt(196608 / 4096) = 6.93). A wider latent keeps
+    more of its signal at a given noise level, so it is trained at higher noise. Replaces `shift` (leave that 1)."""
+    latent_dim: int | None = None
+    """m for `shift_base_dim`: the DiffusionModule fills it in from its autoencoder's latent shape and records it
+    in the checkpoint, so a loaded model rebuilds the same shift (set it by hand only outside the module)."""
+    sample_shift: float | None = None
+    """Shift of the SAMPLING grid only, independent of the training shift (None: the training shift). s > 1 puts
+    more of the sampler's steps at high noise, which DDT (Wang et al. 2025, arXiv 2504.05741) reports helps
+    few-step sampling. `ldm-lightning sample --time-shift` overrides it for one run."""
 
     kind = "flow"
 
@@ -134,6 +152,18 @@ class FlowSchedule:
         check_finite_fields(self, "schedule")  # NaN/inf pass every comparison below
         if self.shift <= 0:
             raise ValueError(f"schedule.shift must be > 0, got {self.shift}")
+        if self.sample_shift is not None and self.sample_shift <= 0:
+            raise ValueError(f"schedule.sample_shift must be > 0 or null, got {self.sample_shift}")
+        if self.shift_base_dim is not None:
+            if self.shift_base_dim < 1:
+                raise ValueError(f"schedule.shift_base_dim must be >= 1, got {self.shift_base_dim}")
+            if self.latent_dim and self.shift not in (1.0, math.sqrt(self.latent_dim / self.shift_base_dim)):
+                raise ValueError(f"schedule.shift={self.shift} and schedule.shift_base_dim={self.shift_base_dim} "
+                                 "both set the training shift: keep one (shift_base_dim computes it from the latent)")
+            if not self.latent_dim or self.latent_dim < 1:
+                raise ValueError("schedule.shift_base_dim needs schedule.latent_dim (C*H*W of the latent; the "
+                                 "DiffusionModule fills it in from its autoencoder)")
+            self.shift = math.sqrt(self.latent_dim / self.shift_base_dim)
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = t.double()
@@ -142,8 +172,9 @@ class FlowSchedule:
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t.float() * self.time_scale
 
-    def shift_t(self, t: torch.Tensor) -> torch.Tensor:
-        return self.shift * t / (1 + (self.shift - 1) * t)
+    def shift_t(self, t: torch.Tensor, shift: float | None = None) -> torch.Tensor:
+        s = self.shift if shift is None else shift
+        return s * t / (1 + (s - 1) * t)
 
     def sample_t(self, u: torch.Tensor) -> torch.Tensor:
         return self.shift_t(u)
@@ -152,13 +183,14 @@ class FlowSchedule:
         return t.double()
 
     def inference_times(self, steps: int, spacing: str = "linspace") -> torch.Tensor:
-        """(steps,) descending t from 1 (pure noise) to 1/steps before the shift; 0 is appended by samplers.
-        `spacing` is validated for a uniform signature; the flow grid is always uniform in t before the shift."""
+        """(steps,) descending t from 1 (pure noise) to 1/steps before the shift (`sample_shift`, else the training
+        shift); 0 is appended by samplers. `spacing` is validated for a uniform signature; the flow grid is always
+        uniform in t before the shift."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-        return self.shift_t(torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1])
+        return self.shift_t(torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1], self.sample_shift)
 
 
 def build_schedule(kind: str = "vp", **kwargs):
