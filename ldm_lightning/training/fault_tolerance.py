@@ -1,9 +1,10 @@
 """The fault-tolerance defaults of `ldm-lightning fit`, and which checkpoint a run resumes from.
 
-Every run gets step checkpoints + the final step (`StepCheckpoint`), atomic writes, RNG state and
-SIGUSR1/SIGTERM handling, plus, under Slurm, the cluster environment without Lightning's in-handler
-requeue — unless its config lists one of the same kind (then only to set options). See README
-"Fault tolerance" for what each does and the exit codes.
+Every run gets step checkpoints + the final step (`StepCheckpoint`), atomic writes, RNG state,
+SIGUSR1/SIGTERM/SIGINT handling and plain progress lines when stdout is a file (`ProgressLines`), plus,
+under Slurm, the cluster environment without Lightning's in-handler requeue — unless its config lists one
+of the same kind (then only to set options). See README "Fault tolerance" for what each does and the exit
+codes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from ldm_lightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint
 from ldm_lightning.training.preemption import PreemptionCallback, slurm_environment
+from ldm_lightning.training.progress_lines import ProgressLines
 from ldm_lightning.training.resume import resolve_resume_checkpoint, say
 from ldm_lightning.training.rng_state import RNGStateCallback
 from ldm_lightning.training.telemetry import TelemetryCallback
@@ -27,7 +29,7 @@ _LIGHTNING_CKPT_WORDS = ("best", "hpc")
 def default_callbacks() -> list[Callback]:
     """Callbacks every training run gets, unless the config already has one of the same class: config
     files list one only to change its options."""
-    return [TelemetryCallback(), StepCheckpoint(), RNGStateCallback(), PreemptionCallback()]
+    return [TelemetryCallback(), StepCheckpoint(), RNGStateCallback(), PreemptionCallback(), ProgressLines()]
 
 
 def default_plugins(configured: list, strategy) -> list:

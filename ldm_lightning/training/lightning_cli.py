@@ -14,7 +14,8 @@
   which checkpoint it resumes from (`--ckpt_path last`, an explicit file, or a rerun in a run directory
   that holds checkpoints) are decided in training/fault_tolerance.py. Loading is `weights_only=True`.
 * `run_lightning_cli` returns the process exit code (see README "Fault tolerance"): 0 done, 75 stopped by
-  SIGUSR1 outside Slurm, 143 stopped by SIGTERM, 3 non-finite stop, 2 a user error.
+  SIGUSR1 outside Slurm, 143 stopped by SIGTERM, 130 stopped by Ctrl-C (SIGINT), 3 non-finite stop, 2 a user
+  error (a second `fit` on a run folder in use included: training/run_lock.py).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from ldm_lightning.training.base import NonFiniteLossError
 from ldm_lightning.training.cli_errors import check_hparams_agree, config_error_message, join_negative_values
 from ldm_lightning.training.fault_tolerance import (checkpoint_dir, default_callbacks, default_plugins,
                                                     resolve_ckpt_path)
-from ldm_lightning.training.preemption import PreemptionCallback
+from ldm_lightning.training.preemption import EXIT_INTERRUPTED, PreemptionCallback, interrupted_twice
 from ldm_lightning.training.resume import CorruptCheckpointError
+from ldm_lightning.training.run_lock import RunFolderBusy, RunLock, is_launch_rank_zero
 from ldm_lightning.user_errors import EXIT_USER_ERROR, print_user_error, split_debug, user_error_message
 
 EXIT_NONFINITE = 3
@@ -63,6 +65,8 @@ class LDMLightningCLI(LightningCLI):
     running = False
     """False while parsing and building (an error then is in the user's config), True once the run starts."""
     subcommand_name = "fit"
+    run_lock: RunLock | None = None
+    """The run folder's lock while this process (global rank 0 of a `fit`) holds it (training/run_lock.py)."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -104,6 +108,12 @@ class LDMLightningCLI(LightningCLI):
             return
         config = self.config[sub]
         trainer = config.trainer
+        # One run per folder: the lock comes first, before a checkpoint is chosen and before the logger (built
+        # next) writes its run id into the folder. Rank 0 only: one lock per run, not per process.
+        if is_launch_rank_zero() and LDMLightningCLI.run_lock is None:
+            lock = RunLock(trainer.get("default_root_dir") or os.getcwd())
+            if lock.acquire():
+                LDMLightningCLI.run_lock = lock
         config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), checkpoint_dir(trainer),
                                              trainer.get("max_steps"))
 
@@ -143,9 +153,17 @@ def run_lightning_cli(argv: list[str] | None = None) -> int:
         print(f"ldm-lightning: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except SystemExit:
+        if interrupted_twice():  # Lightning ends a KeyboardInterrupt with exit(1): report Ctrl-C as Ctrl-C
+            print("ldm-lightning: interrupted (second Ctrl-C): stopped at once, nothing more saved", file=sys.stderr)
+            return EXIT_INTERRUPTED
         raise  # --help, --print_config
+    except KeyboardInterrupt:  # Ctrl-C before training started or after it ended: nothing to save
+        print("ldm-lightning: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as e:
-        if not LDMLightningCLI.running:
+        if isinstance(e, RunFolderBusy):
+            message = str(e)
+        elif not LDMLightningCLI.running:
             message = config_error_message(e, LDMLightningCLI.subcommand_name)
         elif isinstance(e, MisconfigurationException):  # Lightning's checks of the trainer against the module
             message = (f"Lightning refused this configuration: {e} Change the trainer config or flags "
@@ -160,6 +178,10 @@ def run_lightning_cli(argv: list[str] | None = None) -> int:
             raise
         print_user_error("ldm-lightning", message)
         return EXIT_USER_ERROR
+    finally:
+        if LDMLightningCLI.run_lock is not None:
+            LDMLightningCLI.run_lock.release()
+            LDMLightningCLI.run_lock = None
     return exit_code(cli)
 
 

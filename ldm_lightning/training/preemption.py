@@ -1,8 +1,8 @@
-"""Save at the next step boundary on SIGUSR1 / SIGTERM, then requeue (Slurm) or exit with a known code.
+"""Save at the next step boundary on SIGUSR1 / SIGTERM / SIGINT, then requeue (Slurm) or exit with a known code.
 
 Slurm sends SIGUSR1 some time before the time limit (`#SBATCH --signal=USR1@90`), or an operator does
 (`scancel --signal=USR1 --full JOBID`); schedulers, `kill`, Kubernetes and Slurm's own preemption send
-SIGTERM. The protocol:
+SIGTERM; a user at the terminal presses Ctrl-C (SIGINT). The protocol:
 
 1. The signal handler only sets a flag. Saving inside a handler interrupts arbitrary code (a
    collective, a half-written tensor) and can deadlock (Lightning issue #21406).
@@ -14,8 +14,15 @@ SIGTERM. The protocol:
 4. Then: SIGUSR1 under Slurm -> rank 0 runs `scontrol requeue $SLURM_JOB_ID` (same job id,
    `SLURM_RESTART_COUNT` grows) and the requeued job resumes with `--ckpt_path last`. Otherwise the
    process exits with `exit_code`: EXIT_PREEMPTED (75) after SIGUSR1 outside Slurm or when the requeue
-   failed, EXIT_TERMINATED (143 = 128 + SIGTERM) after SIGTERM, so a wrapper never mistakes a stop for
-   a finished run.
+   failed, EXIT_TERMINATED (143 = 128 + SIGTERM) after SIGTERM, EXIT_INTERRUPTED (130 = 128 + SIGINT)
+   after Ctrl-C, so a wrapper never mistakes a stop for a finished run.
+5. A second Ctrl-C while a stop is pending (or saving) means "now": the handler raises KeyboardInterrupt,
+   Lightning's own interrupt path tears the run down without saving (it writes no checkpoint unless
+   `save_on_exception` is set) and ends with exit(1), which the CLI reports as 130.
+
+Ctrl-C in a terminal reaches the whole process group, DataLoader workers included. They are forked after
+the handler is installed and so inherit it; in them it does nothing (the pid differs), so a worker is not
+killed by the first Ctrl-C and the save at the step boundary can still fetch its batch.
 
 Lightning's own SLURM auto-requeue (which saves inside the handler) and its SIGTERM exception must be
 off: the CLI passes `slurm_environment()` (auto_requeue=False) as a plugin, and this callback takes the
@@ -38,6 +45,14 @@ from ldm_lightning.training.checkpointing import find_step_checkpoint
 
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: saved, resume with --ckpt_path last
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: the shell's code for "terminated", after a clean save
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: the shell's code for Ctrl-C, after a clean save (or a second Ctrl-C)
+
+_interrupted_twice = False  # process state: a second Ctrl-C asked to stop without saving
+
+
+def interrupted_twice() -> bool:
+    """True once a second Ctrl-C made this process stop at once (the CLI exits EXIT_INTERRUPTED then)."""
+    return _interrupted_twice
 
 
 def slurm_environment() -> SLURMEnvironment | None:
@@ -58,11 +73,12 @@ class PreemptionCallback(L.Callback):
 
     Args:
         signals: signal names that mean "save and stop". SIGUSR1: preemption warning (requeued under
-            Slurm). SIGTERM: terminate (never requeued by us; exits EXIT_TERMINATED).
+            Slurm). SIGTERM: terminate (never requeued by us; exits EXIT_TERMINATED). SIGINT: Ctrl-C
+            (exits EXIT_INTERRUPTED; a second one stops at once, without saving).
         requeue: run `scontrol requeue` on rank 0 after a SIGUSR1 save under Slurm.
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), requeue: bool = True):
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM", "SIGINT"), requeue: bool = True):
         super().__init__()
         self.signals = []
         for name in signals:
@@ -76,15 +92,24 @@ class PreemptionCallback(L.Callback):
         self.requeued = False
         self.saved_path: str | None = None
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
+        self._saving = False
 
-    # --- the handler: sets a flag, nothing else ----------------------------------------------------
+    # --- the handler: sets a flag, nothing else (but for a second Ctrl-C) -----------------------------
     def _handler(self, signum, frame) -> None:
+        global _interrupted_twice
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker: the main process decides, the worker keeps serving batches
+        if signum == signal.SIGINT and (self.received is not None or self._saving):
+            _interrupted_twice = True
+            raise KeyboardInterrupt
         if self.received is None:
             self.received = signum
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # signal.signal only works in the main thread
+        self._pid = os.getpid()
         for sig in self.signals:
             previous = signal.signal(sig, self._handler)
             self._previous.setdefault(sig, previous)
@@ -102,6 +127,7 @@ class PreemptionCallback(L.Callback):
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
+        self._saving = False
 
     # --- the step boundary ---------------------------------------------------------------------
     def _agreed(self, trainer) -> int | None:
@@ -118,7 +144,9 @@ class PreemptionCallback(L.Callback):
         name = signal.Signals(signum).name
         checkpoint = find_step_checkpoint(trainer)
         if trainer.is_global_zero:
-            print(f"[ldm-lightning] {name} received: saving at global step {trainer.global_step}", flush=True)
+            hint = " (Ctrl-C again to stop without saving)" if signum == signal.SIGINT else ""
+            print(f"[ldm-lightning] {name} received: saving at global step {trainer.global_step}{hint}", flush=True)
+        self._saving = True  # a Ctrl-C now still means "stop at once", also on a rank that got no signal
         if checkpoint is not None:
             path = checkpoint.save_now(trainer)
         else:
@@ -142,6 +170,8 @@ class PreemptionCallback(L.Callback):
             return None
         if self.stopped_by == signal.SIGTERM:
             return EXIT_TERMINATED
+        if self.stopped_by == signal.SIGINT:
+            return EXIT_INTERRUPTED
         return 0 if self.requeued else EXIT_PREEMPTED
 
     @staticmethod
