@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ldm_lightning.data import ShardDataModule
+from ldm_lightning.data.shard_check import ShardChangedError
 from ldm_lightning.data.stream import BadDataError
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -132,7 +133,7 @@ def _epoch_keys(dm) -> list[str]:
 
 
 @pytest.mark.parametrize("damaged", list(DAMAGES), indirect=True)
-def test_damaged_shard_is_named_counted_and_never_silent(damaged, capfd):
+def test_damaged_shard_is_named_counted_and_never_silent(damaged, capfd, request):
     d, missing, verify_msg, stream_msg = damaged
     r = _cli("data", "verify", str(d))
     assert r.returncode == 1, r.stdout + r.stderr
@@ -142,6 +143,10 @@ def test_damaged_shard_is_named_counted_and_never_silent(damaged, capfd):
                and not line.startswith("shard-000001"))
 
     kw = dict(batch_size=25, num_workers=0, shuffle_buffer=50, seed=0)
+    if request.node.callspec.params["damaged"] != "count-too-high":  # (only the manifest changed there)
+        with pytest.raises(ShardChangedError, match="1 of 4 local shard.*shard-000001.tar: "):
+            ShardDataModule(str(d), **kw).train_dataloader()  # the default shard_check: strict, at start-up
+    kw["shard_check"] = "warn"  # the reading path below: what a run that accepts a changed shard meets
     with pytest.raises(BadDataError, match=f"shard-000001.tar.*{stream_msg}|{stream_msg}.*shard-000001.tar|"
                                            f"in shards .*shard-000001.tar.*{stream_msg}"):
         _epoch_keys(ShardDataModule(str(d), max_bad_fraction=0.0, **kw))
@@ -165,7 +170,7 @@ def test_truncated_shard_resume_gets_past_it(mnist_shards, tmp_path):
     d = _copy(mnist_shards["test"], tmp_path / "shards")
     f = d / "shard-000001.tar"
     f.write_bytes(f.read_bytes()[:200_000])
-    kw = dict(batch_size=25, num_workers=2, shuffle_buffer=50, seed=0, max_bad_fraction=1.0)
+    kw = dict(batch_size=25, num_workers=2, shuffle_buffer=50, seed=0, max_bad_fraction=1.0, shard_check="warn")
     full = [b["key"] for b in ShardDataModule(str(d), **kw).train_dataloader()]
     for k in (3, 7):  # resume from a point before and after the slot reaches the cut
         dm = ShardDataModule(str(d), **kw)
@@ -190,9 +195,10 @@ def test_start_up_size_check_and_worker_count_note(mnist_shards, tmp_path, capfd
     f = d / "shard-000002.tar"
     size = f.stat().st_size
     f.write_bytes(f.read_bytes() + bytes(10240))  # still a whole tar, but not the manifest's file
-    dm = ShardDataModule(str(d), batch_size=25, num_workers=6)
+    dm = ShardDataModule(str(d), batch_size=25, num_workers=6, shard_check="warn")
     loader = dm.train_dataloader()
     err = capfd.readouterr().err
+    assert "training anyway (shard_check: warn)" in err
     assert f"shard-000002.tar: {size + 10240} bytes, the manifest says {size}" in err
     assert "data verify" in err
     assert "using num_workers=4" in err and loader.num_workers == 4  # not "need at least 6 shards"
@@ -300,7 +306,7 @@ def test_fit_on_a_zero_byte_shard_fails_naming_it(mnist_shards, tmp_path):
         (d / f"shard-{i:06d}.tar").write_bytes(b"")
     r = _cli("fit", "-c", "configs/autoencoder/tiny-mnist.yaml", "-c", "configs/trainer/cpu-debug.yaml",
              "--data.init_args.train_shards", str(d), "--data.init_args.val_shards", "null",
-             "--data.init_args.num_workers", "0", "--trainer.max_steps", "8",
+             "--data.init_args.num_workers", "0", "--data.init_args.shard_check", "warn", "--trainer.max_steps", "8",
              "--trainer.default_root_dir", str(tmp_path / "run"), timeout=300)
     assert r.returncode != 0
     assert "shard-000003.tar: 0 bytes, but the manifest lists 125 samples" in r.stderr  # at start-up

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ldm_lightning.data import ShardDataModule
+from ldm_lightning.data.shard_check import shard_stamp
 from ldm_lightning.data.shardwriter import sha256_file
 
 
@@ -156,7 +157,7 @@ def _corrupt_copy(src: Path, dst: Path) -> list[str]:
                     data = b"\x89PNG garbage" * 10
                 m.size = len(data)
                 tout.addfile(m, io.BytesIO(data))
-        s["bytes"], s["sha256"] = (dst / s["name"]).stat().st_size, sha256_file(dst / s["name"])
+        s.update(shard_stamp(dst / s["name"]), sha256=sha256_file(dst / s["name"]))
     (dst / "manifest.json").write_text(json.dumps(man))
     return broken
 

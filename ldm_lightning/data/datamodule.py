@@ -23,7 +23,8 @@ from ldm_lightning.data.buckets import BucketConfig, Buckets
 from ldm_lightning.data.jpeg import JPEG_DECODERS
 from ldm_lightning.data.jpeg import available as jpeg_available
 from ldm_lightning.data.members import CAPTION_EXTS, CLASS_EXTS, LATENT_EXTS, MemberSpec
-from ldm_lightning.data.shards import resolve_shards, size_problems
+from ldm_lightning.data.shard_check import SHARD_CHECKS, ShardChangedError, changed_message, check_shards, notes
+from ldm_lightning.data.shards import resolve_shards
 from ldm_lightning.data.stream import KEY, BadDataError, ShardStream
 from ldm_lightning.data.transforms import IMAGE_KEYS, RESIZE_MODES, BadSample, ImageTransform, ResizeMode, to_model_range
 
@@ -149,6 +150,7 @@ class ShardDataModule(L.LightningDataModule):
         latent_exts: list[str] = list(LATENT_EXTS),
         bucketing: dict | None = None,
         jpeg_decoder: str = "torchvision",
+        shard_check: Literal["strict", "warn", "off"] = "strict",
     ):
         """
         Args:
@@ -230,6 +232,13 @@ class ShardDataModule(L.LightningDataModule):
                 256² photos (benchmarks/bench_loader_foreign.py; README "Benchmarks"). Grayscale, CMYK or
                 truncated JPEGs, other formats, and machines without torchvision's image support use PIL.
                 'pil': PIL for everything.
+            shard_check: What to do, once at start-up, when a local shard differs from its manifest (missing;
+                another size; its first or last 64 KiB differ; another modification time where the manifest
+                has no sampled hash to tell a copy from a replacement; data/shard_check.py): 'strict' stops
+                with a message naming the shards and the fix (exit 2); 'warn' names them and trains on them as
+                they are (their unreadable samples count as bad samples); 'off' only says that nothing is
+                checked. Every rank checks (one stat and 128 KiB read per shard). http(s) / pipe: shards are
+                not checked; full sha256 is `ldm-lightning data verify`'s job.
         """
         super().__init__()
         checks = [
@@ -242,6 +251,7 @@ class ShardDataModule(L.LightningDataModule):
             ("alpha_background", 0 <= alpha_background <= 255, "a gray level in [0, 255]"),
             ("jpeg_decoder", jpeg_decoder in JPEG_DECODERS, " | ".join(JPEG_DECODERS)),
             ("val_batch_size", val_batch_size is None or val_batch_size >= 1, ">= 1 or null"),
+            ("shard_check", shard_check in SHARD_CHECKS, " | ".join(SHARD_CHECKS)),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -252,6 +262,8 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer, self.kind, self.max_bad_fraction = shuffle_buffer, kind, max_bad_fraction
         self.normalize_on_device, self.reuse_batch_memory = normalize_on_device, reuse_batch_memory
         self.pin_memory = pin_memory
+        self.shard_check = shard_check
+        self._checked_shards: set[tuple[str, ...]] = set()  # shard lists already checked: once per start
         self.val_samples, self.val_batch_size = val_samples, val_batch_size or batch_size
         self.bucketing = BucketConfig.parse(bucketing)
         self.members = MemberSpec.build(image_exts, caption_exts, caption_key, class_exts, class_key, filters,
@@ -278,7 +290,7 @@ class ShardDataModule(L.LightningDataModule):
     def _stream(self, shards, transform, shuffle: bool, num_workers: int) -> ShardStream:
         rank, world = self.rank_world()
         resolved = resolve_shards(shards)
-        self._check_sizes(resolved, rank)
+        self._check_shards(resolved, rank)
         if num_workers > 1 and len(resolved) >= world and world * num_workers > len(resolved):
             # every reader slot needs a shard of its own: fewer workers rather than a refusal
             fitted = len(resolved) // world
@@ -300,15 +312,25 @@ class ShardDataModule(L.LightningDataModule):
             print(stream.summary(), file=sys.stderr, flush=True)
         return stream
 
-    def _check_sizes(self, shards, rank: int) -> None:
-        """Start-up check, one stat per local shard: missing, empty or resized shards get named now (their
-        missing samples are then counted as bad while reading, up to max_bad_fraction)."""
-        problems = size_problems(shards)
-        if problems and rank == 0:
-            more = f" ... ({len(problems) - 5} more)" if len(problems) > 5 else ""
-            print(f"data: warning: {len(problems)} shard(s) do not match their manifest: {'; '.join(problems[:5])}"
-                  f"{more}. Their unreadable samples count as bad samples; check with `ldm-lightning data verify "
-                  f"{os.path.dirname(problems[0].split(':')[0]) or '.'}`", file=sys.stderr, flush=True)
+    def _check_shards(self, shards, rank: int) -> None:
+        """Start-up check of local shards against their manifest (`shard_check`; data/shard_check.py), once per
+        shard list. Every rank checks, so under 'strict' every rank stops at once (none waits for the others
+        in a collective); rank 0 prints."""
+        urls = tuple(s.url for s in shards)
+        if urls in self._checked_shards:
+            return
+        self._checked_shards.add(urls)
+        say = (lambda line: print(f"data: {line}", file=sys.stderr, flush=True)) if rank == 0 else (lambda line: None)
+        if self.shard_check == "off":
+            say(f"shard_check is off: {len(shards)} shard(s) are not compared with their manifest at start-up")
+            return
+        check = check_shards(shards)
+        if check.changed and self.shard_check == "strict":
+            raise ShardChangedError(changed_message(check, "strict"))
+        if check.changed:
+            say(changed_message(check, "warn"))
+        for line in notes(check):
+            say(line)
 
     # --- loaders ---------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -321,7 +343,7 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = self.rank_world()
         if (rank, world) not in self._val_cache:
             shards = resolve_shards(self.val_shards)
-            self._check_sizes(shards, rank)
+            self._check_shards(shards, rank)
             stream = ShardStream(shards, 1, num_workers=1, rank=0, world_size=1, shuffle=False, kind=self.kind,
                                  transform=self.val_transform, uint8_images=self.normalize_on_device,
                                  members=self.members)

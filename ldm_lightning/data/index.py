@@ -25,7 +25,8 @@ import os
 import sys
 from pathlib import Path
 
-from ldm_lightning.data.shards import MANIFEST, ShardSpecError, braceexpand, check_shard_name, is_http
+from ldm_lightning.data.shard_check import shard_stamp
+from ldm_lightning.data.shards import MANIFEST, ShardSpecError, braceexpand, check_shard_name, is_http, unsafe_reason
 from ldm_lightning.data.shardwriter import atomic_write_json
 from ldm_lightning.data.tario import iter_blocks, scan_keys
 
@@ -61,8 +62,11 @@ def _stream_keys(url: str) -> list[str]:
 
 
 def index(files: list[Path] | list[str], base: str | None = None) -> list[dict]:
-    """Manifest entries {name, num_samples[, bytes, head_key, tail_continues_in]} of shards in name order:
-    local paths, or (with `base`) shard names under an http(s) base URL."""
+    """Manifest entries {name, num_samples[, bytes, mtime_ns, head_tail_sha256, head_key, tail_continues_in,
+    unsafe_samples]} of shards in name order: local paths, or (with `base`) shard names under an http(s) base
+    URL. `unsafe_samples`: how many of num_samples have a key that is absolute or climbs with '..'; they stay
+    counted (the count describes the tar, as `data verify` reads it) but the loader never uses them: each is
+    a bad sample (`data.max_bad_fraction`)."""
     entries, keys = [], []
     for f in files:
         name = f if base is not None else f.name
@@ -73,7 +77,10 @@ def index(files: list[Path] | list[str], base: str | None = None) -> list[dict]:
             raise ShardSpecError(f"data index: {f if base is None else base + '/' + name} is not a readable tar "
                                  f"({e}); remove or repair it, or index a pattern that leaves it out") from None
         keys.append(k)
-        entries.append({"name": name, "num_samples": len(k)} | ({} if base else {"bytes": f.stat().st_size}))
+        entries.append({"name": name, "num_samples": len(k)} | ({} if base else shard_stamp(f)))
+        unsafe = sum(unsafe_reason(key) is not None for key in k)
+        if unsafe:
+            entries[-1]["unsafe_samples"] = unsafe
     for i in range(1, len(files)):
         prev, cur = keys[i - 1], keys[i]
         if prev and cur and prev[-1] == cur[0]:  # the same sample at the end of one tar and the start of the next
@@ -125,9 +132,18 @@ def main(argv: list[str] | None = None) -> int:
               "add --out DIR and give the loader DIR/manifest.json", file=sys.stderr)
         return 2
     split = sum("head_key" in e for e in entries)
+    unsafe = {e["name"]: e["unsafe_samples"] for e in entries if e.get("unsafe_samples")}
     print(f"indexed {manifest['num_samples']} samples in {len(entries)} shards of {folder}"
           + (f" ({split} samples split across two shards, each counted once)" if split else "")
           + f"; wrote {out / MANIFEST}")
+    if unsafe:
+        n = sum(unsafe.values())
+        shards = ", ".join(f"{k} ({v})" for k, v in list(unsafe.items())[:5]) + (" ..." if len(unsafe) > 5 else "")
+        print(f"warning: {n} of the {manifest['num_samples']} samples have member names that are absolute or "
+              f"climb with '..' (in {shards}): they are counted (the manifest describes the tars as they are) "
+              f"but never used: the loader refuses each one as a bad sample, which counts against "
+              f"data.max_bad_fraction ({n / max(manifest['num_samples'], 1):.2%} of the data here). Fix: re-write "
+              "those shards without them (`ldm-lightning data verify` lists the shards)", file=sys.stderr)
     if out != folder:
         print(f"train with: train_shards: {out / MANIFEST}")
     return 0

@@ -14,23 +14,28 @@ interrupted pack never leaves a truncated shard under a final name. Progress is 
 whose sha256 verifies and redoes the rest; different arguments are refused (use a new --out or
 --overwrite). Unreadable images are skipped and listed in the manifest with the reason. Symbolic links
 (files or folders) that point outside --source are not followed: each is listed as skipped, unless
---follow-external-links. 16-bit images re-encoded with --size are scaled to 8 bits (not clipped).
+--follow-external-links; dangling links and link loops are listed as skipped too, and the summary line
+counts the skips by kind. A pack that ends with 0 samples writes no manifest and exits 2 saying why.
+16-bit images re-encoded with --size are scaled to 8 bits (not clipped).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
 import sys
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ldm_lightning.data.pixels import has_alpha, to_8bit
-from ldm_lightning.data.shardwriter import ShardWriter, atomic_write_json, sha256_file
+from ldm_lightning.data.shard_check import shard_stamp
+from ldm_lightning.data.shardwriter import ShardWriter, atomic_write_json, manifest_entry, sha256_file
 from ldm_lightning.finite import finite_float
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -95,7 +100,13 @@ def _walk(root: Path, follow_external: bool) -> tuple[list[Path], list[dict]]:
         dirnames[:] = keep
         for name in filenames:
             p = d / name
-            if name.startswith(".") or not p.is_file():
+            if name.startswith("."):
+                continue
+            broken = _broken_link(p)
+            if broken:  # os.walk lists a link it cannot follow among the files, folder links included
+                skipped.append({"source": str(p.relative_to(root)), "reason": broken})
+                continue
+            if not p.is_file():
                 continue
             if p.is_symlink() and not follow_external and not p.resolve().is_relative_to(real_root):
                 skipped.append({"source": str(p.relative_to(root)), "reason": f"link to {p.resolve()}, outside "
@@ -103,6 +114,35 @@ def _walk(root: Path, follow_external: bool) -> tuple[list[Path], list[dict]]:
                 continue
             files.append(p)
     return sorted(files), skipped
+
+
+def _broken_link(p: Path) -> str | None:
+    """Why the symbolic link `p` leads to no file or folder (dangling, a loop), or None."""
+    if not p.is_symlink():
+        return None
+    try:
+        os.stat(p)
+    except FileNotFoundError:
+        return f"dangling link (to {os.readlink(p)}, which does not exist)"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"link loop (to {os.readlink(p)}: following it never reaches a file)"
+        return f"link that cannot be followed (to {os.readlink(p)}: {e.strerror})"
+    return None
+
+
+def _skip_kind(reason: str) -> str:
+    """A skip reason's kind, for the counts in the summary line and the 0-samples error."""
+    for kind in ("dangling link", "link loop", "not an image"):
+        if reason.startswith(kind):
+            return kind
+    return "link outside --source" if "outside --source" in reason else "unreadable image"
+
+
+def _skip_counts(skipped: list[dict]) -> str:
+    """'3 (2 dangling link, 1 not an image)': how many were skipped, by kind."""
+    kinds = Counter(_skip_kind(s["reason"]) for s in skipped)
+    return f"{len(skipped)}" + (f" ({', '.join(f'{n} {k}' for k, n in kinds.most_common())})" if kinds else "")
 
 
 def _inside(p: Path, root: Path, follow_external: bool) -> bool:
@@ -352,7 +392,9 @@ def _items(args, identity: dict) -> tuple[list[tuple], list[str], list[dict]]:
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(str(e)) from None
     if not items:
-        raise UsageError(f"no images found in --source {args.source}")
+        why = f"skipped {_skip_counts(skipped)}; first: {skipped[0]['source']}: " \
+              f"{skipped[0]['reason']}" if skipped else f"it holds no files with the extensions {', '.join(IMAGE_EXTS)}"
+        raise UsageError(f"no images found in --source {args.source} ({why}); nothing was packed")
     return items, classes, skipped
 
 
@@ -362,7 +404,7 @@ def _verified_done(out: Path, previous: dict | None) -> dict[str, dict]:
     for rec in (previous or {}).get("done", {}).values():
         f = out / rec["name"]
         if f.is_file() and f.stat().st_size == rec["bytes"] and sha256_file(f) == rec["sha256"]:
-            done[rec["name"]] = rec
+            done[rec["name"]] = {**rec, **shard_stamp(f)}  # its time now (and the stamp a record of an older run lacks)
     for stale in out.glob(".shard-*.tmp*"):  # temp files of an interrupted writer
         stale.unlink()
     return done
@@ -396,7 +438,7 @@ def _manifest(recs: list[dict], classes: list[str], skipped: list[dict], identit
     return {
         "format": "ldm-lightning-shards/1",
         "num_samples": sum(r["num_samples"] for r in recs),
-        "shards": [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in recs],
+        "shards": [manifest_entry(r) for r in recs],
         "image_size": _size_stats([r["size_stats"] for r in recs]),
         "class_names": classes,
         "skipped": skipped + [s for r in recs for s in r["skipped"]],
@@ -422,12 +464,27 @@ def main(argv: list[str] | None = None) -> int:
 
     recs = [done[shard_name(i)] for i in range(len(shards))]
     manifest = _manifest(recs, classes, skipped, identity)
+    if manifest["num_samples"] == 0:
+        return _nothing_packed(out, recs, manifest["skipped"], args.source)
     atomic_write_json(out / MANIFEST, manifest, indent=1)
     print(f"packed {manifest['num_samples']} samples into {len(recs)} shards in {out} "
-          f"({sum(r['bytes'] for r in recs) / 1e6:.1f} MB); skipped {len(manifest['skipped'])}")
+          f"({sum(r['bytes'] for r in recs) / 1e6:.1f} MB); skipped {_skip_counts(manifest['skipped'])}")
     for s in manifest["skipped"][:20]:
         print(f"  skipped {s['source']}: {s['reason']}")
     return 0
+
+
+def _nothing_packed(out: Path, recs: list[dict], skipped: list[dict], source: str) -> int:
+    """Every image failed to encode: no manifest (a 0-sample pack must not look trainable), the empty shards
+    and the state file removed (a re-run after fixing the images starts afresh), one message, exit 2."""
+    for r in recs:
+        (out / r["name"]).unlink(missing_ok=True)
+    (out / STATE).unlink(missing_ok=True)
+    first = f"; first: {skipped[0]['source']}: {skipped[0]['reason']}" if skipped else ""
+    print(f"error: packed 0 samples from --source {source}: nothing left after skipping {_skip_counts(skipped)}"
+          f"{first}. Nothing usable was written to {out}; fix or replace the images and run the command again",
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ class Shard:
     """From the manifest; drives the exact epoch length."""
     bytes: int | None = None
     """File size from the manifest (None when it has none): a cheap start-up check of local shards."""
+    mtime_ns: int | None = None
+    """Modification time from the manifest (None in older manifests): see shard_check.py."""
+    head_tail_sha256: str | None = None
+    """sha256 of the size and both 64 KiB ends, from the manifest (None in older manifests): see shard_check.py."""
     head_key: str | None = None
     """Key of this shard's first sample when it is the rest of the previous shard's last one (skipped here)."""
     tail_url: str | None = None
@@ -76,24 +80,6 @@ def check_shard_name(name: str, where: str) -> str:
         raise ShardSpecError(f"{where}: shard name {name!r} is refused ({why or 'not a file name'}); a manifest may only "
                          "name shard files in its own folder (e.g. 'shard-000000.tar'): fix or re-create the manifest")
     return name
-
-
-def size_problems(shards: list[Shard]) -> list[str]:
-    """Local shards that are missing, empty, or not the size their manifest records (one stat each)."""
-    out = []
-    for s in shards:
-        if is_streamed(s.url):
-            continue
-        try:
-            size = os.path.getsize(s.url)
-        except OSError:
-            out.append(f"{s.url}: missing")
-            continue
-        if size == 0 and s.num_samples:
-            out.append(f"{s.url}: 0 bytes, but the manifest lists {s.num_samples} samples")
-        elif s.bytes is not None and size != s.bytes:
-            out.append(f"{s.url}: {size} bytes, the manifest says {s.bytes}")
-    return out
 
 
 def braceexpand(s: str) -> list[str]:
@@ -128,7 +114,8 @@ def _entries(man: dict, url: str) -> dict[str, dict]:
     try:
         out = {}
         for s in man["shards"]:
-            kw = {"num_samples": int(s["num_samples"]), "bytes": s.get("bytes"), "head_key": s.get("head_key")}
+            kw = {"num_samples": int(s["num_samples"]), "bytes": s.get("bytes"), "head_key": s.get("head_key"),
+                  "mtime_ns": s.get("mtime_ns"), "head_tail_sha256": s.get("head_tail_sha256")}
             tail = s.get("tail_continues_in")
             kw["tail_url"] = check_shard_name(tail, url) if tail else None
             out[check_shard_name(s["name"], url)] = kw

@@ -15,10 +15,14 @@ import os
 import tarfile
 from pathlib import Path
 
+from ldm_lightning.data.shard_check import shard_stamp
 from ldm_lightning.data.shards import unsafe_reason
 from ldm_lightning.fileio import atomic_write, atomic_write_json
 
-__all__ = ["ShardWriter", "UnsafeName", "atomic_write_json", "check_key", "sha256_file", "shard_record"]
+__all__ = ["ShardWriter", "UnsafeName", "atomic_write_json", "check_key", "manifest_entry", "sha256_file",
+           "shard_record"]
+MANIFEST_FIELDS = ("name", "num_samples", "bytes", "mtime_ns", "head_tail_sha256", "sha256")
+"""A shard's fields in manifest.json (`mtime_ns` and `head_tail_sha256`: the loader's start-up check)."""
 
 
 class UnsafeName(ValueError):
@@ -42,8 +46,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def shard_record(path: Path, num_samples: int) -> dict:
-    """The manifest entry of a finished shard: {name, num_samples, bytes, sha256}."""
-    return {"name": path.name, "num_samples": num_samples, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    """The manifest entry of a finished shard: {name, num_samples, bytes, mtime_ns, head_tail_sha256, sha256}."""
+    return {"name": path.name, "num_samples": num_samples, **shard_stamp(path), "sha256": sha256_file(path)}
+
+
+def manifest_entry(record: dict) -> dict:
+    """A shard record's manifest fields (records of older runs may lack the start-up check's)."""
+    return {k: record[k] for k in MANIFEST_FIELDS if k in record}
 
 
 class ShardWriter:
@@ -51,7 +60,7 @@ class ShardWriter:
 
         with ShardWriter(out / "shard-000000.tar") as w:
             w.add("mnist-train-000000", {"png": ..., "cls": b"3"})
-        w.record  # {name, num_samples, bytes, sha256}
+        w.record  # {name, num_samples, bytes, mtime_ns, head_tail_sha256, sha256}
 
     Members are written in a fixed order (json last), so a sample's bytes do not depend on dict order."""
 

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     from ldm_lightning.autoencoder.load import load_autoencoder
     from ldm_lightning.data.shards import resolve_shards
-    from ldm_lightning.data.shardwriter import atomic_write_json
+    from ldm_lightning.data.shardwriter import atomic_write_json, manifest_entry
     from ldm_lightning.data.transforms import ImageTransform
 
     device = torch.device(args.device)
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "format": LATENT_FORMAT,
         "kind": "latent",
         "num_samples": sum(r["num_samples"] for r in recs),
-        "shards": [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in recs],
+        "shards": [manifest_entry(r) for r in recs],
         "latent_shape": list(shapes.pop()) if shapes else None,
         "mode": args.mode,
         "autoencoder": {"hash": ae_hash, "path": str(args.autoencoder), "scale_factor": float(ae.scale_factor),
