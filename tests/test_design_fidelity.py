@@ -184,3 +184,46 @@ def test_rae_shift_and_sampling_only_grid():
                        (dict(sample_shift=0.0), "sample_shift must be > 0")):
         with pytest.raises(ValueError, match=match):
             FlowSchedule(**bad)
+
+
+@pytest.mark.timeout(600)
+def test_rae_stage2_config_fits_with_its_shift_and_samples_on_a_grid_of_its_own(mnist_shards, tiny_ae, tmp_path):
+    """The shipped RAE stage-2 config through `ldm-lightning fit` (sizes overridden to tiny, real MNIST, the tiny
+    autoencoder in place of the RAE: 4x8x8 latents, so RAE's shift is sqrt(256 / 4096) = 0.25), then
+    `ldm-lightning sample --time-shift 3` (the sampling grid alone); a bad value is a user error."""
+    import glob
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {"WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+
+    def cli(*args):
+        import os
+        return subprocess.run([sys.executable, "-m", "ldm_lightning", *args], cwd=tmp_path, env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=400)
+    r = cli("fit", "-c", str(root / "configs/diffusion/rae-ditdh-class.yaml"),
+            "-c", str(root / "configs/trainer/cpu-debug.yaml"),
+            "--model.init_args.autoencoder", tiny_ae, "--model.init_args.backbone", "ddt-tiny",
+            "--model.init_args.conditioning.num_classes", "10", "--model.init_args.val_num", "0",
+            "--model.init_args.val_steps", "1", "--model.init_args.optim.warmup_steps", "0",
+            "--data.init_args.train_shards", mnist_shards["train"], "--data.init_args.val_shards", mnist_shards["test"],
+            "--data.init_args.image_size", "32", "--data.init_args.channels", "1", "--data.init_args.resize_mode", "pad",
+            "--data.init_args.random_flip", "false", "--data.init_args.batch_size", "8",
+            "--data.init_args.val_samples", "8", "--data.init_args.num_workers", "0",
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.default_root_dir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    (ckpt,) = glob.glob(str(tmp_path / "run" / "**" / "last.ckpt"), recursive=True)
+    meta = torch.load(ckpt, map_location="cpu", weights_only=True)["ldm_lightning"]
+    assert meta["schedule"] == {"kind": "flow", "shift_base_dim": 4096, "latent_dim": 256}
+    from ldm_lightning.diffusion.load import load_denoiser
+    den = load_denoiser(ckpt)[0]
+    assert den.schedule.shift == pytest.approx(0.25) and den.schedule.sample_shift is None
+    r = cli("sample", "--checkpoint", ckpt, "--classes", "0-1", "--num", "1", "--steps", "2",
+            "--sampler", "flow_euler", "--time-shift", "3", "--out", str(tmp_path / "s"))
+    assert r.returncode == 0 and "wrote 2 samples" in r.stdout, r.stderr[-2000:]
+    from ldm_lightning.diffusion.sample import main
+    from ldm_lightning.errors import UserError
+    with pytest.raises(UserError, match="--time-shift 0.0: give a shift > 0"):
+        main(["--checkpoint", ckpt, "--class", "1", "--time-shift", "0", "--out", str(tmp_path / "s0")])

@@ -207,6 +207,8 @@ def test_diffusion_configs_validate():
         ObjectiveConfig(**a["objective"])
         ConditioningConfig(**a["conditioning"])
         sched = dict(a["schedule"])
+        if "shift_base_dim" in sched:  # RAE's shift: the module fills latent_dim in from its autoencoder
+            sched["latent_dim"] = 16 * 16 * 768
         build_schedule(sched.pop("kind"), **sched)
 
 

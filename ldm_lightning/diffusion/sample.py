@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-every", type=int, default=1,
                    help="DDT backbones: recompute the condition encoder every K network calls, reuse it between "
                         "(fewer encoder evaluations; 1 = every call)")
+    p.add_argument("--time-shift", type=finite_float, default=None,
+                   help="flow models: shift s of the sampling grid only, t' = s t / (1 + (s - 1) t) (s > 1: more "
+                        "steps at high noise); default: the checkpoint's schedule.sample_shift, else its shift")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -218,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(a.device)
     denoiser, conditioner, meta = load_denoiser(a.checkpoint, weights="ema" if a.ema else "live")
     denoiser, conditioner = denoiser.to(device).eval(), conditioner.to(device)
+    if a.time_shift is not None:  # the sampling grid only (schedules.FlowSchedule.sample_shift)
+        if denoiser.schedule.kind != "flow" or a.time_shift <= 0:
+            raise UserError(f"--time-shift {a.time_shift}: " + ("give a shift > 0" if denoiser.schedule.kind == "flow"
+                            else "this model's schedule is VP (discrete timesteps); drop --time-shift"))
+        denoiser.schedule.sample_shift = a.time_shift
     ae_path = a.autoencoder or meta["autoencoder"]["path"]
     try:
         ae = load_autoencoder(ae_path, device=device)
