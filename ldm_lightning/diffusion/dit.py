@@ -63,6 +63,13 @@ class DiTConfig:
     """RMSNorm on queries and keys (SD3: stabilises mixed-precision training)."""
     grad_checkpointing: bool = False
     """Recompute each block in backward (torch.utils.checkpoint, use_reentrant=False)."""
+    timestep_freq_shift: int = 0
+    """Timestep frequencies max_period^(-i / (128 - shift)): 0 = facebookresearch/DiT; 1 = diffusers'
+    DiTTransformer2DModel port (its `Timesteps(downscale_freq_shift=1)`), set by a diffusers import so the
+    weights run to the same output (diffusion/interop.py)."""
+    mlp_norm_eps: float = 1e-6
+    """LayerNorm eps before each block's MLP: 1e-6 in facebookresearch/DiT; the diffusers port reads its
+    config's norm_eps (1e-5 by default) there."""
 
     def __post_init__(self):
         check_finite_fields(self, "dit")  # NaN/inf pass every comparison below
@@ -107,7 +114,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(D, cfg.num_heads, qk_norm=cfg.qk_norm)
         self.cross = Attention(D, cfg.num_heads, cfg.context_dim, cfg.qk_norm) if cross else None
         self.norm_c = nn.LayerNorm(D, eps=1e-6) if cross else None
-        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=cfg.mlp_norm_eps)
         self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
@@ -155,7 +162,7 @@ class DiT(nn.Module):
         D, p = cfg.hidden_size, cfg.patch_size
         c_in = cfg.in_channels + cfg.concat_channels
         self.x_embedder = patch_embedder(c_in, D, p, cfg.bottleneck_dim)
-        self.t_embedder = TimestepEmbedder(D)
+        self.t_embedder = TimestepEmbedder(D, freq_shift=cfg.timestep_freq_shift)
         self.y_embedder = nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes else None
         # SD3's pooled-text projection (Linear-SiLU-Linear); only when configured, so older checkpoints load
         self.pooled_embedder = (nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(), nn.Linear(D, D))

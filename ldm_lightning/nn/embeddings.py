@@ -8,14 +8,16 @@ import torch
 from torch import nn
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, as in DiT `TimestepEmbedder`.
 
     t: (B,) float tensor (a VP index 0..T-1, or 1000*t for rectified flow). Returns (B, dim) float32:
-    [cos(t * f_0..f_{dim/2-1}), sin(...)], frequencies geometric from 1 down to 1/max_period.
+    [cos(t * f_0..f_{dim/2-1}), sin(...)], f_i = max_period^(-i / (dim/2 - freq_shift)). freq_shift 0 is
+    facebookresearch/DiT's; 1 is diffusers' `Timesteps(downscale_freq_shift=1)`, which its DiT port uses.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
     if dim % 2:
@@ -26,13 +28,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features -> 2-layer SiLU MLP (DiT `TimestepEmbedder`, LDM `time_embed`)."""
 
-    def __init__(self, out_dim: int, freq_dim: int = 256):
+    def __init__(self, out_dim: int, freq_dim: int = 256, freq_shift: int = 0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.freq_shift = freq_dim, freq_shift
         self.mlp = nn.Sequential(nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t, self.freq_dim)  # (B, freq_dim)
+        emb = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)  # (B, freq_dim)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (B, out_dim)
 
 
