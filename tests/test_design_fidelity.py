@@ -207,6 +207,8 @@ def test_rae_stage2_config_fits_with_its_shift_and_samples_on_a_grid_of_its_own(
             "--model.init_args.autoencoder", tiny_ae, "--model.init_args.backbone", "ddt-tiny",
             "--model.init_args.conditioning.num_classes", "10", "--model.init_args.val_num", "0",
             "--model.init_args.val_steps", "1", "--model.init_args.optim.warmup_steps", "0",
+            "--model.init_args.objective.prediction", "eps", "--model.init_args.objective.loss_space", "flow",
+            "--model.init_args.objective.weighting", "sd3",
             "--data.init_args.train_shards", mnist_shards["train"], "--data.init_args.val_shards", mnist_shards["test"],
             "--data.init_args.image_size", "32", "--data.init_args.channels", "1", "--data.init_args.resize_mode", "pad",
             "--data.init_args.random_flip", "false", "--data.init_args.batch_size", "8",
@@ -217,6 +219,7 @@ def test_rae_stage2_config_fits_with_its_shift_and_samples_on_a_grid_of_its_own(
     (ckpt,) = glob.glob(str(tmp_path / "run" / "**" / "last.ckpt"), recursive=True)
     meta = torch.load(ckpt, map_location="cpu", weights_only=True)["ldm_lightning"]
     assert meta["schedule"] == {"kind": "flow", "shift_base_dim": 4096, "latent_dim": 256}
+    assert meta["objective"]["weighting"] == "sd3"
     from ldm_lightning.diffusion.load import load_denoiser
     den = load_denoiser(ckpt)[0]
     assert den.schedule.shift == pytest.approx(0.25) and den.schedule.sample_shift is None
