@@ -6,8 +6,9 @@ One chain of runs in one folder, so each start-up is paid once:
   A  runs; its pipe shows `[progress]` lines every N=2 steps with step/max, loss, images/s, ETA.
   B  `fit` on A's folder while A lives -> exit 2, one message naming A's pid and host; B writes nothing there.
   A  is SIGKILLed (its main process only): the kernel drops its lock.
-  C  `--ckpt_path last` in the same folder starts (the dead holder does not block) and resumes; Ctrl-C (SIGINT
-     to the process group, as a terminal sends it) -> saved at the next step boundary, exit 130.
+  C  `--ckpt_path last` in the same folder starts (the dead holder does not block) and resumes, its progress
+     lines set by a config to come every second (not by steps); Ctrl-C (SIGINT to the process group, as a
+     terminal sends it) -> saved at the next step boundary, exit 130.
   D  `--ckpt_path last` resumes from exactly the step C saved; two Ctrl-C -> exit 130 at once, nothing written.
 """
 
@@ -91,10 +92,14 @@ def load(path: Path) -> dict:
 def test_one_run_per_folder_ctrl_c_saves_and_progress_lines(tmp_path, mnist_shards):
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
-    ckpt_cfg = tmp_path / "ckpt.yaml"
-    ckpt_cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [
-        {"class_path": "ldm_lightning.training.checkpointing.StepCheckpoint",
-         "init_args": {"every_n_train_steps": 2, "keep_last_k": 2}}]}}))
+    ckpt_cfg, timed_cfg = tmp_path / "ckpt.yaml", tmp_path / "timed-progress.yaml"
+    step_ckpt = {"class_path": "ldm_lightning.training.checkpointing.StepCheckpoint",
+                 "init_args": {"every_n_train_steps": 2, "keep_last_k": 2}}
+    ckpt_cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [step_ckpt]}}))
+    # C's lines by time only (no step of this run is a multiple of 1000): a slow run still shows life.
+    timed_cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [step_ckpt, {
+        "class_path": "ldm_lightning.training.progress_lines.ProgressLines",
+        "init_args": {"every_n_steps": 1000, "every_seconds": 1.0}}]}}))
     args = ["-c", str(ROOT / "configs/autoencoder/tiny-mnist.yaml"), "-c", str(ROOT / "configs/trainer/cpu-debug.yaml"),
             "-c", str(ckpt_cfg), "--data.init_args.train_shards", mnist_shards["train"],
             "--data.init_args.val_shards", mnist_shards["test"], "--data.init_args.batch_size", "16",
@@ -134,8 +139,8 @@ def test_one_run_per_folder_ctrl_c_saves_and_progress_lines(tmp_path, mnist_shar
     killed_at = load(ckpts / "last.ckpt")["global_step"]
 
     # C: resumes in the same folder; Ctrl-C -> saved at the next step boundary, exit 130.
-    c = Run([*args, "--ckpt_path", "last"])
-    c.wait_for_progress(after_step=killed_at)
+    c = Run([*args, "-c", str(timed_cfg), "--ckpt_path", "last"])
+    c.wait_for_progress(after_step=killed_at)  # before step 1000: only the time rule prints
     assert "in use by another run" not in c.log and f"(global step {killed_at})" in c.log, c.log[-3000:]
     c.ctrl_c()
     assert c.wait() == 130, c.log[-3000:]

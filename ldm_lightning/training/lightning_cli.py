@@ -122,6 +122,11 @@ class LDMLightningCLI(LightningCLI):
         LDMLightningCLI.running = True  # from here on an exception is a run's, not the config's
         super()._run_subcommand(subcommand)
 
+    def after_fit(self) -> None:
+        # LightningCLI calls this when fit returns: a caller that goes on in this process (the demo's next
+        # phase) holds no lock. An exception is released by run_lightning_cli, or by the process's end.
+        release_run_lock()
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if "weights_only" in self._subcommand_method_arguments[subcommand] and kwargs.get("weights_only") is None:
@@ -179,10 +184,15 @@ def run_lightning_cli(argv: list[str] | None = None) -> int:
         print_user_error("ldm-lightning", message)
         return EXIT_USER_ERROR
     finally:
-        if LDMLightningCLI.run_lock is not None:
-            LDMLightningCLI.run_lock.release()
-            LDMLightningCLI.run_lock = None
+        release_run_lock()
     return exit_code(cli)
+
+
+def release_run_lock() -> None:
+    """Let go of the run folder's lock if this process holds it."""
+    if LDMLightningCLI.run_lock is not None:
+        LDMLightningCLI.run_lock.release()
+        LDMLightningCLI.run_lock = None
 
 
 def build_lightning_cli(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
