@@ -33,25 +33,26 @@ def _check_writable(folder: Path, what: str) -> None:
                         "choose a folder you can write to") from err
 
 
-def prepare_output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
-    """Create folder `path` (with parents) and check it can be written; a UserError naming `option` if not."""
-    out = Path(path)
+def prepare_output_dir(path: str | os.PathLike, option: str = "--out", create: bool = False) -> Path:
+    """Check that folder `path` can be made and written, a UserError naming `option` if not; creates it (with
+    parents) only when `create`, so a command refused later leaves nothing behind."""
+    out = Path(os.path.abspath(path))
     if out.exists() and not out.is_dir():
-        raise UserError(f"{option} {str(out)!r} is a file, not a folder: give a folder path (it is created) "
+        raise UserError(f"{option} {str(path)!r} is a file, not a folder: give a folder path (it is created) "
                         "or move the file away")
-    try:
+    existing = out
+    while not existing.exists():  # the folder it will be created in
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} {str(path)!r}: {str(existing)!r} in that path is a file, not a folder")
+    _check_writable(existing, f"{option} {str(path)!r}")
+    if create:
         out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as err:  # a file in place of one of its parents
-        raise UserError(f"{option} {str(out)!r}: a part of the path is a file, not a folder") from err
-    except OSError as err:
-        raise UserError(f"{option} {str(out)!r}: cannot create the folder ({_reason(err)}); "
-                        "choose a location you can write to") from err
-    _check_writable(out, f"{option} {str(out)!r}")
     return out
 
 
 def prepare_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
-    """Check that file `path` can be written (creating its parent folder); a UserError naming `option` if not."""
+    """Check that file `path` can be written (its folder made); a UserError naming `option` if not."""
     out = Path(path)
     if out.is_dir():
         raise UserError(f"{option} {str(out)!r} is a folder: give a file path")
@@ -77,7 +78,7 @@ def replace_dir(out: str | os.PathLike, write: Callable[[Path], None], allowed: 
         raise UserError(f"{option} {str(out)!r} holds files that this command did not write ({', '.join(foreign[:4])}); "
                         f"{flag} replaces only such a folder whole: choose a new or empty folder")
     parent = out.parent
-    prepare_output_dir(parent, f"{option} {str(out)!r}: its folder")
+    prepare_output_dir(parent, f"{option} {str(out)!r}: its folder", create=True)
     prefix = f".{out.name}.tmp-"
     for stale in parent.glob(prefix + "*"):  # left by a crash while writing: never a complete folder
         if stale.is_dir() and not _pid_alive(stale.name[len(prefix):]):

@@ -159,35 +159,55 @@ def test_encoders_is_a_leaf_package():
 
 
 # ---------------------------------------------------------------------------------------- the user path
-# setup -> (backbone, conditioning flags, pooled width the checkpoint records). Each: `ldm-lightning fit` 3 steps on
-# MNIST images with the tiny autoencoder, then `ldm-lightning sample --prompt` from its last checkpoint. Two runs
+SD3_ENCODERS = ("[{{path: {clip_text}, layer: penultimate, use_pooled: true}}, {{path: {clip_full}, use_pooled: true}}, "
+                "{{path: {t5}, max_length: 12}}]")
+
+
+@pytest.fixture(scope="module")
+def cached_latents(text_models, tiny_ae, mnist_shards, tmp_path_factory) -> str:
+    """One MNIST shard through `ldm-lightning data encode` with the SD3-style encoders' text cache (fp32 storage,
+    so training on it matches on-the-fly encoding to float rounding)."""
+    from scale_run import run_cli
+    tmp = tmp_path_factory.mktemp("cached_latents")
+    out = tmp / "latents"
+    proc = run_cli(["data", "encode", "--autoencoder", tiny_ae, "--shards",
+                    str(Path(mnist_shards["test"]) / "shard-000000.tar"), "--out", str(out), "--device", "cpu",
+                    "--text-encoders", SD3_ENCODERS.format(**text_models), "--text-max-length", "8",
+                    "--text-dtype", "fp32"], tmp)
+    assert "cached text embeddings of 10 distinct captions" in proc.stdout, proc.stdout
+    return str(out)
+
+
+# setup -> (backbone, conditioning flags, pooled width the checkpoint records, data flags). Each: `ldm-lightning
+# fit` 3 steps with the tiny autoencoder, then `ldm-lightning sample --prompt` from its last checkpoint. Two runs
 # cover every kind (CI time): SD3-style, a CLIPTextModel at its penultimate layer + a full two-tower CLIP folder
-# (its text tower, projected pooled vector) + a T5 encoder, pooled vectors into the DiT's AdaLN condition; and
-# the one-encoder flag with a T5EncoderModel folder (AutoModel made a T5Model with a decoder of it) into a UNet.
+# (its text tower, projected pooled vector) + a T5 encoder, pooled vectors into the DiT's AdaLN condition, trained
+# on latent shards with their text cache (no encoder loaded); and the one-encoder flag with a T5EncoderModel folder
+# (AutoModel made a T5Model with a decoder of it) into a UNet, on images.
 USER_PATH = {
-    "sd3-clip-fullclip-t5-dit": ("dit-tiny", ["--model.init_args.conditioning.text_encoders",
-                                              "[{{path: {clip_text}, layer: penultimate, use_pooled: true}}, "
-                                              "{{path: {clip_full}, use_pooled: true}}, {{path: {t5}, max_length: 12}}]"],
-                                 32 + 16),
-    "t5-text-encoder-flag-unet": ("unet-tiny", ["--model.init_args.conditioning.text_encoder", "{t5}"], None),
+    "sd3-clip-fullclip-t5-dit-cached": ("dit-tiny", ["--model.init_args.conditioning.text_encoders", SD3_ENCODERS],
+                                        32 + 16, "latent"),
+    "t5-text-encoder-flag-unet": ("unet-tiny", ["--model.init_args.conditioning.text_encoder", "{t5}"], None, "image"),
 }
 
 
 @pytest.mark.parametrize("kind", list(USER_PATH))
-def test_fit_and_sample_with_each_text_encoder_kind(kind, text_models, tiny_ae, mnist_shards, tmp_path):
+def test_fit_and_sample_with_each_text_encoder_kind(kind, text_models, tiny_ae, mnist_shards, tmp_path, request):
     from scale_run import TRAINER_CFG, run_cli
-    backbone, flags, pooled_dim = USER_PATH[kind]
+    backbone, flags, pooled_dim, data = USER_PATH[kind]
     flags = [f.format(**text_models) for f in flags]
+    shards = request.getfixturevalue("cached_latents") if data == "latent" else mnist_shards["test"]
     run = tmp_path / "run"
-    run_cli(["fit", "-c", str(CONFIGS / "diffusion" / "mnist-dit-text-latents.yaml"),
-             "-c", str(TRAINER_CFG / "cpu-debug.yaml"), *flags,
-             "--model.init_args.autoencoder", tiny_ae, "--model.init_args.backbone", backbone,
-             "--model.init_args.conditioning.max_length", "8", "--model.init_args.val_num", "0",
-             "--data.init_args.kind", "image", "--data.init_args.image_size", "32", "--data.init_args.channels", "1",
-             "--data.init_args.train_shards", mnist_shards["test"], "--data.init_args.val_shards", "null",
-             "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
-             "--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.default_root_dir", str(run)],
-            tmp_path)
+    proc = run_cli(["fit", "-c", str(CONFIGS / "diffusion" / "mnist-dit-text-latents.yaml"),
+                    "-c", str(TRAINER_CFG / "cpu-debug.yaml"), *flags,
+                    "--model.init_args.autoencoder", tiny_ae, "--model.init_args.backbone", backbone,
+                    "--model.init_args.conditioning.max_length", "8", "--model.init_args.val_num", "0",
+                    "--data.init_args.kind", data, "--data.init_args.image_size", "32", "--data.init_args.channels",
+                    "1", "--data.init_args.train_shards", shards, "--data.init_args.val_shards", "null",
+                    "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+                    "--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.default_root_dir", str(run)],
+                   tmp_path)
+    assert ("the text encoders are not loaded for training" in proc.stdout) == (data == "latent"), proc.stdout[-2000:]
     last = sorted(run.rglob("last.ckpt"))
     assert len(last) == 1, list(run.rglob("*"))
     meta = torch.load(last[0], map_location="cpu", weights_only=True)["ldm_lightning"]
@@ -195,3 +215,41 @@ def test_fit_and_sample_with_each_text_encoder_kind(kind, text_models, tiny_ae, 
     run_cli(["sample", "--checkpoint", str(last[0]), "--prompt", "a handwritten digit one", "--num", "1",
              "--steps", "2", "--out", str(tmp_path / "s")], tmp_path)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["a-handwritten-digit-one_0.png", "grid.png"]
+
+
+def test_cached_text_embeddings_give_the_on_the_fly_loss_and_dropout_and_a_mismatch_is_refused(
+        cached_latents, text_models, tiny_ae):
+    import yaml
+
+    from ldm_lightning.data import ShardDataModule
+    from ldm_lightning.diffusion.module import DiffusionModule
+    from ldm_lightning.diffusion.text_cache import TextCacheMismatch, attach_text_cache
+    encoders = yaml.safe_load(SD3_ENCODERS.format(**text_models))
+
+    def module(**cond):
+        return DiffusionModule(tiny_ae, backbone="dit-tiny", val_num=0, conditioning={
+            "kind": "text", "max_length": 8, "text_encoders": encoders, **cond})
+    dm = ShardDataModule(cached_latents, batch_size=8, num_workers=0, shuffle_buffer=1, kind="latent", rank=0,
+                         world_size=1, seed=0)
+    batch = next(iter(dm.train_dataloader()))
+    cached, live = module(), module(text_cache=False)
+    live.load_state_dict(cached.state_dict())
+    assert attach_text_cache(cached.conditioner, [cached_latents], None) is not None
+    assert attach_text_cache(live.conditioner, [cached_latents], False) is None
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    loss_cached = cached._loss(batch, cached.denoiser, g(1), g(2), g(3))[0]
+    assert all(e._model is None for e in cached.conditioner.text_encoders.encoders)  # no encoder was loaded
+    loss_live = live._loss(batch, live.denoiser, g(1), g(2), g(3))[0]
+    print(f"same batch, same draws: loss on cached embeddings {float(loss_cached.detach()):.6f}, on the fly {float(loss_live.detach()):.6f}")
+    torch.testing.assert_close(loss_cached, loss_live, rtol=1e-5, atol=1e-6)
+    # caption dropout on cached embeddings: every caption dropped -> the stored empty caption's embedding
+    dropped = cached.conditioner(batch, g(4), drop_prob=1.0)
+    empty = live.conditioner.from_prompts([""] * len(batch["txt"]))
+    for k in ("context", "context_mask", "pooled"):
+        torch.testing.assert_close(dropped[k], empty[k], rtol=1e-5, atol=1e-6, msg=k)
+    # a cache made with another layer is refused, naming both settings
+    other = [dict(encoders[0], layer="last"), *encoders[1:]]
+    wrong = DiffusionModule(tiny_ae, backbone="dit-tiny", val_num=0, conditioning={
+        "kind": "text", "max_length": 8, "text_encoders": other})
+    with pytest.raises(TextCacheMismatch, match="layer penultimate.*but the conditioning names.*layer last"):
+        attach_text_cache(wrong.conditioner, [cached_latents], None)

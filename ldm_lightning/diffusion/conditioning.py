@@ -10,6 +10,7 @@ never EMA'd, and never sharded — they follow the conditioner's device on first
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -18,10 +19,12 @@ from torch import nn
 
 from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.encoders.text import TextEncoderConfig
-from ldm_lightning.encoders.text_join import TextEncoders
+from ldm_lightning.encoders.text_join import TextEmbedding, TextEncoders
+from ldm_lightning.nn.attention import trim_key_padding
 
 from .concat import CONCAT_TASKS, ConcatTask
 
+log = logging.getLogger(__name__)
 ConditioningKind = Literal["none", "class", "text"]
 CONDITIONINGS = get_args(ConditioningKind)
 
@@ -42,6 +45,10 @@ class ConditioningConfig:
     """Several (or one finely set) frozen text encoders, each {path, layer, max_length, use_pooled, use_mask,
     dtype}; their token states are joined SD3's way and their pooled vectors concatenated
     (encoders/text_join.py). Mutually exclusive with text_encoder."""
+    text_cache: bool | None = None
+    """Cached text embeddings (diffusion/text_cache.py, written by `ldm-lightning data encode --text-encoders`):
+    None = use the latent shards' cache when they have one (a cache of other encoders is refused), True = require
+    one, False = always run the encoders. With the cache, training loads no text encoder."""
     max_length: int = 32
     """Tokens per caption (padded / truncated), so every batch's context has the same shape; the default of
     each text_encoders entry that sets none."""
@@ -96,6 +103,16 @@ class Conditioner(nn.Module):
         self.cfg = cfg
         self.register_buffer("_device", torch.zeros(()), persistent=False)
         self._text = TextEncoders(cfg.text_encoder_configs(), cfg.max_length) if cfg.kind == "text" else None
+        self._said_uncached = False
+        self._cache = None  # a TextCache (diffusion/text_cache.py) once `use_text_cache` attaches one
+
+    @property
+    def text_encoders(self) -> TextEncoders | None:
+        return self._text
+
+    def use_text_cache(self, cache) -> None:
+        """Read captions' embeddings from `cache` (a TextCache whose key was checked against these encoders)."""
+        self._cache = cache
 
     @property
     def context_dim(self) -> int | None:
@@ -120,7 +137,19 @@ class Conditioner(nn.Module):
         return {"y": torch.where(y < 0, torch.full_like(y, self.cfg.num_classes), y)}
 
     def from_prompts(self, prompts: list[str], trim: bool = False) -> dict:
-        emb = self._text(prompts, self._device.device, trim)
+        if self._cache is not None and all(p in self._cache for p in prompts):
+            emb = self._cache.lookup(list(prompts))  # on the CPU
+            if trim:
+                emb.states, emb.mask = trim_key_padding(emb.states, emb.mask)
+            dev = self._device.device
+            emb = TextEmbedding(emb.states.to(dev), None if emb.mask is None else emb.mask.to(dev),
+                                None if emb.pooled is None else emb.pooled.to(dev))
+        else:
+            if self._cache is not None and not self._said_uncached:
+                self._said_uncached = True
+                log.warning("text cache: a caption is not in the cache (e.g. a validation prompt); the text encoders "
+                            "are loaded to encode it (said once)")
+            emb = self._text(prompts, self._device.device, trim)
         cond = {"context": emb.states, "context_mask": emb.mask}
         if emb.pooled is not None:
             cond["pooled"] = emb.pooled  # (B, P)

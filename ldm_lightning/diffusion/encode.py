@@ -188,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="encoder precision (never fp16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of --mode sample draws")
+    p.add_argument("--text-encoders", default=None,
+                   help="also cache each caption's text-encoder outputs (diffusion/text_cache.py): the model's "
+                        "conditioning.text_encoders as YAML, e.g. '[{path: models/clip, layer: penultimate}]', or "
+                        "'default' for the bundled MiniLM (conditioning.text_encoder unset)")
+    p.add_argument("--text-max-length", type=int, default=32,
+                   help="conditioning.max_length: tokens of an encoder whose entry sets no max_length")
+    p.add_argument("--text-dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                   help="stored dtype of cached token states and pooled vectors")
     return p
 
 
@@ -217,8 +225,18 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     out = Path(args.out)
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    text = None
+    if args.text_encoders:
+        from . import text_cache
+        text = text_cache.text_encoders_from_option(args.text_encoders, args.text_max_length)
+        text_cache.write_table(text, [""], out / text_cache.TEXT_CACHE_DIR / text_cache.EMPTY_TABLE, device,
+                               args.text_dtype)
     for i in range(rank, len(shards), world):
         rec = _encode_shard(ae, shards[i].url, out / names[i], transform, args, device)
+        if text is not None:  # the shard's distinct captions, read back from the latent shard just written
+            table = out / text_cache.TEXT_CACHE_DIR / f"{names[i]}.safetensors"
+            rec["text_captions"] = text_cache.write_table(text, text_cache.shard_captions(str(out / names[i])),
+                                                          table, device, args.text_dtype)
         atomic_write_json(out / STATE_DIR / f"{names[i]}.json", rec, indent=1)
         print(f"[rank {rank}] encoded {names[i]}: {rec['num_samples']} samples", flush=True)
 
@@ -243,10 +261,16 @@ def main(argv: list[str] | None = None) -> int:
         "source": str(args.shards),
         "skipped": [s for r in recs for s in r["skipped"]],
     }
+    if text is not None:
+        manifest["text"] = text_cache.manifest_section(text, args.text_dtype)
     atomic_write_json(out / MANIFEST, manifest, indent=1)
     skipped = manifest["skipped"]
     print(f"encoded {manifest['num_samples']} samples into {len(recs)} latent shards in {out} "
           f"(latent {manifest['latent_shape']}, autoencoder {ae_hash[:12]}); skipped {len(skipped)}")
+    if text is not None:
+        t = manifest["text"]
+        print(f"cached text embeddings of {sum(r.get('text_captions', 0) for r in recs)} distinct captions in "
+              f"{out / t['dir']} ({t['bytes_per_caption']} bytes each, {args.text_dtype})")
     for s in skipped[:10]:  # never silently: the reasons, as `data pack` prints them
         print(f"  skipped {s['source']}: {s['reason']}")
     if skipped and manifest["num_samples"] == 0:

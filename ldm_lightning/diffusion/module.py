@@ -206,6 +206,10 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             for shards in (dm.train_shards, getattr(dm, "val_shards", None)):
                 if shards is not None:
                     self.check_latent_shards(shards, preprocess)
+        if dm is not None and getattr(dm, "kind", None) == "latent" and self.conditioner.cfg.kind == "text":
+            from .text_cache import attach_text_cache  # cached caption embeddings: no text encoder is loaded
+            attach_text_cache(self.conditioner, [dm.train_shards, getattr(dm, "val_shards", None)],
+                              self.conditioner.cfg.text_cache)
 
     @torch.no_grad()
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--encoder-every must be >= 1, got {a.encoder_every}")
     if a.num < 1 or a.steps < 1:
         raise SystemExit(f"--num and --steps must be >= 1 (got --num {a.num}, --steps {a.steps})")
-    out = prepare_output_dir(a.out)  # before the model loads: a bad --out must not cost a sampling run
+    prepare_output_dir(a.out)  # before the model loads: a bad --out must not cost a sampling run
     from ldm_lightning.autoencoder.load import load_autoencoder
 
     from .load import load_denoiser
@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     images = sample_images(denoiser, conditioner, ae, latent_shape, len(names), a.sampler, a.steps,
                            a.guidance_scale, a.seed, labels=labels, prompts=prompts, c_concat=c_concat,
                            encoder_every=a.encoder_every)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name, img in zip(names, to_uint8(images)):
         save_png(img, out / f"{name}.png")
     save_png(make_grid(images, nrow=len(names) // rows), out / "grid.png")

@@ -17,6 +17,7 @@ folder without a tokenizer, a layer index out of range: one `TextEncoderError` e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -121,22 +122,34 @@ def text_kind(cfg: dict, path: str) -> str:
     return "encoder"
 
 
+def has_projection(cfg: dict, kind: str) -> bool:
+    """A CLIP text model with its projection (a full CLIP always has one)."""
+    return kind == "clip" and (cfg.get("model_type") == "clip"
+                               or "CLIPTextModelWithProjection" in (cfg.get("architectures") or []))
+
+
+def text_model_config(path: str, cfg: dict, kind: str):
+    """The transformers config of the text model in a folder (a full CLIP: its text tower's, with the pair's
+    projection width), read without loading any weight."""
+    import transformers
+    if cfg.get("model_type") == "clip":
+        return transformers.CLIPTextConfig(**{**cfg.get("text_config", {}),
+                                              "projection_dim": cfg.get("projection_dim", 512)})
+    return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+
+
 def load_text_model(path: str, cfg: dict, kind: str):
     """The frozen (eval, no grad) text model of a folder: the class follows the kind (module docstring)."""
     import transformers
-    mt, archs = cfg.get("model_type", ""), cfg.get("architectures") or []
+    mt = cfg.get("model_type", "")
     if kind == "clip":
-        with_proj = mt == "clip" or "CLIPTextModelWithProjection" in archs
-        cls = transformers.CLIPTextModelWithProjection if with_proj else transformers.CLIPTextModel
+        cls = transformers.CLIPTextModelWithProjection if has_projection(cfg, kind) else transformers.CLIPTextModel
     elif kind == "t5":
         cls = {"t5": transformers.T5EncoderModel, "mt5": transformers.MT5EncoderModel,
                "umt5": transformers.UMT5EncoderModel}[mt]
     else:
         cls = transformers.AutoModel
-    kwargs = {}
-    if mt == "clip":  # a full CLIP: the text tower's config, with the projection width of the pair
-        kwargs["config"] = transformers.CLIPTextConfig(**{**cfg.get("text_config", {}),
-                                                          "projection_dim": cfg.get("projection_dim", 512)})
+    kwargs = {"config": text_model_config(path, cfg, kind)} if mt == "clip" else {}
     hf_logging = transformers.utils.logging
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a full CLIP's vision weights are skipped on purpose: no report of them
@@ -171,22 +184,25 @@ def load_tokenizer(path: str):
 class TextEncoder:
     """list[str] -> (B, L, D) fp32 token states, (B, L) bool mask, (B, P) fp32 pooled vector (or None).
 
-    Kept outside any module tree by its users (never trained, saved, EMA'd or sharded); the model follows the
-    device of the first call."""
+    Kept outside any module tree by its users (never trained, saved, EMA'd or sharded). The folder's config and
+    tokenizer are read (and checked) at construction; the weights load on the first `encode` (`model`), so a run
+    on cached embeddings (diffusion/text_cache.py) never loads them. The model follows the device of that call."""
 
     def __init__(self, cfg: TextEncoderConfig, max_length: int = 32):
         self.cfg = cfg
         self.path = cfg.path or default_text_encoder_path()
-        model_cfg = read_model_config(self.path)
-        self.kind = text_kind(model_cfg, self.path)
+        self._folder_config = read_model_config(self.path)
+        self.kind = text_kind(self._folder_config, self.path)
         self.tokenizer = load_tokenizer(self.path)
-        self.model = load_text_model(self.path, model_cfg, self.kind)
+        if not any(Path(self.path).glob("*.safetensors")) and not any(Path(self.path).glob("*.bin")):
+            raise TextEncoderError(f"text encoder {self.path!r} has no weights (*.safetensors / *.bin); give the "
+                                   "folder `save_pretrained` wrote")
+        self._model = None
         self.max_length = cfg.max_length or max_length
         self.use_mask = cfg.use_mask if cfg.use_mask is not None else self.kind != "clip"
-        mc = self.model.config
+        mc = text_model_config(self.path, self._folder_config, self.kind)
         self.dim = int(mc.hidden_size)
-        self.pooled_dim = int(getattr(mc, "projection_dim", 0) or 0) if hasattr(self.model, "text_projection") \
-            else self.dim
+        self.pooled_dim = int(mc.projection_dim) if has_projection(self._folder_config, self.kind) else self.dim
         self.num_layers = int(mc.num_hidden_layers)
         if isinstance(cfg.layer, int) and not -(self.num_layers + 1) <= cfg.layer <= self.num_layers:
             raise TextEncoderError(
@@ -198,6 +214,13 @@ class TextEncoder:
             raise TextEncoderError(f"text encoder {self.path!r}: max_length {self.max_length} is more than its "
                                    f"{positions} positions; set max_length <= {positions}")
         self._said_truncated = False
+
+    @property
+    def model(self):
+        """The frozen text model, loaded on first use."""
+        if self._model is None:
+            self._model = load_text_model(self.path, self._folder_config, self.kind)
+        return self._model
 
     def _device_dtype(self, device: torch.device) -> torch.dtype:
         if self.cfg.dtype == "auto":
@@ -244,6 +267,23 @@ class TextEncoder:
         return h, mask, pooled
 
     def identity(self) -> dict:
-        """What makes this encoder's outputs what they are (for a record or a cache key)."""
-        return {"path": self.path, "kind": self.kind, "layer": self.cfg.layer, "max_length": self.max_length,
-                "use_pooled": self.cfg.use_pooled, "use_mask": self.use_mask}
+        """What makes this encoder's outputs what they are, and their shapes (a cache's key and its reader's
+        layout): the folder's content hash (config, weights, tokenizer files), kind, layer, max length, mask,
+        pooled use; `path` is for messages only."""
+        return {"path": self.path, "files_sha256": folder_hash(self.path), "kind": self.kind, "layer": self.cfg.layer,
+                "max_length": self.max_length, "use_pooled": self.cfg.use_pooled, "use_mask": self.use_mask,
+                "dim": self.dim, "pooled_dim": self.pooled_dim}
+
+
+def folder_hash(path: str) -> str:
+    """sha256 over the names and bytes of a model folder's top-level files (config, weights, tokenizer): the
+    encoder's identity without loading it (a T5-XXL's 19 GB read once, ~20 s at 1 GB/s)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).iterdir()):
+        docs = f.suffix.lower() in (".md", ".txt") and f.name not in TOKENIZER_FILES  # README.md, not vocab.txt
+        if f.is_file() and not f.name.startswith(".") and not docs:
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+    return h.hexdigest()

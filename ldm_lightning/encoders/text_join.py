@@ -56,6 +56,35 @@ def pad_to(x: torch.Tensor, length: int | None = None, width: int | None = None)
     return F.pad(x, pad)
 
 
+def joined_dims(kinds: list[str], dims: list[int], pooled_dims: list[int | None]) -> tuple[int, int | None]:
+    """(channels of the joined token states, width of the joined pooled vector or None) of encoders of these
+    kinds, token widths and pooled widths (None = that encoder's pooled vector is not used)."""
+    clip = [d for k, d in zip(kinds, dims) if k == "clip"]
+    widths = ([sum(clip)] if clip else []) + [d for k, d in zip(kinds, dims) if k != "clip"]
+    pooled = [p for p in pooled_dims if p is not None]
+    return max(widths), (sum(pooled) if pooled else None)
+
+
+def join_outputs(kinds: list[str], outs: list[tuple], dim: int) -> TextEmbedding:
+    """One TextEmbedding from each encoder's (states (B, L_i, D_i), mask (B, L_i), pooled (B, P_i) or None),
+    joined as the module docstring says; `dim` = joined_dims(...)[0]."""
+    clip = [o for k, o in zip(kinds, outs) if k == "clip"]
+    groups, placed = [], False
+    for k, (h, m, _) in zip(kinds, outs):
+        if k != "clip":
+            groups.append((h, m))
+        elif not placed:  # the CLIP group, joined on channels
+            L = max(o[0].shape[1] for o in clip)
+            hs = torch.cat([pad_to(o[0], L) for o in clip], dim=2)  # (B, L, sum D_clip)
+            ms = torch.stack([pad_to(o[1], L) for o in clip]).any(0)  # (B, L)
+            groups.append((hs, ms))
+            placed = True
+    states = torch.cat([pad_to(h, width=dim) for h, _ in groups], dim=1)  # (B, sum L, D)
+    mask = torch.cat([m for _, m in groups], dim=1)  # (B, sum L)
+    pooled = [o[2] for o in outs if o[2] is not None]
+    return TextEmbedding(states, mask, torch.cat(pooled, dim=1) if pooled else None)
+
+
 class TextEncoders:
     """list[str] -> TextEmbedding through several `TextEncoder`s (module docstring: how they are joined), with
     a per-caption cache: captions repeat (templated captions, the empty CFG prompt), and each is padded to its
@@ -65,14 +94,11 @@ class TextEncoders:
         if not configs:
             raise ValueError("TextEncoders needs at least one encoder config")
         self.encoders = [TextEncoder(c, max_length) for c in configs]
-        clip = [e for e in self.encoders if e.kind == "clip"]
-        widths = [sum(e.dim for e in clip)] if clip else []
-        widths += [e.dim for e in self.encoders if e.kind != "clip"]
-        self.dim = max(widths)
-        """Channels of the joined token states (the backbone's context_dim)."""
-        pooled = [e.pooled_dim for e in self.encoders if e.cfg.use_pooled]
-        self.pooled_dim = sum(pooled) if pooled else None
-        """Width of the joined pooled vector (the backbone's pooled_dim), None when no encoder gives one."""
+        self.kinds = [e.kind for e in self.encoders]
+        self.dim, self.pooled_dim = joined_dims(self.kinds, [e.dim for e in self.encoders],
+                                                [e.pooled_dim if e.cfg.use_pooled else None for e in self.encoders])
+        """dim: channels of the joined token states (the backbone's context_dim); pooled_dim: width of the joined
+        pooled vector (the backbone's pooled_dim), None when no encoder gives one."""
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple] = OrderedDict()
 
@@ -80,24 +106,14 @@ class TextEncoders:
         return [e.identity() for e in self.encoders]
 
     @torch.no_grad()
+    def encode_each(self, texts: list[str], device: torch.device) -> list[tuple]:
+        """Each encoder's own (states, mask, pooled or None) of `texts` on `device` (what a cache stores)."""
+        return [e.encode(texts, device) for e in self.encoders]
+
+    @torch.no_grad()
     def encode(self, texts: list[str], device: torch.device) -> TextEmbedding:
         """Uncached: the joined TextEmbedding of `texts` on `device`."""
-        outs = [(e, *e.encode(texts, device)) for e in self.encoders]
-        clip = [o for o in outs if o[0].kind == "clip"]
-        groups, placed = [], False
-        for e, h, m, _ in outs:
-            if e.kind != "clip":
-                groups.append((h, m))
-            elif not placed:  # the CLIP group, joined on channels
-                L = max(o[1].shape[1] for o in clip)
-                hs = torch.cat([pad_to(o[1], L) for o in clip], dim=2)  # (B, L, sum D_clip)
-                ms = torch.stack([pad_to(o[2], L) for o in clip]).any(0)  # (B, L)
-                groups.append((hs, ms))
-                placed = True
-        states = torch.cat([pad_to(h, width=self.dim) for h, _ in groups], dim=1)  # (B, sum L, D)
-        mask = torch.cat([m for _, m in groups], dim=1)  # (B, sum L)
-        pooled = [p for e, _, _, p in outs if e.cfg.use_pooled]
-        return TextEmbedding(states, mask, torch.cat(pooled, dim=1) if pooled else None)
+        return join_outputs(self.kinds, self.encode_each(texts, device), self.dim)
 
     def __call__(self, texts: list[str], device: torch.device, trim: bool = False) -> TextEmbedding:
         """The TextEmbedding of `texts` on `device`, through the cache (cache_size 0 disables it).
