@@ -126,6 +126,8 @@ def test_usr1_saves_requeues_resumes_bitwise_exact(layout, tmp_path, uninterrupt
     assert ref["global_step"] == STEPS and "Restarts=0" in subprocess.run(
         ["scontrol", "show", "job", ref_job], capture_output=True, text=True, timeout=15).stdout
     assert f"(2 node(s)" in log_of(ref_out) if layout == "2node" else "(1 node(s)" in log_of(ref_out)
+    # The job log is a file: rank 0's plain progress lines are in it (ProgressLines, a default of `fit`).
+    assert f"[progress] step {STEPS}/{STEPS} " in log_of(ref_out), log_of(ref_out)[-3000:]
 
     out = tmp_path / "preempted"
     job = submit(layout, out, mnist_shards)
