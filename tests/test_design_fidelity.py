@@ -189,7 +189,8 @@ def test_rae_shift_and_sampling_only_grid():
 @pytest.mark.timeout(600)
 def test_rae_stage2_config_fits_with_its_shift_and_samples_on_a_grid_of_its_own(mnist_shards, tiny_ae, tmp_path):
     """The shipped RAE stage-2 config through `ldm-lightning fit` (sizes overridden to tiny, real MNIST, the tiny
-    autoencoder in place of the RAE: 4x8x8 latents, so RAE's shift is sqrt(256 / 4096) = 0.25), then
+    autoencoder in place of the RAE: 4x8x8 latents, so RAE's shift is sqrt(256 / 4096) = 0.25; SD3's weighting; a
+    tiny DiT with JiT's block options from backbone_config), then
     `ldm-lightning sample --time-shift 3` (the sampling grid alone); a bad value is a user error."""
     import glob
     import subprocess
@@ -204,7 +205,8 @@ def test_rae_stage2_config_fits_with_its_shift_and_samples_on_a_grid_of_its_own(
                               capture_output=True, text=True, timeout=400)
     r = cli("fit", "-c", str(root / "configs/diffusion/rae-ditdh-class.yaml"),
             "-c", str(root / "configs/trainer/cpu-debug.yaml"),
-            "--model.init_args.autoencoder", tiny_ae, "--model.init_args.backbone", "ddt-tiny",
+            "--model.init_args.autoencoder", tiny_ae, "--model.init_args.backbone", "dit-tiny",
+            "--model.init_args.backbone_config", "{mlp: swiglu, norm: rmsnorm, rope: true, class_tokens: 4}",
             "--model.init_args.conditioning.num_classes", "10", "--model.init_args.val_num", "0",
             "--model.init_args.val_steps", "1", "--model.init_args.optim.warmup_steps", "0",
             "--model.init_args.objective.prediction", "eps", "--model.init_args.objective.loss_space", "flow",
@@ -220,6 +222,8 @@ def test_rae_stage2_config_fits_with_its_shift_and_samples_on_a_grid_of_its_own(
     meta = torch.load(ckpt, map_location="cpu", weights_only=True)["ldm_lightning"]
     assert meta["schedule"] == {"kind": "flow", "shift_base_dim": 4096, "latent_dim": 256}
     assert meta["objective"]["weighting"] == "sd3"
+    bb = meta["backbone"]  # JiT's block options, from the documented backbone_config flag
+    assert (bb["mlp"], bb["norm"], bb["rope"], bb["class_tokens"]) == ("swiglu", "rmsnorm", True, 4)
     from ldm_lightning.diffusion.load import load_denoiser
     den = load_denoiser(ckpt)[0]
     assert den.schedule.shift == pytest.approx(0.25) and den.schedule.sample_shift is None
@@ -230,3 +234,73 @@ def test_rae_stage2_config_fits_with_its_shift_and_samples_on_a_grid_of_its_own(
     from ldm_lightning.errors import UserError
     with pytest.raises(UserError, match="--time-shift 0.0: give a shift > 0"):
         main(["--checkpoint", ckpt, "--class", "1", "--time-shift", "0", "--out", str(tmp_path / "s0")])
+
+
+# --- JiT's block components as DiT config fields: SwiGLU, RMSNorm, 2-D RoPE, in-context class tokens ----------
+
+
+def _jit_dit(**kw):
+    """A tiny class-conditional DiT with every zero-initialised weight randomised (AdaLN-Zero outputs 0 at init)."""
+    from ldm_lightning.diffusion import DiT, DiTConfig
+    torch.manual_seed(0)
+    cfg = dict(input_size=8, in_channels=2, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    dit = DiT(DiTConfig(**{**cfg, **kw})).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return dit
+
+
+def test_rope_2d_scores_depend_on_relative_position_only():
+    from ldm_lightning.nn.rope import apply_rope, rope_2d
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    cos, sin = rope_2d(16, 6, 6, prefix=2)  # 2 unrotated prefix tokens, then a 6x6 grid (row-major)
+
+    def score(a, b):  # query at grid (r, c) = a, key at b
+        i, j = 2 + a[0] * 6 + a[1], 2 + b[0] * 6 + b[1]
+        return (apply_rope(q, cos[i:i + 1], sin[i:i + 1]) * apply_rope(k, cos[j:j + 1], sin[j:j + 1])).sum().item()
+    for (a, b), (a2, b2) in [(((0, 0), (1, 2)), ((3, 1), (4, 3))), (((5, 5), (2, 0)), ((3, 5), (0, 0)))]:
+        assert score(a, b) == pytest.approx(score(a2, b2), abs=1e-5)  # same offset: same score
+    assert abs(score((0, 0), (1, 2)) - score((0, 0), (2, 1))) > 1e-3  # rows and columns are told apart
+    assert torch.equal(cos[:2], torch.ones(2, 16)) and torch.equal(sin[:2], torch.zeros(2, 16))  # prefix: identity
+    # rotation keeps norms (it is orthogonal)
+    torch.testing.assert_close(apply_rope(q, cos[9:10], sin[9:10]).norm(), q.norm())
+
+
+def test_swiglu_rmsnorm_rope_class_tokens_in_the_dit():
+    from ldm_lightning.diffusion.dit import SwiGLU
+    from ldm_lightning.training.flops import count_flops
+    x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([300.0, 700.0]), torch.tensor([3, 10])
+    base = _jit_dit()
+    jit = _jit_dit(mlp="swiglu", norm="rmsnorm", rope=True, class_tokens=4)
+    blk = jit.blocks[0]
+    assert isinstance(blk.mlp, SwiGLU) and isinstance(blk.norm1, torch.nn.RMSNorm)
+    assert isinstance(jit.final_layer.norm, torch.nn.RMSNorm)
+    n_gelu = sum(p.numel() for p in base.blocks[0].mlp.parameters())
+    n_swiglu = sum(p.numel() for p in blk.mlp.parameters())
+    assert abs(n_swiglu - n_gelu) / n_gelu < 0.02  # the 2/3 hidden width keeps DiT's MLP size
+    h = torch.randn(3, 32)  # SwiGLU = fc2(silu(a) * b), [a | b] = fc1(h)
+    a, b = blk.mlp.fc1(h).chunk(2, -1)
+    torch.testing.assert_close(blk.mlp(h), blk.mlp.fc2(torch.nn.functional.silu(a) * b))
+    with torch.no_grad():
+        out = jit(x, t, y)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        # RoPE is live: the same weights without it give another output
+        jit.cfg.rope = False
+        assert (jit(x, t, y) - out).abs().max() > 1e-4
+        jit.cfg.rope = True
+        # class tokens: their slot order does not matter (their outputs are dropped, attention sums over keys;
+        # they are not rotated), the class they carry does
+        perm = torch.tensor([2, 0, 3, 1])
+        jit.class_token_pos.copy_(jit.class_token_pos[perm])
+        torch.testing.assert_close(jit(x, t, y), out, rtol=1e-5, atol=1e-6)
+        # ... while the image tokens' order does (sin-cos positions and RoPE)
+        flipped = jit(x.flip(-1), t, y).flip(-1)
+        assert (flipped - out).abs().max() > 1e-4
+    counted = count_flops(lambda: jit(x[:1], t[:1], y[:1]))
+    assert counted == pytest.approx(jit.flops_per_image(), rel=0.02)
+    with pytest.raises(ValueError, match="class_tokens=2 needs a class-conditional"):
+        _jit_dit(num_classes=None, class_tokens=2)
+    with pytest.raises(ValueError, match="dit.mlp must be one of"):
+        _jit_dit(mlp="relu")

@@ -45,6 +45,9 @@ class DDTConfig(DiTConfig):
             raise ValueError(f"ddt.decoder_depth must be >= 1, got {self.decoder_depth}")
         if self.context_dim is not None and self.text_mode != "cross_attn":
             raise ValueError("ddt: text conditioning is cross-attention in the encoder only; set text_mode=cross_attn")
+        if (self.mlp, self.norm, self.rope, self.class_tokens) != ("gelu", "layernorm", False, 0):
+            raise ValueError("ddt: JiT's block options (mlp, norm, rope, class_tokens) are DiT backbones' only; "
+                             "leave them at gelu / layernorm / false / 0")
         Dd, nd = self.decoder_hidden_size or self.hidden_size, self.decoder_num_heads or self.num_heads
         if Dd % nd or Dd % 4:
             raise ValueError(f"ddt.decoder_hidden_size={Dd} must be divisible by decoder_num_heads={nd} and by 4")

@@ -22,8 +22,11 @@ from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.diffusion.concat import join_concat
 from ldm_lightning.nn.attention import Attention
 from ldm_lightning.nn.embeddings import TimestepEmbedder, sincos_2d
+from ldm_lightning.nn.rope import rope_2d
 
 TEXT_MODES = ("cross_attn", "in_context")
+MLPS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass
@@ -70,6 +73,18 @@ class DiTConfig:
     mlp_norm_eps: float = 1e-6
     """LayerNorm eps before each block's MLP: 1e-6 in facebookresearch/DiT; the diffusers port reads its
     config's norm_eps (1e-5 by default) there."""
+    mlp: str = "gelu"
+    """Block MLP: 'gelu' (DiT: Linear-GELU-Linear) or 'swiglu' (JiT, arXiv 2511.13720, as LLaMA: fc2(SiLU(a) * b)
+    with [a | b] = fc1(x), hidden int(2/3 * mlp_ratio * hidden_size) so the parameter count stays DiT's)."""
+    norm: str = "layernorm"
+    """Block and final-layer norms before AdaLN's scale/shift: 'layernorm' (DiT) or 'rmsnorm' (JiT); no affine
+    either way (AdaLN supplies it)."""
+    rope: bool = False
+    """2-D rotary position embedding on the image tokens' queries and keys in every self-attention (JiT; nn/rope.py),
+    on top of the fixed sin-cos positions; class / text tokens are not rotated. Needs head width % 4 == 0."""
+    class_tokens: int = 0
+    """In-context class tokens (JiT prepends 32): this many tokens, each the class embedding plus a learned per-slot
+    embedding, are prepended to the image tokens (the class also stays in AdaLN's condition). 0 = none."""
 
     def __post_init__(self):
         check_finite_fields(self, "dit")  # NaN/inf pass every comparison below
@@ -86,6 +101,15 @@ class DiTConfig:
             raise ValueError(f"dit.bottleneck_dim must be None or >= 1, got {self.bottleneck_dim}")
         if self.pooled_dim is not None and self.pooled_dim < 1:
             raise ValueError(f"dit.pooled_dim must be None or >= 1, got {self.pooled_dim}")
+        if self.mlp not in MLPS or self.norm not in NORMS:
+            raise ValueError(f"dit.mlp must be one of {MLPS} and dit.norm one of {NORMS}; got {self.mlp!r}, "
+                             f"{self.norm!r}")
+        if self.rope and (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"dit.rope needs a head width (hidden_size / num_heads = "
+                             f"{self.hidden_size // self.num_heads}) divisible by 4")
+        if self.class_tokens < 0 or (self.class_tokens and not self.num_classes):
+            raise ValueError(f"dit.class_tokens={self.class_tokens} needs a class-conditional model (num_classes) "
+                             "and must be >= 0")
 
 
 def per_token(v: torch.Tensor) -> torch.Tensor:
@@ -106,31 +130,57 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class SwiGLU(nn.Module):
+    """fc2(SiLU(a) * b), [a | b] = fc1(x) (Shazeer 2020; JiT's MLP). Names fc1 / fc2 as Mlp (LoRA targets)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(a) * b)
+
+
+def block_mlp(cfg: DiTConfig, dim: int) -> nn.Module:
+    hidden = int(dim * cfg.mlp_ratio)
+    return SwiGLU(dim, int(2 * hidden / 3)) if cfg.mlp == "swiglu" else Mlp(dim, hidden)
+
+
+def block_norm(cfg: DiTConfig, dim: int, eps: float = 1e-6) -> nn.Module:
+    """The affine-free norm AdaLN modulates: LayerNorm (DiT) or RMSNorm (JiT)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps, elementwise_affine=False)
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+
+
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig, cross: bool):
         super().__init__()
         D = cfg.hidden_size
-        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.norm1 = block_norm(cfg, D)
         self.attn = Attention(D, cfg.num_heads, qk_norm=cfg.qk_norm)
         self.cross = Attention(D, cfg.num_heads, cfg.context_dim, cfg.qk_norm) if cross else None
         self.norm_c = nn.LayerNorm(D, eps=1e-6) if cross else None
-        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=cfg.mlp_norm_eps)
-        self.mlp = Mlp(D, int(D * cfg.mlp_ratio))
+        self.norm2 = block_norm(cfg, D, cfg.mlp_norm_eps)
+        self.mlp = block_mlp(cfg, D)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
-    def forward(self, x, c, context=None, mask=None, self_mask=None):
+    def forward(self, x, c, context=None, mask=None, self_mask=None, rope=None):
         # c: (B, D) once per image (DiT), or (B, N, D) per token (DDT's decoder, conditioned on the encoder's z)
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, [N,] D) each
-        x = x + per_token(g1) * self.attn(modulate(self.norm1(x), sh1, sc1), key_padding_mask=self_mask)  # (B, N, D)
+        x = x + per_token(g1) * self.attn(modulate(self.norm1(x), sh1, sc1), key_padding_mask=self_mask,
+                                          rope=rope)  # (B, N, D)
         if self.cross is not None:
             x = x + self.cross(self.norm_c(x), context, mask)
         return x + per_token(g2) * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, D: int, patch: int, out: int):
+    def __init__(self, D: int, patch: int, out: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.norm = (nn.RMSNorm(D, eps=1e-6, elementwise_affine=False) if norm == "rmsnorm"
+                     else nn.LayerNorm(D, elementwise_affine=False, eps=1e-6))
         self.linear = nn.Linear(D, patch * patch * out)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
 
@@ -173,7 +223,9 @@ class DiT(nn.Module):
         self.context_embedder = (nn.Linear(cfg.context_dim, D)
                                  if cfg.context_dim is not None and cfg.text_mode == "in_context" else None)
         self.blocks = nn.ModuleList(DiTBlock(cfg, cross) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(D, p, cfg.in_channels)
+        self.final_layer = FinalLayer(D, p, cfg.in_channels, cfg.norm)
+        # JiT's in-context class tokens: class embedding + a learned embedding per slot; only when configured
+        self.class_token_pos = nn.Parameter(torch.zeros(cfg.class_tokens, D)) if cfg.class_tokens else None
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -188,6 +240,8 @@ class DiT(nn.Module):
         init_patch_embedder(self.x_embedder)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.weight, std=0.02)
+        if getattr(self, "class_token_pos", None) is not None:
+            nn.init.normal_(self.class_token_pos, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for blk in self.blocks:
@@ -247,19 +301,29 @@ class DiT(nn.Module):
         c = self.condition(t, y, pooled)  # (B, D)
         if self.cfg.context_dim is not None and context is None:
             raise ValueError("this DiT is text-conditional (context_dim set): pass context (B, L, context_dim)")
-        self_mask, N = None, tokens.shape[1]
+        self_mask, N, K = None, tokens.shape[1], self.cfg.class_tokens
+        if K:  # JiT's in-context class tokens: [class tokens | image tokens]
+            tokens = torch.cat([self.class_token_pos.to(tokens.dtype) + self.y_embedder(y)[:, None].to(tokens.dtype),
+                                tokens], dim=1)  # (B, K + N, D)
+        L = 0
         if self.context_embedder is not None:  # in-context: [image tokens | text tokens]
-            tokens = torch.cat([tokens, self.context_embedder(context)], dim=1)  # (B, N + L, D)
+            text = self.context_embedder(context)
+            L = text.shape[1]
+            tokens = torch.cat([tokens, text], dim=1)  # (B, K + N + L, D)
             if context_mask is not None:
-                keep = torch.ones(B, N, dtype=torch.bool, device=x.device)
-                self_mask = torch.cat([keep, context_mask.bool()], dim=1)  # (B, N + L)
+                keep = torch.ones(B, K + N, dtype=torch.bool, device=x.device)
+                self_mask = torch.cat([keep, context_mask.bool()], dim=1)  # (B, K + N + L)
             context = context_mask = None
+        rope = None
+        if self.cfg.rope:  # rotate the image tokens by their grid position; class / text tokens by nothing
+            cos, sin = rope_2d(self.cfg.hidden_size // self.cfg.num_heads, h, w, prefix=K, suffix=L)
+            rope = (cos.to(x.device), sin.to(x.device))
         for blk in self.blocks:
             if self.cfg.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(blk, tokens, c, context, context_mask, self_mask, use_reentrant=False)
+                tokens = checkpoint(blk, tokens, c, context, context_mask, self_mask, rope, use_reentrant=False)
             else:
-                tokens = blk(tokens, c, context, context_mask, self_mask)
-        out = self.final_layer(tokens[:, :N], c)  # (B, N, p*p*C)
+                tokens = blk(tokens, c, context, context_mask, self_mask, rope)
+        out = self.final_layer(tokens[:, K:K + N], c)  # (B, N, p*p*C)
         return self.unpatchify(out, h, w)  # (B, C, H, W)
 
     def flops_per_image(self, input_size: int | None = None, context_len: int = 0, training: bool = False) -> float:
@@ -270,9 +334,10 @@ class DiT(nn.Module):
         s = input_size or cfg.input_size
         N = (s // cfg.patch_size) ** 2
         L = context_len if cfg.context_dim is not None else 0
-        T = N + (L if self.context_embedder is not None else 0)  # sequence length
+        T = N + cfg.class_tokens + (L if self.context_embedder is not None else 0)  # sequence length
         mlp = int(D * cfg.mlp_ratio)
-        per_block = T * (4 * D * D + 2 * D * mlp) + 2 * T * T * D  # qkv + proj + mlp; QK^T and AV
+        mlp_macs = 3 * D * int(2 * mlp / 3) if cfg.mlp == "swiglu" else 2 * D * mlp  # fc1 (2 halves) + fc2
+        per_block = T * (4 * D * D + mlp_macs) + 2 * T * T * D  # qkv + proj + mlp; QK^T and AV
         per_block += 6 * D * D  # adaLN modulation: once per image
         if self.cfg.context_dim is not None and self.context_embedder is None:
             per_block += N * 2 * D * D + L * 2 * cfg.context_dim * D + 2 * N * L * D  # q, out; k, v; attention

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_lightning.nn.rope import apply_rope
+
 
 class Attention(nn.Module):
     """Self-attention (context=None) or cross-attention to `context`.
@@ -39,7 +41,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """rope: (cos, sin), each (L, head_dim), rotating queries and keys of SELF-attention (nn/rope.py)."""
         B, L, D = x.shape
         if self.is_cross and context is None:
             raise ValueError("cross-attention block called without `context`")
@@ -47,6 +51,10 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, L, d)
         k, v = self.to_kv(ctx).view(B, ctx.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)  # (B, h, L, d), (B, h, S, d)
+        if rope is not None:
+            if context is not None:
+                raise ValueError("rope applies to self-attention only")
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = None
         if key_padding_mask is not None:
             mask = key_padding_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, S), broadcast over heads/queries
