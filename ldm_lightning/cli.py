@@ -26,6 +26,7 @@ TOOLS = {
     ("sample",): ("ldm_lightning.diffusion.sample", "Sample images from a trained diffusion checkpoint"),
     ("export",): ("ldm_lightning.export", "Export an autoencoder (diffusers/safetensors) or denoiser (safetensors)"),
     ("evaluate",): ("ldm_lightning.evaluation.evaluate", "FID, KID, IS, precision/recall of images or of a checkpoint's samples"),
+    ("ema-reconstruct",): ("ldm_lightning.diffusion.ema_reconstruct", "Synthesise the EMA of any length from post-hoc EMA snapshots (EDM2)"),
     ("demo",): ("ldm_lightning.demo", "The end-to-end MNIST demo: both stages, sampling, measured quality"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")

@@ -30,6 +30,7 @@ from ldm_lightning.autoencoder.load import CHECKPOINT_TAG
 from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
 from ldm_lightning.nn.images import model_range
+from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.speed import SpeedConfig, SpeedLevers, as_speed, images_channels_last, to_channels_last
 from ldm_lightning.training.strategies import maybe_compile
@@ -54,13 +55,16 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
                  sample_posterior: bool = True, scale_batches: int = 4, scale_use_shift: bool = False,
                  fid_inception_weights: str | None = None, log_images: int = 8, compile: bool = False,
                  speed: SpeedConfig | dict | None = None, train_only: list[str] | None = None,
-                 init_from: str | None = None, keep_latent_stats: bool = False):
+                 init_from: str | None = None, keep_latent_stats: bool = False,
+                 posthoc_ema: PosthocEMAConfig | dict | None = None):
         """
         Args:
             preset: autoencoder preset name (presets.py) or None for AutoencoderConfig defaults.
             autoencoder: AutoencoderConfig fields overriding the preset.
             loss: loss weights and schedule (LossConfig).
             optim / ema / guard / seed: see training/base.py.
+            posthoc_ema: PosthocEMAConfig (nn/posthoc_ema.py): EDM2 power-function EMA profiles and their
+                snapshots for `ldm-lightning ema-reconstruct`; null (default) = off. Kept beside `ema`.
             image_size: training image size; checked against the downsampling factor at start-up.
             sample_posterior: decode a posterior sample (LDM) rather than its mean while training.
             scale_batches: train batches used to compute the latent scale factor at the end of fit.
@@ -83,7 +87,8 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
                 exactly, so a stage-2 model trained on them keeps its scale (DC-AE phase 3 after phase 2,
                 which measured at another resolution).
         """
-        super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed)
+        super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed,
+                         None if posthoc_ema is None else _as(PosthocEMAConfig, posthoc_ema))
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)} or null; got {preset!r}")
         overrides = dict(autoencoder or {})
@@ -104,6 +109,7 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
         self.save_hyperparameters({
             "preset": None, "autoencoder": cfg.to_dict(), "loss": _plain(self.loss_cfg),
             "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
+            "posthoc_ema": _plain(self.posthoc_ema_cfg),
             "seed": seed, "image_size": image_size, "sample_posterior": sample_posterior,
             "scale_batches": scale_batches, "scale_use_shift": scale_use_shift,
             "fid_inception_weights": fid_inception_weights, "log_images": log_images, "compile": compile,

@@ -20,6 +20,7 @@ import torch
 
 from ldm_lightning.finite import check_finite
 from ldm_lightning.nn.images import model_range
+from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule, is_logging_step
 from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
                                           to_channels_last)
@@ -59,7 +60,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                  val_sampler: str = "ddim", val_steps: int = 25, val_cfg: float = 3.0, val_num: int = 16,
                  val_seed: int = 0, optim: OptimConfig | dict | None = None, ema: EMAConfig | dict | None = None,
                  guard: GuardConfig | dict | None = None, seed: int = 0, compile: bool = False,
-                 speed: SpeedConfig | dict | None = None, repa: REPAConfig | dict | None = None):
+                 speed: SpeedConfig | dict | None = None, repa: REPAConfig | dict | None = None,
+                 posthoc_ema: PosthocEMAConfig | dict | None = None):
         """
         Args:
             autoencoder: Path of the frozen stage-1 autoencoder (.ckpt, export folder, diffusers folder);
@@ -84,6 +86,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             val_num: Number of validation samples in the grid (0 = no sampling).
             val_seed: Seed of the validation noise (fixed: the grids of successive validations compare).
             optim / ema / guard / seed: See training/base.py.
+            posthoc_ema: PosthocEMAConfig (nn/posthoc_ema.py): EDM2 power-function EMA profiles and their
+                snapshots for `ldm-lightning ema-reconstruct`; null (default) = off. Kept beside `ema`.
             compile: `torch.compile` the trained (live) backbone in place; parameter names do not change, so
                 checkpoints load with or without it. Activation checkpointing is the backbone's own flag
                 (`backbone_config: {grad_checkpointing: true}`).
@@ -94,7 +98,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 'mnist-classifier:PATH'), weight `weight`; logged as `train/repa_loss`. Off by default.
                 Needs image batches (the encoder sees the clean pixels) and a DiT / DDT backbone.
         """
-        super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed)
+        super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed,
+                         None if posthoc_ema is None else _as(PosthocEMAConfig, posthoc_ema))
         self.speed = as_speed(speed)
         if backbone not in PRESETS:
             raise ValueError(f"model.backbone must be one of {sorted(PRESETS)}; got {backbone!r}")
@@ -169,6 +174,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             "check_latent_hash": check_latent_hash, "loss_bins": loss_bins, "val_sampler": val_sampler,
             "val_steps": val_steps, "val_cfg": val_cfg, "val_num": val_num, "val_seed": val_seed,
             "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
+            "posthoc_ema": _plain(self.posthoc_ema_cfg),
             "seed": seed, "compile": compile, "speed": _plain(self.speed), "repa": _plain(repa_cfg)})
         if self.speed.channels_last:  # before the EMA copy, so both are NHWC
             to_channels_last(self.denoiser.backbone, ae)

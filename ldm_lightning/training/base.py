@@ -23,6 +23,7 @@ from torch import nn
 
 from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.nn.ema import EMA
+from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig, PowerEMA
 
 
 # Choice fields are Literal types: jsonargparse lists the choices in `--help` and refuses others at parse time;
@@ -121,13 +122,15 @@ class TrainingModule(L.LightningModule):
     nn.Module whose weights get an EMA (a direct child), and implement `compute_loss`."""
 
     def __init__(self, optim: OptimConfig | None = None, ema: EMAConfig | None = None,
-                 guard: GuardConfig | None = None, seed: int = 0):
+                 guard: GuardConfig | None = None, seed: int = 0, posthoc_ema: PosthocEMAConfig | None = None):
         super().__init__()
         self.optim_cfg = optim or OptimConfig()
         self.ema_cfg = ema or EMAConfig()
         self.guard_cfg = guard or GuardConfig()
+        self.posthoc_ema_cfg = posthoc_ema  # None: off
         self.seed = seed
         self.ema: EMA | None = None
+        self.posthoc_ema: PowerEMA | None = None
         self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.long), persistent=True)
         self.register_buffer("nonfinite_consecutive", torch.zeros((), dtype=torch.long), persistent=True)
         self._last_step_skipped = False
@@ -138,6 +141,8 @@ class TrainingModule(L.LightningModule):
         self._ema_target_name = next(n for n, m in self.named_children() if m is target)
         if self.ema_cfg.enabled:
             self.ema = EMA(target, self.ema_cfg.decay, self.ema_cfg.warmup_steps)
+        if self.posthoc_ema_cfg is not None:  # an addition to the EMA above, which stays as it is
+            self.posthoc_ema = PowerEMA(target, self.posthoc_ema_cfg.sigma_rels)
 
     def ema_or_live(self) -> nn.Module:
         """The network to evaluate with: EMA weights when kept, else the live weights."""
@@ -154,7 +159,29 @@ class TrainingModule(L.LightningModule):
         """
         if self.ema is not None and not self._last_step_skipped and not self._ema_updated_this_batch:
             self.ema.update(getattr(self, self._ema_target_name))
+        if self.posthoc_ema is not None and not self._last_step_skipped and not self._ema_updated_this_batch:
+            self.posthoc_ema.update(getattr(self, self._ema_target_name))
+            if int(self.posthoc_ema.num_updates) % self.posthoc_ema_cfg.snapshot_every == 0:
+                self._write_posthoc_snapshot()
         self._ema_updated_this_batch = True
+
+    def _write_posthoc_snapshot(self) -> None:
+        """Global rank 0 writes the post-hoc EMA profiles of this update to `<checkpoint dir>/posthoc-ema/` (every
+        rank holds the same profiles); before this step's checkpoint, so a resume finds every earlier snapshot."""
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        import os
+
+        from ldm_lightning.training.checkpointing import find_step_checkpoint
+        from ldm_lightning.training.posthoc_snapshots import SUBDIR, write_snapshot
+        callback = find_step_checkpoint(trainer)
+        directory = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        meta: dict = {}
+        self.on_save_checkpoint(meta)  # the `ldm_lightning` entry of a checkpoint: what an export is built from
+        tracker = self.posthoc_ema
+        write_snapshot(os.path.join(directory, SUBDIR), tracker.snapshot(), int(tracker.num_updates),
+                       tracker.sigma_rels, tracker.gammas, meta.get("ldm_lightning", {}))
 
     def on_train_batch_start(self, batch, batch_idx):
         self._ema_updated_this_batch = False
