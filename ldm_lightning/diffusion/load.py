@@ -10,7 +10,6 @@ imports another (no import cycle), and a tag check never loads Lightning.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
