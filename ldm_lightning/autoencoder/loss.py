@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.autoencoder.discriminator import DiscNorm, NLayerDiscriminator
+from ldm_lightning.errors import checkpoint_load_error
+from ldm_lightning.finite import check_finite_fields
 
 
 RecLoss = Literal["l1", "l2"]
@@ -102,7 +103,10 @@ def build_lpips(cfg: LossConfig) -> nn.Module:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"loss.lpips_vgg_weights={path!r} does not exist; download "
                                     "https://download.pytorch.org/models/vgg16-397923af.pth there")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # refused (a pickle that could run code) or unreadable: one message, the path
+            raise checkpoint_load_error(path, err) from err
         # lpips keeps torchvision's feature indices: `net.slice2.5.weight` is `features.5.weight`.
         own = {k: f"features.{k.split('.', 1)[1]}" for k in net.net.state_dict()}
         net.net.load_state_dict({k: sd[v] for k, v in own.items()})
