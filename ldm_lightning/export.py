@@ -26,9 +26,10 @@ from ldm_lightning.autoencoder.load import CHECKPOINT_TAG, DIFFUSERS_WEIGHTS, EX
 from ldm_lightning.errors import WrongFileError
 from ldm_lightning.output_paths import replace_dir
 
-FORMATS = ("diffusers", "safetensors")
+FORMATS = ("diffusers", "safetensors", "lora")  # lora: a LoRA run's adapters (denoisers only)
 # What any export writes (autoencoder in either format, denoiser): a folder holding only these may be replaced.
-EXPORT_FILES = {"config.json", EXPORT_WEIGHTS, *DIFFUSERS_WEIGHTS, "denoiser.safetensors"}
+EXPORT_FILES = {"config.json", EXPORT_WEIGHTS, *DIFFUSERS_WEIGHTS, "denoiser.safetensors",
+                "pytorch_lora_weights.safetensors", "adapter_config.json"}
 
 
 def export_autoencoder(ae, out: str | os.PathLike, fmt: str = "safetensors", overwrite: bool = True) -> Path:
@@ -40,8 +41,8 @@ def export_autoencoder(ae, out: str | os.PathLike, fmt: str = "safetensors", ove
 
     from ldm_lightning.autoencoder import interop
     from ldm_lightning.autoencoder.load import EXPORT_CONFIG_KEY, EXPORT_WEIGHTS
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {FORMATS}; got {fmt!r}")
+    if fmt not in ("diffusers", "safetensors"):
+        raise ValueError(f"an autoencoder exports as --format diffusers or safetensors; got {fmt!r}")
     sd = {k: v.detach().cpu().contiguous() for k, v in ae.state_dict().items()}
     if fmt == "safetensors":
         config = {EXPORT_CONFIG_KEY: ae.config.to_dict()}

@@ -169,3 +169,109 @@ def test_import_bad_inputs_one_message_each(tmp_path):
     torch.save(sd, tmp_path / "dit.pt")
     with pytest.raises(ImportLayoutError, match="--num-heads"):  # width 64 is no paper size
         read_pretrained(tmp_path / "dit.pt")
+
+
+# --- 2-5. the user path: import -> fit (full, LoRA, resume) -> sample -> export -> diffusers -----------------------
+FLOW = r'''
+import contextlib, io, json, sys
+from ldm_lightning.cli import main
+root, ae, train, test, pipe, fb = sys.argv[1:7]
+TINY = json.dumps({"hidden_size": 64, "depth": 2, "num_heads": 4, "patch_size": 2, "input_size": 8})
+def run(*args, expect=0):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = main(list(args)) or 0
+        except SystemExit as e:
+            rc = e.code or 0
+    assert rc == expect, (args, rc, err.getvalue()[-3000:])
+    return err.getvalue()
+def fit(name, init_from, *extra, expect=0):
+    return run("fit", "-c", "ldm_lightning:diffusion/" + name, "-c", "ldm_lightning:trainer/cpu-debug.yaml",
+               "-c", "ldm_lightning:data/mnist.yaml", "--model.init_args.autoencoder", ae,
+               "--model.init_args.init_from", init_from, "--model.init_args.backbone", "dit",
+               "--model.init_args.backbone_config", TINY, "--model.init_args.conditioning.num_classes", "10",
+               "--model.init_args.encode_dtype", "fp32", "--model.init_args.optim.warmup_steps", "2",
+               "--data.init_args.train_shards", train, "--data.init_args.val_shards", test,
+               "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0",
+               "--data.init_args.shuffle_buffer", "16", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+               *extra, expect=expect)
+def ckpt(run_dir):
+    return f"{root}/{run_dir}/checkpoints/last.ckpt"
+# import once: a facebookresearch .pt and a diffusers pipeline folder -> denoiser exports; sample the first as it is
+run("import", "--from", fb, "--out", f"{root}/imp_fb", "--num-heads", "4", "--autoencoder", ae)
+run("import", "--from", pipe, "--out", f"{root}/imp_pipe", "--autoencoder", ae)
+run("sample", "--checkpoint", f"{root}/imp_fb", "--classes", "0-1", "--num", "1", "--steps", "2", "--out", f"{root}/s_fb")
+# full fine-tuning from the diffusers folder directly; its prediction must agree with the config's
+print(fit("dit-xl2-finetune.yaml", pipe, "--model.init_args.objective.prediction", "v", expect=2), file=sys.stderr)
+fit("dit-xl2-finetune.yaml", pipe, "--trainer.max_steps", "3", "--trainer.default_root_dir", f"{root}/full")
+# LoRA from the imported folder: 4 steps at once, and 2 + a resume to 4 (exact resume)
+for d, steps in (("lora", "4"), ("lora_r", "2")):
+    fit("dit-xl2-lora.yaml", f"{root}/imp_pipe", "--model.init_args.lora.rank", "4", "--trainer.max_steps", steps,
+        "--trainer.default_root_dir", f"{root}/{d}")
+fit("dit-xl2-lora.yaml", f"{root}/imp_pipe", "--model.init_args.lora.rank", "4", "--trainer.max_steps", "4",
+    "--trainer.default_root_dir", f"{root}/lora_r", "--ckpt_path", ckpt("lora_r"))
+print(fit("dit-xl2-lora.yaml", f"{root}/imp_pipe", "--model.init_args.lora.targets", '["blocks.*.attn.qkv"]',
+          expect=2), file=sys.stderr)
+run("sample", "--checkpoint", ckpt("lora"), "--classes", "0-1", "--num", "1", "--steps", "2", "--out", f"{root}/s_lora")
+run("export", "--checkpoint", ckpt("full"), "--format", "diffusers", "--out", f"{root}/x_full")
+run("export", "--checkpoint", ckpt("lora"), "--format", "diffusers", "--out", f"{root}/x_merged")
+run("export", "--checkpoint", ckpt("lora"), "--format", "lora", "--out", f"{root}/x_lora")
+'''
+
+
+@pytest.mark.timeout(300)
+def test_import_fit_full_and_lora_sample_export_to_diffusers(tiny_ae, mnist_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from ldm_lightning.diffusion.load import load_denoiser
+    from scale_run import cli_env
+    random_diffusers_dit(seed=2).save_pretrained(tmp_path / "pipe" / "transformer")
+    diffusers.DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                            prediction_type="epsilon").save_pretrained(tmp_path / "pipe" / "scheduler")
+    torch.save(random_fb_dit(seed=3), tmp_path / "dit.pt")
+    proc = subprocess.run([sys.executable, "-c", FLOW, str(tmp_path), tiny_ae, mnist_shards["train"],
+                           mnist_shards["test"], str(tmp_path / "pipe"), str(tmp_path / "dit.pt")],
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    # bad inputs: one paragraph each, naming the field and the fix
+    assert "predicts 'eps'" in proc.stderr and "objective.prediction: eps" in proc.stderr, proc.stderr[-3000:]
+    assert "lora.targets ['blocks.*.attn.qkv'] match no Linear" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "s_fb").iterdir()) == ["0_0.png", "1_0.png", "grid.png"]
+    assert (tmp_path / "s_lora" / "grid.png").is_file()
+
+    # LoRA checkpoints hold adapters + training state only; the resumed run equals the uninterrupted one
+    last = lambda d: tmp_path / d / "checkpoints" / "last.ckpt"  # noqa: E731
+    lora, resumed = (torch.load(last(d), map_location="cpu", weights_only=True) for d in ("lora", "lora_r"))
+    full = torch.load(last("full"), map_location="cpu", weights_only=True)
+    trainable = [k for k in lora["state_dict"] if k.startswith("denoiser.")]
+    assert trainable and all(".lora_A." in k or ".lora_B." in k for k in trainable), trainable[:5]
+    assert len(lora["optimizer_states"][0]["state"]) == len(trainable)  # only adapters in the optimizer
+    assert last("lora").stat().st_size < 0.5 * last("full").stat().st_size
+    assert lora["global_step"] == resumed["global_step"] == 4
+    for k, v in lora["state_dict"].items():
+        assert torch.equal(v, resumed["state_dict"][k]), k
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in lora["state_dict"].items() if ".lora_B." in k)
+
+    # export back: diffusers loads the folders and runs them to our outputs
+    x, t, y = inputs()
+    for run_dir, folder in (("full", "x_full"), ("lora", "x_merged")):
+        ours, _, _ = load_denoiser(last(run_dir))
+        theirs = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / folder).eval()
+        with torch.no_grad():
+            diff = (theirs(x, timestep=t, class_labels=y).sample - ours.backbone(x, t.float(), y)).abs().max()
+        assert diff <= 1e-4, (run_dir, diff)
+    assert full["state_dict"]  # full fine-tuning keeps every tensor
+    # the adapter export: PEFT keys on diffusers module names; base (the import) + scale * B A = the merged export
+    adapter = load_file(str(tmp_path / "x_lora" / "pytorch_lora_weights.safetensors"))
+    cfg = json.loads((tmp_path / "x_lora" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and "attn1.to_k" in cfg["target_modules"]
+    assert "transformer.transformer_blocks.0.attn1.to_k.lora_A.weight" in adapter
+    base = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "pipe" / "transformer").state_dict()
+    merged = load_file(str(tmp_path / "x_merged" / "diffusion_pytorch_model.safetensors"))
+    scale = cfg["lora_alpha"] / cfg["r"]
+    for k in [k for k in adapter if k.endswith(".lora_A.weight")]:
+        m = k[len("transformer."):-len(".lora_A.weight")]
+        w = base[m + ".weight"] + scale * adapter[k.replace("lora_A", "lora_B")] @ adapter[k]
+        torch.testing.assert_close(w, merged[m + ".weight"], atol=1e-5, rtol=1e-5)

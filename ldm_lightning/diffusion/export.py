@@ -5,6 +5,12 @@
 code's hyper-parameters: backbone family + config, schedule, objective, conditioning, latent shape and
 the autoencoder's path and content hash (the denoiser is meaningless without that autoencoder).
 `diffusion/load.py`'s `load_denoiser` reads such a folder or a training checkpoint.
+
+Formats: `safetensors` (ours, above); `diffusers`: a DiT as a `DiTTransformer2DModel` folder (interop.py says
+which DiTs map); `lora`: the adapters of a LoRA run alone, as `pytorch_lora_weights.safetensors` with PEFT-style
+keys `transformer.<diffusers module>.lora_A.weight` (what diffusers' `load_lora_weights` reads) and
+`adapter_config.json` (rank, alpha, target modules). A LoRA run's checkpoint exported as safetensors or
+diffusers gives the merged full weights (base + scale * B A).
 """
 
 from __future__ import annotations
@@ -17,25 +23,93 @@ from ldm_lightning.autoencoder.load import DIFFUSERS_WEIGHTS
 from ldm_lightning.autoencoder.load import EXPORT_WEIGHTS as AE_EXPORT_WEIGHTS
 from ldm_lightning.output_paths import replace_dir
 
-from .load import CHECKPOINT_TAG, CONFIG_KEY, WEIGHTS, denoiser_state
+from .load import CHECKPOINT_TAG, CONFIG_KEY, WEIGHTS, denoiser_state, denoiser_with_weights
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
+LORA_CONFIG = "adapter_config.json"
+DENOISER_FILES = {LORA_WEIGHTS, LORA_CONFIG}
 
 
 def export_denoiser(ckpt: dict, out: str | os.PathLike, fmt: str = "safetensors", weights: str = "ema",
                     overwrite: bool = True) -> Path:
-    """Write the denoiser of a training checkpoint (already loaded dict) to folder `out`, replacing an export
-    there whole (`overwrite=False`: a non-empty `out` is refused)."""
+    """Write the denoiser of a training checkpoint (already loaded dict) to folder `out` in format `fmt`
+    (module docstring), replacing an export there whole (`overwrite=False`: a non-empty `out` is refused)."""
     from safetensors.torch import save_file
-    if fmt != "safetensors":
-        raise ValueError(f"denoisers export only as --format safetensors (got {fmt!r}); diffusers has no "
-                         "equivalent of these backbones")
     meta = ckpt.get("ldm_lightning") or {}
     if meta.get("module") != CHECKPOINT_TAG:
         raise ValueError(f"not a DiffusionModule checkpoint (ldm_lightning.module={meta.get('module')!r})")
-    sd = {k: v.detach().cpu().contiguous() for k, v in denoiser_state(ckpt, weights, "checkpoint").items()}
-    config = {CONFIG_KEY: {**meta, "weights": weights}}
+    raw = denoiser_state(ckpt, weights, "checkpoint")
+    files: dict[str, dict] = {}
+    if fmt == "lora":
+        config, files[LORA_WEIGHTS] = lora_adapter(meta, raw)
+        json_name = LORA_CONFIG
+    else:
+        denoiser, _, plain_meta = denoiser_with_weights(meta, raw, "checkpoint")  # LoRA adapters folded in
+        sd = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
+        json_name = "config.json"
+        if fmt == "safetensors":
+            files[WEIGHTS], config = sd, {CONFIG_KEY: {**plain_meta, "weights": weights}}
+        elif fmt == "diffusers":
+            config, files[DIFFUSERS_WEIGHTS[0]] = diffusers_transformer(plain_meta, sd)
+        else:
+            raise ValueError(f"denoisers export as --format safetensors, diffusers (a DiT) or lora (a LoRA run's "
+                             f"adapters); got {fmt!r}")
 
     def write(folder: Path) -> None:
-        save_file(sd, str(folder / WEIGHTS))
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        for name, tensors in files.items():
+            save_file(tensors, str(folder / name))
+        (folder / json_name).write_text(json.dumps(config, indent=2))
     # An autoencoder export there may be replaced too (--overwrite): it is as much an export as ours.
-    return replace_dir(out, write, {WEIGHTS, "config.json", AE_EXPORT_WEIGHTS, *DIFFUSERS_WEIGHTS}, overwrite)
+    return replace_dir(out, write, {WEIGHTS, "config.json", AE_EXPORT_WEIGHTS, *DIFFUSERS_WEIGHTS, *DENOISER_FILES},
+                       overwrite)
+
+
+def dit_config_of(meta: dict):
+    from ldm_lightning.errors import UserError
+
+    from .presets import backbone_config
+    if meta["backbone_family"] != "dit":
+        raise UserError(f"only a DiT maps to a diffusers transformer; this checkpoint's backbone is a "
+                        f"{meta['backbone_family']}: export it with --format safetensors")
+    return backbone_config("dit", meta["backbone"])
+
+
+def diffusers_transformer(meta: dict, sd: dict) -> tuple[dict, dict]:
+    """(config.json, weights) of a diffusers DiTTransformer2DModel from our merged denoiser state dict."""
+    from .interop import to_diffusers_dit
+    cfg = dit_config_of(meta)
+    return to_diffusers_dit({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}, cfg)
+
+
+def lora_adapter(meta: dict, sd: dict) -> tuple[dict, dict]:
+    """(adapter_config.json, weights) of a LoRA run's adapters in diffusers' DiT names (PEFT key layout).
+    Our fused to_kv adapter becomes to_k and to_v adapters sharing lora_A (B split by rows): the same update."""
+    from ldm_lightning.errors import UserError
+
+    from .interop import diffusers_dit_keys
+    if not meta.get("lora"):
+        raise UserError("--format lora: this checkpoint is not from a LoRA run (model.lora unset); use --format "
+                        "safetensors or diffusers")
+    cfg = dit_config_of(meta)
+    names = diffusers_dit_keys(cfg)
+    out, targets = {}, set()
+    for k, v in sd.items():
+        if ".lora_A." not in k:
+            continue
+        module = k[len("backbone."):k.index(".lora_A.")]
+        theirs = names.get(f"{module}.weight")
+        if theirs is None:
+            raise UserError(f"LoRA adapter on {module!r} has no diffusers DiTTransformer2DModel counterpart")
+        A = v.detach().cpu()
+        B = sd[k.replace(".lora_A.", ".lora_B.")].detach().cpu()
+        Bs = B.chunk(len(theirs), 0) if module.endswith(".to_kv") else [B] * len(theirs)
+        for t, b in zip(theirs, Bs):
+            m = t[:-len(".weight")]
+            out[f"transformer.{m}.lora_A.weight"] = A.clone().contiguous()
+            out[f"transformer.{m}.lora_B.weight"] = b.clone().contiguous()
+            targets.add(m.split(".", 2)[-1] if m.startswith("transformer_blocks.") else m)
+    lora = meta["lora"]
+    alpha = lora.get("alpha") if lora.get("alpha") is not None else lora["rank"]
+    config = {"peft_type": "LORA", "r": lora["rank"], "lora_alpha": alpha, "target_modules": sorted(targets),
+              "base_model": meta.get("init_from"), "ldm_lightning_lora": lora}
+    return config, out

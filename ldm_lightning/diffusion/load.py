@@ -76,6 +76,32 @@ def load_denoiser(path: str | os.PathLike, weights: str = "ema"):
             raise WrongFileError(f"{path} is {what}; pass a diffusion (stage-2) .ckpt written by `ldm-lightning fit` "
                                  "or a denoiser export folder")
         sd = denoiser_state(ckpt, weights, str(path))
-    denoiser, conditioner = build_denoiser_parts(meta)
-    denoiser.load_state_dict(sd, strict=True)
+    denoiser, conditioner, meta = denoiser_with_weights(meta, sd, str(path))
     return denoiser.eval().requires_grad_(False), conditioner, meta
+
+
+def denoiser_with_weights(meta: dict, sd: dict[str, torch.Tensor], source: str) -> tuple[Denoiser, Conditioner, dict]:
+    """(Denoiser, Conditioner, meta) with `sd` loaded. A LoRA run's checkpoint holds the adapters only: its base
+    comes from the `init_from` it records, and the adapters are folded in (the returned meta has no 'lora')."""
+    denoiser, conditioner = build_denoiser_parts(meta)
+    if not meta.get("lora"):
+        denoiser.load_state_dict(sd, strict=True)
+        return denoiser, conditioner, meta
+    from ldm_lightning.nn.lora import LoRAConfig, apply_lora, is_adapter_key, merge_lora
+
+    from .interop import read_pretrained
+    base = meta.get("init_from")
+    if not base or not Path(base).exists():
+        raise WrongFileError(f"{source} holds LoRA adapters over the base weights of init_from={base!r}, which do "
+                             "not exist here: put them back at that path (or export this model on the machine that "
+                             "trained it: `ldm-lightning export` writes merged weights)")
+    pre = read_pretrained(base, num_heads=meta["backbone"].get("num_heads"))
+    denoiser.load_state_dict(pre.state, strict=False)
+    apply_lora(denoiser.backbone, LoRAConfig(**meta["lora"]))
+    missing, unexpected = denoiser.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if is_adapter_key(k) or k not in pre.state]
+    if missing or unexpected:
+        raise WrongFileError(f"{source}: LoRA weights do not match their config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    merge_lora(denoiser.backbone)
+    return denoiser, conditioner, {k: v for k, v in meta.items() if k != "lora"}

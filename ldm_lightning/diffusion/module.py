@@ -20,6 +20,7 @@ import torch
 
 from ldm_lightning.finite import check_finite
 from ldm_lightning.nn.images import model_range
+from ldm_lightning.nn.lora import LoRAConfig, apply_lora, is_adapter_key
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule, is_logging_step
 from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
@@ -61,7 +62,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                  val_seed: int = 0, optim: OptimConfig | dict | None = None, ema: EMAConfig | dict | None = None,
                  guard: GuardConfig | dict | None = None, seed: int = 0, compile: bool = False,
                  speed: SpeedConfig | dict | None = None, repa: REPAConfig | dict | None = None,
-                 posthoc_ema: PosthocEMAConfig | dict | None = None):
+                 posthoc_ema: PosthocEMAConfig | dict | None = None, init_from: str | None = None,
+                 lora: LoRAConfig | dict | None = None):
         """
         Args:
             autoencoder: Path of the frozen stage-1 autoencoder (.ckpt, export folder, diffusers folder);
@@ -97,6 +99,13 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 to a frozen encoder's patch features (`encoder`: a local DINOv2 folder or
                 'mnist-classifier:PATH'), weight `weight`; logged as `train/repa_loss`. Off by default.
                 Needs image batches (the encoder sees the clean pixels) and a DiT / DDT backbone.
+            init_from: published or earlier weights to start from (diffusion/interop.py: a facebookresearch/DiT
+                .pt, a diffusers DiT folder, a denoiser export or .ckpt; `ldm-lightning import` converts once).
+                Loaded into the live and EMA weights at construction (a resume then overwrites them with its
+                checkpoint's); the optimizer starts fresh. Its architecture, schedule and prediction must agree
+                with this config (one message naming the field otherwise).
+            lora: LoRAConfig (nn/lora.py; rank, alpha, targets): train low-rank adapters only, the base frozen;
+                needs init_from (the base weights come from there at load: checkpoints hold no frozen tensors).
         """
         super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed,
                          None if posthoc_ema is None else _as(PosthocEMAConfig, posthoc_ema))
@@ -140,6 +149,13 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             cfg["concat_channels"] = concat_channels(cond_cfg.concat, int(ae.config.in_channels))
         if family in TRANSFORMER_FAMILIES and "input_size" not in cfg and "input_size" not in PRESETS[backbone][1]:
             cfg["input_size"] = int(ae.config.resolution) // ae.downsample_factor
+        pretrained = None
+        if init_from:  # read first: fields that change no tensor shape (diffusers port numerics) come from it
+            from .finetune import read_init_from
+            pretrained = read_init_from(init_from, family, {**PRESETS[backbone][1], **cfg})
+            for k in ("timestep_freq_shift", "mlp_norm_eps"):
+                if k in pretrained.backbone:
+                    cfg.setdefault(k, pretrained.backbone[k])
         net = build_backbone(backbone, **cfg)
         bb_cfg = net.cfg
         self.latent_size = int(bb_cfg.input_size) if family in TRANSFORMER_FAMILIES else \
@@ -161,6 +177,17 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             self.repa = REPAProjector(bb_cfg.hidden_size, enc.feature_dim, repa_cfg.projector_dim)
         schedule_obj = build_schedule(**sched)
         self.denoiser = Denoiser(net, schedule_obj, obj_cfg.prediction, obj_cfg.clamp)
+        self.init_from, self.lora_cfg = init_from, _as(LoRAConfig, lora)
+        if pretrained is not None:  # before the EMA copy: the EMA starts from the imported weights
+            from .finetune import load_pretrained
+            load_pretrained(self.denoiser, pretrained, sched, obj_cfg.prediction, init_from)
+            self.meta["init_from"] = str(init_from)
+        if self.lora_cfg.enabled:
+            if pretrained is None:
+                raise ValueError("model.lora needs model.init_from: the weights the adapters fine-tune (and that a "
+                                 "LoRA checkpoint, holding the adapters only, is loaded on top of)")
+            apply_lora(self.denoiser.backbone, self.lora_cfg)
+            self.meta["lora"] = _plain(self.lora_cfg)
         self.objective = DiffusionObjective(obj_cfg, schedule_obj)
         self.encode_dtype, self.sample_posterior = encode_dtype, sample_posterior
         self.check_latent_hash, self.loss_bins = check_latent_hash, loss_bins
@@ -174,7 +201,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             "check_latent_hash": check_latent_hash, "loss_bins": loss_bins, "val_sampler": val_sampler,
             "val_steps": val_steps, "val_cfg": val_cfg, "val_num": val_num, "val_seed": val_seed,
             "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
-            "posthoc_ema": _plain(self.posthoc_ema_cfg),
+            "posthoc_ema": _plain(self.posthoc_ema_cfg), "init_from": init_from, "lora": _plain(self.lora_cfg),
             "seed": seed, "compile": compile, "speed": _plain(self.speed), "repa": _plain(repa_cfg)})
         if self.speed.channels_last:  # before the EMA copy, so both are NHWC
             to_channels_last(self.denoiser.backbone, ae)
@@ -326,6 +353,25 @@ class DiffusionModule(SpeedLevers, TrainingModule):
     def on_save_checkpoint(self, checkpoint) -> None:
         # What `ldm-lightning sample` / `export` rebuild the denoiser from (plain values: weights_only loads).
         checkpoint["ldm_lightning"] = dict(self.meta)
+        if self.lora_cfg.enabled:  # the frozen base is init_from's: keep it out (live and EMA copies)
+            sd = checkpoint["state_dict"]
+            for k in [k for k in sd if k in self.frozen_base_keys()]:
+                del sd[k]
+
+    def frozen_base_keys(self) -> set[str]:
+        """State-dict keys of the frozen backbone tensors under LoRA (live and EMA): what init_from supplies."""
+        names = {n for n, p in self.denoiser.named_parameters() if not p.requires_grad and not is_adapter_key(n)}
+        return {f"{pre}{n}" for n in names for pre in ("denoiser.", "ema.module.")}
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        # A LoRA checkpoint lacks the frozen base: take it from init_from (loaded at construction), so the
+        # state dict loads strictly and a resume is exact.
+        if self.lora_cfg.enabled:
+            own = self.state_dict()
+            sd = checkpoint["state_dict"]
+            for k in self.frozen_base_keys():
+                if k in own and k not in sd:
+                    sd[k] = own[k]
 
     def optimizer_param_groups(self):
         params = [p for p in self.denoiser.parameters() if p.requires_grad]

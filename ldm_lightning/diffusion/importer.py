@@ -1,0 +1,81 @@
+"""`ldm-lightning import`: published stage-2 weights -> a denoiser export folder, converted once.
+
+    ldm-lightning import --from DiT-XL-2-256x256.pt --out dit-xl2/ --autoencoder sd-vae-ft-ema/
+    ldm-lightning import --from facebook/DiT-XL-2-256/ --out dit-xl2/ --autoencoder facebook/DiT-XL-2-256/vae
+
+The folder (`denoiser.safetensors` + `config.json`) is what `ldm-lightning export` writes for a trained model:
+`ldm-lightning sample --checkpoint dit-xl2/` samples it, `model.init_args.init_from: dit-xl2/` fine-tunes it.
+The schedule and prediction come with the weights (facebookresearch/DiT: linear betas 1e-4..0.02, T=1000,
+eps; a diffusers folder: its scheduler_config.json); the latent scale factor is the autoencoder's (SD's VAE
+carries 0.18215). Layouts read: `interop.LAYOUTS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from ldm_lightning.errors import UserError
+from ldm_lightning.output_paths import replace_dir
+
+from .conditioning import ConditioningConfig
+from .interop import read_pretrained
+from .load import CHECKPOINT_TAG, CONFIG_KEY, WEIGHTS
+from .loss import ObjectiveConfig
+
+
+def import_weights(src, out, autoencoder: str | None = None, num_heads: int | None = None,
+                   drop_prob: float = 0.1, overwrite: bool = False) -> tuple[Path, list[str]]:
+    """Convert `src` into a denoiser export folder `out`; returns (folder, notes on what was adapted)."""
+    from safetensors.torch import save_file
+    pre = read_pretrained(src, num_heads)
+    if pre.meta is not None:
+        raise UserError(f"{src} is already an ldm-lightning denoiser: use it as it is (sample --checkpoint, "
+                        "model.init_args.init_from)")
+    cfg = pre.backbone
+    latent_shape = [cfg["in_channels"], cfg["input_size"], cfg["input_size"]]
+    ae_meta = {"path": None, "hash": None}
+    if autoencoder:
+        from ldm_lightning.autoencoder.hashing import autoencoder_hash
+        from ldm_lightning.autoencoder.load import load_autoencoder
+        ae = load_autoencoder(autoencoder)
+        if ae.latent_channels != cfg["in_channels"]:
+            raise UserError(f"--autoencoder {autoencoder} makes {ae.latent_channels}-channel latents; the imported "
+                            f"model takes {cfg['in_channels']}: give the autoencoder it was trained with")
+        ae_meta = {"path": str(autoencoder), "hash": autoencoder_hash(ae)}
+    cond = (ConditioningConfig(kind="class", num_classes=pre.num_classes, drop_prob=drop_prob) if pre.num_classes
+            else ConditioningConfig())
+    meta = {"module": CHECKPOINT_TAG, "backbone_family": pre.backbone_family, "backbone": cfg,
+            "schedule": pre.schedule or {"kind": "vp"},
+            "objective": dataclasses.asdict(ObjectiveConfig(prediction=pre.prediction or "eps")),
+            "conditioning": dataclasses.asdict(cond), "latent_shape": latent_shape, "autoencoder": ae_meta,
+            "imported_from": {"path": str(src), "layout": pre.layout, "notes": pre.notes}, "weights": "live"}
+    sd = {k: v.contiguous() for k, v in pre.state.items()}
+
+    def write(folder: Path) -> None:
+        save_file(sd, str(folder / WEIGHTS))
+        (folder / "config.json").write_text(json.dumps({CONFIG_KEY: meta}, indent=2))
+    return replace_dir(out, write, {WEIGHTS, "config.json"}, overwrite), pre.notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ldm-lightning import", description=__doc__.split("\n\n")[0])
+    p.add_argument("--from", dest="src", required=True,
+                   help="a facebookresearch/DiT .pt, or a diffusers DiTTransformer2DModel / DiT pipeline folder")
+    p.add_argument("--out", required=True, help="output folder (a denoiser export)")
+    p.add_argument("--autoencoder", default=None,
+                   help="the autoencoder whose latents the model denoises (recorded for sample; SD's VAE for DiT)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (not in a facebookresearch checkpoint; the paper's sizes are known)")
+    p.add_argument("--drop-prob", type=float, default=0.1, help="class-dropout probability recorded for fine-tuning")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    a = p.parse_args(argv)
+    out, notes = import_weights(a.src, a.out, a.autoencoder, a.num_heads, a.drop_prob, a.overwrite)
+    print(f"imported {a.src} -> {out}" + "".join(f"\n  note: {n}" for n in notes))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
