@@ -183,11 +183,17 @@ def cached_latents(text_models, tiny_ae, mnist_shards, tmp_path_factory) -> str:
 # cover every kind (CI time): SD3-style, a CLIPTextModel at its penultimate layer + a full two-tower CLIP folder
 # (its text tower, projected pooled vector) + a T5 encoder, pooled vectors into the DiT's AdaLN condition, trained
 # on latent shards with their text cache (no encoder loaded); and the one-encoder flag with a T5EncoderModel folder
-# (AutoModel made a T5Model with a decoder of it) into a UNet, on images.
+# (AutoModel made a T5Model with a decoder of it) into a UNet, on images, with the validation prompt gallery
+# (2 prompts x 1 seed, EMA and raw weights) at step 3.
+GALLERY = ["--model.init_args.val_prompts", "[a handwritten digit one, a handwritten digit two]",
+           "--model.init_args.val_num", "2", "--model.init_args.val_steps", "2", "--trainer.val_check_interval", "3",
+           "--trainer.check_val_every_n_epoch", "null", "--trainer.limit_val_batches", "1",
+           "--data.init_args.val_samples", "4"]
 USER_PATH = {
-    "sd3-clip-fullclip-t5-dit-cached": ("dit-tiny", ["--model.init_args.conditioning.text_encoders", SD3_ENCODERS],
-                                        32 + 16, "latent"),
-    "t5-text-encoder-flag-unet": ("unet-tiny", ["--model.init_args.conditioning.text_encoder", "{t5}"], None, "image"),
+    "sd3-clip-fullclip-t5-dit-cached": ("dit-tiny", ["--model.init_args.conditioning.text_encoders", SD3_ENCODERS,
+                                                     "--data.init_args.val_shards", "null"], 32 + 16, "latent"),
+    "t5-text-encoder-flag-unet-gallery": ("unet-tiny", ["--model.init_args.conditioning.text_encoder", "{t5}",
+                                                        *GALLERY], None, "image"),
 }
 
 
@@ -199,11 +205,12 @@ def test_fit_and_sample_with_each_text_encoder_kind(kind, text_models, tiny_ae, 
     shards = request.getfixturevalue("cached_latents") if data == "latent" else mnist_shards["test"]
     run = tmp_path / "run"
     proc = run_cli(["fit", "-c", str(CONFIGS / "diffusion" / "mnist-dit-text-latents.yaml"),
-                    "-c", str(TRAINER_CFG / "cpu-debug.yaml"), *flags,
+                    "-c", str(TRAINER_CFG / "cpu-debug.yaml"),
                     "--model.init_args.autoencoder", tiny_ae, "--model.init_args.backbone", backbone,
-                    "--model.init_args.conditioning.max_length", "8", "--model.init_args.val_num", "0",
-                    "--data.init_args.kind", data, "--data.init_args.image_size", "32", "--data.init_args.channels",
-                    "1", "--data.init_args.train_shards", shards, "--data.init_args.val_shards", "null",
+                    "--model.init_args.conditioning.max_length", "8", "--data.init_args.kind", data,
+                    "--data.init_args.image_size", "32", "--data.init_args.channels", "1",
+                    "--data.init_args.train_shards", shards, "--data.init_args.val_shards", shards,
+                    "--model.init_args.val_num", "0", *flags,
                     "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
                     "--trainer.max_steps", "3", "--trainer.logger", "false", "--trainer.default_root_dir", str(run)],
                    tmp_path)
@@ -212,6 +219,12 @@ def test_fit_and_sample_with_each_text_encoder_kind(kind, text_models, tiny_ae, 
     assert len(last) == 1, list(run.rglob("*"))
     meta = torch.load(last[0], map_location="cpu", weights_only=True)["ldm_lightning"]
     assert meta["backbone"]["pooled_dim"] == pooled_dim, meta["backbone"]
+    if "--model.init_args.val_prompts" in flags:  # one grid per weights: rows = prompts, columns = seeds
+        from PIL import Image
+        grids = sorted(p.relative_to(run).as_posix() for p in run.rglob("step_*.png"))
+        assert [g.split("/")[-2:] for g in grids] == [["samples", "step_0000003.png"],
+                                                      ["samples_raw", "step_0000003.png"]], grids
+        assert Image.open(run / grids[0]).size == (32 + 4, 2 * (32 + 2) + 2)  # 1 column x 2 prompt rows
     run_cli(["sample", "--checkpoint", str(last[0]), "--prompt", "a handwritten digit one", "--num", "1",
              "--steps", "2", "--out", str(tmp_path / "s")], tmp_path)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["a-handwritten-digit-one_0.png", "grid.png"]

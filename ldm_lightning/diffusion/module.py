@@ -59,7 +59,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                  conditioning: ConditioningConfig | dict | None = None, encode_dtype: EncodeDtype = "fp32",
                  sample_posterior: bool = True, check_latent_hash: bool = True, loss_bins: int = 10,
                  val_sampler: str = "ddim", val_steps: int = 25, val_cfg: float = 3.0, val_num: int = 16,
-                 val_seed: int = 0, optim: OptimConfig | dict | None = None, ema: EMAConfig | dict | None = None,
+                 val_seed: int = 0, val_prompts: list[str] | None = None,
+                 optim: OptimConfig | dict | None = None, ema: EMAConfig | dict | None = None,
                  guard: GuardConfig | dict | None = None, seed: int = 0, compile: bool = False,
                  speed: SpeedConfig | dict | None = None, repa: REPAConfig | dict | None = None,
                  posthoc_ema: PosthocEMAConfig | dict | None = None, init_from: str | None = None,
@@ -87,6 +88,10 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             val_cfg: Classifier-free guidance scale of validation samples (1 = conditional only).
             val_num: Number of validation samples in the grid (0 = no sampling).
             val_seed: Seed of the validation noise (fixed: the grids of successive validations compare).
+            val_prompts: Text kind: a fixed prompt gallery. Each prompt is sampled with the same
+                max(1, val_num // len(val_prompts)) noises (grid rows = prompts, columns = seeds), from the EMA and
+                from the raw weights: `val/samples` and `val/samples_raw` (PNG: samples/, samples_raw/). None = the
+                first validation batch's captions, EMA only.
             optim / ema / guard / seed: See training/base.py.
             posthoc_ema: PosthocEMAConfig (nn/posthoc_ema.py): EDM2 power-function EMA profiles and their
                 snapshots for `ldm-lightning ema-reconstruct`; null (default) = off. Kept beside `ema`.
@@ -193,6 +198,10 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         self.check_latent_hash, self.loss_bins = check_latent_hash, loss_bins
         self.val_sampler, self.val_steps, self.val_cfg = val_sampler, val_steps, val_cfg
         self.val_num, self.val_seed = val_num, val_seed
+        if val_prompts is not None and (cond_cfg.kind != "text" or not val_prompts):
+            raise ValueError("model.val_prompts is a gallery of text prompts: give a non-empty list, for a "
+                             "text-conditional model (conditioning.kind: text)")
+        self.val_prompts = None if val_prompts is None else [str(p) for p in val_prompts]
         # Plain values only: checkpoints stay loadable with torch.load(weights_only=True).
         self.save_hyperparameters({
             "autoencoder": self.autoencoder_path, "backbone": backbone, "backbone_config": backbone_config,
@@ -200,6 +209,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             "encode_dtype": encode_dtype, "sample_posterior": sample_posterior,
             "check_latent_hash": check_latent_hash, "loss_bins": loss_bins, "val_sampler": val_sampler,
             "val_steps": val_steps, "val_cfg": val_cfg, "val_num": val_num, "val_seed": val_seed,
+            "val_prompts": self.val_prompts,
             "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
             "posthoc_ema": _plain(self.posthoc_ema_cfg), "init_from": init_from, "lora": _plain(self.lora_cfg),
             "seed": seed, "compile": compile, "speed": _plain(self.speed), "repa": _plain(repa_cfg)})
@@ -335,6 +345,9 @@ class DiffusionModule(SpeedLevers, TrainingModule):
 
         from .sample import sample_images
         kind = self.conditioner.cfg.kind
+        if kind == "text" and self.val_prompts:
+            self.log_prompt_gallery()
+            return
         spec = {}
         if kind == "class":
             spec = {"labels": [i % self.conditioner.cfg.num_classes for i in range(self.val_num)]}
@@ -349,6 +362,22 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         images = sample_images(self.ema_or_live(), self.conditioner, self.autoencoder, self.meta["latent_shape"],
                                self.val_num, self.val_sampler, self.val_steps, self.val_cfg, self.val_seed, **spec)
         log_image_grid(self.trainer, "val/samples", image_grid(images), self.global_step, png_dir="samples")
+
+    def log_prompt_gallery(self) -> None:
+        """The fixed prompts x fixed seeds grid (val_prompts), from the EMA and, when they differ, the raw weights."""
+        from ldm_lightning.training.media import image_grid, log_image_grid
+
+        from .sample import sample_images
+        per = max(1, self.val_num // len(self.val_prompts))
+        nets = {"": self.ema_or_live()}
+        if nets[""] is not self.denoiser:
+            nets["_raw"] = self.denoiser
+        for suffix, net in nets.items():
+            rows = [sample_images(net, self.conditioner, self.autoencoder, self.meta["latent_shape"], per,
+                                  self.val_sampler, self.val_steps, self.val_cfg, self.val_seed, prompts=[p] * per)
+                    for p in self.val_prompts]  # the same seed per row: column k is the same noise for every prompt
+            log_image_grid(self.trainer, f"val/samples{suffix}", image_grid(torch.cat(rows), nrow=per),
+                           self.global_step, caption=" | ".join(self.val_prompts), png_dir=f"samples{suffix}")
 
     def on_save_checkpoint(self, checkpoint) -> None:
         # What `ldm-lightning sample` / `export` rebuild the denoiser from (plain values: weights_only loads).
