@@ -20,6 +20,7 @@ from ldm_lightning.training.preemption import PreemptionCallback, slurm_environm
 from ldm_lightning.training.progress_lines import ProgressLines
 from ldm_lightning.training.resume import resolve_resume_checkpoint, say
 from ldm_lightning.training.rng_state import RNGStateCallback
+from ldm_lightning.training.run_topology import TopologyCheck
 from ldm_lightning.training.telemetry import TelemetryCallback
 
 # --ckpt_path values Lightning itself resolves (best model, Lightning's hpc checkpoints, model registry).
@@ -29,7 +30,9 @@ _LIGHTNING_CKPT_WORDS = ("best", "hpc")
 def default_callbacks() -> list[Callback]:
     """Callbacks every training run gets, unless the config already has one of the same class: config
     files list one only to change its options."""
-    return [TelemetryCallback(), StepCheckpoint(), RNGStateCallback(), PreemptionCallback(), ProgressLines()]
+    # TopologyCheck before RNGStateCallback: a refused resume should not first warn about RNG states.
+    return [TelemetryCallback(), StepCheckpoint(), TopologyCheck(), RNGStateCallback(), PreemptionCallback(),
+            ProgressLines()]
 
 
 def default_plugins(configured: list, strategy) -> list:
@@ -73,7 +76,8 @@ def resolve_ckpt_path(requested: str | None, directory: str, max_steps: int | No
         found = resolve_resume_checkpoint(requested)
     if found is None:
         return None
-    say(f"resuming from {found.path}" + (f" (global step {found.global_step})" if found.global_step is not None else ""))
+    say(f"resuming from {found.path}" + (f" (global step {found.global_step})" if found.global_step is not None else "")
+        + (f": {found.reason}" if found.reason else ""))
     if found.global_step is not None and max_steps is not None and 0 < max_steps <= found.global_step:
         say(f"{found.path} is at global step {found.global_step} and trainer.max_steps={max_steps}: nothing left "
             "to train (raise --trainer.max_steps to train longer)")
