@@ -104,7 +104,8 @@ def test_truncated_last_falls_back_to_previous_good(tmp_path, capsys, arg):
     assert chosen.path == str(d / "step=00000008.ckpt") and chosen.global_step == 8
     out = capsys.readouterr().out
     assert "skipping unusable checkpoint" in out and "last.ckpt" in out and "step=00000012.ckpt" in out
-    assert f"using {d / 'step=00000008.ckpt'} instead of the newer but unusable 2 file(s)" in out
+    assert chosen.reason.startswith("instead of the unusable last.ckpt; " if arg == "last" else "the highest")
+    assert "the highest step recorded among 2 valid checkpoint(s)" in chosen.reason
 
 
 def test_resolve_edge_cases(tmp_path):
@@ -159,3 +160,23 @@ def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
     restore_rng_state(loaded)
     got = (torch.rand(3), np.random.randn(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_choice_is_by_recorded_step_then_resume_state_and_deepspeed_steps_are_read_safely(tmp_path, capsys):
+    """File times do not matter (a copied folder); a tie goes to the file with more resume state. A DeepSpeed
+    directory's step comes from rank 0's model-states file through the restricted unpickler, else its name."""
+    d = write_run(tmp_path, steps=(4, 8))
+    os.utime(d / "step=00000004.ckpt", ns=(4 * 10**18,) * 2)  # the newest file, the lowest step
+    chosen = resolve_resume_checkpoint(d)
+    assert (chosen.path, chosen.global_step) == (str(d / "last.ckpt"), 8)
+    assert "step=00000008.ckpt holds the same step and state: last.ckpt is preferred" in chosen.reason
+    atomic_torch_save({**fake_ckpt(8), "rng_states": {"ranks": [torch.zeros(1)]}}, d / "step=00000008.ckpt")
+    assert resolve_resume_checkpoint(d).path == str(d / "step=00000008.ckpt")  # more resume state wins the tie
+    for name, states in (("step=00000011.ckpt", {"global_step": 11}), ("step=00000012.ckpt", {"x": os.stat_result})):
+        (d / name / "checkpoint").mkdir(parents=True)
+        (d / name / "latest").write_text("checkpoint")
+        torch.save(states, d / name / "checkpoint" / "mp_rank_00_model_states.pt")
+    chosen = resolve_resume_checkpoint(d)  # 12: from the name (its file is refused unloaded), above 11 (read)
+    assert (chosen.path, chosen.global_step) == (str(d / "step=00000012.ckpt"), 12)
+    assert "the step in its directory name (DeepSpeed's files were not unpickled" in chosen.reason
+    assert resolve_resume_checkpoint(d / "step=00000011.ckpt").global_step == 11

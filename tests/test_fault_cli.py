@@ -207,3 +207,120 @@ def test_nonfinite_stop_keeps_the_state_from_before_the_first_nonfinite_step(tmp
     # Never a last.ckpt written after the first non-finite step.
     last = out / "checkpoints" / "last.ckpt"
     assert not last.exists() or load(last)["global_step"] <= first_bad
+
+
+# --- nothing lost, nothing mixed (issue 25): which file a resume takes, what it refuses, what it cleans up ----
+
+# What these runs do not need: W&B's service process and Lightning's sanity validation (~2 s a run).
+LEAN = ("--trainer.logger", "false", "--trainer.num_sanity_val_steps", "0")
+
+
+def _resave_without(path: Path, *keys: str) -> None:
+    ckpt = load(path)
+    for k in keys:
+        ckpt.pop(k, None)
+    torch.save(ckpt, path)
+
+
+def test_copied_run_resumes_from_the_highest_recorded_step_and_cleans_up(reference, tmp_path, mnist_shards, tiny_ae):
+    """`cp -r run run2` (file times rewritten, here: step=8 the newest, last.ckpt the oldest) then the same
+    command in run2 resumes from step 12, the highest step recorded inside a checkpoint, not from the newest
+    file. The tie at step 12 goes to the file with more resume state (last.ckpt here lacks its RNG states), and
+    the line says so; neither file records a world size (as a checkpoint from before that record): one line,
+    and the run goes on. A temp file a kill mid-write left is removed at start-up (a look-alike name is not),
+    and keep_last_k (2) prunes the step files of the earlier process too."""
+    import shutil
+    out = tmp_path / "run2"
+    shutil.copytree(reference["autoencoder"], out)
+    ckpts = out / "checkpoints"
+    _resave_without(ckpts / "last.ckpt", "run_topology", "rng_states")
+    _resave_without(ckpts / f"step={STEPS:08d}.ckpt", "run_topology")
+    shutil.copy(ckpts / "step=00000008.ckpt", ckpts / "step=00000004.ckpt")  # an older step file to prune
+    stale = ckpts / ".last.ckpt.k2x9_q1z.tmp"  # what fileio.atomic_write leaves when killed mid-write
+    stale.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    (ckpts / "notes.tmp").write_text("not ours")
+    now = time.time_ns()
+    for i, name in enumerate(["last.ckpt", f"step={STEPS:08d}.ckpt", "step=00000004.ckpt", "step=00000008.ckpt"]):
+        os.utime(ckpts / name, ns=(now + i * 10**9,) * 2)  # step=8 newest: the old rule resumed from it
+    r = fit(stage_args("autoencoder", mnist_shards, tiny_ae, out), *LEAN, "--ckpt_path", "last",
+            "--trainer.max_steps", str(STEPS + 2))
+    chosen = ckpts / f"step={STEPS:08d}.ckpt"
+    assert (f"resuming from {chosen} (global step {STEPS}): the highest step recorded among 4 valid checkpoint(s); "
+            "chosen by step, not by file time; last.ckpt holds the same step with less resume state") in r.stdout
+    assert f"{chosen} records no world size" in r.stdout
+    assert f"removed 1 temp file(s) an interrupted save left in {ckpts}: {stale.name}" in r.stdout
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "notes.tmp", f"step={STEPS:08d}.ckpt",
+                                                       f"step={STEPS + 2:08d}.ckpt"]
+    last = load(ckpts / "last.ckpt")
+    assert last["global_step"] == STEPS + 2 and last["run_topology"]["world_size"] == 1
+
+
+def test_resume_at_another_world_size_is_refused(tmp_path, mnist_shards, tiny_ae):
+    """A 2-process DDP run (gloo) records world size 2 in its checkpoints; a resume at 1 process stops at once
+    with one paragraph naming both sizes and the flags that match (exit 2), and writes nothing."""
+    out = tmp_path / "run"
+    args = [*stage_args("autoencoder", mnist_shards, tiny_ae, out), *LEAN]
+    fit(args, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.max_steps", "2")
+    ckpts = out / "checkpoints"
+    topology = load(ckpts / "last.ckpt")["run_topology"]
+    assert (topology["world_size"], topology["devices"], topology["batch_size"]) == (2, 2, 16), topology
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+    r = fit(args, "--trainer.max_steps", "4", expect=2)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ("world size 2 in the checkpoint (1 node(s) × 2 device(s)), 1 now (1 node(s) × 1 device(s))" in r.stderr
+            and "--trainer.devices 2 --trainer.num_nodes 1" in r.stderr), r.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before
+
+
+def test_resume_with_a_changed_model_names_the_field(reference, tmp_path, mnist_shards, tiny_ae):
+    """A resume whose config builds a wider model: one paragraph naming the config field that differs from the
+    checkpoint's saved hyper-parameters (not Lightning's hundreds of size-mismatch lines), exit 2."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(reference["autoencoder"] / "checkpoints", out / "checkpoints")
+    r = fit(stage_args("autoencoder", mnist_shards, tiny_ae, out), *LEAN, "--model.init_args.autoencoder",
+            '{"ch": 32}', "--trainer.max_steps", str(STEPS + 2), expect=2)
+    assert "size mismatch" not in r.stderr + r.stdout and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "its weights do not fit the model this config builds" in r.stderr
+    assert "model.init_args.autoencoder.ch: 24 in the checkpoint, 32 now" in r.stderr, r.stderr[-3000:]
+    assert "--trainer.default_root_dir" in r.stderr
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(reference, tmp_path, mnist_shards, tiny_ae):
+    """A save that runs out of space: "no space left on <dir>; the previous checkpoint is intact", exit 2, no
+    temp file left, the previous checkpoint unchanged and valid. The checkpoint folder is a real 16 MiB tmpfs
+    (room for the copied last.ckpt, 10.9 MB, not for a second one) where the kernel lets this process mount one
+    (root); elsewhere the same command runs with torch.save failing with ENOSPC after a partial write
+    (patched in the subprocess), which is how a full disk reaches the writer."""
+    import shutil
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    ckpts.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ckpts)],
+                             capture_output=True).returncode == 0
+    try:
+        shutil.copy(reference["autoencoder"] / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
+        before = (ckpts / "last.ckpt").read_bytes()
+        args = [*stage_args("autoencoder", mnist_shards, tiny_ae, out), *LEAN, "--trainer.max_steps", str(STEPS + 2)]
+        if mounted:
+            r = fit(args, expect=2)
+        else:
+            patch = ("import errno, sys, torch\n"
+                     "def full(obj, f, *a, **k):\n"
+                     "    f.write(b'PK' + bytes(4096))\n"
+                     "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+                     "torch.save = full\n"
+                     "from ldm_lightning.cli import console_main\n"
+                     "sys.argv = ['ldm-lightning', *sys.argv[1:]]\n"
+                     "sys.exit(console_main())\n")
+            r = subprocess.run([sys.executable, "-c", patch, "fit", *args], capture_output=True, text=True, cwd=ROOT,
+                               env=env(), timeout=400)
+            assert r.returncode == 2, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr and "inline_container" not in r.stderr, r.stderr[-3000:]
+        assert (f"no space left on {ckpts} while saving step={STEPS + 2:08d}.ckpt (it was not written); the previous "
+                f"checkpoint is intact: last.ckpt (global step {STEPS})") in r.stderr, r.stderr[-3000:]
+        assert sorted(os.listdir(ckpts)) == ["last.ckpt"]
+        assert (ckpts / "last.ckpt").read_bytes() == before
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ckpts)], check=True)

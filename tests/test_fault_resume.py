@@ -99,6 +99,12 @@ def test_consecutive_nan_steps_save_and_stop(tmp_path):
         if not k.startswith("nonfinite"):
             assert torch.equal(saved[k], good[k]), k
     assert int(saved["nonfinite_skipped"]) == 3
+    # The live state's step counter went on over the skipped steps 7 and 8 (the stop comes inside step 8's batch,
+    # before it is counted): the file records both, and the message says so.
+    record = torch.load(stop, weights_only=True)
+    assert record["global_step"] == 8 and record["nonfinite_stop"] == {"weights_of_step": 6, "global_step": 8,
+                                                                      "skipped_steps": 2}
+    assert "the weights, EMA and optimizer state of global step 6" in msg and "at global step 8" in msg
 
 
 @pytest.mark.slow

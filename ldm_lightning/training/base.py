@@ -291,9 +291,11 @@ class TrainingModule(L.LightningModule):
                 "(--trainer.gradient_clip_val), or after checking the data for bad samples.")
 
     def _save_nonfinite_stop(self) -> str:
-        """Write `nonfinite-stop.ckpt` beside the step checkpoints: the newest step checkpoint from before the
-        first non-finite step of this streak (a known-good point, possibly before a divergence that was still
-        finite), else the live state, which equals the state before that step (skipped steps change nothing)."""
+        """Write `nonfinite-stop.ckpt` beside the step checkpoints: a copy of the step checkpoint with the highest
+        step from before the first non-finite step of this streak (a known-good point, possibly before a
+        divergence that was still finite; its recorded step is its state's), else the live state, whose
+        weights equal those before that step (skipped steps change nothing) while its step counter went on;
+        then `checkpoint["nonfinite_stop"]` records both steps."""
         import os
 
         from ldm_lightning.training.checkpointing import atomic_copy, find_step_checkpoint
@@ -307,11 +309,24 @@ class TrainingModule(L.LightningModule):
             if trainer.is_global_zero:
                 atomic_copy(source, path)
             trainer.strategy.barrier("nonfinite-stop")
-            return (f"{path} (a copy of {os.path.basename(source)}, the newest checkpoint from before the first "
-                    f"non-finite step at global step {first_bad})")
-        trainer.save_checkpoint(path)
+            return (f"{path} (a copy of {os.path.basename(source)}, the checkpoint with the highest step from before "
+                    f"the first non-finite step at global step {first_bad})")
+        # The live state: weights, EMA and optimizer moments are those of step `first_bad` (skipped steps change
+        # none of them), but Lightning's step counter, the learning-rate schedule and the data position went on
+        # counting the skipped steps, and a resume continues from those. `global_step` stays the counter (it
+        # is what a resume restores); the record names the step whose weights the file holds.
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        counter = int(checkpoint["global_step"])
+        checkpoint["nonfinite_stop"] = {"weights_of_step": first_bad, "global_step": counter,
+                                        "skipped_steps": counter - first_bad}
+        trainer.strategy.save_checkpoint(checkpoint, path)
+        trainer.strategy.barrier("nonfinite-stop")
+        counted = (f"; its step counter, learning-rate schedule and data position are at global step {counter} (the "
+                   f"{counter - first_bad} skipped step(s) counted), where a resume from it continues"
+                   if counter != first_bad else "")
         return (f"{path} (the weights, EMA and optimizer state of global step {first_bad}, before the first "
-                "non-finite step; no earlier step checkpoint existed)")
+                f"non-finite step; no earlier step checkpoint existed{counted}; recorded in it as "
+                "'nonfinite_stop')")
 
     # --- optimizer -------------------------------------------------------------------------------
     def optimizer_param_groups(self):

@@ -2,11 +2,14 @@
 
 - `AtomicCheckpointIO` — a Lightning `CheckpointIO` plugin writing through `ldm_lightning.fileio`
   (temp file, fsync, rename, directory fsync): a SIGKILL / node loss / full disk mid-write leaves either
-  the old file or the new one, never a half file under the real name.
+  the old file or the new one, never a half file under the real name. A full disk is a `DiskFullError`
+  (a user error: one message naming the folder and the intact previous checkpoint, exit 2).
 - `StepCheckpoint` — a `ModelCheckpoint` keeping the last K step checkpoints (`step=00001234.ckpt`) plus
   `last.ckpt` in `<default_root_dir>/checkpoints` (a fixed place: a new Slurm job or W&B run id in the
   same run directory finds them), and saving the final step when training ends for any reason
-  but an error, so no trained step is in no checkpoint.
+  but an error, so no trained step is in no checkpoint. At start-up it removes the temp files a kill
+  mid-write left there; after each save it prunes the step files beyond the last K, also those an earlier
+  process (a resume, a copied run folder) wrote.
 
 `ldm-lightning fit` adds both by default (training/fault_tolerance.py), with `RNGStateCallback`
 (training/rng_state.py) and `PreemptionCallback` (training/preemption.py); a config lists one to set
@@ -15,7 +18,9 @@ its options. Which checkpoint a resume loads: training/resume.py.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from typing import Any
 
@@ -23,15 +28,77 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ldm_lightning.errors import UserError
 from ldm_lightning.fileio import atomic_write
-from ldm_lightning.training.resume import (CorruptCheckpointError, list_checkpoints, resolve_resume_checkpoint,
-                                           validate_checkpoint)
+from ldm_lightning.training.resume import resolve_resume_checkpoint, say, valid_checkpoints
+
+# The name `ldm_lightning.fileio.atomic_write` gives its temp file: `.<name>.<mkstemp's 8 characters>.tmp`.
+TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
+class DiskFullError(UserError):
+    """A checkpoint save ran out of space (ENOSPC / EDQUOT); the atomic writer left the previous file intact."""
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    # torch.save into a Python file reports a failed write as "[enforce fail at inline_container.cc]
+    # ... unexpected pos"; the OSError with the errno is in the chain (its __context__).
+    seen = []
+    while exc is not None and all(exc is not s for s in seen):
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_message(path: str | os.PathLike) -> str:
+    """'no space left on <dir>; the previous checkpoint is intact' — with which one, checked, and the fix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        previous = resolve_resume_checkpoint(directory, verbose=False)
+    except Exception:  # no valid checkpoint there (then the message says so)
+        previous = None
+    if previous is not None:
+        step = f" (global step {previous.global_step})" if previous.global_step is not None else ""
+        kept = f"the previous checkpoint is intact: {os.path.basename(previous.path)}{step}"
+    else:
+        kept = "no earlier checkpoint of this run is there to keep (nothing was saved yet)"
+    return (f"no space left on {directory} while saving {os.path.basename(path)} (it was not written); {kept}. "
+            "Free space there (or move the run to a disk with room) and rerun the same command: it resumes "
+            "from that checkpoint.")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` that never leaves a partial file at `path` (see `ldm_lightning.fileio.atomic_write`)."""
-    with atomic_write(path) as f:
-        torch.save(obj, f)
+    """`torch.save` that never leaves a partial file at `path` (see `ldm_lightning.fileio.atomic_write`).
+    Raises `DiskFullError` when the disk is full."""
+    try:
+        with atomic_write(path) as f:
+            torch.save(obj, f)
+    except Exception as e:
+        if _out_of_space(e):
+            raise DiskFullError(disk_full_message(path)) from e
+        raise
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
+    """Remove the temp files of atomic writes that a kill mid-write left in `directory` (only names of the
+    `atomic_write` pattern, only directly in it). Call it only while no other process writes there: at the
+    start of a `fit`, on global rank 0, after the run folder's lock (training/run_lock.py) is taken."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        path = os.path.join(directory, name)
+        if TEMP_NAME.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+            try:
+                os.unlink(path)
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -96,6 +163,40 @@ class StepCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:
+            removed = remove_stale_temp_files(self.dirpath)
+            if removed:
+                say(f"removed {len(removed)} temp file(s) an interrupted save left in {self.dirpath}: "
+                    f"{', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")
+
+    def step_files(self) -> dict[int, str]:
+        """{step: path} of the step checkpoints in `dirpath` named by this callback's `filename` pattern
+        (empty when the pattern has another field than the step: then only Lightning's own pruning runs)."""
+        fields = re.findall(r"{[^}]*}", self.filename or "")
+        if not self.dirpath or len(fields) != 1 or not fields[0].startswith("{step"):
+            return {}
+        head, tail = (self.filename or "").split(fields[0])
+        pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + re.escape(self.FILE_EXTENSION))
+        try:
+            names = os.listdir(self.dirpath)
+        except OSError:
+            return {}
+        return {int(m.group(1)): os.path.join(self.dirpath, n) for n in names if (m := pattern.fullmatch(n))}
+
+    def prune_step_files(self, trainer) -> None:
+        """Keep the newest `save_top_k` step files up to the current step. Lightning's own pruning knows only the
+        files of the process that wrote them (or of the checkpoint's folder before a copy): after a resume
+        the older ones stayed. Files of later steps (an abandoned branch after a resume from an older file)
+        are left alone: they are overwritten when the run gets there."""
+        if not trainer.is_global_zero or self.save_top_k < 1:
+            return
+        mine = sorted((s, p) for s, p in self.step_files().items() if s <= trainer.global_step)
+        for _, path in mine[:-self.save_top_k]:
+            trainer.strategy.remove_checkpoint(path)
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        self.prune_step_files(trainer)
 
     def _find_last_checkpoints(self, trainer) -> set[str]:
         found = resolve_resume_checkpoint(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))
@@ -127,15 +228,9 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
     def newest_before(self, step: int) -> str | None:
-        """The newest valid checkpoint in `dirpath` whose global step is <= `step` (None if there is none)."""
-        for path in list_checkpoints(self.dirpath) if self.dirpath else []:
-            try:
-                ckpt = validate_checkpoint(path)
-            except CorruptCheckpointError:
-                continue
-            if ckpt and int(ckpt["global_step"]) <= step:
-                return str(path)
-        return None
+        """The valid checkpoint in `dirpath` with the highest recorded global step <= `step` (None if none)."""
+        found, _ = valid_checkpoints(self.dirpath, verbose=False) if self.dirpath else ([], [])
+        return next((str(i.path) for i in found if i.global_step is not None and i.global_step <= step), None)
 
 
 def find_step_checkpoint(trainer) -> StepCheckpoint | None:

@@ -84,3 +84,65 @@ def config_error_message(exc: BaseException, subcommand: str = "fit") -> str:
     where = "" if reason.startswith(where.rstrip(":")) else f"{where} "
     return (f"invalid config: {where}{reason}. See `ldm-lightning {subcommand} --help` "
             "for the fields and their types, and --print_config for the resolved config.")
+
+
+def _flatten(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict):
+        out: dict[str, object] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}  # YAML lists and Python tuples compare equal
+
+
+def hparams_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(field, value in the checkpoint, value now) for every hyper-parameter that differs, dotted names."""
+    a, b = _flatten(dict(saved or {})), _flatten(dict(current or {}))
+    missing = object()
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        try:
+            same = bool(va == vb)
+        except Exception:  # values without a plain ==, e.g. tensors
+            same = repr(va) == repr(vb)
+        if not same:
+            diffs.append((key, "(absent)" if va is missing else va, "(absent)" if vb is missing else vb))
+    return diffs
+
+
+def state_dict_mismatch_message(error: BaseException, ckpt_path: str, saved_hparams: dict | None, current_hparams: dict,
+                                root_dir: str | None) -> str:
+    """One paragraph for a resume whose weights do not fit the model the config builds (Lightning's
+    `Error(s) in loading state_dict`, hundreds of lines): which config fields differ from the hyper-parameters
+    the checkpoint was trained with, and the fix."""
+    text = str(error)
+    shapes = text.count("size mismatch for ")
+    missing = "Missing key(s)" in text
+    unexpected = "Unexpected key(s)" in text
+    what = ", ".join(x for x in (f"{shapes} tensor(s) of another shape" if shapes else "",
+                                 "tensors the checkpoint lacks" if missing else "",
+                                 "tensors this model does not have" if unexpected else "") if x) or "other tensors"
+    head = f"cannot resume from {ckpt_path}: its weights do not fit the model this config builds ({what})."
+    fresh = f"a new --trainer.default_root_dir (this one, {root_dir}, holds that run)" if root_dir else \
+        "a new --trainer.default_root_dir"
+    if saved_hparams is None:
+        return (f"{head} The checkpoint holds no saved hyper-parameters to compare with. Use the config it was "
+                f"trained with to resume it, or {fresh} to train the changed model from scratch.")
+    diffs = hparams_differences(saved_hparams, current_hparams)
+    # A field only one side has comes from another ldm-lightning version, not from the user: named only when
+    # nothing else differs.
+    diffs = [d for d in diffs if "(absent)" not in (d[1], d[2])] or diffs
+    if not diffs:
+        return (f"{head} Its saved hyper-parameters equal this config's, so the difference comes from elsewhere "
+                f"(another ldm-lightning version or a changed preset). Resume with the version that wrote it, or "
+                f"use {fresh}.")
+    def show(v) -> str:
+        return v if v == "(absent)" else repr(v)
+
+    shown = "; ".join(f"model.init_args.{k}: {show(v_saved)} in the checkpoint, {show(v_now)} now"
+                      for k, v_saved, v_now in diffs[:6])
+    more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
+    return (f"{head} This config differs from the hyper-parameters the checkpoint was trained with in: {shown}{more}. "
+            f"Set {'it' if len(diffs) == 1 else 'them'} back to the checkpoint's value{'s' if len(diffs) > 1 else ''} "
+            f"to resume, or use {fresh} to train the changed model from scratch.")

@@ -35,11 +35,12 @@ from lightning.pytorch.loggers import WandbLogger
 import ldm_lightning.training.strategies  # noqa: F401  (registers deepspeed_*_anydevice)
 from ldm_lightning.errors import UserError
 from ldm_lightning.training.base import NonFiniteLossError
-from ldm_lightning.training.cli_errors import check_hparams_agree, config_error_message, join_negative_values
+from ldm_lightning.training.cli_errors import (check_hparams_agree, config_error_message, join_negative_values,
+                                               state_dict_mismatch_message)
 from ldm_lightning.training.fault_tolerance import (checkpoint_dir, default_callbacks, default_plugins,
                                                     resolve_ckpt_path)
 from ldm_lightning.training.preemption import EXIT_INTERRUPTED, PreemptionCallback, interrupted_twice
-from ldm_lightning.training.resume import CorruptCheckpointError
+from ldm_lightning.training.resume import CorruptCheckpointError, saved_hparams
 from ldm_lightning.training.run_lock import RunFolderBusy, RunLock, is_launch_rank_zero
 from ldm_lightning.user_errors import EXIT_USER_ERROR, print_user_error, split_debug, user_error_message
 
@@ -120,7 +121,16 @@ class LDMLightningCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         check_hparams_agree(self.model, self.datamodule)
         LDMLightningCLI.running = True  # from here on an exception is a run's, not the config's
-        super()._run_subcommand(subcommand)
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as e:
+            ckpt = self.config[subcommand].get("ckpt_path") if subcommand == "fit" else None
+            if not ckpt or "Error(s) in loading state_dict" not in str(e):
+                raise
+            # A resume with a changed model: Lightning's error lists every mismatched tensor (hundreds of lines).
+            raise UserError(state_dict_mismatch_message(
+                e, ckpt, saved_hparams(ckpt), dict(self.model.hparams),
+                self.config[subcommand].trainer.get("default_root_dir"))) from e
 
     def after_fit(self) -> None:
         # LightningCLI calls this when fit returns: a caller that goes on in this process (the demo's next

@@ -50,7 +50,9 @@ class RNGStateCallback(L.Callback):
     """Saves the global RNG states of every rank into the checkpoint and restores them on resume.
 
     Each rank's state is gathered (ranks differ: Lightning seeds workers per rank) and stored as a list
-    indexed by global rank; a resume with a different world size keeps the current states and warns.
+    indexed by global rank. A resume with a different world size is refused before this runs
+    (training/run_topology.py); should one get here (the check left out of a config), it keeps the current
+    states and warns.
 
     When to restore matters for exactness. Creating a DataLoader iterator draws one number from the
     global torch generator (its worker base seed). The uninterrupted run creates one at each epoch
