@@ -1,10 +1,10 @@
 """The fault-tolerance defaults of `ldm-lightning fit`, and which checkpoint a run resumes from.
 
 Every run gets step checkpoints + the final step (`StepCheckpoint`), atomic writes, RNG state,
-SIGUSR1/SIGTERM/SIGINT handling and plain progress lines when stdout is a file (`ProgressLines`), plus,
-under Slurm, the cluster environment without Lightning's in-handler requeue — unless its config lists one
-of the same kind (then only to set options). See README "Fault tolerance" for what each does and the exit
-codes.
+SIGUSR1/SIGTERM/SIGINT handling, goodput (`GoodputCallback`) and plain progress lines when stdout is a file
+(`ProgressLines`), plus, under Slurm, the cluster environment without Lightning's in-handler requeue — unless
+its config lists one of the same kind (then only to set options). See README "Fault tolerance" for what each
+does and the exit codes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.environments import ClusterEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from ldm_lightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint
+from ldm_lightning.training.goodput import GoodputCallback
 from ldm_lightning.training.preemption import PreemptionCallback, slurm_environment
 from ldm_lightning.training.progress_lines import ProgressLines
 from ldm_lightning.training.resume import resolve_resume_checkpoint, say
@@ -31,8 +32,9 @@ def default_callbacks() -> list[Callback]:
     """Callbacks every training run gets, unless the config already has one of the same class: config
     files list one only to change its options."""
     # TopologyCheck before RNGStateCallback: a refused resume should not first warn about RNG states.
-    return [TelemetryCallback(), StepCheckpoint(), TopologyCheck(), RNGStateCallback(), PreemptionCallback(),
-            ProgressLines()]
+    # GoodputCallback first: its step stamps enclose the step alone, not the other callbacks' work.
+    return [GoodputCallback(), TelemetryCallback(), StepCheckpoint(), TopologyCheck(), RNGStateCallback(),
+            PreemptionCallback(), ProgressLines()]
 
 
 def default_plugins(configured: list, strategy) -> list:

@@ -36,6 +36,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 
 import lightning as L
 import torch
@@ -88,6 +89,7 @@ class PreemptionCallback(L.Callback):
             self.signals.append(getattr(signal, name))
         self.requeue = requeue
         self.received: int | None = None  # the first signal received, until it is acted on
+        self.received_at: float | None = None  # its time.time() (goodput.py: a restart is timed from the signal)
         self.stopped_by: int | None = None  # the signal that stopped training
         self.requeued = False
         self.saved_path: str | None = None
@@ -105,6 +107,7 @@ class PreemptionCallback(L.Callback):
             raise KeyboardInterrupt
         if self.received is None:
             self.received = signum
+            self.received_at = time.time()
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
