@@ -150,6 +150,10 @@ def test_usr1_saves_requeues_resumes_bitwise_exact(layout, tmp_path, uninterrupt
     assert f"resuming from {out / 'run' / 'checkpoints'}" in log
     got = final_state(out)
     assert got["global_step"] == STEPS
+    # Goodput (training/goodput.py): the requeued job counted one requeue after a signal, timed from the signal.
+    goodput = got["goodput"]
+    assert goodput["requeues"] == 1 and goodput["restarts"] == 1 and goodput["last_restart_s"] > 0, goodput
+    assert goodput["totals"]["restart"] == goodput["last_restart_s"]
     diff = [k for k in ref["state_dict"] if not torch.equal(ref["state_dict"][k], got["state_dict"][k])]
     assert not diff, f"the requeued job differs from the uninterrupted one in {len(diff)} tensors: {diff[:5]}"
     for a, b in zip(ref["optimizer_states"], got["optimizer_states"], strict=True):
