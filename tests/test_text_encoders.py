@@ -194,6 +194,11 @@ USER_PATH = {
                                                      "--data.init_args.val_shards", "null"], 32 + 16, "latent"),
     "t5-text-encoder-flag-unet-gallery": ("unet-tiny", ["--model.init_args.conditioning.text_encoder", "{t5}",
                                                         *GALLERY], None, "image"),
+    # LDM §4.3: the shipped config's trained τθ (BERT-tokenised captions), a small one
+    "trained-tau-dit": ("dit-tiny", ["-c", str(CONFIGS / "diffusion" / "mnist-dit-text-trained.yaml"),
+                                     "--model.init_args.conditioning.trainable_text.width", "64",
+                                     "--model.init_args.conditioning.trainable_text.depth", "1",
+                                     "--model.init_args.conditioning.trainable_text.max_length", "8"], None, "image"),
 }
 
 
@@ -204,8 +209,11 @@ def test_fit_and_sample_with_each_text_encoder_kind(kind, text_models, tiny_ae, 
     flags = [f.format(**text_models) for f in flags]
     shards = request.getfixturevalue("cached_latents") if data == "latent" else mnist_shards["test"]
     run = tmp_path / "run"
-    proc = run_cli(["fit", "-c", str(CONFIGS / "diffusion" / "mnist-dit-text-latents.yaml"),
-                    "-c", str(TRAINER_CFG / "cpu-debug.yaml"),
+    config = ["-c", str(CONFIGS / "diffusion" / "mnist-dit-text-latents.yaml")]
+    if "-c" in flags:  # the setup's own shipped config, first: later flags override it
+        i = flags.index("-c")
+        config, flags = flags[i:i + 2], flags[:i] + flags[i + 2:]
+    proc = run_cli(["fit", *config, "-c", str(TRAINER_CFG / "cpu-debug.yaml"),
                     "--model.init_args.autoencoder", tiny_ae, "--model.init_args.backbone", backbone,
                     "--model.init_args.conditioning.max_length", "8", "--data.init_args.kind", data,
                     "--data.init_args.image_size", "32", "--data.init_args.channels", "1",
@@ -219,6 +227,11 @@ def test_fit_and_sample_with_each_text_encoder_kind(kind, text_models, tiny_ae, 
     assert len(last) == 1, list(run.rglob("*"))
     meta = torch.load(last[0], map_location="cpu", weights_only=True)["ldm_lightning"]
     assert meta["backbone"]["pooled_dim"] == pooled_dim, meta["backbone"]
+    if kind == "trained-tau-dit":  # τθ is trained (live moved off the EMA, which started equal) and saved in both
+        sd = torch.load(last[0], map_location="cpu", weights_only=True)["state_dict"]
+        key = "backbone.text_transformer.token_embedding.weight"
+        assert meta["backbone"]["text_transformer"]["width"] == meta["backbone"]["context_dim"] == 64
+        assert not torch.equal(sd[f"denoiser.{key}"], sd[f"ema.module.{key}"])
     if "--model.init_args.val_prompts" in flags:  # one grid per weights: rows = prompts, columns = seeds
         from PIL import Image
         grids = sorted(p.relative_to(run).as_posix() for p in run.rglob("step_*.png"))

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from ldm_lightning.finite import check_finite_fields
-from ldm_lightning.encoders.text import TextEncoderConfig
+from ldm_lightning.encoders.text import TextEncoderConfig, TextEncoderError, default_text_encoder_path, load_tokenizer
 from ldm_lightning.encoders.text_join import TextEmbedding, TextEncoders
 from ldm_lightning.nn.attention import trim_key_padding
 
 from .concat import CONCAT_TASKS, ConcatTask
+from .text_transformer import TextTransformerConfig
 
 log = logging.getLogger(__name__)
 ConditioningKind = Literal["none", "class", "text"]
@@ -49,6 +50,12 @@ class ConditioningConfig:
     """Cached text embeddings (diffusion/text_cache.py, written by `ldm-lightning data encode --text-encoders`):
     None = use the latent shards' cache when they have one (a cache of other encoders is refused), True = require
     one, False = always run the encoders. With the cache, training loads no text encoder."""
+    trainable_text: TextTransformerConfig | None = None
+    """LDM §4.3's trainable τθ instead of frozen encoders: a transformer {vocab_size, max_length, width, depth,
+    heads} inside the backbone (diffusion/text_transformer.py), trained jointly; captions are tokenised with
+    text_tokenizer. text_encoder(s) and the text cache are then unused."""
+    text_tokenizer: str | None = None
+    """Tokenizer folder of trainable_text; None = the bundled MiniLM's BERT WordPiece tokenizer (30522 ids)."""
     max_length: int = 32
     """Tokens per caption (padded / truncated), so every batch's context has the same shape; the default of
     each text_encoders entry that sets none."""
@@ -88,6 +95,8 @@ class ConditioningConfig:
                                  "unset for the bundled MiniLM")
             self.text_encoders = [e if isinstance(e, TextEncoderConfig) else TextEncoderConfig(**dict(e))
                                   for e in self.text_encoders]
+        if self.trainable_text is not None and not isinstance(self.trainable_text, TextTransformerConfig):
+            self.trainable_text = TextTransformerConfig(**dict(self.trainable_text))
 
     def text_encoder_configs(self) -> list[TextEncoderConfig]:
         """The text encoders this config names (text_encoder is one with the defaults)."""
@@ -102,7 +111,15 @@ class Conditioner(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("_device", torch.zeros(()), persistent=False)
-        self._text = TextEncoders(cfg.text_encoder_configs(), cfg.max_length) if cfg.kind == "text" else None
+        trainable = cfg.kind == "text" and cfg.trainable_text is not None
+        self._text = TextEncoders(cfg.text_encoder_configs(), cfg.max_length) \
+            if cfg.kind == "text" and not trainable else None
+        self._tokenizer = None
+        if trainable:  # τθ lives in the backbone: here only its tokenizer
+            self._tokenizer = load_tokenizer(cfg.text_tokenizer or default_text_encoder_path())
+            if len(self._tokenizer) > cfg.trainable_text.vocab_size:
+                raise TextEncoderError(f"conditioning.text_tokenizer has {len(self._tokenizer)} ids, more than "
+                                       f"trainable_text.vocab_size={cfg.trainable_text.vocab_size}; raise vocab_size")
         self._said_uncached = False
         self._cache = None  # a TextCache (diffusion/text_cache.py) once `use_text_cache` attaches one
 
@@ -116,6 +133,8 @@ class Conditioner(nn.Module):
 
     @property
     def context_dim(self) -> int | None:
+        if self._tokenizer is not None:
+            return self.cfg.trainable_text.width
         return self._text.dim if self._text is not None else None
 
     @property
@@ -137,6 +156,11 @@ class Conditioner(nn.Module):
         return {"y": torch.where(y < 0, torch.full_like(y, self.cfg.num_classes), y)}
 
     def from_prompts(self, prompts: list[str], trim: bool = False) -> dict:
+        if self._tokenizer is not None:  # τθ: token ids, encoded inside the backbone
+            tok = self._tokenizer(list(prompts), padding="max_length", truncation=True,
+                                  max_length=self.cfg.trainable_text.max_length, return_tensors="pt")
+            dev = self._device.device
+            return {"context_ids": tok["input_ids"].to(dev), "context_mask": tok["attention_mask"].bool().to(dev)}
         if self._cache is not None and all(p in self._cache for p in prompts):
             emb = self._cache.lookup(list(prompts))  # on the CPU
             if trim:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .concat import join_concat
+from .text_transformer import text_context
 from .dit import DiT, DiTBlock, DiTConfig, FinalLayer, init_patch_embedder, patch_embedder
 
 
@@ -96,10 +97,12 @@ class DDT(DiT):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                c_concat: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+                c_concat: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                context_ids: torch.Tensor | None = None) -> torch.Tensor:
         """As DiT.forward; with `encoder_reuse` active, the encoder runs on every k-th call only."""
         x = join_concat(x, c_concat, self.cfg.concat_channels, "DDT")  # (B, C + C_cat, H, W)
         h, w = self.token_grid(x)
+        context = text_context(self.text_transformer, context, context_ids, context_mask)
         c = self.condition(t, y, pooled)  # (B, D)
         if self.cfg.context_dim is not None and context is None:
             raise ValueError("this DDT is text-conditional (context_dim set): pass context (B, L, context_dim)")

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.diffusion.concat import join_concat
+from ldm_lightning.diffusion.text_transformer import build_text_transformer, text_context
 from ldm_lightning.nn.attention import Attention
 from ldm_lightning.nn.embeddings import TimestepEmbedder, sincos_2d
 from ldm_lightning.nn.rope import rope_2d
@@ -62,6 +63,10 @@ class DiTConfig:
     pooled_dim: int | None = None
     """Width of a pooled text vector added to the AdaLN condition (SD3's 'vector' input: the text encoders'
     joined pooled vectors, encoders/text_join.py); None = no such input (and no extra layer)."""
+    text_transformer: dict | None = None
+    """A trainable text transformer τθ inside the backbone (diffusion/text_transformer.py: TextTransformerConfig
+    fields {vocab_size, max_length, width, depth, heads}); forward then takes `context_ids` (B, L) token ids and
+    makes `context` itself (LDM §4.3). None = context comes from frozen encoders."""
     qk_norm: bool = False
     """RMSNorm on queries and keys (SD3: stabilises mixed-precision training)."""
     grad_checkpointing: bool = False
@@ -217,6 +222,7 @@ class DiT(nn.Module):
         # SD3's pooled-text projection (Linear-SiLU-Linear); only when configured, so older checkpoints load
         self.pooled_embedder = (nn.Sequential(nn.Linear(cfg.pooled_dim, D), nn.SiLU(), nn.Linear(D, D))
                                 if cfg.pooled_dim else None)
+        self.text_transformer = build_text_transformer(cfg.text_transformer)  # τθ, trained with the DiT (or None)
         g = cfg.input_size // p
         self.register_buffer("pos_embed", sincos_2d(D, g, g)[None], persistent=False)  # (1, N, D), fixed
         cross = cfg.context_dim is not None and cfg.text_mode == "cross_attn"
@@ -291,9 +297,11 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                c_concat: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+                c_concat: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                context_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D_ctx); mask (B, L);
-        c_concat (B, concat_channels, H, W); pooled (B, pooled_dim)."""
+        c_concat (B, concat_channels, H, W); pooled (B, pooled_dim); context_ids (B, L) int64 for τθ."""
+        context = text_context(self.text_transformer, context, context_ids, context_mask)
         x = join_concat(x, c_concat, self.cfg.concat_channels, type(self).__name__)  # (B, C + C_cat, H, W)
         B = x.shape[0]
         h, w = self.token_grid(x)

@@ -19,10 +19,11 @@ def concat_cond(a: dict, b: dict) -> dict:
     if a.keys() != b.keys():
         raise ValueError(f"cond and uncond must have the same keys, got {sorted(a)} and {sorted(b)}")
     out = {}
-    L = max([a[k].shape[1] for k in a if k == "context"] + [b[k].shape[1] for k in b if k == "context"] + [0])
+    seq = ("context", "context_mask", "context_ids")  # token axis 1; ids (τθ's input) pad with 0 under a False mask
+    L = max([d[k].shape[1] for d in (a, b) for k in d if k in seq and d[k] is not None] + [0])
     for k in a:
         x, y = a[k], b[k]
-        if k in ("context", "context_mask"):
+        if k in seq:
             pad = lambda z: F.pad(z, (0, 0, 0, L - z.shape[1]) if z.ndim == 3 else (0, L - z.shape[1]))  # noqa
             x, y = pad(x), pad(y)
         out[k] = torch.cat([x, y])

@@ -150,6 +150,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             cfg["context_dim"] = self.conditioner.context_dim
             if self.conditioner.pooled_dim is not None:  # text encoders with use_pooled: the vector input
                 cfg["pooled_dim"] = self.conditioner.pooled_dim
+            if cond_cfg.trainable_text is not None:  # τθ inside the backbone: trained, saved, EMA'd with it
+                cfg["text_transformer"] = dataclasses.asdict(cond_cfg.trainable_text)
         if cond_cfg.concat != "none":  # c_concat: low-res image or masked image + mask (concat.py)
             cfg["concat_channels"] = concat_channels(cond_cfg.concat, int(ae.config.in_channels))
         if family in TRANSFORMER_FAMILIES and "input_size" not in cfg and "input_size" not in PRESETS[backbone][1]:

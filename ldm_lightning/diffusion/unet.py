@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.diffusion.concat import join_concat
+from ldm_lightning.diffusion.text_transformer import build_text_transformer, text_context
 from ldm_lightning.nn.attention import Attention
 from ldm_lightning.nn.embeddings import TimestepEmbedder
 
@@ -50,6 +51,9 @@ class UNetConfig:
     pooled_dim: int | None = None
     """Width of a pooled text vector added to the time embedding through Linear-SiLU-Linear (SDXL's
     `add_embedding` of CLIP-G's pooled vector); None = no such input (and no extra layer)."""
+    text_transformer: dict | None = None
+    """A trainable text transformer τθ inside the UNet (LDM §4.3; diffusion/text_transformer.py fields); forward
+    then takes `context_ids` (B, L) token ids. None = context comes from frozen encoders."""
     norm_groups: int = 32
     """GroupNorm groups; must divide every level's channels."""
     dropout: float = 0.0
@@ -179,6 +183,7 @@ class UNet(nn.Module):
         # SDXL's add_embedding; only when configured, so older checkpoints load
         self.pooled_embed = (nn.Sequential(nn.Linear(cfg.pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                              if cfg.pooled_dim else None)
+        self.text_transformer = build_text_transformer(cfg.text_transformer)  # τθ, trained with the UNet (or None)
         self.conv_in = nn.Conv2d(cfg.in_channels + cfg.concat_channels, mc, 3, padding=1)
         res = lambda cin, cout: ResBlock(cin, cout, emb_dim, groups, cfg.dropout)  # noqa: E731
 
@@ -215,9 +220,11 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                c_concat: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+                c_concat: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                context_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W); t (B,) float; y (B,) int64 (num_classes = null); context (B, L, D); mask (B, L);
-        c_concat (B, concat_channels, H, W); pooled (B, pooled_dim)."""
+        c_concat (B, concat_channels, H, W); pooled (B, pooled_dim); context_ids (B, L) int64 for τθ."""
+        context = text_context(self.text_transformer, context, context_ids, context_mask)
         x = join_concat(x, c_concat, self.cfg.concat_channels, "UNet")  # (B, C + C_cat, H, W)
         f = 2 ** (len(self.cfg.channel_mult) - 1)
         if x.shape[-2] % f or x.shape[-1] % f:
