@@ -5,8 +5,9 @@
 `denoiser_fn(x, t) -> Prediction` (guidance already folded in; t a (B,) tensor in schedule units).
 Each sampler walks the descending grid `schedule.inference_times(steps, spacing)` (or an explicit
 `timesteps=`) and ends at the clean point alpha = 1, sigma = 0 (a flow schedule's `sample_shift`, or
-`ldm-lightning sample --time-shift`, reshapes that grid without touching the training shift). All updates are written in (alpha,
-sigma), so the VP samplers are exact for any such schedule; the flow samplers need alpha + sigma = 1.
+`ldm-lightning sample --time-shift`, reshapes that grid without touching the training shift). All updates
+are written in (alpha, sigma), so the VP samplers are exact for any such schedule; the flow samplers need
+alpha + sigma = 1.
 NFE: ddpm/ddim/euler/dpmpp_2m/flow_euler = steps; heun/flow_heun = 2*steps - 1.
 """
 
