@@ -6,8 +6,9 @@ Rombach et al. 2022): nll = rec/exp(logvar) + logvar, adaptive generator weight
 
 Single optimiser (DeepSpeed allows one): the discriminator runs on [x, sg(x_rec), x_rec] (one batched
 pass for per-sample norms; one pass each with BatchNorm, whose batch statistics would otherwise mix the
-three and leak gradient into x_rec). Its own loss uses the first two; the generator term uses the third. The generator term would also push gradient
-into the discriminator's weights (in the wrong direction), so we add w*(-g(D(sg(x_rec)))): it has the
+three and leak gradient into x_rec). Its own loss uses the first two; the generator term uses the third.
+The generator term would also push gradient into the discriminator's weights (in the wrong direction),
+so we add w*(-g(D(sg(x_rec)))): it has the
 same value with the opposite sign and the same weight-gradient, but none towards x_rec. The sum is the
 two-optimiser taming gradient exactly, with plain autograd: no manual optimisation, no param
 detaching (ZeRO-3 safe). A gradient-reversal layer (MosaicML) would instead give the generator the
