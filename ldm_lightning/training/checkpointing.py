@@ -126,9 +126,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class StepCheckpoint(ModelCheckpoint):
     """Keep the last `keep_last_k` step checkpoints and `last.ckpt`; save the final step at train end.
 
-    `Trainer.fit(ckpt_path="last")` with this callback resumes from the newest checkpoint in `dirpath`
-    that passes `validate_checkpoint` (a truncated `last.ckpt` falls back to the previous good file, with
-    a message), and starts from scratch when there is none yet.
+    `Trainer.fit(ckpt_path="last")` with this callback resumes from the checkpoint in `dirpath` with the
+    highest recorded step that passes `validate_checkpoint` (a truncated `last.ckpt` falls back to the
+    next good file, with a message), and starts from scratch when there is none yet.
     """
 
     def __init__(self, dirpath: str | os.PathLike | None = None, every_n_train_steps: int = 1000,
