@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from ldm_lightning.errors import UserError
+from ldm_lightning.finite import finite_float
 from ldm_lightning.output_paths import replace_dir
 
 from .conditioning import ConditioningConfig
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the autoencoder whose latents the model denoises (recorded for sample; SD's VAE for DiT)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads (not in a facebookresearch checkpoint; the paper's sizes are known)")
-    p.add_argument("--drop-prob", type=float, default=0.1, help="class-dropout probability recorded for fine-tuning")
+    p.add_argument("--drop-prob", type=finite_float, default=0.1, help="class-dropout probability recorded for fine-tuning")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     a = p.parse_args(argv)
     out, notes = import_weights(a.src, a.out, a.autoencoder, a.num_heads, a.drop_prob, a.overwrite)
