@@ -33,6 +33,13 @@ def tolerance(want: torch.Tensor, n: int, scale: float | None = None) -> tuple[f
     return rtol, rtol * max(scale, torch.finfo(want.dtype).tiny)
 
 
+def sum_length(net: torch.nn.Module, x: torch.Tensor | None = None) -> int:
+    """An estimate of the longest sum in `net`: the largest fan-in of a weight (a forward pass); with images
+    `x` (B, C, H, W), of a forward + backward pass: a weight's gradient also sums over batch × positions."""
+    fan_in = max(p[0].numel() for p in net.parameters() if p.ndim >= 2)
+    return fan_in if x is None else x.shape[0] * x.shape[-2] * x.shape[-1] * fan_in
+
+
 def largest(tensors) -> float:
     """max|x| over several tensors: the scale for values that are 0 in theory, e.g. a gradient that cancels
     exactly (a key bias under softmax) and is pure rounding of the terms of the other gradients' size."""

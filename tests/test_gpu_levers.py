@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from float_paths import assert_close_for, largest
+from float_paths import assert_close_for, largest, sum_length
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,13 +29,6 @@ def _fwd_bwd(net, *inputs, bf16: bool = True):
     w = torch.linspace(-1, 1, out.numel(), dtype=dt).reshape(out.shape)  # a fixed non-uniform upstream gradient
     (out.to(dt) * w).sum().backward()
     return out.to(dt).detach(), {n: p.grad.to(dt).clone() for n, p in net.named_parameters() if p.grad is not None}
-
-
-def _sum_length(net: torch.nn.Module, x: torch.Tensor) -> int:
-    """An upper estimate of the longest sum in a forward + backward pass of `net` on images `x`: batch ×
-    positions × the largest fan-in of a weight (for tests/float_paths.py's tolerance)."""
-    fan_in = max(p[0].numel() for p in net.parameters() if p.ndim >= 2)
-    return x.shape[0] * x.shape[-2] * x.shape[-1] * fan_in
 
 
 class _Recon(torch.nn.Module):
@@ -74,8 +67,8 @@ def test_channels_last_leaves_outputs_and_grads_unchanged_in_bf16(index):
     inputs_cl = tuple(images_channels_last(t, True) for t in inputs)
     ref, ref_grads = _fwd_bwd(net, *inputs, bf16=False)  # fp32, NCHW: the reference
     out32, grads32 = _fwd_bwd(cl, *inputs_cl, bf16=False)
-    n = _sum_length(net, inputs[0])
-    assert_close_for(out32, ref, n, f"{name} fp32 output")  # the same function, up to summation order
+    n = sum_length(net, inputs[0])  # forward + backward; the output alone: sum_length(net)
+    assert_close_for(out32, ref, sum_length(net), f"{name} fp32 output")  # the same function, up to summation order
     out, grads = _fwd_bwd(net, *inputs)
     out_cl, grads_cl = _fwd_bwd(cl, *inputs_cl)
     assert ref_grads.keys() == grads_cl.keys() == grads32.keys()
@@ -157,8 +150,8 @@ def test_compile_blocks_compiles_each_block_with_unchanged_outputs_and_grads(fam
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.tensor([1, 10])
     out, grads = _fwd_bwd(net, x, t, y, bf16=False)
     out_c, grads_c = _fwd_bwd(regional, x, t, y, bf16=False)
-    n = _sum_length(net, x)  # compiled blocks may fuse and reorder sums: fp32 rounding, not a constant
-    assert_close_for(out_c, out, n, "output")
+    n = sum_length(net, x)  # compiled blocks may fuse and reorder sums: fp32 rounding, not a constant
+    assert_close_for(out_c, out, sum_length(net), "output")
     for k in grads:
         assert_close_for(grads_c[k], grads[k], n, f"grad of {k}", scale=largest(grads.values()))
 
@@ -213,7 +206,7 @@ def test_trimmed_context_gives_the_same_dit_outputs_and_grads(minilm, text_mode)
         m = copy.deepcopy(net).to(dt)
         out, grads = _fwd_bwd(m, x.to(dt), t.to(dt), None, full.to(dt), mask, bf16=False)
         out_t, grads_t = _fwd_bwd(m, x.to(dt), t.to(dt), None, trimmed.to(dt), none, bf16=False)
-        assert_close_for(out_t, out, n, f"{dt} output")
+        assert_close_for(out_t, out, sum_length(m), f"{dt} output")
         for k in grads:
             assert_close_for(grads_t[k], grads[k], n, f"{dt} grad of {k}", scale=largest(grads.values()))
 
