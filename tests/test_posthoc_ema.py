@@ -3,6 +3,7 @@ resumed), then `ldm-lightning ema-reconstruct`, in subprocesses, on real MNIST s
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,20 @@ def test_fit_resume_then_ema_reconstruct_matches_directly_tracked_emas(tmp_path,
     state, report = synthesise(snaps, 0.1)
     assert report["profile_fit_error"] < 1e-6
     assert flat(state).sub(p10).abs().max() < 1e-6
+
+    # --sweep: an export per value, each scored by `evaluate` (a classifier trained for seconds: plumbing, not quality)
+    from ldm_lightning.evaluation.mnist_classifier_training import train_mnist_classifier
+    clf = tmp_path / "mnist.safetensors"
+    train_mnist_classifier(clf, epochs=1, seed=0, train_subset=200)
+    r = run("ema-reconstruct", "--snapshots", str(out / "checkpoints"), "--sweep", "0.05,0.2", "--out",
+            str(tmp_path / "sweep"), "--", "--reference", mnist_shards["test"], "--reference-num", "50",
+            "--extractor", "mnist", "--weights", str(clf), "--num", "10", "--steps", "1", "--metrics", "fid",
+            "--batch-size", "10", "--device", "cpu")
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [row["sigma_rel"] for row in summary["scores"]] == [0.05, 0.2]
+    assert summary["best"]["fid"] == min(row["fid"] for row in summary["scores"])
+    assert f"best sigma_rel {summary['best']['sigma_rel']:g}" in r.stdout
+    load_denoiser(tmp_path / "sweep" / "sigma_rel-0.2")
 
     bad = run("ema-reconstruct", "--snapshots", str(tmp_path / "nowhere"), "--sigma-rel", "0.07", "--out",
               str(tmp_path / "x"), expect=2)
