@@ -169,6 +169,12 @@ def test_import_bad_inputs_one_message_each(tmp_path):
     torch.save(sd, tmp_path / "dit.pt")
     with pytest.raises(ImportLayoutError, match="--num-heads"):  # width 64 is no paper size
         read_pretrained(tmp_path / "dit.pt")
+    # the facebookresearch original's timestep frequencies are not the diffusers port's: export is refused
+    from ldm_lightning.diffusion.interop import to_diffusers_dit
+    from ldm_lightning.errors import UserError
+    net = ours_from(read_pretrained(tmp_path / "dit.pt", num_heads=HEADS))
+    with pytest.raises(UserError, match="timestep_freq_shift=0 .*has 1.*--format safetensors"):
+        to_diffusers_dit(net.state_dict(), net.cfg)
 
 
 # --- 2-5. the user path: import -> fit (full, LoRA, resume) -> sample -> export -> diffusers -----------------------

@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from", dest="src", required=True,
                    help="a facebookresearch/DiT .pt, or a diffusers DiTTransformer2DModel / DiT pipeline folder")
     p.add_argument("--out", required=True, help="output folder (a denoiser export)")
-    p.add_argument("--autoencoder", default=None,
-                   help="the autoencoder whose latents the model denoises (recorded for sample; SD's VAE for DiT)")
+    p.add_argument("--autoencoder", required=True,
+                   help="the autoencoder whose latents the model denoises (recorded for sample and fit; SD's VAE "
+                        "(sd-vae-ft-ema / -mse, diffusers folder or .safetensors) for DiT)")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads (not in a facebookresearch checkpoint; the paper's sizes are known)")
     p.add_argument("--drop-prob", type=finite_float, default=0.1, help="class-dropout probability recorded for fine-tuning")

@@ -384,9 +384,9 @@ class DiffusionModule(SpeedLevers, TrainingModule):
     def on_save_checkpoint(self, checkpoint) -> None:
         # What `ldm-lightning sample` / `export` rebuild the denoiser from (plain values: weights_only loads).
         checkpoint["ldm_lightning"] = dict(self.meta)
-        if self.lora_cfg.enabled:  # the frozen base is init_from's: keep it out (live and EMA copies)
-            sd = checkpoint["state_dict"]
-            for k in [k for k in sd if k in self.frozen_base_keys()]:
+        sd = checkpoint.get("state_dict")  # (DeepSpeed writes its own shards; then there is none here)
+        if self.lora_cfg.enabled and sd:  # the frozen base is init_from's: keep it out (live and EMA copies)
+            for k in self.frozen_base_keys() & set(sd):
                 del sd[k]
 
     def frozen_base_keys(self) -> set[str]:
@@ -397,9 +397,9 @@ class DiffusionModule(SpeedLevers, TrainingModule):
     def on_load_checkpoint(self, checkpoint) -> None:
         # A LoRA checkpoint lacks the frozen base: take it from init_from (loaded at construction), so the
         # state dict loads strictly and a resume is exact.
-        if self.lora_cfg.enabled:
+        sd = checkpoint.get("state_dict")
+        if self.lora_cfg.enabled and sd is not None:
             own = self.state_dict()
-            sd = checkpoint["state_dict"]
             for k in self.frozen_base_keys():
                 if k in own and k not in sd:
                     sd[k] = own[k]
