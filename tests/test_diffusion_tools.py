@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from float_paths import assert_close_for, sum_length
 
 from ldm_lightning.autoencoder import Autoencoder, get_preset
 
@@ -97,7 +98,8 @@ def test_image_and_latent_paths_give_the_same_loss(latents, mnist_shards, aes):
     m = make_module(aes["a"], conditioning={"kind": "class", "num_classes": 10, "drop_prob": 0.3})
     z_img = m.latents(batches["image"], torch.Generator().manual_seed(5))
     z_lat = m.latents(batches["latent"], torch.Generator().manual_seed(5))
-    torch.testing.assert_close(z_img, z_lat, rtol=1e-5, atol=1e-5)
+    # encoded here in a batch of 16, by `data encode` in one of 64: other kernels, fp32 rounding (tests/float_paths.py)
+    assert_close_for(z_img, z_lat, sum_length(m.autoencoder), "latents, image path vs cached moments")
     l_img, t_img = m.compute_loss(batches["image"])
     l_lat, t_lat = m.compute_loss(batches["latent"])
     print(f"loss image path {l_img.item():.6f} latent path {l_lat.item():.6f}")
