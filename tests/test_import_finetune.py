@@ -281,3 +281,23 @@ def test_import_fit_full_and_lora_sample_export_to_diffusers(tiny_ae, mnist_shar
         m = k[len("transformer."):-len(".lora_A.weight")]
         w = base[m + ".weight"] + scale * adapter[k.replace("lora_A", "lora_B")] @ adapter[k]
         torch.testing.assert_close(w, merged[m + ".weight"], atol=1e-5, rtol=1e-5)
+
+
+def test_init_from_sets_live_and_ema_and_names_a_mismatch(tiny_ae, tmp_path):
+    """init_from lands in the live AND the EMA weights (the EMA starts from the import); a config that disagrees
+    with the weights is one message naming the field to set."""
+    from ldm_lightning.diffusion.finetune import InitFromError
+    from ldm_lightning.diffusion.module import DiffusionModule
+    sd = random_fb_dit(seed=4)
+    torch.save(sd, tmp_path / "dit.pt")
+    kw = dict(autoencoder=tiny_ae, backbone="dit", init_from=str(tmp_path / "dit.pt"), val_num=0,
+              schedule={"kind": "vp", "beta_schedule": "linear"},
+              backbone_config={"hidden_size": D, "depth": DEPTH, "num_heads": HEADS, "patch_size": P})
+    m = DiffusionModule(conditioning={"kind": "class", "num_classes": CLASSES}, **kw)
+    live, ema = m.denoiser.state_dict(), m.ema.module.state_dict()
+    assert torch.equal(live["backbone.blocks.1.attn.to_kv.weight"], sd["blocks.1.attn.qkv.weight"][D:])
+    assert all(torch.equal(v, ema[k]) for k, v in live.items())
+    with pytest.raises(InitFromError, match="num_classes=10; this model has num_classes=7"):
+        DiffusionModule(conditioning={"kind": "class", "num_classes": 7}, **kw)
+    with pytest.raises(InitFromError, match="schedule.beta_schedule='linear'.*scaled_linear"):
+        DiffusionModule(conditioning={"kind": "class", "num_classes": CLASSES}, **{**kw, "schedule": {"kind": "vp"}})
