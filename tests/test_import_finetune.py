@@ -269,6 +269,9 @@ def test_import_fit_full_and_lora_sample_export_to_diffusers(tiny_ae, mnist_shar
             diff = (theirs(x, timestep=t, class_labels=y).sample - ours.backbone(x, t.float(), y)).abs().max()
         assert diff <= 1e-4, (run_dir, diff)
     assert full["state_dict"]  # full fine-tuning keeps every tensor
+    from ldm_lightning.diffusion.interop import read_pretrained  # a LoRA checkpoint as the next init_from: merged
+    merged_ours = read_pretrained(last("lora")).state
+    assert merged_ours.keys() == read_pretrained(last("full")).state.keys()
     # the adapter export: PEFT keys on diffusers module names; base (the import) + scale * B A = the merged export
     adapter = load_file(str(tmp_path / "x_lora" / "pytorch_lora_weights.safetensors"))
     cfg = json.loads((tmp_path / "x_lora" / "adapter_config.json").read_text())

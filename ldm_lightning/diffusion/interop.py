@@ -347,6 +347,10 @@ def read_pretrained(path, num_heads: int | None = None) -> Pretrained:
 
 
 def from_ours(meta: dict, sd: dict[str, torch.Tensor], weights: str) -> Pretrained:
+    if meta.get("lora"):  # a LoRA run's checkpoint: its adapters folded into its own init_from base
+        from .load import denoiser_with_weights
+        denoiser, _, meta = denoiser_with_weights(meta, sd, "init_from")
+        sd = denoiser.state_dict()
     return Pretrained(OURS_LAYOUT, meta["backbone_family"], dict(meta["backbone"]), dict(sd), dict(meta["schedule"]),
                       meta["objective"]["prediction"], meta["conditioning"].get("num_classes") or None,
                       [f"{weights} weights"], meta)
