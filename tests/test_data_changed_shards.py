@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldm_lightning.data import ShardDataModule
 from ldm_lightning.data.shard_check import SAMPLED_BYTES, shard_stamp
 
 ENV = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -55,7 +56,7 @@ def _relabel_first_sample(shard: Path) -> None:
     assert shard.stat().st_size == st.st_size and shard.stat().st_mtime_ns == st.st_mtime_ns
 
 
-def test_fit_refuses_a_same_size_replaced_shard_and_warn_trains_on_it(mnist_shards, tmp_path):
+def test_fit_refuses_a_same_size_replaced_shard_and_warn_trains_on_it(mnist_shards, tmp_path, capfd):
     d = tmp_path / "train"
     shutil.copytree(mnist_shards["test"], d)  # copy2: times kept, so only the changes below differ
     man = _manifest(d)
@@ -89,6 +90,9 @@ def test_fit_refuses_a_same_size_replaced_shard_and_warn_trains_on_it(mnist_shar
     assert r.returncode == 1
     rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith("shard-")}
     assert "sha256 differs" in rows["shard-000001.tar"] and rows["shard-000002.tar"].endswith("ok")
+
+    ShardDataModule(str(d), batch_size=25, num_workers=0, shard_check="off").train_dataloader()
+    assert "shard_check is off: 4 shard(s) are not compared with their manifest" in capfd.readouterr().err
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
