@@ -9,6 +9,9 @@ defaults of the CLI do all of it. The one extra file (`ckpt.yaml`) is what a use
 - a truncated `last.ckpt` -> the previous good checkpoint; a crafted pickle -> refused, no code runs.
 - a finished run -> a checkpoint of the final step; a rerun in the same directory resumes (never restarts).
 - a non-finite stop -> exit 3, `nonfinite-stop.ckpt` holds the state from before the first non-finite step.
+- a copied folder with rewritten file times -> the highest recorded step; a stale temp file is removed; older
+  step files are pruned across the resume; a resume at another world size, with a changed model, or onto a
+  full disk -> one paragraph, exit 2, nothing lost.
 """
 
 from __future__ import annotations
@@ -93,6 +96,17 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(sa["exp_avg_sq"], opt_b["state"][pid]["exp_avg_sq"])
 
 
+# What these runs do not need: W&B's service process and Lightning's sanity validation (~2 s a run).
+LEAN = ("--trainer.logger", "false", "--trainer.num_sanity_val_steps", "0")
+
+
+def _resave_without(path: Path, *keys: str) -> None:
+    ckpt = load(path)
+    for k in keys:
+        ckpt.pop(k, None)
+    torch.save(ckpt, path)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, mnist_shards, tiny_ae):
     """Uninterrupted runs of both stages: {stage: run dir}."""
@@ -114,6 +128,7 @@ def test_finished_run_has_its_final_step_and_a_rerun_resumes(reference, mnist_sh
     before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
     r = fit(stage_args("autoencoder", mnist_shards, tiny_ae, reference["autoencoder"]))
     assert "holds checkpoints of an earlier run" in r.stdout and f"resuming from {ckpts / 'last.ckpt'}" in r.stdout
+    assert f"step={STEPS:08d}.ckpt holds the same step and state: last.ckpt is preferred" in r.stdout
     assert "nothing left to train" in r.stdout
     assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before
 
@@ -154,6 +169,13 @@ def test_signal_saves_at_the_next_step_and_exits_with_its_code(sig, code, tmp_pa
 
 def test_truncated_last_and_crafted_pickle_fall_back_to_the_good_checkpoint(reference, tmp_path, mnist_shards,
                                                                             tiny_ae):
+    """A copied run folder with rewritten file times (`cp -r`, rsync without -t): a crafted pickle is the newest
+    file, then a truncated last.ckpt, then step=8, the oldest step=12. Both bad files are named and skipped, no
+    code runs, and the resume takes step 12, the highest step recorded in a valid checkpoint (the rule of file
+    times took step 8). step=12 records no world size (as a checkpoint from before that record): one line, the
+    run goes on. A temp file a kill mid-write left is removed at start-up (a look-alike name is not), and
+    keep_last_k (2) prunes the older step files of the earlier process too; a file of a later step (99) is
+    left alone."""
     import shutil
     out = tmp_path / "run"
     shutil.copytree(reference["autoencoder"] / "checkpoints", out / "checkpoints")
@@ -169,16 +191,28 @@ def test_truncated_last_and_crafted_pickle_fall_back_to_the_good_checkpoint(refe
         f"    def __reduce__(self): return (os.system, ('touch {marker}',))\n"
         "torch.save({'state_dict': {}, 'global_step': 99, 'epoch': 0, 'loops': {}, 'optimizer_states': [],"
         f" 'lr_schedulers': [], 'x': Evil()}}, r'{evil}')\n")], check=True, timeout=60)
+    chosen = ckpts / f"step={STEPS:08d}.ckpt"
+    _resave_without(chosen, "run_topology")
+    shutil.copy(ckpts / "step=00000008.ckpt", ckpts / "step=00000004.ckpt")  # an older step file to prune
+    stale = ckpts / ".last.ckpt.k2x9_q1z.tmp"  # what fileio.atomic_write leaves when killed mid-write
+    stale.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    (ckpts / "notes.tmp").write_text("not ours")
     now = time.time_ns()
-    os.utime(evil, ns=(now + 2 * 10**9,) * 2)  # the newest file, then the truncated last.ckpt
-    os.utime(last, ns=(now + 10**9,) * 2)
-    r = fit(stage_args("autoencoder", mnist_shards, tiny_ae, out), "--ckpt_path", "last",
+    for i, f in enumerate([chosen, ckpts / "step=00000004.ckpt", ckpts / "step=00000008.ckpt", last, evil]):
+        os.utime(f, ns=(now + i * 10**9,) * 2)
+    r = fit(stage_args("autoencoder", mnist_shards, tiny_ae, out), *LEAN, "--ckpt_path", "last",
             "--trainer.max_steps", str(STEPS + 2))
     assert not marker.exists(), "a crafted checkpoint ran code"
     assert "skipping unusable checkpoint" in r.stdout and "step=00000099.ckpt" in r.stdout and "refused" in r.stdout
     assert "last.ckpt cannot be loaded safely" in r.stdout
-    assert f"resuming from {ckpts / f'step={STEPS:08d}.ckpt'}" in r.stdout  # (the newer files are unusable)
-    assert load(ckpts / "last.ckpt")["global_step"] == STEPS + 2
+    assert (f"resuming from {chosen} (global step {STEPS}): the highest step recorded among 3 valid checkpoint(s); "
+            "chosen by step, not by file time") in r.stdout, r.stdout[-3000:]
+    assert f"{chosen} records no world size" in r.stdout
+    assert f"removed 1 temp file(s) an interrupted save left in {ckpts}: {stale.name}" in r.stdout
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "notes.tmp", chosen.name,
+                                                       f"step={STEPS + 2:08d}.ckpt", evil.name]
+    last_state = load(last)
+    assert last_state["global_step"] == STEPS + 2 and last_state["run_topology"]["world_size"] == 1
 
 
 def test_explicit_missing_checkpoint_is_one_clear_line(tmp_path, mnist_shards, tiny_ae):
@@ -210,50 +244,6 @@ def test_nonfinite_stop_keeps_the_state_from_before_the_first_nonfinite_step(tmp
 
 
 # --- nothing lost, nothing mixed (issue 25): which file a resume takes, what it refuses, what it cleans up ----
-
-# What these runs do not need: W&B's service process and Lightning's sanity validation (~2 s a run).
-LEAN = ("--trainer.logger", "false", "--trainer.num_sanity_val_steps", "0")
-
-
-def _resave_without(path: Path, *keys: str) -> None:
-    ckpt = load(path)
-    for k in keys:
-        ckpt.pop(k, None)
-    torch.save(ckpt, path)
-
-
-def test_copied_run_resumes_from_the_highest_recorded_step_and_cleans_up(reference, tmp_path, mnist_shards, tiny_ae):
-    """`cp -r run run2` (file times rewritten, here: step=8 the newest, last.ckpt the oldest) then the same
-    command in run2 resumes from step 12, the highest step recorded inside a checkpoint, not from the newest
-    file. The tie at step 12 goes to the file with more resume state (last.ckpt here lacks its RNG states), and
-    the line says so; neither file records a world size (as a checkpoint from before that record): one line,
-    and the run goes on. A temp file a kill mid-write left is removed at start-up (a look-alike name is not),
-    and keep_last_k (2) prunes the step files of the earlier process too."""
-    import shutil
-    out = tmp_path / "run2"
-    shutil.copytree(reference["autoencoder"], out)
-    ckpts = out / "checkpoints"
-    _resave_without(ckpts / "last.ckpt", "run_topology", "rng_states")
-    _resave_without(ckpts / f"step={STEPS:08d}.ckpt", "run_topology")
-    shutil.copy(ckpts / "step=00000008.ckpt", ckpts / "step=00000004.ckpt")  # an older step file to prune
-    stale = ckpts / ".last.ckpt.k2x9_q1z.tmp"  # what fileio.atomic_write leaves when killed mid-write
-    stale.write_bytes(b"PK\x03\x04" + b"\0" * 100)
-    (ckpts / "notes.tmp").write_text("not ours")
-    now = time.time_ns()
-    for i, name in enumerate(["last.ckpt", f"step={STEPS:08d}.ckpt", "step=00000004.ckpt", "step=00000008.ckpt"]):
-        os.utime(ckpts / name, ns=(now + i * 10**9,) * 2)  # step=8 newest: the old rule resumed from it
-    r = fit(stage_args("autoencoder", mnist_shards, tiny_ae, out), *LEAN, "--ckpt_path", "last",
-            "--trainer.max_steps", str(STEPS + 2))
-    chosen = ckpts / f"step={STEPS:08d}.ckpt"
-    assert (f"resuming from {chosen} (global step {STEPS}): the highest step recorded among 4 valid checkpoint(s); "
-            "chosen by step, not by file time; last.ckpt holds the same step with less resume state") in r.stdout
-    assert f"{chosen} records no world size" in r.stdout
-    assert f"removed 1 temp file(s) an interrupted save left in {ckpts}: {stale.name}" in r.stdout
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "notes.tmp", f"step={STEPS:08d}.ckpt",
-                                                       f"step={STEPS + 2:08d}.ckpt"]
-    last = load(ckpts / "last.ckpt")
-    assert last["global_step"] == STEPS + 2 and last["run_topology"]["world_size"] == 1
-
 
 def test_resume_at_another_world_size_is_refused(tmp_path, mnist_shards, tiny_ae):
     """A 2-process DDP run (gloo) records world size 2 in its checkpoints; a resume at 1 process stops at once
