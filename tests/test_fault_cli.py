@@ -286,8 +286,11 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(reference, tmp_pa
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
     ckpts.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ckpts)],
-                             capture_output=True).returncode == 0
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(ckpts)],
+                                 capture_output=True, timeout=30).returncode == 0
+    except OSError:  # no mount(8) here
+        mounted = False
     try:
         shutil.copy(reference["autoencoder"] / "checkpoints" / "last.ckpt", ckpts / "last.ckpt")
         before = (ckpts / "last.ckpt").read_bytes()
