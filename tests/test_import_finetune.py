@@ -158,6 +158,10 @@ def test_diffusers_dit_imports_and_exports_exactly(tmp_path):
 
 def test_import_bad_inputs_one_message_each(tmp_path):
     from ldm_lightning.diffusion.interop import ImportLayoutError, read_pretrained
+    from ldm_lightning.diffusion import importer
+    with pytest.raises(SystemExit) as e:  # no --autoencoder and no pipeline vae/: argparse's one message, exit 2
+        importer.main(["--from", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "odd.pt")
     with pytest.raises(ImportLayoutError, match="layouts understood: facebookresearch/DiT"):
         read_pretrained(tmp_path / "odd.pt")
@@ -206,7 +210,7 @@ def ckpt(run_dir):
     return f"{root}/{run_dir}/checkpoints/last.ckpt"
 # import once: a facebookresearch .pt and a diffusers pipeline folder -> denoiser exports; sample the first as it is
 run("import", "--from", fb, "--out", f"{root}/imp_fb", "--num-heads", "4", "--autoencoder", ae)
-run("import", "--from", pipe, "--out", f"{root}/imp_pipe", "--autoencoder", ae)
+run("import", "--from", pipe, "--out", f"{root}/imp_pipe")  # the autoencoder: the pipeline's vae/
 run("sample", "--checkpoint", f"{root}/imp_fb", "--classes", "0-1", "--num", "1", "--steps", "2", "--out", f"{root}/s_fb")
 # full fine-tuning from the diffusers folder directly; its prediction must agree with the config's
 print(fit("dit-xl2-finetune.yaml", pipe, "--model.init_args.objective.prediction", "v", expect=2), file=sys.stderr)
@@ -236,6 +240,9 @@ def test_import_fit_full_and_lora_sample_export_to_diffusers(tiny_ae, mnist_shar
     diffusers.DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                             prediction_type="epsilon").save_pretrained(tmp_path / "pipe" / "scheduler")
     torch.save(random_fb_dit(seed=3), tmp_path / "dit.pt")
+    from ldm_lightning.autoencoder import load_autoencoder
+    from ldm_lightning.export import export_autoencoder
+    export_autoencoder(load_autoencoder(tiny_ae), tmp_path / "pipe" / "vae", "diffusers")
     proc = subprocess.run([sys.executable, "-c", FLOW, str(tmp_path), tiny_ae, mnist_shards["train"],
                            mnist_shards["test"], str(tmp_path / "pipe"), str(tmp_path / "dit.pt")],
                           cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=280)
@@ -245,6 +252,8 @@ def test_import_fit_full_and_lora_sample_export_to_diffusers(tiny_ae, mnist_shar
     assert "lora.targets ['blocks.*.attn.qkv'] match no Linear" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in (tmp_path / "s_fb").iterdir()) == ["0_0.png", "1_0.png", "grid.png"]
+    imported = json.loads((tmp_path / "imp_pipe" / "config.json").read_text())["ldm_lightning_denoiser"]
+    assert imported["autoencoder"]["path"] == str(tmp_path / "pipe" / "vae")
     assert (tmp_path / "s_lora" / "grid.png").is_file()
 
     # LoRA checkpoints hold adapters + training state only; the resumed run equals the uninterrupted one

@@ -66,14 +66,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from", dest="src", required=True,
                    help="a facebookresearch/DiT .pt, or a diffusers DiTTransformer2DModel / DiT pipeline folder")
     p.add_argument("--out", required=True, help="output folder (a denoiser export)")
-    p.add_argument("--autoencoder", required=True,
+    p.add_argument("--autoencoder", default=None,
                    help="the autoencoder whose latents the model denoises (recorded for sample and fit; SD's VAE "
-                        "(sd-vae-ft-ema / -mse, diffusers folder or .safetensors) for DiT)")
+                        "(sd-vae-ft-ema / -mse, diffusers folder or .safetensors) for DiT); default: the vae/ of a "
+                        "diffusers pipeline folder given as --from")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads (not in a facebookresearch checkpoint; the paper's sizes are known)")
     p.add_argument("--drop-prob", type=finite_float, default=0.1, help="class-dropout probability recorded for fine-tuning")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     a = p.parse_args(argv)
+    if a.autoencoder is None:  # a pipeline folder carries its VAE (and with it the latent scale factor)
+        vae = Path(a.src) / "vae"
+        if not (vae / "config.json").is_file():
+            p.error("--autoencoder is required (the autoencoder whose latents the model denoises) unless --from is a "
+                    "diffusers pipeline folder with a vae/ subfolder")
+        a.autoencoder = str(vae)
     out, notes = import_weights(a.src, a.out, a.autoencoder, a.num_heads, a.drop_prob, a.overwrite)
     print(f"imported {a.src} -> {out}" + "".join(f"\n  note: {n}" for n in notes))
     return 0
