@@ -85,10 +85,10 @@ def train(kwargs: dict, data: MNISTBatches, steps: int, batch: int, seed: int = 
 
 @torch.no_grad()
 def generate(module, num: int, sampler: str, steps: int, cfg: float, encoder_every: int = 1) -> torch.Tensor:
-    from ldm_lightning.diffusion.sample import sample_images
+    from ldm_lightning.diffusion.sampling import SamplingConfig, sample_images
     labels = [i % 10 for i in range(num)]
     return sample_images(module.ema_or_live(), module.conditioner, module.autoencoder, module.meta["latent_shape"],
-                         num, sampler, steps, cfg, seed=0, labels=labels, encoder_every=encoder_every)
+                         num, SamplingConfig(sampler, steps, cfg, seed=0, encoder_every=encoder_every), labels=labels)
 
 
 def eval_during_training(at: list[int], evaluate):
@@ -133,8 +133,8 @@ def main(argv=None) -> int:
     WIDTH = a.width
     torch.set_num_threads(a.threads)
     from ldm_lightning.evaluation.metrics import mnist_fid
-    from ldm_lightning.evaluation.mnist_classifier_cache import get_or_train_classifier
-    from ldm_lightning.evaluation.mnist_data import load_mnist_32
+    from ldm_lightning.encoders.mnist_classifier_cache import get_or_train_classifier
+    from ldm_lightning.encoders.mnist_data import load_mnist_32
     what = set(a.what.split(","))
     clf = get_or_train_classifier(verbose=False)
     x, y = load_mnist_32("train", limit=a.train_limit)

@@ -29,7 +29,7 @@ from ldm_lightning.data.mnist import load_mnist  # noqa: E402
 from ldm_lightning.diffusion.concat import (build_c_concat, downsample, mask_image, random_box_masks,  # noqa: E402
                                             upsample)
 from ldm_lightning.diffusion.load import load_denoiser  # noqa: E402
-from ldm_lightning.diffusion.sample import sample_images  # noqa: E402
+from ldm_lightning.diffusion.sampling import SamplingConfig, sample_images  # noqa: E402
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -67,8 +67,9 @@ def main(argv=None) -> int:
         c = build_c_concat(task, hw, masked=mask_image(x, mask), mask=mask)
     else:
         raise SystemExit(f"{a.checkpoint}: not a concatenation-conditioned model (conditioning.concat={task!r})")
-    out = torch.cat([sample_images(den, cond, ae, [meta["latent_shape"][0], *hw], len(c[i:i + 128]), a.sampler,
-                                   a.steps, 1.0, i, c_concat=c[i:i + 128]) for i in range(0, len(c), 128)])
+    out = torch.cat([sample_images(den, cond, ae, [meta["latent_shape"][0], *hw], len(c[i:i + 128]),
+                                   SamplingConfig(a.sampler, a.steps, 1.0, i), c_concat=c[i:i + 128])
+                     for i in range(0, len(c), 128)])
     secs = time.time() - t0
     print(f"{Path(a.checkpoint)}: {task}, {a.n} MNIST test images, {a.sampler} {a.steps} steps ({secs:.0f} s)")
     if task == "super_resolution":

@@ -35,10 +35,10 @@ CONFIG = ROOT / "configs" / "diffusion" / "mnist-jit-pixels.yaml"
 @torch.no_grad()
 def generate(denoiser, conditioner, meta, num: int, steps: int, cfg: float) -> torch.Tensor:
     from ldm_lightning.autoencoder.load import load_autoencoder
-    from ldm_lightning.diffusion.sample import sample_images
+    from ldm_lightning.diffusion.sampling import SamplingConfig, sample_images
     ae = load_autoencoder(meta["autoencoder"]["path"])
     labels = [i % 10 for i in range(num)]
-    return sample_images(denoiser, conditioner, ae, meta["latent_shape"], num, "flow_heun", steps, cfg, seed=0,
+    return sample_images(denoiser, conditioner, ae, meta["latent_shape"], num, SamplingConfig("flow_heun", steps, cfg),
                          labels=labels)
 
 
@@ -79,11 +79,11 @@ def main(argv=None) -> int:
                         "--trainer.default_root_dir", str(run)], check=True, env=env)
     train_s = time.time() - t0
 
-    from ldm_lightning.diffusion import ema_reconstruct
+    from ldm_lightning import ema_reconstruct
     from ldm_lightning.diffusion.load import load_denoiser
     from ldm_lightning.evaluation.metrics import mnist_fid, sample_accuracy
-    from ldm_lightning.evaluation.mnist_classifier_cache import get_or_train_classifier
-    from ldm_lightning.evaluation.mnist_data import load_mnist_32
+    from ldm_lightning.encoders.mnist_classifier_cache import get_or_train_classifier
+    from ldm_lightning.encoders.mnist_data import load_mnist_32
     clf = get_or_train_classifier(verbose=False)
     real, _ = load_mnist_32("test", limit=2000)
     labels = torch.tensor([i % 10 for i in range(a.num)])

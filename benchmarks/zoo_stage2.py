@@ -38,7 +38,7 @@ from ldm_lightning.diffusion import (
     build_schedule,
 )
 from ldm_lightning.diffusion.presets import TRANSFORMER_FAMILIES
-from ldm_lightning.diffusion.sample import sample_images
+from ldm_lightning.diffusion.sampling import SamplingConfig, sample_images
 
 
 @dataclass
@@ -128,7 +128,7 @@ def train_stage2(ae: Autoencoder, x: torch.Tensor, labels: torch.Tensor, cfg: St
     for step in range(cfg.steps):
         idx = order[(step * cfg.batch) % len(order):][:cfg.batch]
         sub = DiagonalGaussian(torch.cat([post.mean[idx], post.logvar[idx]], 1))
-        z0 = (sub.sample(generator=g) - ae.shift_factor) * ae.scale_factor  # (B, c, h, w), as DiffusionModule
+        z0 = ae.normalize_latents(sub.sample(generator=g))  # (B, c, h, w), as DiffusionModule
         cond = conditioner({"cls": y_all[idx]}, g)
         loss = objective.loss(denoiser, z0, cond, g).loss.mean()
         opt.zero_grad(set_to_none=True)
@@ -145,8 +145,8 @@ def score_stage2(ae: Autoencoder, denoiser, conditioner, latent_shape, cfg: Stag
     from ldm_lightning.evaluation import mnist_fid, sample_accuracy
     labels = [k for k in range(10) for _ in range(cfg.per_class)]
     t0 = time.perf_counter()
-    images = torch.cat([sample_images(denoiser, conditioner, ae, latent_shape, len(chunk), cfg.sampler,
-                                      cfg.sample_steps, cfg.cfg, seed=i, labels=chunk).cpu()
+    images = torch.cat([sample_images(denoiser, conditioner, ae, latent_shape, len(chunk),
+                                      SamplingConfig(cfg.sampler, cfg.sample_steps, cfg.cfg, seed=i), labels=chunk).cpu()
                         for i, chunk in enumerate(labels[j:j + 250] for j in range(0, len(labels), 250))])
     seconds = time.perf_counter() - t0
     return {"s2_acc": sample_accuracy(classifier, images, torch.tensor(labels))["accuracy"],

@@ -27,7 +27,7 @@ from ldm_lightning.autoencoder.kl import Decoder, Encoder
 from ldm_lightning.autoencoder.movq import MoVQDecoder
 from ldm_lightning.autoencoder.vq import VectorQuantizer
 from ldm_lightning.autoencoder.vqvae2 import HierarchicalQuantizer
-from ldm_lightning.nn.images import model_range
+from ldm_lightning.images import model_range
 
 Arch = Literal["kl", "dcae", "movq", "rae"]
 ARCHS = get_args(Arch)
@@ -302,9 +302,11 @@ class Autoencoder(nn.Module):
         return self.decode_latent(z), posterior
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """(z - shift) * scale: the latents a denoiser trains on (the one place the scale factor is applied)."""
         return (z - self.shift_factor) * self.scale_factor
 
     def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of `normalize_latents`: a sampled latent back to what `decode` takes."""
         return z / self.scale_factor + self.shift_factor
 
     # --- latent statistics -----------------------------------------------------------------------

@@ -74,5 +74,11 @@ class IdentityAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
+    def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.shift_factor) * self.scale_factor  # the Autoencoder's, with scale 1 and shift 0
+
+    def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scale_factor + self.shift_factor
+
     def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None):
         return x, self.encode(x)

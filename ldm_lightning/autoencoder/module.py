@@ -29,7 +29,7 @@ from ldm_lightning.autoencoder.latent_stats import DECODER_SIDE, STAT_BUFFERS, L
 from ldm_lightning.autoencoder.load import CHECKPOINT_TAG
 from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
-from ldm_lightning.nn.images import model_range
+from ldm_lightning.images import model_range
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.speed import SpeedConfig, SpeedLevers, as_speed, images_channels_last, to_channels_last

@@ -179,29 +179,19 @@ def phase_diffusion_text(out: Path, plan: DemoPlan, latents: dict[str, Path], ae
     return fit(argv, out / "checkpoints" / "diffusion-text.ckpt")
 
 
-def _sample_batches(denoiser, conditioner, ae, meta: dict, n: int, sampler: str, steps: int, scale: float,
-                    desc: str, **condition) -> "torch.Tensor":
+def _sample_batches(pipe, n: int, sampler: str, steps: int, scale: float, desc: str,
+                    **condition) -> "torch.Tensor":
     """(n, 1, 32, 32) images in chunks of 200; `condition`: labels=[...] or prompts=[...] (n each)."""
     import torch
     from tqdm import tqdm
 
-    from ldm_lightning.diffusion.sample import sample_images
+    from ldm_lightning.diffusion.sampling import SamplingConfig
 
     chunks = []
     for i in tqdm(range(0, n, 200), desc=desc, unit="batch"):
         part = {k: v[i : i + 200] for k, v in condition.items()}
-        chunks.append(sample_images(denoiser, conditioner, ae, meta["latent_shape"], min(200, n - i), sampler,
-                                    steps, scale, seed=i, **part).cpu())
+        chunks.append(pipe.sample(min(200, n - i), SamplingConfig(sampler, steps, scale, seed=i), **part).cpu())
     return torch.cat(chunks)
-
-
-def _load_for_sampling(ckpt: Path, ae_ckpt: Path, device: str):
-    """(denoiser with EMA weights, conditioner, meta, autoencoder) on `device`."""
-    from ldm_lightning.autoencoder.load import load_autoencoder
-    from ldm_lightning.diffusion.load import load_denoiser
-
-    denoiser, conditioner, meta = load_denoiser(ckpt, weights="ema")
-    return denoiser.to(device), conditioner.to(device), meta, load_autoencoder(ae_ckpt, device=device)
 
 
 def _save_class_grid(images, k: int, path: Path) -> None:
@@ -227,12 +217,13 @@ def phase_sample(out: Path, plan: DemoPlan, dm_ckpt: Path, ae_ckpt: Path, device
     import torch
 
     from ldm_lightning.diffusion.sample import save_png, to_uint8
+    from ldm_lightning.diffusion.sampling import load_pipeline
 
-    denoiser, conditioner, meta, ae = _load_for_sampling(dm_ckpt, ae_ckpt, device)
+    pipe = load_pipeline(dm_ckpt, ae_ckpt, device, weights="ema")
     k = plan.samples_per_class
     labels = [c for c in range(10) for _ in range(k)]
-    results = {scale: _sample_batches(denoiser, conditioner, ae, meta, len(labels), "dpmpp_2m", plan.sampler_steps,
-                                      scale, f"sample cfg={scale}", labels=labels)  # (10k, 1, 32, 32)
+    results = {scale: _sample_batches(pipe, len(labels), "dpmpp_2m", plan.sampler_steps, scale,
+                                      f"sample cfg={scale}", labels=labels)  # (10k, 1, 32, 32)
                for scale in (plan.cfg, 1.0)}
     guided = results[plan.cfg]
     sdir = out / "samples"
@@ -264,17 +255,18 @@ def phase_text_evaluate(out: Path, plan: DemoPlan, classifier, text_ckpt: Path, 
     import torch
 
     from ldm_lightning.data.mnist import caption
+    from ldm_lightning.diffusion.sampling import load_pipeline
     from ldm_lightning.evaluation import load_mnist_32
 
-    denoiser, conditioner, meta, ae = _load_for_sampling(text_ckpt, ae_ckpt, device)
+    pipe = load_pipeline(text_ckpt, ae_ckpt, device, weights="ema")
     k = plan.samples_per_class
     labels = torch.tensor([c for c in range(10) for _ in range(k)])
     prompts = [caption(c) for c in labels.tolist()]
     test_x, _ = load_mnist_32("test")
     res = {"prompt_template": caption(7).replace("seven", "{K}"), "sampler": f"flow_heun, {plan.sampler_steps} steps"}
     for scale in (plan.cfg, 1.0):
-        images = _sample_batches(denoiser, conditioner, ae, meta, len(prompts), "flow_heun", plan.sampler_steps,
-                                 scale, f"text sample cfg={scale}", prompts=prompts)  # (10k, 1, 32, 32)
+        images = _sample_batches(pipe, len(prompts), "flow_heun", plan.sampler_steps, scale,
+                                 f"text sample cfg={scale}", prompts=prompts)  # (10k, 1, 32, 32)
         r = res[f"cfg_{scale:g}"] = _score(classifier, images, labels, test_x)
         print(f"text samples cfg={scale:g}: class accuracy {r['class_accuracy']:.4f}, MNIST-FID {r['fid']:.2f}")
         if scale == plan.cfg:

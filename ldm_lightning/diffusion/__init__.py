@@ -3,7 +3,8 @@
 Everything meets at one interface, `Denoiser(x_t, t, cond) -> Prediction(x0, eps, ...)` (denoiser.py):
 the loss (`DiffusionObjective.loss`, loss.py) and every sampler (`SAMPLERS[name](fn, x_T, schedule, steps)`)
 talk only to it, so backbones, prediction types and schedules combine freely. `load_denoiser` (load.py)
-rebuilds a trained one without Lightning; concat.py holds the super-resolution / inpainting conditions.
+rebuilds a trained one without Lightning, `load_pipeline` / `sample_images` (sampling.py) sample it;
+concat.py holds the super-resolution / inpainting conditions.
 """
 
 from .conditioning import Conditioner, ConditioningConfig
@@ -17,6 +18,7 @@ from .denoiser import PREDICTIONS, Denoiser, Prediction, from_x0_eps, to_x0_eps
 from .presets import PRESETS, build_backbone
 from .repa import REPAConfig
 from .samplers import SAMPLERS, get_sampler
+from .sampling import SamplingConfig, SamplingPipeline, load_pipeline, sample_images
 from .schedules import FlowSchedule, VPSchedule, build_schedule, make_betas, rescale_zero_terminal_snr
 from .unet import UNet, UNetConfig
 
@@ -26,4 +28,5 @@ __all__ = [
     "from_x0_eps", "to_x0_eps", "PRESETS", "build_backbone", "SAMPLERS", "get_sampler", "FlowSchedule",
     "VPSchedule", "build_schedule", "make_betas", "rescale_zero_terminal_snr", "UNet", "UNetConfig",
     "build_denoiser_parts", "load_denoiser", "DDT", "DDTConfig", "encoder_reuse", "REPAConfig",
+    "SamplingConfig", "SamplingPipeline", "load_pipeline", "sample_images",
 ]

@@ -10,7 +10,7 @@ AdaLN, and predicts the output. The decoder may be wider than the encoder (DiT^D
 z_t changes slowly between neighbouring sampling steps (DDT §4.3), so a sampler may reuse it:
 `encoder_reuse(backbone, every=k)` makes the encoder run on every k-th call only (the decoder runs on
 every call); `encoder_nfe` / `decoder_nfe` count the evaluations. Samplers keep their one signature: the
-reuse lives in the backbone, switched on around the sampler call (`sample_images(encoder_every=k)`).
+reuse lives in the backbone, switched on around the sampler call (`SamplingConfig(encoder_every=k)`, sampling.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from ldm_lightning.finite import check_finite
-from ldm_lightning.nn.images import model_range
+from ldm_lightning.images import model_range
 from ldm_lightning.nn.lora import LoRAConfig, apply_lora, is_adapter_key
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule, is_logging_step
@@ -33,8 +33,8 @@ from .load import CHECKPOINT_TAG
 from .loss import DiffusionObjective, ObjectiveConfig, loss_by_bin
 from .presets import PRESETS, TRANSFORMER_FAMILIES, build_backbone
 from .repa import BlockTap, REPAConfig, REPAError, REPAProjector, load_repa_encoder
-from .sample import module_device
 from .samplers import SAMPLERS
+from .sampling import SamplingConfig, module_device, sample_images
 from .schedules import build_schedule
 
 EncodeDtype = Literal["fp32", "bf16"]  # fp16 is left out on purpose: it overflows in VAE encoders
@@ -85,7 +85,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             loss_bins: Number of timestep bins of the logged `train/loss_bin_k` (0 = off).
             val_sampler: Sampler of validation samples (one of samplers.SAMPLERS).
             val_steps: Sampler steps of validation samples.
-            val_cfg: Classifier-free guidance scale of validation samples (1 = conditional only).
+            val_cfg: Classifier-free guidance scale (SamplingConfig.guidance_scale) of validation samples (1 =
+                conditional only).
             val_num: Number of validation samples in the grid (0 = no sampling).
             val_seed: Seed of the validation noise (fixed: the grids of successive validations compare).
             val_prompts: Text kind: a fixed prompt gallery. Each prompt is sampled with the same
@@ -198,8 +199,9 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         self.objective = DiffusionObjective(obj_cfg, schedule_obj)
         self.encode_dtype, self.sample_posterior = encode_dtype, sample_posterior
         self.check_latent_hash, self.loss_bins = check_latent_hash, loss_bins
-        self.val_sampler, self.val_steps, self.val_cfg = val_sampler, val_steps, val_cfg
         self.val_num, self.val_seed = val_num, val_seed
+        # val_cfg keeps its name (users' YAML, and the hyper-parameters a resume compares): it is the guidance_scale
+        self.val_sampling = SamplingConfig(val_sampler, val_steps, val_cfg, val_seed)
         if val_prompts is not None and (cond_cfg.kind != "text" or not val_prompts):
             raise ValueError("model.val_prompts is a gallery of text prompts: give a non-empty list, for a "
                              "text-conditional model (conditioning.kind: text)")
@@ -344,8 +346,6 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         if self.val_num == 0 or self.trainer.sanity_checking or self.global_rank != 0:
             return
         from ldm_lightning.training.media import image_grid, log_image_grid
-
-        from .sample import sample_images
         kind = self.conditioner.cfg.kind
         if kind == "text" and self.val_prompts:
             self.log_prompt_gallery()
@@ -362,21 +362,19 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             c = self._val_concat
             spec["c_concat"] = c.repeat((self.val_num + len(c) - 1) // len(c), 1, 1, 1)[:self.val_num]
         images = sample_images(self.ema_or_live(), self.conditioner, self.autoencoder, self.meta["latent_shape"],
-                               self.val_num, self.val_sampler, self.val_steps, self.val_cfg, self.val_seed, **spec)
+                               self.val_num, self.val_sampling, **spec)
         log_image_grid(self.trainer, "val/samples", image_grid(images), self.global_step, png_dir="samples")
 
     def log_prompt_gallery(self) -> None:
         """The fixed prompts x fixed seeds grid (val_prompts), from the EMA and, when they differ, the raw weights."""
         from ldm_lightning.training.media import image_grid, log_image_grid
-
-        from .sample import sample_images
         per = max(1, self.val_num // len(self.val_prompts))
         nets = {"": self.ema_or_live()}
         if nets[""] is not self.denoiser:
             nets["_raw"] = self.denoiser
         for suffix, net in nets.items():
             rows = [sample_images(net, self.conditioner, self.autoencoder, self.meta["latent_shape"], per,
-                                  self.val_sampler, self.val_steps, self.val_cfg, self.val_seed, prompts=[p] * per)
+                                  self.val_sampling, prompts=[p] * per)
                     for p in self.val_prompts]  # the same seed per row: column k is the same noise for every prompt
             log_image_grid(self.trainer, f"val/samples{suffix}", image_grid(torch.cat(rows), nrow=per),
                            self.global_step, caption=" | ".join(self.val_prompts), png_dir=f"samples{suffix}")

@@ -13,7 +13,7 @@ Concatenation-conditioned models (diffusion/concat.py) take `--cond-images DIR` 
 for super-resolution, the images for inpainting) and, for inpainting, `--masks DIR` (same file names;
 white = the pixels to generate); the output size follows the conditioning images. Deterministic for a seed: the
 initial noise is drawn on the CPU from `--seed` (so it does not depend on the device), ancestral noise
-from a generator seeded by `--seed + 1`.
+from a generator seeded by `--seed + 1`. This file is the command line only; sampling itself is sampling.py.
 """
 
 from __future__ import annotations
@@ -31,56 +31,8 @@ from ldm_lightning.errors import UserError
 from ldm_lightning.finite import finite_float
 from ldm_lightning.output_paths import prepare_output_dir
 
-from .ddt import encoder_reuse
-from .guidance import cfg_denoiser
-from .samplers import SAMPLERS, get_sampler
-
-
-def module_device(module: torch.nn.Module) -> torch.device:
-    """The device of a module's parameters, or of its buffers when it has none (the identity autoencoder)."""
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def sample_images(denoiser, conditioner, autoencoder, latent_shape, num: int, sampler: str = "ddim",
-                  steps: int = 25, guidance_scale: float = 1.0, seed: int = 0, labels: list[int] | None = None,
-                  prompts: list[str] | None = None, c_concat: torch.Tensor | None = None,
-                  encoder_every: int = 1, **sampler_options) -> torch.Tensor:
-    """(num, C, H, W) images in [-1, 1]: sample latents (c, h, w) = `latent_shape` with `sampler` (classifier-free
-    guidance scale `guidance_scale`), decode them.
-
-    labels / prompts: one condition per sample (class kind / text kind); neither for unconditional models.
-    c_concat: (num, C_cat, h, w) concatenation condition (concat.build_c_concat), kept in both CFG branches.
-    encoder_every: DDT backbones: run the condition encoder on every k-th network call and reuse its output on
-    the others (ddt.encoder_reuse); 1 = always recompute. The sampler itself is unchanged."""
-    device = module_device(denoiser)
-    kind = conditioner.cfg.kind
-    if kind == "class" and labels is None:
-        raise ValueError("this model is class-conditional: give labels (--class K or --classes A-B)")
-    if kind == "text" and prompts is None:
-        raise ValueError("this model is text-conditional: give prompts (--prompt TEXT)")
-    if kind == "none" and (labels is not None or prompts is not None):
-        raise ValueError("this model is unconditional: drop --class / --classes / --prompt")
-    if kind == "class":
-        cond = conditioner.from_labels(torch.as_tensor(labels, dtype=torch.long))
-    elif kind == "text":
-        cond = conditioner.from_prompts(list(prompts))
-    else:
-        cond = {}
-    uncond = conditioner.null(num) if kind != "none" else None
-    if c_concat is not None:
-        c_concat = c_concat.to(device)
-        cond = {**cond, "c_concat": c_concat}
-        uncond = None if uncond is None else {**uncond, "c_concat": c_concat}
-    fn = cfg_denoiser(denoiser, cond, uncond, float(guidance_scale))
-    x_T = torch.randn((num, *latent_shape), generator=torch.Generator().manual_seed(seed)).to(device)  # (N, c, h, w)
-    g = torch.Generator(device).manual_seed(seed + 1)
-    with encoder_reuse(denoiser.backbone, encoder_every):
-        z = get_sampler(sampler)(fn, x_T, denoiser.schedule, steps, generator=g, **sampler_options)  # (N, c, h, w)
-    z = z.float() / autoencoder.scale_factor + autoencoder.shift_factor  # undo (z - shift) * scale
-    return autoencoder.decode(z.to(module_device(autoencoder))).float().clamp(-1, 1)  # (N, C, H, W)
+from .samplers import SAMPLERS
+from .sampling import SamplingConfig, default_device, load_pipeline
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -204,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default) or the live ones (--no-ema)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     return p
 
 
@@ -215,30 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.num < 1 or a.steps < 1:
         raise SystemExit(f"--num and --steps must be >= 1 (got --num {a.num}, --steps {a.steps})")
     prepare_output_dir(a.out)  # before the model loads: a bad --out must not cost a sampling run
-    from ldm_lightning.autoencoder.load import load_autoencoder
-
-    from .load import load_denoiser
-    device = torch.device(a.device)
-    denoiser, conditioner, meta = load_denoiser(a.checkpoint, weights="ema" if a.ema else "live")
-    denoiser, conditioner = denoiser.to(device).eval(), conditioner.to(device)
+    pipe = load_pipeline(a.checkpoint, a.autoencoder, a.device, weights="ema" if a.ema else "live")
+    denoiser, conditioner, ae, meta = pipe.denoiser, pipe.conditioner, pipe.autoencoder, pipe.meta
     if a.time_shift is not None:  # the sampling grid only (schedules.FlowSchedule.sample_shift)
         if denoiser.schedule.kind != "flow" or a.time_shift <= 0:
             raise UserError(f"--time-shift {a.time_shift}: " + ("give a shift > 0" if denoiser.schedule.kind == "flow"
                             else "this model's schedule is VP (discrete timesteps); drop --time-shift"))
         denoiser.schedule.sample_shift = a.time_shift
-    ae_path = a.autoencoder or meta["autoencoder"]["path"]
-    try:
-        ae = load_autoencoder(ae_path, device=device)
-    except FileNotFoundError as err:
-        if a.autoencoder is not None:
-            raise SystemExit(str(err)) from None
-        raise SystemExit(f"the autoencoder recorded in the checkpoint ({ae_path}) does not exist here: "
-                         "pass --autoencoder PATH") from None
     if a.encoder_every > 1 and meta["backbone_family"] != "ddt":
         raise SystemExit(f"--encoder-every {a.encoder_every} reuses a DDT's condition encoder; this checkpoint's "
                          f"backbone is a {meta['backbone_family']} (drop the option)")
     kind = conditioner.cfg.kind
-    latent_shape = list(meta["latent_shape"])
+    latent_shape = pipe.latent_shape
     f = ae.downsample_factor
     bb = denoiser.backbone.cfg  # the latent grid step: DiT patches, UNet halvings
     step = f * (bb.patch_size if meta["backbone_family"] in ("dit", "ddt") else 2 ** (len(bb.channel_mult) - 1))
@@ -297,9 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise SystemExit(f"--class {bad[0]} is out of range: this model has {n_cls} classes, "
                              f"give 0-{n_cls - 1} (e.g. --classes 0-{n_cls - 1})")
-    images = sample_images(denoiser, conditioner, ae, latent_shape, len(names), a.sampler, a.steps,
-                           a.guidance_scale, a.seed, labels=labels, prompts=prompts, c_concat=c_concat,
-                           encoder_every=a.encoder_every)
+    config = SamplingConfig(a.sampler, a.steps, a.guidance_scale, a.seed, a.encoder_every)
+    images = pipe.sample(len(names), config, latent_shape, labels=labels, prompts=prompts, c_concat=c_concat)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in zip(names, to_uint8(images)):

@@ -94,7 +94,7 @@ class SampleQualityCallback(Callback):
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
         """{'eval/fid': ..., 'eval/kid': ..., 'eval/seconds': ..., 'eval/num_samples': K} (the same on every rank)."""
-        from ldm_lightning.diffusion.sample import sample_images
+        from ldm_lightning.diffusion.sampling import SamplingConfig, sample_images
 
         t0 = time.perf_counter()
         if self._extractor is None:
@@ -105,8 +105,9 @@ class SampleQualityCallback(Callback):
         denoiser.eval()
 
         def sample_fn(n, seed, **cond):
+            config = SamplingConfig(self.sampler, self.steps, self.guidance_scale, seed)
             return sample_images(denoiser, pl_module.conditioner, pl_module.autoencoder, pl_module.meta["latent_shape"],
-                                 n, self.sampler, self.steps, self.guidance_scale, seed, **cond)
+                                 n, config, **cond)
         try:
             fake, logits = features_of_samples(self._extractor, sample_fn, pl_module.conditioner, self.num_samples,
                                                self.batch_size, self.seed, trainer.global_rank, trainer.world_size,

@@ -72,24 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _sampler_from_checkpoint(a, device):
-    from ldm_lightning.autoencoder.load import load_autoencoder
     from ldm_lightning.diffusion import SAMPLERS
-    from ldm_lightning.diffusion.sample import sample_images
-    from ldm_lightning.diffusion.load import load_denoiser
+    from ldm_lightning.diffusion.sampling import SamplingConfig, load_pipeline
     if a.sampler not in SAMPLERS:
         raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}; got {a.sampler!r}")
-    denoiser, conditioner, meta = load_denoiser(a.checkpoint, weights="ema" if a.ema else "live")
-    denoiser, conditioner = denoiser.to(device).eval(), conditioner.to(device)
-    ae_path = a.autoencoder or meta["autoencoder"]["path"]
-    if a.autoencoder is None and not Path(ae_path).exists():
-        raise FileNotFoundError(f"the autoencoder recorded in the checkpoint ({ae_path}) does not exist here: "
-                                "pass --autoencoder PATH")
-    ae = load_autoencoder(ae_path, device=device)
+    pipe = load_pipeline(a.checkpoint, a.autoencoder, device, weights="ema" if a.ema else "live")
 
     def sample_fn(n, seed, **cond):
-        return sample_images(denoiser, conditioner, ae, meta["latent_shape"], n, a.sampler, a.steps,
-                             a.guidance_scale, seed, **cond)
-    return sample_fn, conditioner
+        return pipe.sample(n, SamplingConfig(a.sampler, a.steps, a.guidance_scale, seed), **cond)
+    return sample_fn, pipe.conditioner
 
 
 # ---------------------------------------------------------------------------------------------- main
