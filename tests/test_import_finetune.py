@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -211,7 +210,8 @@ def ckpt(run_dir):
 # import once: a facebookresearch .pt and a diffusers pipeline folder -> denoiser exports; sample the first as it is
 run("import", "--from", fb, "--out", f"{root}/imp_fb", "--num-heads", "4", "--autoencoder", ae)
 run("import", "--from", pipe, "--out", f"{root}/imp_pipe")  # the autoencoder: the pipeline's vae/
-run("sample", "--checkpoint", f"{root}/imp_fb", "--classes", "0-1", "--num", "1", "--steps", "2", "--out", f"{root}/s_fb")
+run("sample", "--checkpoint", f"{root}/imp_fb", "--classes", "0-1", "--num", "1", "--steps", "2",
+    "--out", f"{root}/s_fb")
 # full fine-tuning from the diffusers folder directly; its prediction must agree with the config's
 print(fit("dit-xl2-finetune.yaml", pipe, "--model.init_args.objective.prediction", "v", expect=2), file=sys.stderr)
 fit("dit-xl2-finetune.yaml", pipe, "--trainer.max_steps", "3", "--trainer.default_root_dir", f"{root}/full")

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                         "diffusers pipeline folder given as --from")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads (not in a facebookresearch checkpoint; the paper's sizes are known)")
-    p.add_argument("--drop-prob", type=finite_float, default=0.1, help="class-dropout probability recorded for fine-tuning")
+    p.add_argument("--drop-prob", type=finite_float, default=0.1,
+                   help="class-dropout probability recorded for fine-tuning")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     a = p.parse_args(argv)
     if a.autoencoder is None:  # a pipeline folder carries its VAE (and with it the latent scale factor)

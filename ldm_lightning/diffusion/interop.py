@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ldm_lightning.errors import UserError, WrongFileError
+from ldm_lightning.errors import UserError
 
-from .dit import DiT, DiTConfig
+from .dit import DiTConfig
 
 FB_LAYOUT = "facebookresearch/DiT state dict (.pt / .pth / .safetensors; keys x_embedder.proj.*, blocks.N.attn.qkv.*)"
 DIFFUSERS_LAYOUT = "diffusers DiTTransformer2DModel folder (config.json + diffusion_pytorch_model.safetensors), " \
@@ -44,7 +44,8 @@ NOT_MAPPED = {
                             "Diffusion UNet weights have no counterpart for every tensor",
     "PixArtTransformer2DModel": "PixArt shares one adaLN-single table across blocks and projects captions with its own "
                                 "MLP; our DiT regresses its modulation per block",
-    "SD3Transformer2DModel": "SD3's MM-DiT runs a separate text stream with joint attention; our DiT has no such stream",
+    "SD3Transformer2DModel": "SD3's MM-DiT runs a separate text stream with joint attention; our DiT has no such "
+                             "stream",
 }
 # Head count is not in the weights: the DiT paper's sizes (models.py) give it by width.
 FB_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
@@ -154,7 +155,8 @@ def from_fb_dit(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> Pr
     if unknown:
         raise ImportLayoutError(f"facebookresearch/DiT checkpoint has {len(unknown)} tensor(s) our DiT has no place "
                                 f"for, e.g. {unknown[:3]}")
-    notes = ["learned sigma: kept the eps half of final_layer.linear (our DiT predicts eps only)"] if learned_sigma else []
+    notes = ["learned sigma: kept the eps half of final_layer.linear (our DiT predicts eps only)"] if learned_sigma \
+        else []
     return Pretrained(FB_LAYOUT, "dit", dataclasses.asdict(cfg), prefixed(out), dict(FB_SCHEDULE), "eps",
                       cfg.num_classes, notes)
 
@@ -313,7 +315,8 @@ def read_pretrained(path, num_heads: int | None = None) -> Pretrained:
             raise unknown_layout(path, "a folder without config.json (or transformer/config.json)")
         dc = read_export_config(cfg_file)
         if CONFIG_KEY in dc:
-            return from_ours(dc[CONFIG_KEY], read_safetensors(transformer / WEIGHTS), dc[CONFIG_KEY].get("weights", "ema"))
+            meta = dc[CONFIG_KEY]
+            return from_ours(meta, read_safetensors(transformer / WEIGHTS), meta.get("weights", "ema"))
         cls = dc.get("_class_name")
         if cls in NOT_MAPPED:
             raise ImportLayoutError(f"{path}: diffusers {cls} does not map to a backbone here: {NOT_MAPPED[cls]}")
