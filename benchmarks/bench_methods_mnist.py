@@ -107,7 +107,7 @@ def eval_during_training(at: list[int], evaluate):
 
 
 def scores(clf, images: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
-    from ldm_lightning.evaluation.metrics import mnist_fid, sample_accuracy
+    from ldm_lightning.evaluation.mnist_metrics import mnist_fid, sample_accuracy
     labels = torch.tensor([i % 10 for i in range(len(images))])
     return sample_accuracy(clf, images, labels)["accuracy"], mnist_fid(clf, images, real)
 
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     global WIDTH
     WIDTH = a.width
     torch.set_num_threads(a.threads)
-    from ldm_lightning.evaluation.metrics import mnist_fid
+    from ldm_lightning.evaluation.mnist_metrics import mnist_fid
     from ldm_lightning.encoders.mnist_classifier_cache import get_or_train_classifier
     from ldm_lightning.encoders.mnist_data import load_mnist_32
     what = set(a.what.split(","))

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
     from ldm_lightning import ema_reconstruct
     from ldm_lightning.diffusion.load import load_denoiser
-    from ldm_lightning.evaluation.metrics import mnist_fid, sample_accuracy
+    from ldm_lightning.evaluation.mnist_metrics import mnist_fid, sample_accuracy
     from ldm_lightning.encoders.mnist_classifier_cache import get_or_train_classifier
     from ldm_lightning.encoders.mnist_data import load_mnist_32
     clf = get_or_train_classifier(verbose=False)

@@ -124,7 +124,8 @@ def test_image_grid_and_png_fallback(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from ldm_lightning.training.media import image_grid, log_image_grid
+    from ldm_lightning.images import image_grid
+    from ldm_lightning.training.media import log_image_grid
     x = torch.linspace(-1, 1, 5 * 16).reshape(5, 1, 4, 4)
     g = image_grid(x, nrow=3, pad=1)
     assert g.shape == (2 * 5 + 1, 3 * 5 + 1, 1) and g.dtype == np.uint8

@@ -261,7 +261,7 @@ def test_resume_skips_without_decoding(mnist_shards, monkeypatch):
 def test_to_model_range_is_exact_for_every_pixel_value():
     import numpy as np
 
-    from ldm_lightning.data.transforms import to_model_range
+    from ldm_lightning.images import to_model_range
     x = np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16)
     ref = x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)  # the elementwise definition
     y = to_model_range(x)

@@ -29,7 +29,7 @@ from ldm_lightning.autoencoder.latent_stats import DECODER_SIDE, STAT_BUFFERS, L
 from ldm_lightning.autoencoder.load import CHECKPOINT_TAG
 from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
-from ldm_lightning.images import model_range
+from ldm_lightning.images import image_grid, model_range
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.speed import SpeedConfig, SpeedLevers, as_speed, images_channels_last, to_channels_last
@@ -286,7 +286,7 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
     def _log_media(self) -> None:
         if self._val_first is None or self.global_rank != 0 or self.trainer.sanity_checking:
             return
-        from ldm_lightning.training.media import image_grid, log_image_grid
+        from ldm_lightning.training.media import log_image_grid
         x, r, z = self._val_first
         pairs = torch.stack([x, r.clamp(-1, 1)], 1).flatten(0, 1)  # (2n, C, H, W): input | reconstruction
         log_image_grid(self.trainer, "val/reconstructions", image_grid(pairs, nrow=2 * min(4, len(x))),

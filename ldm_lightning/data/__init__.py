@@ -12,8 +12,8 @@ _EXPORTS = {
     "ShardStream": "ldm_lightning.data.stream",
     "Shard": "ldm_lightning.data.shards",
     "resolve_shards": "ldm_lightning.data.shards",
-    "to_model_range": "ldm_lightning.data.transforms",
-    "ensure_model_range": "ldm_lightning.data.transforms",
+    "to_model_range": "ldm_lightning.images",
+    "ensure_model_range": "ldm_lightning.images",
 }
 __all__ = list(_EXPORTS)
 

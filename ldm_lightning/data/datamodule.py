@@ -26,7 +26,8 @@ from ldm_lightning.data.members import CAPTION_EXTS, CLASS_EXTS, LATENT_EXTS, Me
 from ldm_lightning.data.shard_check import SHARD_CHECKS, ShardChangedError, changed_message, check_shards, notes
 from ldm_lightning.data.shards import resolve_shards
 from ldm_lightning.data.stream import KEY, BadDataError, ShardStream
-from ldm_lightning.data.transforms import IMAGE_KEYS, RESIZE_MODES, BadSample, ImageTransform, ResizeMode, to_model_range
+from ldm_lightning.data.transforms import IMAGE_KEYS, RESIZE_MODES, BadSample, ImageTransform, ResizeMode
+from ldm_lightning.images import to_model_range
 
 KINDS = ("image", "latent")
 

@@ -43,9 +43,9 @@ from ldm_lightning.data import batch_ring
 from ldm_lightning.data.members import Filtered, MemberSpec
 from ldm_lightning.data.shards import Shard, ShardSpecError, unsafe_reason
 from ldm_lightning.data.tario import shard_blocks
-from ldm_lightning.data.transforms import (BadSample, ImageTransform, decode_moments, missing_payload, quick_check,
-                                           to_model_range)
+from ldm_lightning.data.transforms import BadSample, ImageTransform, decode_moments, missing_payload, quick_check
 from ldm_lightning.errors import UserError
+from ldm_lightning.images import to_model_range
 
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Per-sample decoding and geometry: raw shard bytes → uint8 (C, H, W) arrays, or a `BadSample` reason.
 
-Float conversion to [-1, 1] happens once per batch (`to_model_range`) on the stacked uint8 tensor: in the
+Float conversion to [-1, 1] happens once per batch (`ldm_lightning.images.to_model_range`) on the stacked uint8 tensor: in the
 worker, or — `ShardDataModule(normalize_on_device=True)` — on the training device after the transfer.
 All randomness (crop offset, flip) comes from the `numpy.random.Generator` the stream passes in,
 which is seeded by the sample's position in the stream, so augmentation is part of the
@@ -13,7 +13,6 @@ import io
 from typing import Literal, get_args
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from ldm_lightning.data.jpeg import decode_rgb
@@ -168,35 +167,3 @@ def decode_moments(data: bytes) -> np.ndarray:
     if m.ndim != 3:
         raise BadSample(f"moments.npy must be (2c, h, w), got shape {m.shape}")
     return m.astype(np.float32, copy=False)
-
-
-# uint8 value v -> v / 127.5 - 1 in float32, the same two float32 operations an elementwise pass does.
-_MODEL_RANGE_LUT = (np.arange(256, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)).astype(np.float32)
-_DEVICE_LUTS: dict[torch.device, torch.Tensor] = {}
-
-
-def to_model_range(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) in [0, 255] → float32 tensor in [-1, 1] (0 → -1, 255 → +1, exactly), on x's device.
-
-    One gather through a 256-entry table, so every device gives bitwise the same values (CUDA's divide by a
-    scalar multiplies by the reciprocal, which is not exact). On the CPU it is done in numpy on purpose:
-    measured 1.8× faster than astype + divide + subtract (a 250×1×256×256 batch: 23 ms vs 41 ms), and on an
-    oversubscribed CPU torch's multi-threaded elementwise kernels in the main process were measured 50×
-    slower than a single-threaded pass."""
-    if isinstance(x, torch.Tensor):
-        if x.dtype != torch.uint8:
-            raise TypeError(f"to_model_range expects uint8 pixels, got {x.dtype}")
-        if x.device.type != "cpu":
-            if x.device not in _DEVICE_LUTS:
-                _DEVICE_LUTS[x.device] = torch.from_numpy(_MODEL_RANGE_LUT).to(x.device)
-            return _DEVICE_LUTS[x.device][x.long()]
-        x = x.numpy()
-    if x.dtype != np.uint8:
-        raise TypeError(f"to_model_range expects uint8 pixels, got {x.dtype}")
-    return torch.from_numpy(np.take(_MODEL_RANGE_LUT, x))
-
-
-def ensure_model_range(x: torch.Tensor) -> torch.Tensor:
-    """Images as a model takes them: uint8 batches (ShardDataModule(normalize_on_device=True) used without a
-    Trainer) are converted with `to_model_range`; float images are already in [-1, 1] and pass through."""
-    return to_model_range(x) if x.dtype == torch.uint8 else x

@@ -10,9 +10,9 @@ Phases (each timed; the times go to `metrics.json`):
   4. recon      PSNR / SSIM of test reconstructions, reconstructions.png, latent scale factor
   5. encode     train/test images → latent shards (posterior moments)      (`ldm-lightning data encode`)
   6. diffusion  class-conditional latent UNet, condition dropout 0.1       (`ldm-lightning fit`, mnist-unet-class.yaml)
-  7. sample     DPM-Solver++(2M), 20 steps, with CFG and without            (diffusion/sample.py)
+  7. sample     DPM-Solver++(2M), 20 steps, with CFG and without            (diffusion/sampling.py)
   8. evaluate   class accuracy (overall / per class) and MNIST-FID vs the real test split, next to the
-                FID of the same number of real train images (evaluation/metrics.py)
+                FID of the same number of real train images (evaluation/mnist_metrics.py)
   9. text       text-conditional DiT (cross-attention over the bundled MiniLM's token states, QK-norm,
                 rectified flow, logit-normal t) on the captions   (`ldm-lightning fit`, mnist-dit-text-latents.yaml)
  10. text eval  samples prompted "a handwritten digit K" (flow Heun, CFG): class accuracy and MNIST-FID

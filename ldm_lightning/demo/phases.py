@@ -216,8 +216,8 @@ def phase_sample(out: Path, plan: DemoPlan, dm_ckpt: Path, ae_ckpt: Path, device
     """{cfg scale: (N, 1, 32, 32) images}, class-major (sample i has class i // samples_per_class)."""
     import torch
 
-    from ldm_lightning.diffusion.sample import save_png, to_uint8
     from ldm_lightning.diffusion.sampling import load_pipeline
+    from ldm_lightning.images import save_png, to_hwc_uint8
 
     pipe = load_pipeline(dm_ckpt, ae_ckpt, device, weights="ema")
     k = plan.samples_per_class
@@ -228,7 +228,7 @@ def phase_sample(out: Path, plan: DemoPlan, dm_ckpt: Path, ae_ckpt: Path, device
     guided = results[plan.cfg]
     sdir = out / "samples"
     sdir.mkdir(parents=True, exist_ok=True)
-    for j, img in enumerate(to_uint8(guided)):
+    for j, img in enumerate(to_hwc_uint8(guided)):
         save_png(img, sdir / f"{labels[j]}_{j % k}.png")
     _save_class_grid(guided, k, sdir / "grid.png")
     return {"images": results, "labels": torch.tensor(labels)}

@@ -138,7 +138,8 @@ def encode_batch(ae, images: torch.Tensor, mode: str, dtype: torch.dtype,
 def _encode_shard(ae, url: str, final: Path, transform, args, device) -> dict:
     from ldm_lightning.data.shardwriter import ShardWriter, UnsafeName, check_key
     from ldm_lightning.data.tario import iter_samples
-    from ldm_lightning.data.transforms import BadSample, to_model_range
+    from ldm_lightning.data.transforms import BadSample
+    from ldm_lightning.images import to_model_range
 
     # Posterior samples (--mode sample) are a pure function of (seed, shard name): re-runs are identical.
     g = torch.Generator(device=device).manual_seed(int.from_bytes(

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from ldm_lightning.finite import check_finite
-from ldm_lightning.images import model_range
+from ldm_lightning.images import image_grid, model_range
 from ldm_lightning.nn.lora import LoRAConfig, apply_lora, is_adapter_key
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule, is_logging_step
@@ -279,7 +279,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             raise KeyError(f"batch has neither 'image' nor 'moments' (keys: {sorted(batch)}); use ShardDataModule "
                            "with kind='image' or kind='latent'")
         z = post.sample(generator) if self.sample_posterior else post.mode()  # (B, c, h, w)
-        return (z - ae.shift_factor) * ae.scale_factor
+        return ae.normalize_latents(z)
 
     # --- the step --------------------------------------------------------------------------------
     def c_concat(self, batch: dict, latent_hw: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
@@ -345,7 +345,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
     def on_validation_epoch_end(self) -> None:
         if self.val_num == 0 or self.trainer.sanity_checking or self.global_rank != 0:
             return
-        from ldm_lightning.training.media import image_grid, log_image_grid
+        from ldm_lightning.training.media import log_image_grid
         kind = self.conditioner.cfg.kind
         if kind == "text" and self.val_prompts:
             self.log_prompt_gallery()
@@ -367,7 +367,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
 
     def log_prompt_gallery(self) -> None:
         """The fixed prompts x fixed seeds grid (val_prompts), from the EMA and, when they differ, the raw weights."""
-        from ldm_lightning.training.media import image_grid, log_image_grid
+        from ldm_lightning.training.media import log_image_grid
         per = max(1, self.val_num // len(self.val_prompts))
         nets = {"": self.ema_or_live()}
         if nets[""] is not self.denoiser:

@@ -19,43 +19,19 @@ from a generator seeded by `--seed + 1`. This file is the command line only; sam
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ldm_lightning.errors import UserError
 from ldm_lightning.finite import finite_float
+from ldm_lightning.images import image_grid, read_png, save_png, to_hwc_uint8
 from ldm_lightning.output_paths import prepare_output_dir
 
 from .samplers import SAMPLERS
 from .sampling import SamplingConfig, default_device, load_pipeline
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
-    return ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> one (rows*(H+pad)+pad, ...) uint8 (H', W', C) grid, `nrow` images a row."""
-    a = to_uint8(images)  # (N, H, W, C)
-    n, h, w, c = a.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = a[i]
-    return grid
-
-
-def save_png(a: np.ndarray, path: Path) -> None:
-    from PIL import Image
-    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
 
 
 def slug(text: str, max_len: int = 40) -> str:
@@ -75,14 +51,6 @@ def parse_classes(spec: str) -> list[int]:
             raise ValueError(f"--classes {spec!r}: range {a}-{b} is empty")
         out.extend(range(a, b + 1))
     return out
-
-
-def read_png(path: Path, channels: int) -> torch.Tensor:
-    """A PNG -> (channels, H, W) float in [-1, 1]."""
-    from PIL import Image
-    a = np.asarray(Image.open(path).convert("L" if channels == 1 else "RGB"), dtype=np.float32)
-    a = a[..., None] if a.ndim == 2 else a  # (H, W, C)
-    return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
 
 
 def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Tensor, list[str], list[int]]:
@@ -241,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     images = pipe.sample(len(names), config, latent_shape, labels=labels, prompts=prompts, c_concat=c_concat)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, img in zip(names, to_uint8(images)):
+    for name, img in zip(names, to_hwc_uint8(images)):
         save_png(img, out / f"{name}.png")
-    save_png(make_grid(images, nrow=len(names) // rows), out / "grid.png")
+    save_png(image_grid(images, nrow=len(names) // rows), out / "grid.png")
     print(f"wrote {len(names)} samples + grid.png to {out} ({a.sampler}, {a.steps} steps, guidance scale "
           f"{a.guidance_scale}, seed {a.seed}, {images.shape[-1]}x{images.shape[-2]} px)")
     return 0

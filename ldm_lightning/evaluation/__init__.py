@@ -8,13 +8,7 @@ accuracy and MNIST-FID (the same FID code with the `mnist` extractor).
 import importlib
 
 from ldm_lightning.evaluation.extractors import EXTRACTORS, build_extractor
-from ldm_lightning.evaluation.metrics import (
-    class_accuracy,
-    mnist_fid,
-    reference_fid,
-    sample_accuracy,
-    save_grid,
-)
+from ldm_lightning.evaluation.mnist_metrics import class_accuracy, mnist_fid, reference_fid, sample_accuracy
 from ldm_lightning.evaluation.mnist_classifier import MNISTClassifier, load_mnist_classifier
 from ldm_lightning.evaluation.mnist_classifier_cache import get_or_train_classifier
 from ldm_lightning.evaluation.mnist_classifier_training import train_mnist_classifier
@@ -29,6 +23,7 @@ from ldm_lightning.evaluation.scores import (
     kernel_distance,
     precision_recall,
 )
+from ldm_lightning.images import save_grid  # the one image grid (images.py), kept in this package's API
 
 _LAZY = {"SampleQualityCallback": "ldm_lightning.evaluation.callback"}
 

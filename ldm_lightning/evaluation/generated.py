@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ldm_lightning.images import save_png, to_hwc_uint8, to_uint8
+
 from .image_sources import iter_batches
 
 
@@ -66,14 +68,11 @@ def features_of_samples(extractor, sample_fn, conditioner, num: int, batch_size:
         c = j * world + rank
         start = c * batch_size
         images = sample_fn(batch_size, seed + 2 * c, **_condition(conditioner, start, batch_size, prompts))
-        u8 = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # (B, C, H, W)
+        u8 = to_uint8(images.cpu())  # (B, C, H, W), as the PNGs hold them
         f, lg = extractor(u8)
         if save_dir is not None and start < num:
-            from PIL import Image
-            Path(save_dir).mkdir(parents=True, exist_ok=True)
-            for i, img in enumerate(u8[: num - start].permute(0, 2, 3, 1).numpy()):  # (H, W, C) each
-                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
-                    Path(save_dir) / f"{start + i:06d}.png")
+            for i, img in enumerate(to_hwc_uint8(u8[: num - start])):  # (H, W, C) each
+                save_png(img, Path(save_dir) / f"{start + i:06d}.png")
         part.append((c, torch.cat([f.cpu(), lg.cpu()], 1) if lg is not None else f.cpu()))
     allf = torch.cat(gather_in_order(part))[:num]
     d = extractor.dim

@@ -1,7 +1,7 @@
-"""Measured sample quality on MNIST: class accuracy of conditioned samples, MNIST-FID, and a sample grid.
+"""Measured sample quality on MNIST: class accuracy of conditioned samples and MNIST-FID.
 
 - Class accuracy: a sample generated for class k counts as correct when the project's MNIST classifier
-  (`mnist_classifier.py`) predicts k. Reported overall and per class.
+  (`encoders/mnist_classifier.py`) predicts k. Reported overall and per class.
 - MNIST-FID: the Fréchet distance (Heusel et al., 2017, arXiv 1706.08500) between Gaussians fitted to the
   classifier's penultimate features of two image sets — the project's one FID code (`scores.py`) with the
   `mnist` extractor (`extractors.py`), as `ldm-lightning evaluate --extractor mnist` computes it. Only
@@ -11,16 +11,13 @@
 
 from __future__ import annotations
 
-import math
-import os
-from pathlib import Path
-
 import torch
 
 from ldm_lightning.evaluation.extractors import MNISTExtractor, extract
-from ldm_lightning.evaluation.mnist_classifier import NUM_CLASSES, MNISTClassifier
-from ldm_lightning.evaluation.mnist_data import load_mnist_32
+from ldm_lightning.encoders.mnist_classifier import NUM_CLASSES, MNISTClassifier
+from ldm_lightning.encoders.mnist_data import load_mnist_32
 from ldm_lightning.evaluation.scores import feature_statistics, fid_from_features
+from ldm_lightning.images import to_uint8
 
 
 def class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> dict:
@@ -54,13 +51,6 @@ def sample_accuracy(classifier: MNISTClassifier, images: torch.Tensor, labels: t
     return class_accuracy(classifier.predict(images), labels)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] → uint8 in [0, 255] (what a PNG of them holds; uint8 passes through)."""
-    if images.dtype == torch.uint8:
-        return images
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 @torch.no_grad()
 def mnist_fid(classifier: MNISTClassifier, fake: torch.Tensor, real: torch.Tensor, batch_size: int = 1000) -> float:
     """MNIST-FID between image sets `fake` and `real` (each (N, 1|3, 32|28, 32|28) in [-1, 1] or uint8, N ≥ 2).
@@ -87,30 +77,4 @@ def reference_fid(classifier: MNISTClassifier, num_train: int = 10000, num_test:
     return mnist_fid(classifier, train_x, test_x)
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 10, padding: int = 2) -> Path:
-    """Save images (N, 1|3, H, W) in [-1, 1] as one PNG, `nrow` images per row, filled row by row.
-
-    Pass samples sorted by class with `nrow` = samples per class to get one row per class.
-    """
-    from PIL import Image
-
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"save_grid expects (N, 1|3, H, W) images; got shape {tuple(images.shape)}")
-    if nrow < 1:
-        raise ValueError(f"save_grid nrow must be >= 1; got {nrow}")
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), -1.0)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        y, x = padding + r * (h + padding), padding + col * (w + padding)
-        grid[:, y : y + h, x : x + w] = images[i].detach().float().cpu()
-    pixels = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, H', W')
-    array = pixels[0].numpy() if c == 1 else pixels.permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return path
-
-
-__all__ = ["class_accuracy", "mnist_fid", "reference_fid", "sample_accuracy", "save_grid", "to_uint8"]
+__all__ = ["class_accuracy", "mnist_fid", "reference_fid", "sample_accuracy"]
