@@ -174,7 +174,7 @@ def load_data(a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
         from zoo_photos import load_photo_crops
         x_train, x_eval = load_photo_crops(a.train, a.eval)
         return x_train, torch.zeros(len(x_train), dtype=torch.long), x_eval, torch.zeros(len(x_eval), dtype=torch.long)
-    from ldm_lightning.evaluation.mnist_data import load_mnist_32
+    from ldm_lightning.encoders.mnist_data import load_mnist_32
     return (*load_mnist_32("train", limit=a.train), *load_mnist_32("test", limit=a.eval))  # (N, 1, 32, 32)
 
 
@@ -313,7 +313,7 @@ def report(a, rows: list[dict], s2_extra: list[dict], classifier, x_train: torch
     print_table(rows, cols, na)
     if a.s2 == "on":
         from ldm_lightning.evaluation import mnist_fid, sample_accuracy
-        from ldm_lightning.evaluation.mnist_data import load_mnist_32
+        from ldm_lightning.encoders.mnist_data import load_mnist_32
         n = 10 * a.s2_per_class
         x_ref, y_ref = load_mnist_32("test", limit=n)
         ref_fid = mnist_fid(classifier, x_train[:n], x_eval)

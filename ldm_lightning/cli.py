@@ -27,7 +27,7 @@ TOOLS = {
     ("export",): ("ldm_lightning.export", "Export an autoencoder (diffusers/safetensors) or denoiser (safetensors, DiT: diffusers, LoRA adapters: lora)"),
     ("import",): ("ldm_lightning.diffusion.importer", "Convert published DiT weights (facebookresearch .pt, diffusers folder) to a denoiser export"),
     ("evaluate",): ("ldm_lightning.evaluation.evaluate", "FID, KID, IS, precision/recall of images or of a checkpoint's samples"),
-    ("ema-reconstruct",): ("ldm_lightning.diffusion.ema_reconstruct", "Synthesise the EMA of any length from post-hoc EMA snapshots (EDM2)"),
+    ("ema-reconstruct",): ("ldm_lightning.ema_reconstruct", "Synthesise the EMA of any length from post-hoc EMA snapshots (EDM2)"),
     ("demo",): ("ldm_lightning.demo", "The end-to-end MNIST demo: both stages, sampling, measured quality"),
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")

@@ -12,6 +12,9 @@ them and writes an export that `sample`, `evaluate` and the loaders read: a deno
 an autoencoder export (safetensors) for an autoencoder run. `--sweep` writes one export per value into
 `--out/sigma_rel-<v>/`, scores each with `ldm-lightning evaluate` (its options after `--`) and reports the best
 by `--select`.
+
+It reads both stages' runs and scores with `evaluation/`, so it sits at the top level beside `export.py` rather
+than under a stage (no module under `diffusion/` imports `evaluation/`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from ldm_lightning.nn.posthoc_ema import MAX_SIGMA_REL, profile_fit_error, sigma
 from ldm_lightning.training.posthoc_snapshots import Snapshot, list_snapshots, read_profile
 from ldm_lightning.user_errors import EXIT_USER_ERROR, debug_requested, print_user_error
 
-from .load import CHECKPOINT_TAG as DENOISER_TAG
+from ldm_lightning.diffusion.load import CHECKPOINT_TAG as DENOISER_TAG
 
 # evaluate's metrics: lower is better for FID / KID, higher for IS / precision / recall.
 SELECT = {"fid": min, "kid_mean": min, "is_mean": max, "precision": max, "recall": max}
@@ -120,8 +123,8 @@ def write_export(meta: dict, state: dict[str, torch.Tensor], report: dict, out: 
     """A denoiser export (diffusion run) or an autoencoder export (autoencoder run) of the synthesised weights."""
     module = meta.get("module")
     if module == DENOISER_TAG:
-        from .export import export_denoiser
-        from .load import WEIGHT_PREFIX
+        from ldm_lightning.diffusion.export import export_denoiser
+        from ldm_lightning.diffusion.load import WEIGHT_PREFIX
         ckpt = {"ldm_lightning": {**meta, "posthoc_ema": report},
                 "state_dict": {WEIGHT_PREFIX["ema"] + k: v for k, v in state.items()}}
         return export_denoiser(ckpt, out, "safetensors", "ema", overwrite)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ldm_lightning.autoencoder import AutoencoderModule, load_autoencoder
-from ldm_lightning.evaluation.mnist_data import load_mnist_32
+from ldm_lightning.encoders.mnist_data import load_mnist_32
 
 
 class _Images(Dataset):

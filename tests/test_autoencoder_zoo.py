@@ -15,7 +15,7 @@ import torch
 from ldm_lightning.autoencoder import Autoencoder, AutoencoderConfig, load_autoencoder
 from ldm_lightning.autoencoder.movq import SpatialNorm
 from ldm_lightning.autoencoder.vq import VectorQuantizer
-from ldm_lightning.evaluation.mnist_data import load_mnist_32
+from ldm_lightning.encoders.mnist_data import load_mnist_32
 
 TINY = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, resolution=32, in_channels=1)
 

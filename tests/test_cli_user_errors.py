@@ -36,7 +36,7 @@ def files(tiny_ae, mnist_shards):
     from PIL import Image
 
     from ldm_lightning.diffusion.module import DiffusionModule
-    from ldm_lightning.evaluation.mnist_classifier import ClassifierConfig, MNISTClassifier, save_mnist_classifier
+    from ldm_lightning.encoders.mnist_classifier import ClassifierConfig, MNISTClassifier, save_mnist_classifier
     from ldm_lightning.export import export_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="ldm-user-errors-"))

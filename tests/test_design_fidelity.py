@@ -102,7 +102,7 @@ def test_scale_factor_is_one_over_the_std_of_the_latents():
     """On real MNIST through a tiny trained-shape autoencoder: the measured factor equals 1 / std of every latent
     value the pass encoded (posterior samples replayed from the same generator; and the posterior mode)."""
     from ldm_lightning.autoencoder import Autoencoder, get_preset
-    from ldm_lightning.evaluation.mnist_data import load_mnist_32
+    from ldm_lightning.encoders.mnist_data import load_mnist_32
     torch.manual_seed(0)
     ae = Autoencoder(get_preset("tiny-mnist")).eval()
     x, _ = load_mnist_32("test", limit=24)  # (24, 1, 32, 32) in [-1, 1]

@@ -67,7 +67,7 @@ def test_repa_loss_is_minus_one_for_identical_features_and_grids_are_matched():
 
 def test_frozen_encoders_give_patch_feature_maps(tmp_path):
     from ldm_lightning.diffusion.repa import REPAError, load_repa_encoder
-    from ldm_lightning.evaluation.mnist_classifier import MNISTClassifier, save_mnist_classifier
+    from ldm_lightning.encoders.mnist_classifier import MNISTClassifier, save_mnist_classifier
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     dino = load_repa_encoder(_dinov2_folder(tmp_path / "dino"))
     # REPA's default grid: 16 patches a side (224 px for a /14 DINOv2), whatever the config's image_size
@@ -87,7 +87,7 @@ def test_repa_module_trains_the_projector_and_the_early_blocks_only(tmp_path):
     frozen encoder is outside the module tree (no state_dict keys)."""
     from ldm_lightning.diffusion.module import DiffusionModule
     from ldm_lightning.diffusion.repa import REPAError
-    from ldm_lightning.evaluation.mnist_classifier import MNISTClassifier, save_mnist_classifier
+    from ldm_lightning.encoders.mnist_classifier import MNISTClassifier, save_mnist_classifier
     save_mnist_classifier(MNISTClassifier(), tmp_path / "clf.safetensors")
     kw = dict(autoencoder="identity:1x32", backbone="dit", backbone_config=dict(
         patch_size=4, hidden_size=32, depth=3, num_heads=2), conditioning={"kind": "class", "num_classes": 10},
@@ -214,7 +214,7 @@ def test_repa_on_a_ddt_aligns_an_encoder_block(tmp_path):
     """REPA's block index counts a DDT's condition-encoder blocks; the projector reads the encoder's width."""
     from ldm_lightning.diffusion import DDT, REPAConfig
     from ldm_lightning.diffusion.module import DiffusionModule
-    from ldm_lightning.evaluation.mnist_classifier import MNISTClassifier, save_mnist_classifier
+    from ldm_lightning.encoders.mnist_classifier import MNISTClassifier, save_mnist_classifier
     save_mnist_classifier(MNISTClassifier(), tmp_path / "clf.safetensors")
     m = DiffusionModule("identity:1x32", backbone="ddt-tiny", backbone_config=dict(
         input_size=32, patch_size=4, hidden_size=32, num_heads=2, decoder_hidden_size=64),

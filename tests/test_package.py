@@ -37,6 +37,8 @@ RULES = {  # package → packages it must not import (the layout's directions)
     "ldm_lightning.data": ("ldm_lightning.autoencoder", "ldm_lightning.diffusion", "ldm_lightning.training"),
     "ldm_lightning.autoencoder": ("ldm_lightning.diffusion",),
     "ldm_lightning.nn": ("ldm_lightning.autoencoder", "ldm_lightning.diffusion", "ldm_lightning.data"),
+    # the measuring instruments sit above the model; REPA's frozen targets come from encoders/ instead
+    "ldm_lightning.diffusion": ("ldm_lightning.evaluation",),
 }
 
 

@@ -63,7 +63,7 @@ def test_fit_resume_then_ema_reconstruct_matches_directly_tracked_emas(tmp_path,
     of 0.05 and 0.10 alone (`--basis`) and compared with it."""
     from safetensors.torch import load_file
 
-    from ldm_lightning.diffusion.ema_reconstruct import synthesise
+    from ldm_lightning.ema_reconstruct import synthesise
     from ldm_lightning.diffusion.load import load_denoiser
     from ldm_lightning.training.posthoc_snapshots import list_snapshots, read_profile
 
@@ -114,7 +114,7 @@ def test_fit_resume_then_ema_reconstruct_matches_directly_tracked_emas(tmp_path,
     assert flat(state).sub(p10).abs().max() < 1e-6
 
     # --sweep: an export per value, each scored by `evaluate` (a classifier trained for seconds: plumbing, not quality)
-    from ldm_lightning.evaluation.mnist_classifier_training import train_mnist_classifier
+    from ldm_lightning.encoders.mnist_classifier_training import train_mnist_classifier
     clf = tmp_path / "mnist.safetensors"
     train_mnist_classifier(clf, epochs=1, seed=0, train_subset=200)
     r = run("ema-reconstruct", "--snapshots", str(out / "checkpoints"), "--sweep", "0.05,0.2", "--out",

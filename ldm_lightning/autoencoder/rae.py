@@ -2,8 +2,8 @@
 Representation Autoencoders", arXiv 2510.11690): a FROZEN pretrained representation encoder and a
 trained ViT decoder.
 
-- `RepresentationEncoder`: a Hugging Face DINOv2 (`Dinov2Model`) read from a local folder (never
-  downloaded). Images in [-1, 1] get ImageNet normalisation (grey images are repeated to RGB); the patch
+- `RepresentationEncoder`: the project's frozen DINOv2 (`encoders/dinov2.py`), read from a local folder
+  (never downloaded). Images in [-1, 1] get ImageNet normalisation (grey images are repeated to RGB); the patch
   tokens (CLS dropped) form the latent grid (B, D, H/p, W/p): f = patch size, latent width = hidden size.
   Latent normalisation: each channel is standardised with its mean / std over the training data
   (`rep_mean`, `rep_std`, measured once before training by the latent-statistics callback), as RAE does
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from ldm_lightning.encoders.dinov2 import DINOv2
 
 
 def read_encoder_config(path: str) -> dict:
@@ -39,45 +39,25 @@ def read_encoder_config(path: str) -> dict:
     return cfg
 
 
-class RepresentationEncoder(nn.Module):
-    """Frozen DINOv2: x (B, C, H, W) in [-1, 1] -> normalised patch-token grid (B, D, H/p, W/p)."""
+class RepresentationEncoder(DINOv2):
+    """Frozen DINOv2 (encoders/dinov2.py): x (B, C, H, W) in [-1, 1] -> normalised patch grid (B, D, H/p, W/p)."""
 
     def __init__(self, encoder_config: dict, path: str | None, in_channels: int):
-        super().__init__()
-        from transformers import Dinov2Config, Dinov2Model
         path = os.path.expanduser(path) if path else None
         if path and os.path.isfile(os.path.join(path, "config.json")):
-            self.model = Dinov2Model.from_pretrained(path)
+            super().__init__(path=path)
         else:  # rebuilt from the recorded config; the weights come with the autoencoder's state dict
-            self.model = Dinov2Model(Dinov2Config.from_dict(encoder_config))
-        self.model.eval().requires_grad_(False)
-        self.patch = int(encoder_config["patch_size"])
-        self.channels = int(encoder_config.get("num_channels", 3))
+            super().__init__(config=encoder_config)
         if in_channels not in (1, self.channels):
             raise ValueError(f"autoencoder.in_channels={in_channels} cannot feed a representation encoder with "
                              f"{self.channels} input channels; use {self.channels} (or 1: grey is repeated)")
-        dim = int(encoder_config["hidden_size"])
-        mean = torch.tensor(IMAGENET_MEAN[: self.channels] if self.channels == 3 else [0.5] * self.channels)
-        std = torch.tensor(IMAGENET_STD[: self.channels] if self.channels == 3 else [0.5] * self.channels)
-        self.register_buffer("pixel_mean", mean.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", std.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("rep_mean", torch.zeros(dim))
-        self.register_buffer("rep_std", torch.ones(dim))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.model.eval()                                        # frozen: no dropout / drop-path, ever
-        return self
+        self.register_buffer("rep_mean", torch.zeros(self.dim))
+        self.register_buffer("rep_std", torch.ones(self.dim))
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Raw (un-normalised) patch tokens as a grid (B, D, H/p, W/p)."""
-        B, C, H, W = x.shape
-        if C == 1 and self.channels == 3:
-            x = x.expand(-1, 3, -1, -1)
-        x = ((x.float() + 1) / 2 - self.pixel_mean) / self.pixel_std    # ImageNet normalisation
-        tokens = self.model(pixel_values=x).last_hidden_state[:, 1:]  # (B, N, D), CLS dropped
-        return tokens.transpose(1, 2).reshape(B, -1, H // self.patch, W // self.patch)
+        return self.patch_grid((x.float() + 1) / 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x)                                     # (B, D, h, w)

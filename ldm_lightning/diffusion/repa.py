@@ -6,11 +6,12 @@ cosine similarity, averaged over tokens and images (-1 when aligned), added to t
 weight lambda. The target features are computed from the CLEAN images of the batch; their grid is resized
 to the transformer's token grid (bilinear, antialiased when shrinking) so each token has one target.
 
-Frozen encoders (held outside the module tree, as the autoencoder: not trained, not in checkpoints):
-- a local Hugging Face DINOv2 folder (`Dinov2Model.save_pretrained`; loaded offline with transformers):
+Frozen encoders (`ldm_lightning/encoders/`; held outside the module tree, as the autoencoder: not trained, not
+in checkpoints):
+- a local Hugging Face DINOv2 folder (`Dinov2Model.save_pretrained`; `encoders/dinov2.py`, offline):
   images resized to `encoder_resolution` (default REPA's 224 px for /14: 256 tokens), ImageNet-normalised, CLS
   token dropped;
-- `mnist-classifier[:PATH]` (the project's MNIST classifier, evaluation/mnist_classifier.py): its conv map
+- `mnist-classifier[:PATH]` (the project's MNIST classifier, encoders/mnist_classifier.py): its conv map
   before the last pooling, (64, 8, 8) on 32 px digits — a small in-domain target for MNIST measurements.
 """
 
@@ -29,7 +30,6 @@ from ldm_lightning.errors import UserError
 MNIST_PREFIX = "mnist-classifier:"
 REPA_GRID = 16
 """Default DINOv2 token grid side: REPA's 224 px input to a /14 DINOv2 (256 tokens)."""
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class REPAError(UserError):
@@ -43,7 +43,7 @@ class REPAConfig:
     encoder: str | None = None
     """Frozen target encoder: a local DINOv2 folder (Hugging Face `save_pretrained` layout) or
     'mnist-classifier:PATH' (a classifier .safetensors of `train_mnist_classifier`), or 'mnist-classifier'
-    (the evaluation package's cached classifier, `get_or_train_classifier()`, trained once on first use);
+    (the project's cached MNIST classifier, `get_or_train_classifier()`, trained once on first use);
     None = REPA off."""
     block: int = 2
     """Align the tokens output by this block (1-based; REPA aligns block 8 of SiT-XL's 28). For a DDT it
@@ -73,34 +73,28 @@ class REPAConfig:
 
 
 class DinoFeatures(nn.Module):
-    """A frozen Hugging Face DINOv2 -> patch feature maps (B, C, g, g) of images in [-1, 1]."""
+    """The frozen DINOv2 (encoders/dinov2.py) -> patch feature maps (B, C, g, g) of images in [-1, 1]."""
 
     def __init__(self, path: str, resolution: int | None = None):
         super().__init__()
-        from transformers import Dinov2Model
+        from ldm_lightning.encoders.dinov2 import DINOv2
         try:
-            self.model = Dinov2Model.from_pretrained(path, local_files_only=True)
+            self.dino = DINOv2(path)
         except (OSError, ValueError) as err:
             raise REPAError(f"repa.encoder={path!r}: not a loadable DINOv2 folder ({err}); give a local folder "
                             "written by Dinov2Model.save_pretrained (nothing is downloaded)") from None
-        cfg = self.model.config
-        self.patch = int(cfg.patch_size)
+        self.patch = self.dino.patch
         # REPA's 224 px for /14 = 16 patches a side; the config's image_size (518) is DINOv2's own pre-training.
         self.resolution = (int(resolution or REPA_GRID * self.patch) // self.patch) * self.patch
         if self.resolution < self.patch:
             raise REPAError(f"repa.encoder_resolution={resolution} is below the encoder's patch size {self.patch}")
-        self.feature_dim = int(cfg.hidden_size)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.feature_dim = self.dino.dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # (B, 3, H, W): grey digits as RGB
         x = F.interpolate((x + 1) / 2, size=(self.resolution,) * 2, mode="bicubic", align_corners=False)
-        x = (x - self.mean) / self.std  # (B, 3, r, r), ImageNet statistics as DINOv2 was trained
-        h = self.model(pixel_values=x).last_hidden_state[:, 1:]  # (B, g*g, C): CLS dropped
-        g = self.resolution // self.patch
-        return h.transpose(1, 2).reshape(h.shape[0], -1, g, g)  # (B, C, g, g)
+        return self.dino.patch_grid(x)  # (B, C, g, g), ImageNet-normalised inside as DINOv2 was trained
 
 
 class MNISTClassifierFeatures(nn.Module):
@@ -108,9 +102,9 @@ class MNISTClassifierFeatures(nn.Module):
 
     def __init__(self, path: str | None):
         super().__init__()
-        from ldm_lightning.evaluation.mnist_classifier import load_mnist_classifier, prepare_images
+        from ldm_lightning.encoders.mnist_classifier import load_mnist_classifier, prepare_images
         if path is None:  # the measuring classifier itself (trained once into the cache on first use)
-            from ldm_lightning.evaluation.mnist_classifier_cache import get_or_train_classifier
+            from ldm_lightning.encoders.mnist_classifier_cache import get_or_train_classifier
             clf = get_or_train_classifier(verbose=False)
         else:
             try:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from ldm_lightning.evaluation.mnist_classifier import (
+from ldm_lightning.encoders.mnist_classifier import (
     FORMAT_VERSION,
     ClassifierConfig,
     MNISTClassifier,
     load_mnist_classifier,
 )
-from ldm_lightning.evaluation.mnist_classifier_training import ClassifierTrainConfig, train_mnist_classifier
+from ldm_lightning.encoders.mnist_classifier_training import ClassifierTrainConfig, train_mnist_classifier
 
 
 def default_cache_dir() -> Path:

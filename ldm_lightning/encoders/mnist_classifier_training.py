@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from ldm_lightning.finite import check_finite_fields
-from ldm_lightning.evaluation.mnist_classifier import (
+from ldm_lightning.encoders.mnist_classifier import (
     NUM_CLASSES,
     ClassifierConfig,
     MNISTClassifier,
     save_mnist_classifier,
 )
-from ldm_lightning.evaluation.mnist_data import load_mnist, to_padded_model_range
+from ldm_lightning.encoders.mnist_data import load_mnist, to_padded_model_range
 
 
 @dataclass

@@ -9,10 +9,10 @@ import importlib
 
 from ldm_lightning.evaluation.extractors import EXTRACTORS, build_extractor
 from ldm_lightning.evaluation.mnist_metrics import class_accuracy, mnist_fid, reference_fid, sample_accuracy
-from ldm_lightning.evaluation.mnist_classifier import MNISTClassifier, load_mnist_classifier
-from ldm_lightning.evaluation.mnist_classifier_cache import get_or_train_classifier
-from ldm_lightning.evaluation.mnist_classifier_training import train_mnist_classifier
-from ldm_lightning.evaluation.mnist_data import load_mnist, load_mnist_32
+from ldm_lightning.encoders.mnist_classifier import MNISTClassifier, load_mnist_classifier
+from ldm_lightning.encoders.mnist_classifier_cache import get_or_train_classifier
+from ldm_lightning.encoders.mnist_classifier_training import train_mnist_classifier
+from ldm_lightning.encoders.mnist_data import load_mnist, load_mnist_32
 from ldm_lightning.evaluation.quality import METRICS, score_features
 from ldm_lightning.evaluation.reference import ReferenceStats, load_reference, save_reference
 from ldm_lightning.evaluation.scores import (

@@ -24,10 +24,6 @@ from torch import nn
 
 EXTRACTORS = ("inception", "dinov2", "mnist")
 
-# ImageNet normalisation of DINOv2's training (and of EDM2's FD-DINOv2 detector).
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def _check_uint8(x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3):
@@ -77,21 +73,18 @@ class DinoV2Extractor(FeatureExtractor):
 
     def __init__(self, folder: str | os.PathLike, resolution: int = 224):
         super().__init__()
-        from transformers import Dinov2Model
-        self.net = Dinov2Model.from_pretrained(str(folder), local_files_only=True)
-        self.dim = int(self.net.config.hidden_size)
+        from ldm_lightning.encoders.dinov2 import DINOv2
+        self.net = DINOv2(folder)  # ImageNet normalisation (that of EDM2's FD-DINOv2 detector) inside
+        self.dim = self.net.dim
         self.resolution = resolution
-        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.eval().requires_grad_(False)
+        self.eval()
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor):
         x = _rgb(_check_uint8(x)).to(self.device).float()  # (B, 3, H, W) in [0, 255]
         # EDM2's detector: bicubic (antialiased) resize to 224², then ImageNet normalisation.
         x = F.interpolate(x, size=(self.resolution,) * 2, mode="bicubic", antialias=True)  # (B, 3, 224, 224)
-        x = (x / 255 - self.mean) / self.std
-        return self.net(pixel_values=x).pooler_output.float(), None  # (B, D): CLS after the final LayerNorm
+        return self.net.cls(x / 255).float(), None  # (B, D): CLS after the final LayerNorm
 
 
 class MNISTExtractor(FeatureExtractor):
@@ -100,7 +93,7 @@ class MNISTExtractor(FeatureExtractor):
     def __init__(self, weights: "str | os.PathLike | nn.Module"):
         """`weights`: the classifier file, or an already loaded `MNISTClassifier` (the demo's)."""
         super().__init__()
-        from .mnist_classifier import load_mnist_classifier
+        from ldm_lightning.encoders.mnist_classifier import load_mnist_classifier
         self.net = weights if isinstance(weights, nn.Module) else load_mnist_classifier(weights)
         self.dim = int(self.net.config.feature_dim)
         self.eval()
