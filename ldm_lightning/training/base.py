@@ -173,10 +173,9 @@ class TrainingModule(L.LightningModule):
             return
         import os
 
-        from ldm_lightning.training.checkpointing import find_step_checkpoint
+        from ldm_lightning.training.checkpointing import run_checkpoint_dir
         from ldm_lightning.training.posthoc_snapshots import SUBDIR, write_snapshot
-        callback = find_step_checkpoint(trainer)
-        directory = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        directory = run_checkpoint_dir(trainer)
         meta: dict = {}
         self.on_save_checkpoint(meta)  # the `ldm_lightning` entry of a checkpoint: what an export is built from
         tracker = self.posthoc_ema
@@ -298,11 +297,10 @@ class TrainingModule(L.LightningModule):
         then `checkpoint["nonfinite_stop"]` records both steps."""
         import os
 
-        from ldm_lightning.training.checkpointing import atomic_copy, find_step_checkpoint
+        from ldm_lightning.training.checkpointing import atomic_copy, find_step_checkpoint, run_checkpoint_dir
         trainer = self.trainer
         callback = find_step_checkpoint(trainer)
-        directory = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
-        path = os.path.join(directory, "nonfinite-stop.ckpt")
+        path = os.path.join(run_checkpoint_dir(trainer), "nonfinite-stop.ckpt")
         first_bad = getattr(self, "_streak_start_step", int(self.global_step))
         source = callback.newest_before(first_bad) if callback is not None else None
         if source is not None and os.path.isfile(source):

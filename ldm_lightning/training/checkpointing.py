@@ -11,9 +11,12 @@
   mid-write left there; after each save it prunes the step files beyond the last K, also those an earlier
   process (a resume, a copied run folder) wrote.
 
-`ldm-lightning fit` adds both by default (training/fault_tolerance.py), with `RNGStateCallback`
+- `checkpoint_dir(root)` — where a run's checkpoints live: `<root>/checkpoints` (the one spelling of it);
+  `run_checkpoint_dir(trainer)` — where this trainer's run writes them (its StepCheckpoint's `dirpath`).
+
+`ldm-lightning fit` adds both by default (training/cli_defaults.py), with `RNGStateCallback`
 (training/rng_state.py) and `PreemptionCallback` (training/preemption.py); a config lists one to set
-its options. Which checkpoint a resume loads: training/resume.py.
+its options. Which checkpoint is valid and which one a resume loads: training/resume.py.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ from ldm_lightning.training.resume import resolve_resume_checkpoint, say, valid_
 
 # The name `ldm_lightning.fileio.atomic_write` gives its temp file: `.<name>.<mkstemp's 8 characters>.tmp`.
 TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def checkpoint_dir(root: str | os.PathLike) -> str:
+    """Where the checkpoints of the run in `root` (its `trainer.default_root_dir`) live: `<root>/checkpoints`,
+    a fixed place, so a new Slurm job or W&B run id in the same run directory finds them."""
+    return os.path.join(os.fspath(root), "checkpoints")
 
 
 class DiskFullError(UserError):
@@ -161,7 +170,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.dirpath is None:
-            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+            self.dirpath = checkpoint_dir(trainer.default_root_dir)
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.is_global_zero:
             removed = remove_stale_temp_files(self.dirpath)
@@ -199,7 +208,7 @@ class StepCheckpoint(ModelCheckpoint):
         self.prune_step_files(trainer)
 
     def _find_last_checkpoints(self, trainer) -> set[str]:
-        found = resolve_resume_checkpoint(self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints"))
+        found = resolve_resume_checkpoint(self.dirpath or checkpoint_dir(trainer.default_root_dir))
         return {found.path} if found else set()
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -236,3 +245,10 @@ class StepCheckpoint(ModelCheckpoint):
 def find_step_checkpoint(trainer) -> StepCheckpoint | None:
     """The run's `StepCheckpoint` (the CLI always adds one), or None."""
     return next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
+
+
+def run_checkpoint_dir(trainer) -> str:
+    """Where this trainer's run writes checkpoints: its `StepCheckpoint`'s `dirpath`, else
+    `checkpoint_dir(trainer.default_root_dir)`."""
+    callback = find_step_checkpoint(trainer)
+    return getattr(callback, "dirpath", None) or checkpoint_dir(trainer.default_root_dir)

@@ -10,9 +10,10 @@
   whose ValueError names the field and the allowed values. A user error (config, files, data) is one
   paragraph and exit 2 (training/cli_errors.py); `--debug` shows the traceback.
 * The resolved config is saved next to the logs AND into the W&B run config (`LoggedSaveConfigCallback`).
-* What every run gets unless its config lists one of the same kind — telemetry and fault tolerance — and
-  which checkpoint it resumes from (`--ckpt_path last`, an explicit file, or a rerun in a run directory
-  that holds checkpoints) are decided in training/fault_tolerance.py. Loading is `weights_only=True`.
+* What every run gets unless its config lists one of the same kind — telemetry and fault tolerance — is
+  decided in training/cli_defaults.py; which checkpoint it resumes from (`--ckpt_path last`, an explicit
+  file, or a rerun in a run directory that holds checkpoints) in training/resume.py. Loading is
+  `weights_only=True`.
 * `run_lightning_cli` returns the process exit code (see README "Fault tolerance"): 0 done, 75 stopped by
   SIGUSR1 outside Slurm, 143 stopped by SIGTERM, 130 stopped by Ctrl-C (SIGINT), 3 non-finite stop, 2 a user
   error (a second `fit` on a run folder in use included: training/run_lock.py).
@@ -37,10 +38,9 @@ from ldm_lightning.errors import UserError
 from ldm_lightning.training.base import NonFiniteLossError
 from ldm_lightning.training.cli_errors import (check_hparams_agree, config_error_message, join_negative_values,
                                                state_dict_mismatch_message)
-from ldm_lightning.training.fault_tolerance import (checkpoint_dir, default_callbacks, default_plugins,
-                                                    resolve_ckpt_path)
+from ldm_lightning.training.cli_defaults import configured_checkpoint_dir, default_callbacks, default_plugins
 from ldm_lightning.training.preemption import EXIT_INTERRUPTED, PreemptionCallback, interrupted_twice
-from ldm_lightning.training.resume import CorruptCheckpointError, saved_hparams
+from ldm_lightning.training.resume import CorruptCheckpointError, resolve_ckpt_path, saved_hparams
 from ldm_lightning.training.run_lock import RunFolderBusy, RunLock, is_launch_rank_zero
 from ldm_lightning.user_errors import EXIT_USER_ERROR, print_user_error, split_debug, user_error_message
 
@@ -115,7 +115,7 @@ class LDMLightningCLI(LightningCLI):
             lock = RunLock(trainer.get("default_root_dir") or os.getcwd())
             if lock.acquire():
                 LDMLightningCLI.run_lock = lock
-        config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), checkpoint_dir(trainer),
+        config.ckpt_path = resolve_ckpt_path(config.get("ckpt_path"), configured_checkpoint_dir(trainer),
                                              trainer.get("max_steps"))
 
     def _run_subcommand(self, subcommand: str) -> None:

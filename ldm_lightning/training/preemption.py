@@ -42,7 +42,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from ldm_lightning.training.checkpointing import find_step_checkpoint
+from ldm_lightning.training.checkpointing import checkpoint_dir, find_step_checkpoint
 
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: saved, resume with --ckpt_path last
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: the shell's code for "terminated", after a clean save
@@ -153,7 +153,7 @@ class PreemptionCallback(L.Callback):
         if checkpoint is not None:
             path = checkpoint.save_now(trainer)
         else:
-            path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+            path = os.path.join(checkpoint_dir(trainer.default_root_dir), "last.ckpt")
             trainer.save_checkpoint(path)
         trainer.strategy.barrier("preemption-saved")
         self.saved_path = path

@@ -1,9 +1,11 @@
-"""Which checkpoint a run resumes from: the one with the highest global step recorded inside it, among the
-files that load safely and have what a resume needs.
+"""Which checkpoints are valid, and which one a run resumes from: the one with the highest global step
+recorded inside it, among the files that load safely and have what a resume needs.
 
-`resolve_resume_checkpoint` is what `ldm-lightning fit` uses for `--ckpt_path last`, for an explicit
-`--ckpt_path FILE` and for a rerun in a run directory that already holds checkpoints. Every skipped file
-is reported with its reason, and the file used is named with why it was chosen.
+`resolve_ckpt_path` is `ldm-lightning fit`'s choice: `--ckpt_path last`, an explicit `--ckpt_path FILE`, a
+rerun in a run directory that already holds checkpoints, or from scratch; it uses `resolve_resume_checkpoint`,
+which every other chooser (the final-step save, the disk-full message, the non-finite stop) uses too. Every
+skipped file is reported with its reason, and the file used is named with why it was chosen. Writing
+checkpoints: training/checkpointing.py.
 
 Why the recorded step and not the file time: `cp -r`, `rsync` without `-t`, a restore from a backup or a
 `touch` rewrite modification times, and the newest file is then often not the furthest one (a resume from
@@ -250,6 +252,36 @@ def resolve_resume_checkpoint(dir_or_path: str | os.PathLike | None, *, must_exi
         raise CorruptCheckpointError(f"no usable checkpoint in {directory}: "
                                      + ("; ".join(bad) if bad else "no .ckpt files"))
     return None
+
+
+# --ckpt_path values Lightning itself resolves (best model, Lightning's hpc checkpoints, model registry).
+LIGHTNING_CKPT_WORDS = ("best", "hpc")
+
+
+def resolve_ckpt_path(requested: str | None, directory: str, max_steps: int | None = None) -> str | None:
+    """The checkpoint `fit` resumes from (None: from scratch), for its `--ckpt_path` (None: not given) and the
+    run's checkpoint `directory`. Raises FileNotFoundError / CorruptCheckpointError with a message for the user."""
+    if requested is not None and (requested in LIGHTNING_CKPT_WORDS or requested.startswith("registry")):
+        return requested
+    if requested is None:
+        found = resolve_resume_checkpoint(directory) if os.path.isdir(directory) else None
+        if found is not None:
+            say(f"{directory} holds checkpoints of an earlier run; a rerun in the same run directory resumes "
+                "(for a fresh run use a new --trainer.default_root_dir)")
+    elif requested == "last":
+        found = resolve_resume_checkpoint(directory)
+        if found is None:
+            say(f"--ckpt_path last: no checkpoint in {directory} yet; starting from scratch")
+    else:
+        found = resolve_resume_checkpoint(requested)
+    if found is None:
+        return None
+    say(f"resuming from {found.path}" + (f" (global step {found.global_step})" if found.global_step is not None else "")
+        + (f": {found.reason}" if found.reason else ""))
+    if found.global_step is not None and max_steps is not None and 0 < max_steps <= found.global_step:
+        say(f"{found.path} is at global step {found.global_step} and trainer.max_steps={max_steps}: nothing left "
+            "to train (raise --trainer.max_steps to train longer)")
+    return found.path
 
 
 def saved_hparams(path: str | os.PathLike) -> dict | None:

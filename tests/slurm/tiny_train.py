@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldm_lightning.training.base import EMAConfig, GuardConfig, NonFiniteLossError, OptimConfig, TrainingModule
-from ldm_lightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint
+from ldm_lightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint, checkpoint_dir
 from ldm_lightning.training.resume import resolve_resume_checkpoint
 from ldm_lightning.training.rng_state import RNGStateCallback
 from ldm_lightning.training.preemption import PreemptionCallback, slurm_environment
@@ -163,7 +163,7 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     L.seed_everything(args.seed, workers=True, verbose=False)
-    ckpt_dir = os.path.join(args.out, "checkpoints")
+    ckpt_dir = checkpoint_dir(args.out)
     model = TinyModule(seed=args.seed, max_consecutive=args.max_consecutive, nan_rank=args.nan_rank,
                        nan_at=tuple(int(s) for s in args.nan_at.split(",") if s))
     dm = TinyDataModule(n=args.n, batch_size=args.batch_size, seed=args.seed)
