@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from ldm_lightning.data.mnist import load_mnist
     from ldm_lightning.diffusion.encode import encode_batch
     from ldm_lightning.diffusion.module import DiffusionModule
-    from ldm_lightning.export import export_autoencoder
+    from ldm_lightning.autoencoder.export import export_autoencoder
 
     torch.manual_seed(0)
     ae_cfg = get_preset(a.ae)

@@ -1,4 +1,4 @@
-"""Sampler error vs NFE on a target with an exact denoiser (a Gaussian mixture; `diffusion/gmm.py`).
+"""Sampler error vs NFE on a target with an exact denoiser (a Gaussian mixture; `tests/gmm_oracle.py`).
 
     python benchmarks/bench_samplers.py [--quick] [--dim 2] [--n 1024] [--schedule linear]
 
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the GMM oracle is a test helper
 
 from ldm_lightning.diffusion import SAMPLERS, FlowSchedule, VPSchedule  # noqa: E402
-from ldm_lightning.diffusion.gmm import GaussianMixture, gaussian_w2  # noqa: E402
+from gmm_oracle import GaussianMixture, gaussian_w2  # noqa: E402
 
 NFE_PER_STEP = {"heun": 2, "flow_heun": 2}  # minus one: the last Heun step (to sigma = 0) is a plain Euler step
 

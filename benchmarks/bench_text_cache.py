@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from ldm_lightning.autoencoder import Autoencoder, get_preset
     from ldm_lightning.diffusion.module import DiffusionModule
     from ldm_lightning.diffusion.text_cache import TextCache, manifest_section, write_table
-    from ldm_lightning.export import export_autoencoder
+    from ldm_lightning.autoencoder.export import export_autoencoder
 
     torch.manual_seed(0)
     device = torch.device(a.device)

@@ -131,7 +131,7 @@ def write_export(meta: dict, state: dict[str, torch.Tensor], report: dict, out: 
     if module == AUTOENCODER_TAG:
         from ldm_lightning.autoencoder import Autoencoder
         from ldm_lightning.autoencoder.autoencoder import AutoencoderConfig
-        from ldm_lightning.export import export_autoencoder
+        from ldm_lightning.autoencoder.export import export_autoencoder
         ae = Autoencoder(AutoencoderConfig.from_dict(meta["autoencoder"]))
         ae.load_state_dict(state, strict=True)
         return export_autoencoder(ae, out, "safetensors", overwrite)

@@ -4,8 +4,9 @@
     ldm-lightning export --checkpoint vae.ckpt --format safetensors --out vae/
 
 Dispatch is on the checkpoint's `ldm_lightning.module` tag, read from the Lightning-free loaders
-(`autoencoder/load.py`, `diffusion/load.py`): autoencoder checkpoints are exported here; denoiser
-checkpoints go to `ldm_lightning.diffusion.export.export_denoiser` (stage 2 owns its export).
+(`autoencoder/load.py`, `diffusion/load.py`): autoencoder checkpoints go to
+`ldm_lightning.autoencoder.export.export_autoencoder`, denoiser checkpoints to
+`ldm_lightning.diffusion.export.export_denoiser` (each stage owns its export; this file is the command).
 - `safetensors`: `model.safetensors` + `config.json` (`ldm_lightning_autoencoder`: the AutoencoderConfig);
   any arch; the scale/shift/latent stats travel as tensors. `load_autoencoder(folder)` reads it.
 - `diffusers`: a `diffusers.AutoencoderKL.from_pretrained` folder (KL arch, no down-block attention);
@@ -18,44 +19,13 @@ while writing leaves the old one intact.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
-from ldm_lightning.autoencoder.load import CHECKPOINT_TAG, DIFFUSERS_WEIGHTS, EXPORT_WEIGHTS
+from ldm_lightning.autoencoder.export import export_autoencoder
+from ldm_lightning.autoencoder.load import CHECKPOINT_TAG
 from ldm_lightning.errors import WrongFileError
-from ldm_lightning.output_paths import replace_dir
 
 FORMATS = ("diffusers", "safetensors", "lora")  # lora: a LoRA run's adapters (denoisers only)
-# What any export writes (autoencoder in either format, denoiser): a folder holding only these may be replaced.
-EXPORT_FILES = {"config.json", EXPORT_WEIGHTS, *DIFFUSERS_WEIGHTS, "denoiser.safetensors",
-                "pytorch_lora_weights.safetensors", "adapter_config.json"}
-
-
-def export_autoencoder(ae, out: str | os.PathLike, fmt: str = "safetensors", overwrite: bool = True) -> Path:
-    """Write `ae` (an `Autoencoder`) to folder `out` in format `fmt`; returns the folder.
-
-    An existing export in `out` is replaced whole (`replace_dir`: never a mix of two exports); with
-    `overwrite=False` (the CLI's default) a non-empty `out` is refused instead."""
-    from safetensors.torch import save_file
-
-    from ldm_lightning.autoencoder import interop
-    from ldm_lightning.autoencoder.load import EXPORT_CONFIG_KEY, EXPORT_WEIGHTS
-    if fmt not in ("diffusers", "safetensors"):
-        raise ValueError(f"an autoencoder exports as --format diffusers or safetensors; got {fmt!r}")
-    sd = {k: v.detach().cpu().contiguous() for k, v in ae.state_dict().items()}
-    if fmt == "safetensors":
-        config = {EXPORT_CONFIG_KEY: ae.config.to_dict()}
-        weights = {EXPORT_WEIGHTS: sd}
-    else:
-        config = interop.config_to_diffusers(ae.config, float(ae.scale_factor), float(ae.shift_factor))
-        weights = {"diffusion_pytorch_model.safetensors": interop.to_diffusers_state_dict(sd, ae.config)}
-
-    def write(folder: Path) -> None:
-        for name, tensors in weights.items():
-            save_file(tensors, str(folder / name))
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return replace_dir(out, write, EXPORT_FILES, overwrite)
 
 
 def export_checkpoint(checkpoint: str, out: str, fmt: str, weights: str = "ema", overwrite: bool = False) -> Path:

@@ -44,7 +44,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", durable: bool = True
 
     On an exception the temp file is removed and `path` is untouched. The temp file lives in the
     target's directory because `os.replace` is only atomic within one filesystem. `durable=False` skips
-    both fsyncs (~1-12 ms a file measured on this project's VM): only for caches whose reader treats an
+    both fsyncs (milliseconds a file; benchmarks/README.md): only for caches whose reader treats an
     unreadable file as a miss, since after a power loss some filesystems may keep the new name with
     empty contents. Concurrent writers still never expose half a file.
     """

@@ -64,7 +64,7 @@ def tiny_ae(tmp_path_factory) -> str:
     import torch
 
     from ldm_lightning.autoencoder import Autoencoder, get_preset
-    from ldm_lightning.export import export_autoencoder
+    from ldm_lightning.autoencoder.export import export_autoencoder
     torch.manual_seed(0)
     return str(export_autoencoder(Autoencoder(get_preset("tiny-mnist")), tmp_path_factory.mktemp("ae") / "tiny"))
 

@@ -8,13 +8,15 @@ softmax of Gaussian log-likelihoods and (Tweedie / Bayes)
 
 This is the exact minimiser of the x0-MSE, i.e. a perfectly trained network, so sampler error against
 it is pure discretisation error (tests/test_diffusion_samplers.py, benchmarks/bench_samplers.py).
+
+A test oracle, not a model: it lives beside the tests (benchmarks/bench_samplers.py puts tests/ on sys.path).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .denoiser import Prediction, expand_like
+from ldm_lightning.diffusion.denoiser import Prediction, expand_like
 
 
 class GaussianMixture:

@@ -66,7 +66,7 @@ def test_sd_state_dict_loads_identically(tmp_path):
 
 
 def test_export_diffusers_round_trip(tmp_path):
-    from ldm_lightning.export import export_autoencoder
+    from ldm_lightning.autoencoder.export import export_autoencoder
     torch.manual_seed(0)
     ae = Autoencoder(AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, resolution=16,
                                        in_channels=1)).eval()
@@ -81,7 +81,7 @@ def test_export_diffusers_round_trip(tmp_path):
 
 @pytest.mark.parametrize("reg", ["kl", "vq"])
 def test_export_safetensors_round_trip(tmp_path, reg):
-    from ldm_lightning.export import export_autoencoder
+    from ldm_lightning.autoencoder.export import export_autoencoder
     torch.manual_seed(0)
     ae = Autoencoder(AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8, resolution=16,
                                        in_channels=1, regularizer=reg, vq_codebook_size=32,

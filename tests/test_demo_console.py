@@ -9,7 +9,7 @@ CODE = r'''
 import logging, warnings
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from ldm_lightning.demo import quiet_console
-from ldm_lightning.training.wandb_utils import PinnedWandbLogger
+from ldm_lightning.training.wandb_logger import PinnedWandbLogger
 logging.basicConfig(level=logging.INFO)
 quiet_console()
 warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)`", FutureWarning)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from ldm_lightning.diffusion import SAMPLERS, FlowSchedule, VPSchedule, get_sampler, to_x0_eps
-from ldm_lightning.diffusion.gmm import GaussianMixture, gaussian_w2
 from ldm_lightning.diffusion.denoiser import Prediction, expand_like
+
+from gmm_oracle import GaussianMixture, gaussian_w2  # the closed-form test oracle (tests/gmm_oracle.py)
 
 GMM = GaussianMixture.default(dim=2)
 

@@ -16,7 +16,7 @@ from ldm_lightning.autoencoder import Autoencoder, get_preset
 
 
 def _export_ae(folder: Path, seed: int) -> str:
-    from ldm_lightning.export import export_autoencoder
+    from ldm_lightning.autoencoder.export import export_autoencoder
     torch.manual_seed(seed)
     ae = Autoencoder(get_preset("tiny-mnist"))
     ae.scale_factor.fill_(0.7)

@@ -7,10 +7,10 @@ import glob
 import pytest
 import yaml
 
-from scale_run import TRAINER_CFG, ckpt_every, run_cli, tiny_stage
+from scale_run import TRAINER_CFG, ckpt_every, run_cli, tiny_stage, write_yaml
 from wandb_reader import find_runs, read_run
 
-from ldm_lightning.training.wandb_utils import RUN_ID_FILE, resolve_run_id
+from ldm_lightning.training.wandb_logger import RUN_ID_FILE, resolve_run_id
 
 FAST = ["--trainer.log_every_n_steps", "5", "--trainer.limit_val_batches", "1"]
 
@@ -100,6 +100,20 @@ def test_print_config_resolves_composed_configs(tmp_path):
     assert cfg["trainer"]["strategy"]["init_args"]["stage"] == 2
     assert cfg["trainer"]["accelerator"] == "cpu" and cfg["trainer"]["precision"] == "bf16-mixed"
     assert cfg["seed_everything"] == 0
+
+
+def test_old_wandb_logger_class_path_works_with_one_deprecation_line(tmp_path):
+    """training/wandb_utils.py was renamed wandb_logger.py; a config naming the old class_path keeps working for
+    one release, saying once on stderr what to write instead."""
+    stage = tiny_stage(tmp_path)
+    old = write_yaml(tmp_path / "old_logger.yaml", "trainer:\n  logger:\n    class_path: "
+                     "ldm_lightning.training.wandb_utils.PinnedWandbLogger\n    init_args: {offline: true}\n")
+    proc = run_cli(["fit", "-c", stage, "-c", str(TRAINER_CFG / "cpu-debug.yaml"), "-c", old, "--print_config"],
+                   tmp_path)
+    assert yaml.safe_load(proc.stdout)["trainer"]["logger"]["class_path"].endswith("PinnedWandbLogger")
+    lines = [ln for ln in proc.stderr.splitlines() if "wandb_utils" in ln]
+    assert len(lines) == 1 and "deprecated" in lines[0] and "training.wandb_logger.PinnedWandbLogger" in lines[0], \
+        proc.stderr[-2000:]
 
 
 def test_anydevice_deepspeed_strategies_registered():

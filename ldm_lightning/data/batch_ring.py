@@ -1,9 +1,8 @@
 """A ring of shared-memory batch buffers between one epoch's DataLoader workers and the main process.
 
 Why: a worker that returns a tensor makes torch move it into a *fresh* shared-memory segment, and
-every 4 KiB page of a fresh segment is a page fault (shared memory gets no transparent huge pages).
-Measured on a 2-core KVM machine, one 256×1×256×256 uint8 batch cost ~7.6 ms to send from the worker
-plus ~5 ms to receive in the main process: ~50 µs per 256² image, a sixth of its PNG decode.
+every 4 KiB page of a fresh segment is a page fault (shared memory gets no transparent huge pages),
+a sizeable fraction of a large image's decode time (the measurement: benchmarks/README.md).
 
 Here each worker decodes straight into a free buffer of its own, allocated once per epoch, and the
 batch it sends only names the buffer. The main process hands out a view of that buffer, no copy, and

@@ -150,15 +150,6 @@ class BucketStream(ShardStream):
         row[self.filtered] = sh.filtered
         return row
 
-    def group_counts_uncached(self, group: int) -> list[int]:
-        """A group's counts the long way, from every record of its slot (tests compare them with the sum of
-        its shards' `_tally` rows)."""
-        counts = [0] * (len(self.buckets) + 2)
-        for recs in self._slot_records(0, group):
-            for rec in recs:
-                counts[self._bucket(rec)] += 1
-        return counts
-
     def _bucket(self, rec) -> int:
         """A record's bucket; `self.bad` for a sample bad at the header level, `self.filtered` for one the
         json filters leave out."""

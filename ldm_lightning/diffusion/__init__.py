@@ -10,7 +10,6 @@ concat.py holds the super-resolution / inpainting conditions.
 from .conditioning import Conditioner, ConditioningConfig
 from .ddt import DDT, DDTConfig, encoder_reuse
 from .dit import DiT, DiTConfig
-from .gmm import GaussianMixture
 from .load import build_denoiser_parts, load_denoiser
 from .guidance import cfg_denoiser, concat_cond
 from .loss import DiffusionObjective, LossOutput, ObjectiveConfig, loss_by_bin
@@ -23,7 +22,7 @@ from .schedules import FlowSchedule, VPSchedule, build_schedule, make_betas, res
 from .unet import UNet, UNetConfig
 
 __all__ = [
-    "Conditioner", "ConditioningConfig", "DiT", "DiTConfig", "GaussianMixture", "cfg_denoiser", "concat_cond",
+    "Conditioner", "ConditioningConfig", "DiT", "DiTConfig", "cfg_denoiser", "concat_cond",
     "DiffusionObjective", "LossOutput", "ObjectiveConfig", "loss_by_bin", "PREDICTIONS", "Denoiser", "Prediction",
     "from_x0_eps", "to_x0_eps", "PRESETS", "build_backbone", "SAMPLERS", "get_sampler", "FlowSchedule",
     "VPSchedule", "build_schedule", "make_betas", "rescale_zero_terminal_snr", "UNet", "UNetConfig",

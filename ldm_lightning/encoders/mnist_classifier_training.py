@@ -43,7 +43,7 @@ class ClassifierTrainConfig:
     train_subset: int | None = None
     """Train on only the first N training images (tests use this for speed); None = all 60k."""
     channels_last: bool = True
-    """Use the channels-last memory format (≈1.5× faster convolutions on CPU, measured here)."""
+    """Use the channels-last memory format (faster convolutions on CPU; benchmarks/README.md)."""
 
     def __post_init__(self):
         check_finite_fields(self, "train")  # NaN/inf pass every comparison below

@@ -13,15 +13,16 @@ from ldm_lightning.encoders.mnist_classifier import MNISTClassifier, load_mnist_
 from ldm_lightning.encoders.mnist_classifier_cache import get_or_train_classifier
 from ldm_lightning.encoders.mnist_classifier_training import train_mnist_classifier
 from ldm_lightning.encoders.mnist_data import load_mnist, load_mnist_32
-from ldm_lightning.evaluation.quality import METRICS, score_features
 from ldm_lightning.evaluation.reference import ReferenceStats, load_reference, save_reference
 from ldm_lightning.evaluation.scores import (
+    METRICS,
     feature_statistics,
     fid_from_features,
     frechet_distance,
     inception_score,
     kernel_distance,
     precision_recall,
+    score_features,
 )
 from ldm_lightning.images import save_grid  # the one image grid (images.py), kept in this package's API
 

@@ -26,7 +26,7 @@ from lightning.pytorch import Callback
 
 from .extractors import EXTRACTORS, build_extractor, check_weights
 from .generated import features_of_samples
-from .quality import METRICS, score_features
+from .scores import METRICS, score_features
 from .reference import load_reference
 
 

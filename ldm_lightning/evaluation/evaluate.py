@@ -34,7 +34,7 @@ from ldm_lightning.user_errors import EXIT_USER_ERROR, debug_requested, print_us
 from .extractors import EXTRACTORS, build_extractor
 from .generated import features_of_images, features_of_samples
 from .image_sources import source_kind
-from .quality import METRICS, score_features, table_line
+from .scores import METRICS, score_features, table_line
 from .reference import ReferenceStats, load_reference, reference_images_in, save_reference
 
 
