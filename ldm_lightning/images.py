@@ -32,10 +32,9 @@ def to_model_range(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) in [0, 255] → float32 tensor in [-1, 1] (0 → -1, 255 → +1, exactly), on x's device.
 
     One gather through a 256-entry table, so every device gives bitwise the same values (CUDA's divide by a
-    scalar multiplies by the reciprocal, which is not exact). On the CPU it is done in numpy on purpose:
-    measured 1.8× faster than astype + divide + subtract (a 250×1×256×256 batch: 23 ms vs 41 ms), and on an
-    oversubscribed CPU torch's multi-threaded elementwise kernels in the main process were measured 50×
-    slower than a single-threaded pass."""
+    scalar multiplies by the reciprocal, which is not exact). On the CPU it is done in numpy on purpose: faster
+    than astype + divide + subtract, and it does not use torch's multi-threaded elementwise kernels, which are
+    far slower on an oversubscribed CPU (both measured: benchmarks/README.md)."""
     if isinstance(x, torch.Tensor):
         if x.dtype != torch.uint8:
             raise TypeError(f"to_model_range expects uint8 pixels, got {x.dtype}")

@@ -45,7 +45,7 @@ sys.exit(0 if 'compile' in inspect.signature(getattr(importlib.import_module(m),
       if [ -z "$ae" ]; then
         ae="$OUT/random-tiny-ae"
         "$PY" -c "import sys, torch; from ldm_lightning.autoencoder import Autoencoder, get_preset; \
-from ldm_lightning.export import export_autoencoder; torch.manual_seed(0); \
+from ldm_lightning.autoencoder.export import export_autoencoder; torch.manual_seed(0); \
 export_autoencoder(Autoencoder(get_preset('tiny-mnist')), sys.argv[1])" "$ae"
       fi
       stage_args=(--model.init_args.autoencoder "$ae" --model.init_args.val_num 0)

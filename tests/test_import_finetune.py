@@ -241,7 +241,7 @@ def test_import_fit_full_and_lora_sample_export_to_diffusers(tiny_ae, mnist_shar
                             prediction_type="epsilon").save_pretrained(tmp_path / "pipe" / "scheduler")
     torch.save(random_fb_dit(seed=3), tmp_path / "dit.pt")
     from ldm_lightning.autoencoder import load_autoencoder
-    from ldm_lightning.export import export_autoencoder
+    from ldm_lightning.autoencoder.export import export_autoencoder
     export_autoencoder(load_autoencoder(tiny_ae), tmp_path / "pipe" / "vae", "diffusers")
     proc = subprocess.run([sys.executable, "-c", FLOW, str(tmp_path), tiny_ae, mnist_shards["train"],
                            mnist_shards["test"], str(tmp_path / "pipe"), str(tmp_path / "dit.pt")],

@@ -54,9 +54,8 @@ log = logging.getLogger(__name__)
 class Record(NamedTuple):
     """One raw sample of a shard: the field layout of the plain tuples the stream passes around (a tuple is
     cheaper than a dict, which matters at ~25 µs a decode). The hot paths build plain tuples with `zip`
-    and read them through the index constants below: building NamedTuples and reading attributes was
-    measured at +0.3 to +1.3 µs per sample (a micro-benchmark on 4000 records, 2-core machine), 1–4% of
-    a 28² MNIST sample's whole cost.
+    and read them through the index constants below: building NamedTuples and reading attributes costs a
+    few percent of a 28² MNIST sample's whole cost (measured: benchmarks/README.md).
 
     cls and txt are parsed a block at a time (members.py: which members or json fields give them); an
     unreadable one is a BadSample there, and a sample a json filter leaves out a `Filtered`, raised when
