@@ -141,3 +141,16 @@ def test_index_names_unsafe_members_and_pack_lists_broken_links_and_refuses_0_sa
     r = _cli("data", "pack", "--source", str(src), "--out", str(tmp_path / "none2"), "--no-progress")
     assert r.returncode == 2 and "no images found in --source" in r.stderr and "skipped 4 (3 link loop, 1 dangling" \
         in r.stderr
+
+
+def test_ddp_ranks_split_the_check_and_stop_together(mnist_shards, tmp_path):
+    """Under 2-process DDP each rank checks half of the shards and the verdicts are all-gathered: the rank that
+    did not read the replaced shard stops too (no rank waits in a collective), exit 2 naming the shard."""
+    d = tmp_path / "train"
+    shutil.copytree(mnist_shards["test"], d)
+    _relabel_first_sample(d / "shard-000001.tar")  # rank 1 checks shards 1 and 3, rank 0 shards 0 and 2
+    r = _cli(*FIT, "--data.init_args.train_shards", str(d), "--data.init_args.val_shards", str(d),
+             "--data.init_args.shard_check", "strict", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+             "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run"), timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"1 of 4 local shard(s) differ from their manifest: {d / 'shard-000001.tar'}" in r.stderr

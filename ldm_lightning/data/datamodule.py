@@ -18,12 +18,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldm_lightning.data.bucket_stream import BucketStream
+from ldm_lightning.data.bucket_stream import BucketStream, _distributed
 from ldm_lightning.data.buckets import BucketConfig, Buckets
 from ldm_lightning.data.jpeg import JPEG_DECODERS
 from ldm_lightning.data.jpeg import available as jpeg_available
 from ldm_lightning.data.members import CAPTION_EXTS, CLASS_EXTS, LATENT_EXTS, MemberSpec
-from ldm_lightning.data.shard_check import SHARD_CHECKS, ShardChangedError, changed_message, check_shards, notes
+from ldm_lightning.data.shard_check import (SHARD_CHECKS, ShardChangedError, changed_message, check_shards, merge_checks,
+                                            notes)
 from ldm_lightning.data.shards import resolve_shards
 from ldm_lightning.data.stream import KEY, BadDataError, ShardStream
 from ldm_lightning.data.transforms import IMAGE_KEYS, RESIZE_MODES, BadSample, ImageTransform, ResizeMode
@@ -191,7 +192,7 @@ class ShardDataModule(L.LightningDataModule):
                 shared-memory batch buffers (num_workers × 4 batches of /dev/shm per epoch) that the
                 main process lends out without a copy and takes back once nothing refers to them,
                 instead of torch moving every batch into a fresh shared-memory segment, whose page
-                faults cost a sizeable fraction of a large image's decode (benchmarks/README.md).
+                faults were measured at ~50 µs per 256² image on a VM (see data/batch_ring.py).
                 Off: torch's default hand-over.
             pin_memory: Put train/val batches in page-locked host memory, so Lightning's host→device copy
                 (non_blocking=True on CUDA) is an asynchronous DMA that overlaps the step instead of a staged
@@ -315,8 +316,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def _check_shards(self, shards, rank: int) -> None:
         """Start-up check of local shards against their manifest (`shard_check`; data/shard_check.py), once per
-        shard list. Every rank checks, so under 'strict' every rank stops at once (none waits for the others
-        in a collective); rank 0 prints."""
+        shard list. Under torch.distributed rank r checks shards r::world and the results are all-gathered: the
+        data is read once in all, not once per rank, and every rank reaches the same verdict (under 'strict'
+        all stop at once, none waits in a collective the others left). Rank 0 prints."""
         urls = tuple(s.url for s in shards)
         if urls in self._checked_shards:
             return
@@ -325,7 +327,14 @@ class ShardDataModule(L.LightningDataModule):
         if self.shard_check == "off":
             say(f"shard_check is off: {len(shards)} shard(s) are not compared with their manifest at start-up")
             return
-        check = check_shards(shards)
+        _, world = self.rank_world()
+        if _distributed(rank, world):
+            import torch.distributed as dist
+            parts: list = [None] * world
+            dist.all_gather_object(parts, check_shards(list(shards)[rank::world]))
+            check = merge_checks(parts)
+        else:
+            check = check_shards(shards)
         if check.changed and self.shard_check == "strict":
             raise ShardChangedError(changed_message(check, "strict"))
         if check.changed:

@@ -76,6 +76,21 @@ class ShardCheck:
     local: int = 0
 
 
+def merge_checks(parts: list[ShardCheck]) -> ShardCheck:
+    """One ShardCheck from the parts that ranks checked (shards r::world each), in shard order by name."""
+    out = ShardCheck()
+    for p in parts:
+        out.changed += p.changed
+        out.retimed += p.retimed
+        out.size_only += p.size_only
+        out.unrecorded += p.unrecorded
+        out.remote += p.remote
+        out.local += p.local
+    out.changed.sort()
+    out.retimed.sort()
+    return out
+
+
 def _when(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
