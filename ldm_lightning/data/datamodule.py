@@ -192,7 +192,7 @@ class ShardDataModule(L.LightningDataModule):
                 shared-memory batch buffers (num_workers × 4 batches of /dev/shm per epoch) that the
                 main process lends out without a copy and takes back once nothing refers to them,
                 instead of torch moving every batch into a fresh shared-memory segment, whose page
-                faults were measured at ~50 µs per 256² image on a VM (see data/batch_ring.py).
+                faults cost a sizeable fraction of a large image's decode (benchmarks/README.md).
                 Off: torch's default hand-over.
             pin_memory: Put train/val batches in page-locked host memory, so Lightning's host→device copy
                 (non_blocking=True on CUDA) is an asynchronous DMA that overlaps the step instead of a staged
