@@ -32,6 +32,7 @@ from ldm_lightning.autoencoder.presets import PRESETS, get_preset
 from ldm_lightning.images import image_grid, model_range
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
+from ldm_lightning.training.data_settings import datamodule_settings
 from ldm_lightning.training.speed import SpeedConfig, SpeedLevers, as_speed, images_channels_last, to_channels_last
 from ldm_lightning.training.strategies import maybe_compile
 
@@ -162,7 +163,10 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
         return [LatentStatistics(self.scale_batches, self.scale_use_shift, keep=self.keep_latent_stats)]
 
     def on_fit_start(self) -> None:
-        self._check_datamodule()
+        data = datamodule_settings(self.trainer)
+        if isinstance(data.get("image_size"), int):  # the data's images, checked before the first step
+            chans = data.get("channels", self.autoencoder.config.in_channels)
+            self.check_images(torch.empty(1, chans, data["image_size"], data["image_size"], device="meta"))
         if self.init_from and self.trainer.ckpt_path is None and self.global_step == 0:
             from ldm_lightning.autoencoder.load import load_autoencoder
             src = load_autoencoder(self.init_from)
@@ -190,16 +194,6 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
                              "change ch_mult")
         if self.image_size is not None and tuple(x.shape[2:]) != (self.image_size, self.image_size):
             raise ValueError(f"data image size {tuple(x.shape[2:])} != model.image_size={self.image_size}")
-
-    def _check_datamodule(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        for size_attr in ("image_size", "resolution"):
-            size = getattr(dm, size_attr, None)
-            if isinstance(size, int):
-                chans = next((getattr(dm, a) for a in ("channels", "image_channels", "in_channels")
-                              if isinstance(getattr(dm, a, None), int)), self.autoencoder.config.in_channels)
-                self.check_images(torch.empty(1, chans, size, size, device="meta"))
-                break
 
     # --- training --------------------------------------------------------------------------------
     def compute_loss(self, batch):

@@ -23,6 +23,7 @@ from ldm_lightning.images import image_grid, model_range
 from ldm_lightning.nn.lora import LoRAConfig, apply_lora, is_adapter_key
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule, is_logging_step
+from ldm_lightning.training.data_settings import datamodule_settings, preprocess_settings
 from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
                                           to_channels_last)
 
@@ -54,7 +55,8 @@ def _plain(value):
 
 
 class DiffusionModule(SpeedLevers, TrainingModule):
-    def __init__(self, autoencoder: str, backbone: str = "unet-tiny", backbone_config: dict | None = None,
+    def __init__(self, autoencoder: str, image_size: int | None = None, backbone: str = "unet-tiny",
+                 backbone_config: dict | None = None,
                  schedule: dict | None = None, objective: ObjectiveConfig | dict | None = None,
                  conditioning: ConditioningConfig | dict | None = None, encode_dtype: EncodeDtype = "fp32",
                  sample_posterior: bool = True, check_latent_hash: bool = True, loss_bins: int = 10,
@@ -70,10 +72,15 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             autoencoder: Path of the frozen stage-1 autoencoder (.ckpt, export folder, diffusers folder);
                 encodes image batches, decodes validation samples, and its content hash must match the one
                 in a latent-shard manifest.
+            image_size: Training image side in pixels (data.image_size; the latent cache's key for latent shards).
+                The latent side is image_size // the autoencoder's downsampling factor: the DiT's input_size, the
+                checkpoint's latent_shape, `ldm-lightning sample`'s default size. null (default): the
+                autoencoder's `resolution` (a preset's size, which otherwise only places its attention), else the
+                DiT preset's input_size; set it to train at another size than the autoencoder's preset.
             backbone: A preset of `diffusion/presets.py` ('unet-tiny', 'dit-tiny', 'DiT-B/4', ...), or 'unet' /
                 'dit' for the bare UNetConfig / DiTConfig defaults.
             backbone_config: UNetConfig / DiTConfig fields overriding the preset. in_channels, num_classes,
-                context_dim and (DiT) input_size are filled from the autoencoder and conditioning.
+                context_dim and (DiT) input_size are filled from the autoencoder, image_size and conditioning.
             schedule: {'kind': 'vp' | 'flow', ...VPSchedule / FlowSchedule fields}; default VP scaled_linear.
             objective: ObjectiveConfig (prediction eps/v/x0/flow, loss_space — JiT: x0 with 'v' —,
                 timestep sampling, min-SNR weighting).
@@ -155,8 +162,14 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 cfg["text_transformer"] = dataclasses.asdict(cond_cfg.trainable_text)
         if cond_cfg.concat != "none":  # c_concat: low-res image or masked image + mask (concat.py)
             cfg["concat_channels"] = concat_channels(cond_cfg.concat, int(ae.config.in_channels))
-        if family in TRANSFORMER_FAMILIES and "input_size" not in cfg and "input_size" not in PRESETS[backbone][1]:
-            cfg["input_size"] = int(ae.config.resolution) // ae.downsample_factor
+        latent_side = self.latent_side(ae, image_size, family, {**PRESETS[backbone][1], **cfg})
+        if family in TRANSFORMER_FAMILIES:
+            if image_size is not None and cfg.get("input_size", latent_side) != latent_side:
+                raise ValueError(f"model.backbone_config.input_size={cfg['input_size']} but model.image_size="
+                                 f"{image_size} makes {latent_side}-token-wide latents: drop input_size (it follows "
+                                 "image_size) or make them agree")
+            if image_size is not None or ("input_size" not in cfg and "input_size" not in PRESETS[backbone][1]):
+                cfg["input_size"] = latent_side
         pretrained = None
         if init_from:  # read first: fields that change no tensor shape (diffusers port numerics) come from it
             from .finetune import read_init_from
@@ -166,8 +179,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                     cfg.setdefault(k, pretrained.backbone[k])
         net = build_backbone(backbone, **cfg)
         bb_cfg = net.cfg
-        self.latent_size = int(bb_cfg.input_size) if family in TRANSFORMER_FAMILIES else \
-            int(ae.config.resolution) // ae.downsample_factor
+        self.latent_size = int(bb_cfg.input_size) if family in TRANSFORMER_FAMILIES else latent_side
+        self.image_size = image_size
         if sched["kind"] == "flow" and sched.get("shift_base_dim") and not sched.get("latent_dim"):
             sched["latent_dim"] = ae.latent_channels * self.latent_size ** 2  # RAE's shift: m = C*H*W (schedules.py)
         self.meta = {"module": CHECKPOINT_TAG, "backbone_family": family, "backbone": dataclasses.asdict(bb_cfg),
@@ -216,7 +229,10 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             "val_prompts": self.val_prompts,
             "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
             "posthoc_ema": _plain(self.posthoc_ema_cfg), "init_from": init_from, "lora": _plain(self.lora_cfg),
-            "seed": seed, "compile": compile, "speed": _plain(self.speed), "repa": _plain(repa_cfg)})
+            "seed": seed, "compile": compile, "speed": _plain(self.speed), "repa": _plain(repa_cfg),
+            # only when set: Lightning and check_hparams_agree compare the keys model and data share, and None
+            # (follow the autoencoder) would disagree with data.image_size
+            **({"image_size": image_size} if image_size is not None else {})})
         if self.speed.channels_last:  # before the EMA copy, so both are NHWC
             to_channels_last(self.denoiser.backbone, ae)
         self.setup_ema(self.denoiser)
@@ -224,7 +240,19 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         compile_network(self.denoiser.backbone, compile, self.speed.compile_mode)
         self._val_txt: list[str] | None = None
         self._val_concat: torch.Tensor | None = None
-        self._latents_checked = False
+
+    @staticmethod
+    def latent_side(ae, image_size: int | None, family: str, backbone_cfg: dict) -> int:
+        """The latent grid's side: image_size // the autoencoder's factor, or from its resolution when unset."""
+        f = ae.downsample_factor
+        if image_size is None:
+            return int(ae.config.resolution) // f
+        step = backbone_cfg.get("patch_size", 1) if family in TRANSFORMER_FAMILIES else \
+            2 ** (len(backbone_cfg.get("channel_mult", (1,))) - 1)
+        if image_size < 1 or image_size % (f * step):
+            raise ValueError(f"model.image_size={image_size} must be a positive multiple of {f * step} (the "
+                             f"autoencoder's factor {f} x the {family}'s latent grid step {step})")
+        return image_size // f
 
     # --- the frozen autoencoder ------------------------------------------------------------------
     @property
@@ -247,13 +275,16 @@ class DiffusionModule(SpeedLevers, TrainingModule):
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if self.check_latent_hash and dm is not None and getattr(dm, "kind", None) == "latent":
-            hp = getattr(dm, "hparams", {})  # the latent cache's key on the data side (encode.check_preprocess)
-            preprocess = {k: hp[k] for k in ("image_size", "resize_mode", "random_flip", "bucketing") if k in hp}
+        data = datamodule_settings(self.trainer)
+        if self.image_size is not None and data.get("image_size", self.image_size) != self.image_size:
+            raise ValueError(f"model.image_size={self.image_size} but data.image_size={data['image_size']}: set both "
+                             "to the size the model trains at")
+        if self.check_latent_hash and data.get("kind") == "latent":
+            # the latent cache's key on the data side (encode.check_preprocess)
             for shards in (dm.train_shards, getattr(dm, "val_shards", None)):
                 if shards is not None:
-                    self.check_latent_shards(shards, preprocess)
-        if dm is not None and getattr(dm, "kind", None) == "latent" and self.conditioner.cfg.kind == "text":
+                    self.check_latent_shards(shards, preprocess_settings(data))
+        if data.get("kind") == "latent" and self.conditioner.cfg.kind == "text":
             from .text_cache import attach_text_cache  # cached caption embeddings: no text encoder is loaded
             attach_text_cache(self.conditioner, [dm.train_shards, getattr(dm, "val_shards", None)],
                               self.conditioner.cfg.text_cache)
