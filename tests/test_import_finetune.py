@@ -118,7 +118,7 @@ def ours_from(pre):
 
 # --- 1. import, exact ---------------------------------------------------------------------------------------
 def test_fb_dit_imports_exactly_learned_sigma_and_not(tmp_path):
-    from ldm_lightning.diffusion.interop import read_pretrained
+    from ldm_lightning.diffusion.load import read_pretrained
     x, t, y = inputs()
     for learn_sigma in (True, False):
         sd = random_fb_dit(learn_sigma=learn_sigma)
@@ -135,7 +135,8 @@ def test_fb_dit_imports_exactly_learned_sigma_and_not(tmp_path):
 def test_diffusers_dit_imports_and_exports_exactly(tmp_path):
     """diffusers DiT folder (+ scheduler) -> ours: same output; ours -> DiTTransformer2DModel folder that diffusers
     loads: same output again."""
-    from ldm_lightning.diffusion.interop import read_pretrained, to_diffusers_dit
+    from ldm_lightning.diffusion.interop import to_diffusers_dit
+    from ldm_lightning.diffusion.load import read_pretrained
     ref = random_diffusers_dit()
     ref.save_pretrained(tmp_path / "pipe" / "transformer")
     diffusers.DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
@@ -156,7 +157,8 @@ def test_diffusers_dit_imports_and_exports_exactly(tmp_path):
 
 
 def test_import_bad_inputs_one_message_each(tmp_path):
-    from ldm_lightning.diffusion.interop import ImportLayoutError, read_pretrained
+    from ldm_lightning.diffusion.interop import ImportLayoutError
+    from ldm_lightning.diffusion.load import read_pretrained
     from ldm_lightning.diffusion import importer
     with pytest.raises(SystemExit) as e:  # no --autoencoder and no pipeline vae/: argparse's one message, exit 2
         importer.main(["--from", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "o")])
@@ -278,7 +280,7 @@ def test_import_fit_full_and_lora_sample_export_to_diffusers(tiny_ae, mnist_shar
             diff = (theirs(x, timestep=t, class_labels=y).sample - ours.backbone(x, t.float(), y)).abs().max()
         assert diff <= 1e-4, (run_dir, diff)
     assert full["state_dict"]  # full fine-tuning keeps every tensor
-    from ldm_lightning.diffusion.interop import read_pretrained  # a LoRA checkpoint as the next init_from: merged
+    from ldm_lightning.diffusion.load import read_pretrained  # a LoRA checkpoint as the next init_from: merged
     merged_ours = read_pretrained(last("lora")).state
     assert merged_ours.keys() == read_pretrained(last("full")).state.keys()
     # the adapter export: PEFT keys on diffusers module names; base (the import) + scale * B A = the merged export

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ldm_lightning.errors import UserError
 
@@ -58,6 +59,17 @@ class Shard:
     """Key of this shard's first sample when it is the rest of the previous shard's last one (skipped here)."""
     tail_url: str | None = None
     """The next shard, when its first sample is the rest of this shard's last one (joined here)."""
+
+
+def find_manifest(shards) -> Path | None:
+    """The manifest.json next to a shard spec (directory, file, glob, or a list: its first entry)."""
+    if isinstance(shards, (list, tuple)):
+        shards = shards[0] if shards else None
+    if shards is None or is_streamed(str(shards)):
+        return None
+    p = Path(os.path.expanduser(str(shards)))
+    cand = p / MANIFEST if p.is_dir() else Path(os.path.dirname(os.path.abspath(str(p)))) / MANIFEST
+    return cand if cand.is_file() else None
 
 
 def unsafe_reason(name: str) -> str | None:

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from ldm_lightning.autoencoder.hashing import autoencoder_hash
+from ldm_lightning.data.shards import MANIFEST, find_manifest  # noqa: F401  (find_manifest: re-exported for module.py)
 from ldm_lightning.errors import UserError
 
-MANIFEST = "manifest.json"
 STATE_DIR = ".encode-state"
 LATENT_FORMAT = "ldm-lightning-latents/1"
 MODES = ("moments", "sample")
@@ -47,19 +47,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # ------------------------------------------------------------------------------------------------
 # the check the trainer runs (the autoencoder's identity is autoencoder/hashing.py)
 # ------------------------------------------------------------------------------------------------
-def find_manifest(shards) -> Path | None:
-    """The manifest.json next to a shard spec (directory, file, glob, or a list: its first entry)."""
-    if isinstance(shards, (list, tuple)):
-        shards = shards[0] if shards else None
-    from ldm_lightning.data.shards import is_streamed
-
-    if shards is None or is_streamed(str(shards)):
-        return None
-    p = Path(os.path.expanduser(str(shards)))
-    cand = p / MANIFEST if p.is_dir() else Path(os.path.dirname(os.path.abspath(str(p)))) / MANIFEST
-    return cand if cand.is_file() else None
-
-
 class LatentCacheMismatch(UserError, ValueError):
     """A latent cache whose key (autoencoder, resolution, crop, flip, buckets) differs from the configuration."""
 

@@ -1,6 +1,6 @@
 """Starting a DiffusionModule from pretrained weights (`model.init_args.init_from`): read, check, load.
 
-The weights come through `interop.read_pretrained` (any layout it understands). What they were made for must
+The weights come through `load.read_pretrained` (any layout it understands). What they were made for must
 agree with the run's config, each disagreement one message naming the field and the value to set: the
 backbone family and every DiTConfig field that shapes a tensor or the function (grad_checkpointing aside),
 the noise schedule and the prediction type. Loading is strict: a tensor of another shape is named.
@@ -14,7 +14,8 @@ import torch
 
 from ldm_lightning.errors import UserError
 
-from .interop import Pretrained, read_pretrained
+from .interop import Pretrained
+from .load import read_pretrained
 from .presets import backbone_config
 from .schedules import build_schedule
 

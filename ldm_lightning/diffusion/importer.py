@@ -22,7 +22,7 @@ from ldm_lightning.finite import finite_float
 from ldm_lightning.output_paths import replace_dir
 
 from .conditioning import ConditioningConfig
-from .interop import read_pretrained
+from .load import read_pretrained
 from .load import CHECKPOINT_TAG, CONFIG_KEY, WEIGHTS
 from .loss import ObjectiveConfig
 

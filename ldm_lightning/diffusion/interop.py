@@ -1,6 +1,7 @@
 """Published stage-2 weights in, and back out: facebookresearch/DiT and diffusers' DiT port <-> our `DiT`.
 
-Read (`read_pretrained`, used by `ldm-lightning import` and `model.init_args.init_from`):
+Read (the converters below; `load.read_pretrained` dispatches a path to them, for `ldm-lightning import` and
+`model.init_args.init_from`):
 - a facebookresearch/DiT checkpoint (`DiT-XL-2-256x256.pt`: a plain state dict, read with weights_only; also a
   training checkpoint's `ema` entry). Learned sigma (out_channels = 2 * in_channels): our DiT predicts eps
   only, so the final linear keeps the eps half of its outputs (the variance half is dropped: sampling then
@@ -23,9 +24,7 @@ it), class-conditional, without text / concat / qk-norm / bottleneck / pooled in
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 import torch
 
@@ -290,70 +289,3 @@ def schedule_from_scheduler_config(sc: dict, source: str) -> tuple[dict, str]:
                 "zero_terminal_snr": bool(sc.get("rescale_betas_zero_snr", False)),
                 "steps_offset": int(sc.get("steps_offset", 0))}
     return schedule, DIFFUSERS_PREDICTION[pred]
-
-
-# --- reading any of them -----------------------------------------------------------------------------------
-def unknown_layout(path, what: str) -> ImportLayoutError:
-    return ImportLayoutError(f"{path}: {what}; layouts understood: " + "; ".join(LAYOUTS))
-
-
-def read_pretrained(path, num_heads: int | None = None) -> Pretrained:
-    """The denoiser weights at `path` in our names, whatever layout of `LAYOUTS` it is in."""
-    from ldm_lightning.autoencoder.load import read_checkpoint, read_export_config, read_safetensors
-
-    from .load import CHECKPOINT_TAG, CONFIG_KEY, WEIGHTS, denoiser_state
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"pretrained weights {str(path)!r} do not exist; give " + ", ".join(LAYOUTS))
-    if path.is_dir():
-        if (path / "transformer" / "config.json").is_file():  # a pipeline folder
-            transformer, sched_file = path / "transformer", path / "scheduler" / "scheduler_config.json"
-        else:
-            transformer, sched_file = path, path.parent / "scheduler" / "scheduler_config.json"
-        cfg_file = transformer / "config.json"
-        if not cfg_file.is_file():
-            raise unknown_layout(path, "a folder without config.json (or transformer/config.json)")
-        dc = read_export_config(cfg_file)
-        if CONFIG_KEY in dc:
-            meta = dc[CONFIG_KEY]
-            return from_ours(meta, read_safetensors(transformer / WEIGHTS), meta.get("weights", "ema"))
-        cls = dc.get("_class_name")
-        if cls in NOT_MAPPED:
-            raise ImportLayoutError(f"{path}: diffusers {cls} does not map to a backbone here: {NOT_MAPPED[cls]}")
-        if cls not in DIFFUSERS_DIT_CLASSES:
-            raise unknown_layout(path, f"config.json of _class_name {cls!r}")
-        wfile = next((transformer / w for w in DIFFUSERS_WEIGHT_FILES if (transformer / w).is_file()), None)
-        if wfile is None:
-            raise FileNotFoundError(f"{transformer}: diffusers folder without {DIFFUSERS_WEIGHT_FILES[0]}")
-        sd = read_safetensors(wfile) if wfile.suffix == ".safetensors" else read_checkpoint(wfile)
-        pre = from_diffusers_dit(dc, sd)
-        if sched_file.is_file():
-            pre.schedule, pre.prediction = schedule_from_scheduler_config(json.loads(sched_file.read_text()),
-                                                                          str(sched_file))
-            pre.notes.append(f"schedule and prediction from {sched_file}")
-        return pre
-    sd = read_safetensors(path) if path.suffix == ".safetensors" else read_checkpoint(path)
-    if not isinstance(sd, dict):
-        raise unknown_layout(path, f"a {type(sd).__name__}, not a state dict")
-    meta = sd.get("ldm_lightning")
-    if isinstance(meta, dict) and "state_dict" in sd:
-        if meta.get("module") != CHECKPOINT_TAG:
-            raise unknown_layout(path, f"an ldm-lightning checkpoint of {meta.get('module')!r}, not a denoiser")
-        weights = "ema" if any(k.startswith("ema.module.") for k in sd["state_dict"]) else "live"
-        return from_ours(meta, denoiser_state(sd, weights, str(path)), weights)
-    if isinstance(sd.get("ema"), dict):  # a facebookresearch/DiT training checkpoint: its EMA (as sample.py)
-        sd = sd["ema"]
-    if is_fb_dit(sd):
-        return from_fb_dit(sd, num_heads)
-    keys = [k for k in sd if isinstance(k, str)][:3]
-    raise unknown_layout(path, f"tensors named like {keys}")
-
-
-def from_ours(meta: dict, sd: dict[str, torch.Tensor], weights: str) -> Pretrained:
-    if meta.get("lora"):  # a LoRA run's checkpoint: its adapters folded into its own init_from base
-        from .load import denoiser_with_weights
-        denoiser, _, meta = denoiser_with_weights(meta, sd, "init_from")
-        sd = denoiser.state_dict()
-    return Pretrained(OURS_LAYOUT, meta["backbone_family"], dict(meta["backbone"]), dict(sd), dict(meta["schedule"]),
-                      meta["objective"]["prediction"], meta["conditioning"].get("num_classes") or None,
-                      [f"{weights} weights"], meta)

@@ -5,11 +5,14 @@ weights) or a `ldm-lightning export` folder (`denoiser.safetensors` + `config.js
 same metadata (`CHECKPOINT_TAG`, backbone family + config, schedule, objective, conditioning, latent
 shape, the autoencoder's path and hash), from which `build_denoiser_parts` rebuilds the network.
 The training module, the exporter and `ldm-lightning sample` all import from here, so none of them
-imports another (no import cycle), and a tag check never loads Lightning.
+imports another (no import cycle), and a tag check never loads Lightning. `read_pretrained` reads any layout
+`interop.LAYOUTS` lists (published DiT weights through interop's converters, or our own), for `ldm-lightning
+import` and `model.init_args.init_from`; a LoRA checkpoint's base is read through it too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from ldm_lightning.errors import WrongFileError
 
 from .conditioning import Conditioner, ConditioningConfig
 from .denoiser import Denoiser
+from .interop import (DIFFUSERS_DIT_CLASSES, DIFFUSERS_WEIGHT_FILES, LAYOUTS, NOT_MAPPED, OURS_LAYOUT, ImportLayoutError,
+                      Pretrained, from_diffusers_dit, from_fb_dit, is_fb_dit, schedule_from_scheduler_config)
 from .presets import backbone_from_config
 from .schedules import build_schedule
 
@@ -89,7 +94,6 @@ def denoiser_with_weights(meta: dict, sd: dict[str, torch.Tensor], source: str) 
         return denoiser, conditioner, meta
     from ldm_lightning.nn.lora import LoRAConfig, apply_lora, is_adapter_key, merge_lora
 
-    from .interop import read_pretrained
     base = meta.get("init_from")
     if not base or not Path(base).exists():
         raise WrongFileError(f"{source} holds LoRA adapters over the base weights of init_from={base!r}, which do "
@@ -105,3 +109,66 @@ def denoiser_with_weights(meta: dict, sd: dict[str, torch.Tensor], source: str) 
                              f"unexpected {unexpected[:3]}")
     merge_lora(denoiser.backbone)
     return denoiser, conditioner, {k: v for k, v in meta.items() if k != "lora"}
+
+
+# --- reading any of them -----------------------------------------------------------------------------------
+def unknown_layout(path, what: str) -> ImportLayoutError:
+    return ImportLayoutError(f"{path}: {what}; layouts understood: " + "; ".join(LAYOUTS))
+
+
+def read_pretrained(path, num_heads: int | None = None) -> Pretrained:
+    """The denoiser weights at `path` in our names, whatever layout of `LAYOUTS` it is in."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"pretrained weights {str(path)!r} do not exist; give " + ", ".join(LAYOUTS))
+    if path.is_dir():
+        if (path / "transformer" / "config.json").is_file():  # a pipeline folder
+            transformer, sched_file = path / "transformer", path / "scheduler" / "scheduler_config.json"
+        else:
+            transformer, sched_file = path, path.parent / "scheduler" / "scheduler_config.json"
+        cfg_file = transformer / "config.json"
+        if not cfg_file.is_file():
+            raise unknown_layout(path, "a folder without config.json (or transformer/config.json)")
+        dc = read_export_config(cfg_file)
+        if CONFIG_KEY in dc:
+            meta = dc[CONFIG_KEY]
+            return from_ours(meta, read_safetensors(transformer / WEIGHTS), meta.get("weights", "ema"))
+        cls = dc.get("_class_name")
+        if cls in NOT_MAPPED:
+            raise ImportLayoutError(f"{path}: diffusers {cls} does not map to a backbone here: {NOT_MAPPED[cls]}")
+        if cls not in DIFFUSERS_DIT_CLASSES:
+            raise unknown_layout(path, f"config.json of _class_name {cls!r}")
+        wfile = next((transformer / w for w in DIFFUSERS_WEIGHT_FILES if (transformer / w).is_file()), None)
+        if wfile is None:
+            raise FileNotFoundError(f"{transformer}: diffusers folder without {DIFFUSERS_WEIGHT_FILES[0]}")
+        sd = read_safetensors(wfile) if wfile.suffix == ".safetensors" else read_checkpoint(wfile)
+        pre = from_diffusers_dit(dc, sd)
+        if sched_file.is_file():
+            pre.schedule, pre.prediction = schedule_from_scheduler_config(json.loads(sched_file.read_text()),
+                                                                          str(sched_file))
+            pre.notes.append(f"schedule and prediction from {sched_file}")
+        return pre
+    sd = read_safetensors(path) if path.suffix == ".safetensors" else read_checkpoint(path)
+    if not isinstance(sd, dict):
+        raise unknown_layout(path, f"a {type(sd).__name__}, not a state dict")
+    meta = sd.get("ldm_lightning")
+    if isinstance(meta, dict) and "state_dict" in sd:
+        if meta.get("module") != CHECKPOINT_TAG:
+            raise unknown_layout(path, f"an ldm-lightning checkpoint of {meta.get('module')!r}, not a denoiser")
+        weights = "ema" if any(k.startswith("ema.module.") for k in sd["state_dict"]) else "live"
+        return from_ours(meta, denoiser_state(sd, weights, str(path)), weights)
+    if isinstance(sd.get("ema"), dict):  # a facebookresearch/DiT training checkpoint: its EMA (as sample.py)
+        sd = sd["ema"]
+    if is_fb_dit(sd):
+        return from_fb_dit(sd, num_heads)
+    keys = [k for k in sd if isinstance(k, str)][:3]
+    raise unknown_layout(path, f"tensors named like {keys}")
+
+
+def from_ours(meta: dict, sd: dict[str, torch.Tensor], weights: str) -> Pretrained:
+    if meta.get("lora"):  # a LoRA run's checkpoint: its adapters folded into its own init_from base
+        denoiser, _, meta = denoiser_with_weights(meta, sd, "init_from")
+        sd = denoiser.state_dict()
+    return Pretrained(OURS_LAYOUT, meta["backbone_family"], dict(meta["backbone"]), dict(sd), dict(meta["schedule"]),
+                      meta["objective"]["prediction"], meta["conditioning"].get("num_classes") or None,
+                      [f"{weights} weights"], meta)

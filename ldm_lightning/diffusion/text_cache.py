@@ -156,7 +156,7 @@ def find_text_cache(manifest_path: Path) -> dict | None:
 def attach_text_cache(conditioner, shard_specs: list, require: bool | None) -> TextCache | None:
     """Give `conditioner` the text cache of latent shards (train and val specs) when they have one and `require`
     is not False, after checking its key; None when there is none (an error when `require` is True)."""
-    from .encode import find_manifest
+    from ldm_lightning.data.shards import find_manifest
     if require is False or conditioner.text_encoders is None:
         return None
     manifests = [m for m in (find_manifest(s) for s in shard_specs if s is not None) if m is not None]
