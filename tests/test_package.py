@@ -66,3 +66,47 @@ def test_layers_import_only_downwards():
                 if mod == pkg or mod.startswith(pkg + "."):
                     bad += [f"{mod} imports {imp}" for b in banned if imp.startswith(b)]
     assert not bad, "\n".join(bad)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """module -> the ldm_lightning modules it imports (`from pkg import mod` counts as pkg.mod), lazy imports too."""
+    files = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (ROOT / "ldm_lightning").rglob("*.py")}
+    graph = {}
+    for mod, f in files.items():
+        package = mod.split(".")[:-1] if f.name != "__init__.py" else mod.split(".")
+        edges = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in files}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join((package[:len(package) - node.level + 1] if node.level else []) +
+                                ([node.module] if node.module else []))
+                for a in node.names:
+                    target = f"{base}.{a.name}" if f"{base}.{a.name}" in files else base
+                    if target in files and target != mod:
+                        edges.add(target)
+        graph[mod] = edges
+    return graph
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or around a loop, even through imports inside functions
+    (a lazy import hides a cycle from Python, not from a reader)."""
+    graph, done, stack, cycles = _module_graph(), set(), [], []
+
+    def visit(m):
+        if m in stack:
+            cycles.append(" -> ".join(stack[stack.index(m):] + [m]))
+            return
+        if m in done:
+            return
+        stack.append(m)
+        for n in sorted(graph[m]):
+            visit(n)
+        stack.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    assert not cycles, "\n".join(cycles[:5])
