@@ -2,7 +2,7 @@
 
     python benchmarks/bench_compile.py [--width 256] [--depth 4] [--tokens 64] [--batch 16] [--bf16]
 
-Compilation goes through `ldm_lightning.training.strategies.maybe_compile` (in-place `module.compile()`,
+Compilation goes through `ldm_lightning.training.speed.compile_network` (in-place `module.compile()`,
 what both stages use behind their `compile` flag). Reports the cold compile time (first steps) and the
 median warm step time of each, and the speedup. A small pre-norm transformer block stack stands in for
 the DiT/UNet attention blocks.
@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from ldm_lightning.training.strategies import maybe_compile
+from ldm_lightning.training.speed import compile_network
 
 
 class Block(nn.Module):
@@ -68,7 +68,7 @@ def main():
         torch.manual_seed(0)
         net = nn.Sequential(*[Block(a.width) for _ in range(a.depth)]).to(a.device)
         for blk in net:
-            maybe_compile(blk, compiled)
+            compile_network(blk, compiled)
         t = run(net, x, a.warmup + a.steps, a.bf16)
         result[compiled] = (sum(t[:a.warmup]), statistics.median(t[a.warmup:]))
     (c_e, e), (c_c, c) = result[False], result[True]

@@ -33,7 +33,7 @@ for stage in $STAGES; do
     dir="$OUT/$stage-$strat"
     rm -rf "$dir"
     echo "=== $stage / $strat / bf16-mixed + compile / $NGPU GPU(s) / $STEPS steps ==="
-    # compile flag: the stage module's `compile` argument (training/strategies.maybe_compile), if it has one
+    # compile flag: the stage module's `compile` argument (training/speed.compile_network), if it has one
     compile=()
     if "$PY" -c "import importlib, inspect, sys; m, c = sys.argv[1].rsplit('.', 1); \
 sys.exit(0 if 'compile' in inspect.signature(getattr(importlib.import_module(m), c).__init__).parameters else 1)" \

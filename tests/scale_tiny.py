@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ldm_lightning.training.base import EMAConfig, OptimConfig, TrainingModule
-from ldm_lightning.training.strategies import maybe_compile
+from ldm_lightning.training.speed import compile_network
 
 
 class TinyNet(nn.Module):
@@ -29,7 +29,7 @@ class TinyModule(TrainingModule):
                  optim: OptimConfig | None = None, ema: EMAConfig | None = None, seed: int = 0):
         super().__init__(optim=optim or OptimConfig(lr=1e-3), ema=ema or EMAConfig(enabled=False), seed=seed)
         self.save_hyperparameters()
-        self.net = maybe_compile(TinyNet(1, width), compile)
+        self.net = compile_network(TinyNet(1, width), compile)
         self.setup_ema(self.net)
         self.log_image = log_image
 

@@ -323,7 +323,7 @@ def test_host_syncs_per_training_step_are_counted(tiny_ae, monkeypatch, tmp_path
         # every step: the non-finite guard's two checks (loss, grad norm), the class-label range check,
         # the EMA's decay ramp reading its update count
         assert {k: v for k, v in syncs.items() if k != "diffusion/loss.py"} == {
-            "training/base.py": 2, "diffusion/conditioning.py": 1, "nn/ema.py": 1}, dict(syncs)
+            "training/nonfinite_guard.py": 2, "diffusion/conditioning.py": 1, "nn/ema.py": 1}, dict(syncs)
 
 
 @pytest.mark.slow
@@ -379,14 +379,14 @@ def test_sync_free_guard_skips_exactly_on_the_device_and_stops_on_a_streak(tiny_
     import lightning as L
 
     from ldm_lightning.diffusion.module import DiffusionModule
-    from ldm_lightning.training.base import NonFiniteLossError
+    from ldm_lightning.training.nonfinite_guard import NonFiniteLossError
     reads = []
     original = torch.Tensor.item
 
     def guard_read(convert):
         def read(self):
             frame = __import__("traceback").extract_stack(limit=2)[0].filename
-            if frame.endswith(("training/base.py", "training/speed.py")):
+            if frame.endswith(("training/base.py", "training/speed.py", "training/nonfinite_guard.py", "nn/ema.py")):
                 reads.append(module.global_step)
             return convert(original(self))
         return read

@@ -119,9 +119,22 @@ def test_old_wandb_logger_class_path_works_with_one_deprecation_line(tmp_path):
 def test_anydevice_deepspeed_strategies_registered():
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from ldm_lightning.training.strategies import AnyDeviceDeepSpeedStrategy
+    from ldm_lightning.training.strategies import AnyDeviceDeepSpeedStrategy, register_strategies
 
+    register_strategies()  # what `ldm-lightning fit|validate|test` calls at its entry (importing registers nothing)
+    register_strategies()  # idempotent
     for name in ("deepspeed_anydevice", "deepspeed_stage_1_anydevice", "deepspeed_stage_2_anydevice",
                  "deepspeed_stage_3_anydevice", "deepspeed_stage_3_offload_anydevice"):
         assert StrategyRegistry[name]["strategy"] is AnyDeviceDeepSpeedStrategy, name
     assert StrategyRegistry["deepspeed_stage_3_anydevice"]["init_params"]["stage"] == 3
+
+
+def test_fit_with_registered_deepspeed_strategy_name(tmp_path):
+    """`--trainer.strategy deepspeed_stage_2_anydevice` (the name cpu-debug.yaml documents) through the console
+    entry: the CLI registers the name itself; the run trains and writes a DeepSpeed checkpoint directory."""
+    stage = tiny_stage(tmp_path)
+    run_cli(["fit", "-c", stage, "-c", str(TRAINER_CFG / "cpu-debug.yaml"), "--trainer.logger", "false",
+             "--trainer.strategy", "deepspeed_stage_2_anydevice", "--trainer.max_steps", "2",
+             "--trainer.limit_val_batches", "0"], tmp_path)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and (last / "latest").is_file(), sorted(p.name for p in last.parent.iterdir())

@@ -11,7 +11,7 @@ from torch import nn
 from scale_tiny import TinyData, TinyModule
 
 from ldm_lightning.training.flops import count_flops, peak_flops, training_flops_per_sample
-from ldm_lightning.training.strategies import maybe_compile, strip_orig_mod
+from ldm_lightning.training.speed import compile_network
 from ldm_lightning.training.telemetry import TelemetryCallback, batch_size_of
 
 
@@ -103,13 +103,8 @@ def test_compiled_checkpoint_loads_into_uncompiled_and_back(tmp_path):
     again = TinyModule(width=8, compile=True)
     again.load_state_dict(plain.state_dict())
     torch.testing.assert_close(again.net(x), plain.net(x), rtol=1e-5, atol=1e-5)
-    # checkpoints written by code that wrapped with torch.compile(module) still load after stripping
-    wrapped = torch.compile(TinyModule(width=8).net)
-    keys = wrapped.state_dict()
-    assert any(k.startswith("_orig_mod.") for k in keys)
-    plain.net.load_state_dict(strip_orig_mod(keys))
 
 
-def test_maybe_compile_disabled_is_identity():
+def test_compile_network_is_in_place():
     net = nn.Linear(2, 2)
-    assert maybe_compile(net, False) is net and maybe_compile(net, True) is net
+    assert compile_network(net, False) is net and compile_network(net, True) is net

@@ -31,10 +31,11 @@ from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
 from ldm_lightning.images import image_grid, model_range
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
-from ldm_lightning.training.base import EMAConfig, GuardConfig, OptimConfig, TrainingModule
+from ldm_lightning.training.base import EMAConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.data_settings import datamodule_settings
-from ldm_lightning.training.speed import SpeedConfig, SpeedLevers, as_speed, images_channels_last, to_channels_last
-from ldm_lightning.training.strategies import maybe_compile
+from ldm_lightning.training.nonfinite_guard import GuardConfig
+from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
+                                          to_channels_last)
 
 
 def _as(cls, value):
@@ -133,7 +134,7 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
         self._keep_buffers = compile and self.loss.discriminator is not None and self.loss_cfg.adaptive_weight
         for part in (self.autoencoder.encoder, self.autoencoder.decoder):
             if any(p.requires_grad for p in part.parameters()):  # a frozen (RAE) encoder runs eagerly
-                maybe_compile(part, compile)
+                compile_network(part, compile)
         self._data_checked = False
 
     def _freeze_all_but(self, patterns: list[str]) -> None:

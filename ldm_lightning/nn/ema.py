@@ -33,17 +33,33 @@ class EMA(nn.Module):
             return self.decay * min(1.0, n / self.warmup_steps)
         return min(self.decay, (1 + n) / (10 + n))
 
+    def current_decay_on_device(self) -> torch.Tensor:
+        """`current_decay` as a 0-dim tensor on `num_updates`' device, computed there (no host read)."""
+        n = self.num_updates.float()
+        if self.warmup_steps > 0:
+            return self.decay * (n / self.warmup_steps).clamp(max=1.0)
+        return ((1 + n) / (10 + n)).clamp(max=self.decay)
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
+    def update(self, model: nn.Module, ok: torch.Tensor | None = None) -> None:
+        """One step of the average towards `model`'s weights (buffers are copied).
+
+        `ok`: a 0-dim tensor on the device (the non-finite guard decided there, training/nonfinite_guard.py):
+        the decay ramp is computed on the device and nothing changes where `ok` is 0, with no host read.
+        Without it the decay is a Python float (one host read of `num_updates`).
+        """
+        if ok is None:
+            weight = 1.0 - self.current_decay()
+        else:
+            weight = (1.0 - self.current_decay_on_device()) * ok.float()  # 0 for a skipped step: the average stays
         ema_params = dict(self.module.named_parameters())
         for name, p in model.named_parameters():
             e = ema_params[name]
-            e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+            e.lerp_(p.detach().to(e.dtype), weight if ok is None else weight.to(e.dtype))
         ema_buffers = dict(self.module.named_buffers())
         for name, b in model.named_buffers():
             ema_buffers[name].copy_(b)
-        self.num_updates += 1
+        self.num_updates += 1 if ok is None else ok.long()
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -1,4 +1,5 @@
-"""What both training stages share: optimizer + warmup, EMA, NaN guard, deterministic per-step noise.
+"""What both training stages share: optimizer + warmup, EMA, the non-finite guard (training/nonfinite_guard.py),
+deterministic per-step noise.
 
 `AutoencoderModule` and `DiffusionModule` subclass `TrainingModule`. The subclass implements
 `compute_loss(batch) -> (loss, terms)`; the base turns that into a guarded training step.
@@ -24,6 +25,8 @@ from torch import nn
 from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.nn.ema import EMA
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig, PowerEMA
+from ldm_lightning.training.logging_steps import is_logging_step
+from ldm_lightning.training.nonfinite_guard import GuardConfig, NonFiniteGuard
 
 
 # Choice fields are Literal types: jsonargparse lists the choices in `--help` and refuses others at parse time;
@@ -90,34 +93,12 @@ class EMAConfig:
         check_finite_fields(self, "ema")
 
 
-@dataclass
-class GuardConfig:
-    """Non-finite loss / gradient protection."""
-
-    enabled: bool = True
-    """Skip optimizer steps whose loss or gradients are NaN/Inf (decided jointly by all ranks)."""
-    max_consecutive: int = 20
-    """After this many consecutive skipped steps: save `nonfinite-stop.ckpt` and stop with an error."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after `GuardConfig.max_consecutive` consecutive non-finite steps."""
-
-
 def _seed_from(*parts) -> int:
     h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def is_logging_step(module) -> bool:
-    """Whether Lightning sends this training step's `self.log` values to the loggers (every
-    log_every_n_steps); on other steps on_step-only values are dropped. True outside a Trainer's fit."""
-    trainer = getattr(module, "_trainer", None)
-    connector = getattr(trainer, "_logger_connector", None)
-    return True if connector is None or not trainer.training else bool(connector.should_update_logs)
-
-
-class TrainingModule(L.LightningModule):
+class TrainingModule(NonFiniteGuard, L.LightningModule):
     """Base LightningModule. Subclasses call `self.setup_ema(network)` in `__init__` with the trained
     nn.Module whose weights get an EMA (a direct child), and implement `compute_loss`."""
 
@@ -126,14 +107,11 @@ class TrainingModule(L.LightningModule):
         super().__init__()
         self.optim_cfg = optim or OptimConfig()
         self.ema_cfg = ema or EMAConfig()
-        self.guard_cfg = guard or GuardConfig()
         self.posthoc_ema_cfg = posthoc_ema  # None: off
         self.seed = seed
         self.ema: EMA | None = None
         self.posthoc_ema: PowerEMA | None = None
-        self.register_buffer("nonfinite_skipped", torch.zeros((), dtype=torch.long), persistent=True)
-        self.register_buffer("nonfinite_consecutive", torch.zeros((), dtype=torch.long), persistent=True)
-        self._last_step_skipped = False
+        self.init_guard(guard)
         self._ema_updated_this_batch = False
 
     # --- EMA -------------------------------------------------------------------------------------
@@ -157,9 +135,17 @@ class TrainingModule(L.LightningModule):
         EMA of the same step and a resume is exact. Manual-optimization subclasses call it right after
         their last `opt.step()`; otherwise it runs (later) in `on_train_batch_end`.
         """
-        if self.ema is not None and not self._last_step_skipped and not self._ema_updated_this_batch:
+        if self.guard_on_device():
+            # The step's decision is a device tensor: the EMA update is masked by it, with no host read.
+            # The post-hoc EMA profiles are not updated on this path.
+            ok = self.device_step_ok
+            if self.ema is not None and ok is not None and not self._ema_updated_this_batch:
+                self.ema.update(getattr(self, self._ema_target_name), ok)
+            self._ema_updated_this_batch = True
+            return
+        if self.ema is not None and not self.step_skipped() and not self._ema_updated_this_batch:
             self.ema.update(getattr(self, self._ema_target_name))
-        if self.posthoc_ema is not None and not self._last_step_skipped and not self._ema_updated_this_batch:
+        if self.posthoc_ema is not None and not self.step_skipped() and not self._ema_updated_this_batch:
             self.posthoc_ema.update(getattr(self, self._ema_target_name))
             if int(self.posthoc_ema.num_updates) % self.posthoc_ema_cfg.snapshot_every == 0:
                 self._write_posthoc_snapshot()
@@ -194,6 +180,7 @@ class TrainingModule(L.LightningModule):
         # micro-batches, where the weights did not change).
         if not self.automatic_optimization and not self._ema_updated_this_batch:
             self.update_ema()
+        super().on_train_batch_end(outputs, batch, batch_idx)  # the guard's look at its device-side counters
 
     # --- randomness ------------------------------------------------------------------------------
     def step_generator(self, tag: str = "noise", device: torch.device | None = None) -> torch.Generator:
@@ -223,108 +210,6 @@ class TrainingModule(L.LightningModule):
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "bad_samples") and is_logging_step(self):
             self.log("data/bad_samples", float(dm.bad_samples), reduce_fx="sum", sync_dist=True)
-
-    def _all_ranks_finite(self, value: torch.Tensor) -> bool:
-        ok = torch.isfinite(value.detach()).all().float().reshape(1)
-        if self.trainer is not None and self.trainer.world_size > 1:
-            ok = self.trainer.strategy.reduce(ok, reduce_op="min")
-        return bool(ok.item() > 0)
-
-    def _is_deepspeed(self) -> bool:
-        return self.trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__
-
-    def guard_loss(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]):
-        """Returns the loss to backpropagate, or None / a zero-gradient loss when the step must be skipped."""
-        self._last_step_skipped = False
-        if not self.guard_cfg.enabled or self._all_ranks_finite(loss):
-            self.nonfinite_consecutive.zero_()
-            return loss
-        self._register_bad_step("loss", terms, loss)
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        if self._is_deepspeed() or distributed:
-            # DeepSpeed's engine must run backward+step every iteration, and Lightning refuses a None
-            # training_step under DDP (ranks would disagree on the gradient all-reduce): backprop a
-            # graph with all-zero gradients instead. For torch optimizers on_before_optimizer_step
-            # then drops those gradients so the step is skipped exactly; DeepSpeed keeps params
-            # unchanged apart from optimizer momentum/decay.
-            return sum((p * 0).sum() for p in self.parameters() if p.requires_grad)
-        return None
-
-    def on_before_optimizer_step(self, optimizer):
-        # Gradients that are non-finite on any rank: drop them all, so torch optimizers skip every
-        # parameter (they ignore params whose .grad is None) — the update is skipped exactly.
-        if not self.guard_cfg.enabled or self._is_deepspeed():
-            return
-        if self._last_step_skipped:  # non-finite loss under DDP: zero gradients, drop them (see guard_loss)
-            for p in self.parameters():
-                p.grad = None
-            return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return
-        norm = torch.stack([g.detach().float().norm() for g in grads]).sum()
-        if not self._all_ranks_finite(norm):
-            self._register_bad_step("gradients", {"grad_norm": norm}, norm)
-            for p in self.parameters():
-                p.grad = None
-
-    def _register_bad_step(self, what: str, terms: dict[str, torch.Tensor], value: torch.Tensor) -> None:
-        self._last_step_skipped = True
-        if int(self.nonfinite_consecutive) == 0:
-            # Skipped steps change no weights, EMA or optimizer state: the state now is the state of this step.
-            self._streak_start_step = int(self.global_step)
-        self.nonfinite_skipped += 1
-        self.nonfinite_consecutive += 1
-        n = int(self.nonfinite_consecutive)
-        term_str = ", ".join(f"{k}={float(v.detach().float().mean()):.4g}" for k, v in terms.items())
-        msg = (f"non-finite {what} at global step {self.global_step} ({term_str}); "
-               f"step skipped ({n} in a row, {int(self.nonfinite_skipped)} in total)")
-        if self.global_rank == 0:
-            print(f"[ldm-lightning] WARNING: {msg}", flush=True)
-        if n >= self.guard_cfg.max_consecutive:
-            saved = self._save_nonfinite_stop() if self.trainer is not None else "nothing (no trainer)"
-            raise NonFiniteLossError(
-                f"{msg}. Stopped after {n} consecutive non-finite steps "
-                f"(guard.max_consecutive={self.guard_cfg.max_consecutive}); saved {saved}. "
-                "Resume from it with a lower learning rate (--model.init_args.optim.lr), gradient clipping "
-                "(--trainer.gradient_clip_val), or after checking the data for bad samples.")
-
-    def _save_nonfinite_stop(self) -> str:
-        """Write `nonfinite-stop.ckpt` beside the step checkpoints: a copy of the step checkpoint with the highest
-        step from before the first non-finite step of this streak (a known-good point, possibly before a
-        divergence that was still finite; its recorded step is its state's), else the live state, whose
-        weights equal those before that step (skipped steps change nothing) while its step counter went on;
-        then `checkpoint["nonfinite_stop"]` records both steps."""
-        import os
-
-        from ldm_lightning.training.checkpointing import atomic_copy, find_step_checkpoint, run_checkpoint_dir
-        trainer = self.trainer
-        callback = find_step_checkpoint(trainer)
-        path = os.path.join(run_checkpoint_dir(trainer), "nonfinite-stop.ckpt")
-        first_bad = getattr(self, "_streak_start_step", int(self.global_step))
-        source = callback.newest_before(first_bad) if callback is not None else None
-        if source is not None and os.path.isfile(source):
-            if trainer.is_global_zero:
-                atomic_copy(source, path)
-            trainer.strategy.barrier("nonfinite-stop")
-            return (f"{path} (a copy of {os.path.basename(source)}, the checkpoint with the highest step from before "
-                    f"the first non-finite step at global step {first_bad})")
-        # The live state: weights, EMA and optimizer moments are those of step `first_bad` (skipped steps change
-        # none of them), but Lightning's step counter, the learning-rate schedule and the data position went on
-        # counting the skipped steps, and a resume continues from those. `global_step` stays the counter (it
-        # is what a resume restores); the record names the step whose weights the file holds.
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        counter = int(checkpoint["global_step"])
-        checkpoint["nonfinite_stop"] = {"weights_of_step": first_bad, "global_step": counter,
-                                        "skipped_steps": counter - first_bad}
-        trainer.strategy.save_checkpoint(checkpoint, path)
-        trainer.strategy.barrier("nonfinite-stop")
-        counted = (f"; its step counter, learning-rate schedule and data position are at global step {counter} (the "
-                   f"{counter - first_bad} skipped step(s) counted), where a resume from it continues"
-                   if counter != first_bad else "")
-        return (f"{path} (the weights, EMA and optimizer state of global step {first_bad}, before the first "
-                f"non-finite step; no earlier step checkpoint existed{counted}; recorded in it as "
-                "'nonfinite_stop')")
 
     # --- optimizer -------------------------------------------------------------------------------
     def optimizer_param_groups(self):

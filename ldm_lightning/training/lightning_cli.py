@@ -33,15 +33,15 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-import ldm_lightning.training.strategies  # noqa: F401  (registers deepspeed_*_anydevice)
 from ldm_lightning.errors import UserError
-from ldm_lightning.training.base import NonFiniteLossError
 from ldm_lightning.training.cli_errors import (check_hparams_agree, config_error_message, join_negative_values,
                                                state_dict_mismatch_message)
 from ldm_lightning.training.cli_defaults import configured_checkpoint_dir, default_callbacks, default_plugins
+from ldm_lightning.training.nonfinite_guard import NonFiniteLossError
 from ldm_lightning.training.preemption import EXIT_INTERRUPTED, PreemptionCallback, interrupted_twice
 from ldm_lightning.training.resume import CorruptCheckpointError, resolve_ckpt_path, saved_hparams
 from ldm_lightning.training.run_lock import RunFolderBusy, RunLock, is_launch_rank_zero
+from ldm_lightning.training.strategies import register_strategies
 from ldm_lightning.user_errors import EXIT_USER_ERROR, print_user_error, split_debug, user_error_message
 
 EXIT_NONFINITE = 3
@@ -212,6 +212,7 @@ def build_lightning_cli(argv: list[str] | None = None, run: bool = True) -> Ligh
         # DeepSpeed chooses its accelerator when first imported (a DeepSpeed strategy's constructor imports it):
         # make the CPU choice explicit and quiet. Set here, at the CLI entry, not when a module is imported.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    register_strategies()  # `trainer.strategy: deepspeed_stage_2_anydevice` etc.
     with warnings.catch_warnings():
         # We always pass argv (it may have been rewritten); Lightning warns when it differs from sys.argv.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

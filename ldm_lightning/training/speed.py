@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from ldm_lightning.finite import check_finite_fields
-from ldm_lightning.training.base import NonFiniteLossError, is_logging_step
 
 CompileMode = Literal["model", "blocks"]
 COMPILE_MODES = get_args(CompileMode)
@@ -96,8 +95,12 @@ def compile_regions(net: nn.Module) -> list[nn.Module]:
 
 
 def compile_network(net: nn.Module, enabled: bool, mode: str = "model", **compile_kwargs) -> nn.Module:
-    """`torch.compile` in place (parameter names unchanged: checkpoints load either way): the whole
-    forward ('model') or each block of `compile_regions` ('blocks'). Returns `net`."""
+    """`torch.compile` in place when `enabled`: the whole forward ('model') or each block of `compile_regions`
+    ('blocks'). Returns `net`, the same object. The one compile helper of both stages.
+
+    `nn.Module.compile()` compiles the forward without wrapping the module in an `OptimizedModule`, so
+    parameter names — and thus checkpoint keys — stay identical: a checkpoint of a compiled run loads into
+    an uncompiled model and back (no `_orig_mod.` prefixes; Lightning issue #17415)."""
     if not enabled:
         return net
     regions = compile_regions(net) if mode == "blocks" else [net]
@@ -130,29 +133,10 @@ class MatmulPrecision:
             self._saved = None
 
 
-@torch.no_grad()
-def ema_update_on_device(ema, model: nn.Module, ok: torch.Tensor) -> None:
-    """`EMA.update` with its decay ramp computed on the device and no update where `ok` (0-dim) is 0."""
-    n = ema.num_updates.float()
-    if ema.warmup_steps > 0:
-        decay = ema.decay * (n / ema.warmup_steps).clamp(max=1.0)
-    else:
-        decay = ((1 + n) / (10 + n)).clamp(max=ema.decay)
-    weight = (1.0 - decay) * ok.float()  # 0 for a skipped step: the average stays
-    ema_params = dict(ema.module.named_parameters())
-    for name, p in model.named_parameters():
-        e = ema_params[name]
-        e.lerp_(p.detach().to(e.dtype), weight.to(e.dtype))
-    ema_buffers = dict(ema.module.named_buffers())
-    for name, b in model.named_buffers():
-        ema_buffers[name].copy_(b)
-    ema.num_updates += ok.long()
-
-
 class SpeedLevers:
     """Mixin of the stage modules (before TrainingModule in the bases): applies `self.speed` (a
     SpeedConfig) for the duration of each fit/validate/test — TF32 on the trainer's CUDA device — and
-    replaces the host-side non-finite guard by the device-side one under `speed.sync_free_guard`."""
+    tells the non-finite guard to decide on the device under `speed.sync_free_guard`."""
 
     speed: SpeedConfig
 
@@ -167,78 +151,7 @@ class SpeedLevers:
             precision.exit()
         super().teardown(stage)
 
-    # --- speed.sync_free_guard: the TrainingModule guard decided on the device -----------------------
-    def _sync_free(self) -> bool:
-        return self.speed.sync_free_guard and self.guard_cfg.enabled
-
-    def guard_loss(self, loss: torch.Tensor, terms: dict):
-        if not self._sync_free():
-            return super().guard_loss(loss, terms)
-        self._last_step_skipped = False  # the host does not know; the optimizer kernel decides
-        self._loss_finite = torch.isfinite(loss.detach()).all()  # () bool, on the device
-        return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if not self._sync_free():
-            return super().on_before_optimizer_step(optimizer)
-        opt = getattr(optimizer, "_optimizer", optimizer)
-        if self._is_deepspeed() or not opt.defaults.get("fused"):
-            raise ValueError("model.speed.sync_free_guard needs the fused AdamW kernel and a torch optimizer: set "
-                             "model.optim.implementation: fused (or auto on CUDA), no DeepSpeed strategy")
-        ok = getattr(self, "_loss_finite", None)
-        ok = torch.ones((), dtype=torch.bool, device=self.device) if ok is None else ok
-        grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
-        if grads:
-            ok = ok & torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum())
-        ok = ok.float().reshape(1)
-        if self.trainer.world_size > 1:  # joint decision; an all-reduce is queued, the host does not wait
-            ok = self.trainer.strategy.reduce(ok, reduce_op="min")
-        ok = ok.reshape(())
-        opt.found_inf = 1.0 - ok  # 1: the fused kernel skips every parameter and undoes its step count
-        self._step_ok, self._loss_finite = ok, None
-        self.nonfinite_skipped += (1.0 - ok).long()
-        self.nonfinite_consecutive.add_(1).mul_((1.0 - ok).long())  # +1 on a skip, 0 after a good step
-
-    def update_ema(self) -> None:
-        if not self._sync_free():
-            return super().update_ema()
-        ok = getattr(self, "_step_ok", None)
-        if self.ema is not None and ok is not None and not self._ema_updated_this_batch:
-            ema_update_on_device(self.ema, getattr(self, self._ema_target_name), ok)
-        self._ema_updated_this_batch = True
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self._reported_skipped = int(self.nonfinite_skipped)  # once, after a resume restored the counters
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        if self._sync_free() and is_logging_step(self):
-            self.check_guard_counters()
-
-    def on_train_end(self) -> None:
-        if self._sync_free():
-            self.check_guard_counters()
-        super().on_train_end()
-
-    def check_guard_counters(self) -> None:
-        """The host's look at the device-side guard (two syncs, on logging steps only): warn about steps
-        skipped since the last look, and stop after guard.max_consecutive in a row."""
-        total, run = int(self.nonfinite_skipped), int(self.nonfinite_consecutive)
-        new = total - getattr(self, "_reported_skipped", 0)
-        self._reported_skipped = total
-        if new <= 0:
-            return
-        step = int(self.global_step)
-        msg = (f"{new} non-finite step(s) skipped up to global step {step} ({run} in a row now, {total} in total; "
-               "speed.sync_free_guard checks on logging steps only)")
-        if self.global_rank == 0:
-            print(f"[ldm-lightning] WARNING: {msg}", flush=True)
-        if run >= self.guard_cfg.max_consecutive:
-            self._streak_start_step = step - run  # skipped steps changed nothing: this state is that step's
-            saved = self._save_nonfinite_stop()
-            raise NonFiniteLossError(
-                f"{msg}. Stopped after {run} consecutive non-finite steps (guard.max_consecutive="
-                f"{self.guard_cfg.max_consecutive}); saved {saved}. Resume from it with a lower learning rate "
-                "(--model.init_args.optim.lr), gradient clipping (--trainer.gradient_clip_val), or after checking "
-                "the data for bad samples.")
+    @property
+    def sync_free_guard(self) -> bool:
+        """The non-finite guard (training/nonfinite_guard.py) decides on the device under `speed.sync_free_guard`."""
+        return self.speed.sync_free_guard

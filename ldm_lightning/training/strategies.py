@@ -1,4 +1,4 @@
-"""Strategies: DeepSpeed that also runs on the CPU accelerator, and compile without `_orig_mod.` keys.
+"""DeepSpeed that also runs on the CPU accelerator (`AnyDeviceDeepSpeedStrategy`).
 
 `AnyDeviceDeepSpeedStrategy` is Lightning's `DeepSpeedStrategy` with two CUDA-only assumptions removed,
 so the very same ZeRO-1/2/3 configs run in CI on CPU (`DS_ACCELERATOR=cpu`, gloo) and on GPUs:
@@ -7,8 +7,9 @@ so the very same ZeRO-1/2/3 configs run in CI on CPU (`DS_ACCELERATOR=cpu`, gloo
     `device_rank=root_device.index`, which is `None` for `cpu` (DeepSpeed then fails on `None >= 0`).
 On a CUDA accelerator every method defers to Lightning unchanged — it *is* the normal GPU path.
 
-Registered names (usable as `trainer.strategy: deepspeed_stage_2_anydevice` etc. once this module has
-been imported — `ldm_lightning.training.lightning_cli` imports it):
+Registered names (usable as `trainer.strategy: deepspeed_stage_2_anydevice` etc. once
+`register_strategies()` has run — `ldm-lightning fit|validate|test` calls it at its entry; importing this
+module registers nothing):
   deepspeed_anydevice, deepspeed_stage_{1,2,3}_anydevice, deepspeed_stage_{2,3}_offload_anydevice.
 
 Use a torch optimizer (what `TrainingModule.configure_optimizers` returns): DeepSpeed's own fused CPU
@@ -126,24 +127,7 @@ class AnyDeviceDeepSpeedStrategy(DeepSpeedStrategy):
             stage=3, offload_optimizer=True, offload_parameters=True)
 
 
-if "deepspeed_stage_2_anydevice" not in StrategyRegistry:
-    AnyDeviceDeepSpeedStrategy.register_strategies(StrategyRegistry)
-
-
-def maybe_compile(module: nn.Module, enabled: bool, **compile_kwargs) -> nn.Module:
-    """`torch.compile` a submodule *in place* when `enabled` (a config flag of each stage).
-
-    `nn.Module.compile()` compiles the forward without wrapping the module in an `OptimizedModule`, so
-    parameter names — and thus checkpoint keys — stay identical: a checkpoint of a compiled run loads
-    into an uncompiled model and back (no `_orig_mod.` prefixes; Lightning issue #17415).
-    Returns the same module object.
-    """
-    if enabled:
-        module.compile(**compile_kwargs)
-    return module
-
-
-def strip_orig_mod(state_dict: dict) -> dict:
-    """Remove `_orig_mod.` segments that `torch.compile(module)` wrappers add to state-dict keys, so
-    checkpoints written by code that wrapped a module still load into plain modules."""
-    return {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+def register_strategies() -> None:
+    """Register the `*_anydevice` names in Lightning's `StrategyRegistry` (idempotent)."""
+    if "deepspeed_stage_2_anydevice" not in StrategyRegistry:
+        AnyDeviceDeepSpeedStrategy.register_strategies(StrategyRegistry)

@@ -26,8 +26,9 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ldm_lightning.training.base import EMAConfig, GuardConfig, NonFiniteLossError, OptimConfig, TrainingModule
+from ldm_lightning.training.base import EMAConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.checkpointing import AtomicCheckpointIO, StepCheckpoint, checkpoint_dir
+from ldm_lightning.training.nonfinite_guard import GuardConfig, NonFiniteLossError
 from ldm_lightning.training.resume import resolve_resume_checkpoint
 from ldm_lightning.training.rng_state import RNGStateCallback
 from ldm_lightning.training.preemption import PreemptionCallback, slurm_environment
