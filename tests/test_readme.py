@@ -1,6 +1,7 @@
-"""The README's commands stay true: every `ldm-lightning fit` line composes and validates (`--print_config`,
-which parses every config and override without running anything), and every option a tool line uses is
-one that tool's `--help` lists."""
+"""The README's and the docs/ pages' commands stay true: every `ldm-lightning fit` line composes and validates
+(`--print_config`, which parses every config and override without running anything), and every option a tool
+line uses is one that tool's `--help` lists. Every docs/ page is linked from the README, and every relative
+link in them points at a file that exists."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def readme_commands() -> list[list[str]]:
-    """`ldm-lightning ...` lines of the README's bash blocks, continuation lines joined, comments dropped."""
-    text = (ROOT / "README.md").read_text()
+    """`ldm-lightning ...` lines of the README's and docs/ pages' bash blocks, continuation lines joined,
+    comments dropped."""
+    text = "\n".join(p.read_text() for p in DOCS)
     cmds = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
@@ -56,3 +61,15 @@ def test_readme_tool_options_exist(args):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for opt in (a.split("=", 1)[0] for a in args[n:] if a.startswith("--")):
         assert opt in proc.stdout, f"README uses `{opt}` with `ldm-lightning {' '.join(args[:n])}`; --help has no such option"
+
+
+def test_docs_pages_are_linked_and_their_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    for page in DOCS[1:]:
+        assert f"](docs/{page.name})" in readme, f"README.md does not link docs/{page.name}"
+    broken = []
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not re.match(r"[a-z]+://", target) and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken

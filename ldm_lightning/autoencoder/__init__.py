@@ -1,6 +1,6 @@
 """Stage 1: autoencoders (KL / VQ / DC-AE) that map images to the latent space of stage 2.
 
-Public API (README contract): `load_autoencoder(path) -> Autoencoder`, `Autoencoder`, `autoencoder_hash`,
+Public API (docs/contracts.md): `load_autoencoder(path) -> Autoencoder`, `Autoencoder`, `autoencoder_hash`,
 `AutoencoderConfig`, `get_preset`, `AutoencoderModule` (the LightningModule). Heavy pieces
 (Lightning, LPIPS) are imported lazily so `from ldm_lightning.autoencoder import load_autoencoder`
 stays cheap for the diffusion stage.

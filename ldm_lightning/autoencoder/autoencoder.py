@@ -1,6 +1,6 @@
 """`Autoencoder`: one facade over {SD conv, DC-AE, MoVQ, RAE} backbones x {KL, VQ, VQ-VAE-2, none} regularisers.
 
-It is the README contract: `.encode(x) -> posterior` (`.mean`, `.logvar`, `.sample(generator=)`,
+It is the contract of docs/contracts.md: `.encode(x) -> posterior` (`.mean`, `.logvar`, `.sample(generator=)`,
 `.mode()`), `.decode(z)`, `.scale_factor` / `.shift_factor` (buffers, saved with the weights;
 `z_normalized = (z - shift) * scale`), `.latent_channels`, `.downsample_factor`, and
 `compute_scale_factor(batches)` (LDM's `scale_by_std`, Rombach et al. 2022 sec. 4.3.2 / appendix G).

@@ -231,7 +231,7 @@ class ShardDataModule(L.LightningDataModule):
                 each rank reads 1/world of the shards not yet cached and the counts are all-gathered).
             jpeg_decoder: 'torchvision' (default) decodes 3-channel JPEGs with `torchvision.io.decode_jpeg`
                 straight into the batch's (3, H, W) layout: measured faster than PIL and pixel-identical on
-                256² photos (benchmarks/bench_loader_foreign.py; README "Benchmarks"). Grayscale, CMYK or
+                256² photos (benchmarks/bench_loader_foreign.py; docs/benchmarks.md). Grayscale, CMYK or
                 truncated JPEGs, other formats, and machines without torchvision's image support use PIL.
                 'pil': PIL for everything.
             shard_check: What to do, once at start-up, when a local shard differs from its manifest (missing;

@@ -21,7 +21,7 @@ The stream is a pure function of (seed, epoch, rank, world_size, worker):
    sample's position, so the continued stream equals the uninterrupted one.
 
 Per sample, everything but the decode is kept small (~12 µs at MNIST size, where the PNG decode
-itself takes ~22 µs; see the README's loader section): the tar reader indexes a chunk of a shard at a
+itself takes ~22 µs; see docs/benchmarks.md): the tar reader indexes a chunk of a shard at a
 time (tario.py), samples travel as plain tuples ("records"), the shuffle buffer permutes a whole block
 at once, each image is decoded straight into its batch row, and batches reach the main process through
 a ring of reused shared-memory buffers (batch_ring.py).
@@ -165,7 +165,7 @@ class BadSampleBudget:
 # the training stream
 # ------------------------------------------------------------------------------------------------
 class ShardStream(IterableDataset):
-    """Yields full batches (dicts per the README contract, plus `bad_samples`: samples skipped while
+    """Yields full batches (dicts per the contract of docs/contracts.md, plus `bad_samples`: samples skipped while
     building this batch). Use with `DataLoader(batch_size=None)`; `len()` is exact for this rank.
     Images are float32 in [-1, 1], or with `uint8_images` the uint8 pixels (convert with `to_model_range`)."""
 
@@ -204,7 +204,7 @@ class ShardStream(IterableDataset):
         self.ring = batch_ring.BatchRing(self.workers, slots, (self.batch_size, t.channels, t.size, t.size))
 
     def from_worker(self, batch: dict) -> dict:
-        """Main process: a batch as the worker sent it → the batch of the README contract."""
+        """Main process: a batch as the worker sent it → the batch of the contract of docs/contracts.md."""
         if "ring_slot" in batch:
             worker, slot = batch.pop("ring_slot")
             batch["image"] = self.ring.lend(worker, slot, len(batch["key"]))  # (B, C, H, W) uint8

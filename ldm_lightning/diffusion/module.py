@@ -1,6 +1,6 @@
 """`DiffusionModule`: stage 2, a denoiser trained in a frozen autoencoder's latent space (LDM, Rombach et al. 2022).
 
-Batches (README contract) carry either `image` (B, C, H, W) in [-1, 1] — encoded here under no_grad by the
+Batches (docs/contracts.md) carry either `image` (B, C, H, W) in [-1, 1] — encoded here under no_grad by the
 frozen autoencoder, in fp32 or bf16 (never fp16: VAE encoders overflow it) — or `moments` (B, 2c, h, w)
 from latent shards written by `ldm-lightning data encode`. Both give z ~ q(z|x) drawn with the same
 `step_generator("posterior")`, normalised as (z - shift) * scale, so the two paths train identically.

@@ -3,7 +3,7 @@
 Every run gets step checkpoints + the final step (`StepCheckpoint`), atomic writes, RNG state,
 SIGUSR1/SIGTERM/SIGINT handling, goodput (`GoodputCallback`) and plain progress lines when stdout is a file
 (`ProgressLines`), plus, under Slurm, the cluster environment without Lightning's in-handler requeue — unless
-its config lists one of the same kind (then only to set options). See README "Fault tolerance" for what each
+its config lists one of the same kind (then only to set options). See docs/fault-tolerance.md for what each
 does and the exit codes. Which checkpoint a run resumes from: training/resume.py.
 """
 

@@ -14,7 +14,7 @@
   decided in training/cli_defaults.py; which checkpoint it resumes from (`--ckpt_path last`, an explicit
   file, or a rerun in a run directory that holds checkpoints) in training/resume.py. Loading is
   `weights_only=True`.
-* `run_lightning_cli` returns the process exit code (see README "Fault tolerance"): 0 done, 75 stopped by
+* `run_lightning_cli` returns the process exit code (see docs/fault-tolerance.md): 0 done, 75 stopped by
   SIGUSR1 outside Slurm, 143 stopped by SIGTERM, 130 stopped by Ctrl-C (SIGINT), 3 non-finite stop, 2 a user
   error (a second `fit` on a run folder in use included: training/run_lock.py).
 """
