@@ -203,7 +203,7 @@ def test_diffusion_configs_validate():
         cfg = yaml.safe_load(f.read_text())
         m, d = cfg["model"], cfg["data"]
         assert m["class_path"] == "ldm_lightning.diffusion.module.DiffusionModule", f
-        assert d["class_path"] == "ldm_lightning.data.datamodule.ShardDataModule", f
+        assert d["class_path"] == "ldm_lightning.data.ShardDataModule", f
         a = m["init_args"]
         assert a["backbone"] in PRESETS and a["val_sampler"] in SAMPLERS, f
         ObjectiveConfig(**a["objective"])

@@ -23,3 +23,16 @@ def test_every_shipped_config_parses_through_the_cli(tmp_path):
     assert len(results) == len(shipped_names()) >= 25
     failed = {cmd: err for cmd, err in results.items() if err is not None}
     assert not failed, "\n\n".join(f"ldm-lightning fit {cmd} --print_config\n  -> {err}" for cmd, err in failed.items())
+
+
+def test_one_spelling_of_each_class_path():
+    """A class is named the same way in every shipped config (`ldm_lightning.data.ShardDataModule`, not also
+    `ldm_lightning.data.datamodule.ShardDataModule`), so a search or a sed over configs finds them all."""
+    import re
+
+    from ldm_lightning.shipped_configs import shipped_config
+    spellings: dict[str, set[str]] = {}
+    for name in shipped_names():
+        for path in re.findall(r"class_path:\s*([\w.]+)", shipped_config(name).read_text()):
+            spellings.setdefault(path.rsplit(".", 1)[1], set()).add(path)
+    assert {cls: paths for cls, paths in spellings.items() if len(paths) > 1} == {}
