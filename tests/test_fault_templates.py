@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -32,3 +33,20 @@ def test_missing_config_is_a_clear_error(tmp_path):
            "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "1"}
     r = subprocess.run(["bash", str(TEMPLATES[0])], capture_output=True, text=True, env=env, timeout=30)
     assert r.returncode != 0 and "set CONFIG=" in r.stderr
+
+
+@pytest.mark.parametrize("script, requeued", [
+    ("exit 0", True),
+    ("kill -TERM $$", True),  # Slurm's requeue stopped the job's processes, scontrol among them, before it returned
+    ("echo 'Requested operation is presently disabled' >&2; exit 1", False),
+])
+def test_requeue_counts_a_scontrol_stopped_by_the_requeue_itself(tmp_path, monkeypatch, capsys, script, requeued):
+    from ldm_lightning.training.preemption import PreemptionCallback
+
+    fake = tmp_path / "scontrol"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert PreemptionCallback._requeue("6") is requeued
+    out = capsys.readouterr().out
+    assert ("requeued Slurm job 6" in out) is requeued and ("WARNING" in out) is not requeued, out

@@ -191,6 +191,12 @@ class PreemptionCallback(L.Callback):
         if r.returncode == 0:
             print(f"[ldm-lightning] requeued Slurm job {job_id}", flush=True)
             return True
+        if r.returncode == -signal.SIGTERM:
+            # A requeue takes effect at once: Slurm stops every process of the job, and scontrol, our child,
+            # may get its SIGTERM before it returns (seen under load on a 2-node job). The request went through.
+            print(f"[ldm-lightning] requeued Slurm job {job_id} (Slurm stopped the job for the requeue before "
+                  "scontrol returned)", flush=True)
+            return True
         print(f"[ldm-lightning] WARNING: `scontrol requeue {job_id}` exited {r.returncode}: "
               f"{r.stderr.strip()} (is the job submitted with --requeue?)", flush=True)
         return False
