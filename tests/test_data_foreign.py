@@ -217,6 +217,9 @@ def test_filters_drop_exactly_what_they_should(foreign):
         MemberSpec.build(filters=["pwatermark is small"])
     with pytest.raises(MemberSpecError, match="words only"):
         MemberSpec.build(filters=["status < success"])
+    for bad in ("pwatermark < nan", "aspect <= inf", "original_width >= -inf"):
+        with pytest.raises(MemberSpecError, match="give a finite number"):
+            MemberSpec.build(filters=[bad])
 
 
 def test_crop_geometry_is_in_the_batch(foreign):

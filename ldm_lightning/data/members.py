@@ -61,6 +61,8 @@ class SampleFilter:
             if op not in ("==", "!="):
                 raise MemberSpecError(f"data.filters: {text!r} compares the word {value!r} with {op}; words only "
                                       "with == or != (numbers with any operator)") from None
+        if isinstance(value, float) and not math.isfinite(value):  # 'x < nan' keeps nothing, 'x < inf' everything
+            raise MemberSpecError(f"data.filters: {text!r} compares with {raw}; give a finite number")
         return cls(field, op, value)
 
     def passes(self, meta: dict) -> bool:
