@@ -322,6 +322,8 @@ try:
     stream(folder + "/fail")
 except Exception as e:
     print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+dist.barrier()
+dist.destroy_process_group()  # exiting with gloo's threads alive aborted one rank at times ("terminate called...")
 """
 
 
