@@ -10,7 +10,6 @@ and 9), through `ldm-lightning` in subprocesses.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from tar_files import write_tar
 
 from ldm_lightning.data import ShardDataModule
 from ldm_lightning.data.shard_check import SAMPLED_BYTES, shard_stamp
@@ -95,19 +96,11 @@ def test_fit_refuses_a_same_size_replaced_shard_and_warn_trains_on_it(mnist_shar
     assert "shard_check is off: 4 shard(s) are not compared with their manifest" in capfd.readouterr().err
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-
-
 def test_index_names_unsafe_members_and_pack_lists_broken_links_and_refuses_0_samples(tmp_path):
     shards = tmp_path / "foreign"
     shards.mkdir()
-    _tar(shards / "a.tar", [("ok1.png", b"x"), ("ok1.cls", b"1"), ("../up.png", b"x"), ("/abs/p.png", b"x")])
-    _tar(shards / "b.tar", [("ok2.png", b"x"), ("sub/../../up2.png", b"x")])
+    write_tar(shards / "a.tar", [("ok1.png", b"x"), ("ok1.cls", b"1"), ("../up.png", b"x"), ("/abs/p.png", b"x")])
+    write_tar(shards / "b.tar", [("ok2.png", b"x"), ("sub/../../up2.png", b"x")])
     r = _cli("data", "index", str(shards))
     assert r.returncode == 0, r.stderr
     assert "warning: 3 of the 5 samples have member names that are absolute or climb with '..' (in a.tar (2), " \

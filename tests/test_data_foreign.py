@@ -15,12 +15,13 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tar_files import write_tar
 
 from ldm_lightning.data.members import MemberSpec, MemberSpecError
 from ldm_lightning.data.shards import ShardSpecError, resolve_shards
@@ -52,14 +53,6 @@ def _photo_crop(rng: np.random.Generator, photos: list[np.ndarray], fmt: str = "
     return buf.getvalue(), meta
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory) -> dict:
     from skimage import data as skdata
@@ -80,7 +73,7 @@ def foreign(tmp_path_factory) -> dict:
             members += [(f"{key}.jpg", jpg), (f"{key}.txt", m["caption"].encode()), (f"{key}.json", json.dumps(m).encode())]
             rows.append({"key": key, "status": "success"})
         rows += [{"key": f"{stem}f{j}", "status": "failed_to_download"} for j in range(2)]  # in parquet, not in the tar
-        _tar(i2d / f"{stem}.tar", members)
+        write_tar(i2d / f"{stem}.tar", members)
         (i2d / f"{stem}_stats.json").write_text(json.dumps({"count": n + 2, "successes": n, "failed_to_download": 2}))
         try:
             import pyarrow as pa
@@ -109,8 +102,8 @@ def foreign(tmp_path_factory) -> dict:
             shard0 += sample
         else:
             shard1 += sample
-    _tar(hf / "data-000000.tar", shard0)
-    _tar(hf / "data-000001.tar", shard1)
+    write_tar(hf / "data-000000.tar", shard0)
+    write_tar(hf / "data-000001.tar", shard1)
     return {"root": root, "i2d": str(i2d), "hf": str(hf), "meta": meta,
             "i2d_keys": [f"{s}{i:04d}" for s, n in I2D_SIZES.items() for i in range(n)]}
 
@@ -330,7 +323,7 @@ def test_latent_shards_written_by_others(tmp_path):
         buf = io.BytesIO()
         np.save(buf, m)
         members += [(f"{k}.npy", buf.getvalue()), (f"{k}.txt", f"caption {k}".encode())]
-    _tar(tmp_path / "00000.tar", members)
+    write_tar(tmp_path / "00000.tar", members)
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 6}))
     s = ShardStream(resolve_shards(str(tmp_path)), 3, num_workers=1, rank=0, world_size=1, shuffle=False,
                     kind="latent", members=MemberSpec.build(latent_exts=["moments.npy", "npy"]))
