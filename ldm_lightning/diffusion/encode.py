@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ldm_lightning.autoencoder.hashing import autoencoder_hash
-from ldm_lightning.data.shards import MANIFEST, find_manifest  # noqa: F401  (find_manifest: re-exported for module.py)
+from ldm_lightning.data.shards import MANIFEST
 from ldm_lightning.errors import UserError
 
 STATE_DIR = ".encode-state"

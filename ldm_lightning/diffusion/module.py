@@ -267,7 +267,9 @@ class DiffusionModule(SpeedLevers, TrainingModule):
     def check_latent_shards(self, shards, preprocess: dict | None = None) -> None:
         """Refuse latent shards made by another autoencoder (manifest next to `shards`), or (`preprocess`: the
         data config's image_size, resize_mode, random_flip, bucketing) from images made otherwise."""
-        from .encode import check_latent_manifest, find_manifest
+        from ldm_lightning.data.shards import find_manifest
+
+        from .encode import check_latent_manifest
         path = find_manifest(shards)
         if path is None:
             raise FileNotFoundError(f"latent shards {shards!r}: no manifest.json next to them, so the autoencoder "
