@@ -295,6 +295,19 @@ def test_import_fit_full_and_lora_sample_export_to_diffusers(tiny_ae, mnist_shar
         m = k[len("transformer."):-len(".lora_A.weight")]
         w = base[m + ".weight"] + scale * adapter[k.replace("lora_A", "lora_B")] @ adapter[k]
         torch.testing.assert_close(w, merged[m + ".weight"], atol=1e-5, rtol=1e-5)
+    # and PEFT itself (what diffusers' LoRA loaders call) reads the adapter onto the diffusers DiT: the same output
+    # as the merged export
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    peft_dit = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "pipe" / "transformer").eval()
+    peft_cfg = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"])
+    peft_dit = inject_adapter_in_model(peft_cfg, peft_dit)
+    result = set_peft_model_state_dict(peft_dit, {k[len("transformer."):]: v for k, v in adapter.items()})
+    assert not result.unexpected_keys, result.unexpected_keys[:5]
+    merged_dit = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "x_merged").eval()
+    with torch.no_grad():
+        # the base folder predicts learned sigma too (2C channels); the import keeps the first C (eps)
+        diff = peft_dit(x, timestep=t, class_labels=y).sample[:, :C] - merged_dit(x, timestep=t, class_labels=y).sample
+    assert diff.abs().max() <= 1e-4, diff.abs().max()
 
 
 def test_init_from_sets_live_and_ema_and_names_a_mismatch(tiny_ae, tmp_path):
