@@ -6,8 +6,9 @@ same metadata (`CHECKPOINT_TAG`, backbone family + config, schedule, objective, 
 shape, the autoencoder's path and hash), from which `build_denoiser_parts` rebuilds the network.
 The training module, the exporter and `ldm-lightning sample` all import from here, so none of them
 imports another (no import cycle), and a tag check never loads Lightning. `read_pretrained` reads any layout
-`interop.LAYOUTS` lists (published DiT weights through interop's converters, SD UNets through sd_interop's, or our own), for `ldm-lightning
-import` and `model.init_args.init_from`; a LoRA checkpoint's base is read through it too.
+`interop.LAYOUTS` lists (published DiT weights through interop's converters, SD UNets through sd_interop's, or
+our own), for `ldm-lightning import` and `model.init_args.init_from`; a LoRA checkpoint's base is read through
+it too.
 """
 
 from __future__ import annotations

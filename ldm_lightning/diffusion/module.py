@@ -80,7 +80,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 autoencoder's `resolution` (a preset's size, which otherwise only places its attention), else the
                 DiT preset's input_size; set it to train at another size than the autoencoder's preset.
             backbone: A preset of `diffusion/presets.py` ('unet-tiny', 'dit-tiny', 'DiT-B/4', ...), or 'unet' /
-                'dit' for the bare UNetConfig / DiTConfig defaults.
+                'dit' for the bare UNetConfig / DiTConfig defaults; 'sd_unet' / 'sd_unet-2': Stable Diffusion's own
+                UNet layout (SDUNetConfig; what an SD / diffusers UNet2DConditionModel import needs).
             backbone_config: UNetConfig / DiTConfig fields overriding the preset. in_channels, num_classes,
                 context_dim and (DiT) input_size are filled from the autoencoder, image_size and conditioning.
             schedule: {'kind': 'vp' | 'flow', ...VPSchedule / FlowSchedule fields}; default VP scaled_linear.
@@ -115,7 +116,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 'mnist-classifier:PATH'), weight `weight`; logged as `train/repa_loss`. Off by default.
                 Needs image batches (the encoder sees the clean pixels) and a DiT / DDT backbone.
             init_from: published or earlier weights to start from (diffusion/interop.py: a facebookresearch/DiT
-                .pt, a diffusers DiT folder, a denoiser export or .ckpt; `ldm-lightning import` converts once).
+                .pt, a diffusers DiT or SD UNet folder, a denoiser export or .ckpt; `ldm-lightning import` converts
+                once).
                 Loaded into the live and EMA weights at construction (a resume then overwrites them with its
                 checkpoint's); the optimizer starts fresh. Its architecture, schedule and prediction must agree
                 with this config (one message naming the field otherwise).

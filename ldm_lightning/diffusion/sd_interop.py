@@ -28,7 +28,8 @@ SUPPORTED_VALUES = {
     "resnet_out_scale_factor": (1, 1.0), "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
     "conv_in_kernel": (3,), "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
-    "attention_type": ("default",), "class_embeddings_concat": (False,), "mid_block_only_cross_attention": (None, False),
+    "attention_type": ("default",), "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False),
     "cross_attention_norm": (None,), "reverse_transformer_layers_per_block": (None,),
 }
 # diffusers' UNet2DConditionModel defaults for the fields SDUNet takes (a config.json may omit any of them).

@@ -149,9 +149,12 @@ class Attention(nn.Module):
         split = lambda z: z.view(B, -1, self.heads, D // self.heads).transpose(1, 2)  # noqa: E731 (B, h, L, d)
         q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
         attn_mask = None if mask is None else mask[:, None, None, :].bool()  # (B, 1, 1, Lk): True = attend
-        if self.upcast:
-            q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).to(x.dtype)  # (B, h, L, d)
+        if self.upcast:  # fp32 scores and softmax even under autocast (which would cast sdpa's inputs back down)
+            with torch.autocast(q.device.type, enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, L, d)
+        out = out.to(x.dtype)
         return self.to_out[0](out.transpose(1, 2).reshape(B, L, D))
 
 
