@@ -55,6 +55,7 @@ def test_sd_unet_imports_and_exports_exactly(tmp_path):
     from ldm_lightning.diffusion.load import read_pretrained
     from ldm_lightning.diffusion.presets import backbone_from_config
     from ldm_lightning.diffusion.sd_interop import to_diffusers_unet
+    from ldm_lightning.training.speed import compile_regions
     from safetensors.torch import save_file
     for style in STYLES:
         pipe = tmp_path / style
@@ -76,6 +77,7 @@ def test_sd_unet_imports_and_exports_exactly(tmp_path):
         (tmp_path / f"x_{style}" / "config.json").write_text(json.dumps(config))
         back = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / f"x_{style}").eval()
         assert diff(back, net, y) <= 1e-4, style
+    assert len(compile_regions(net)) == 2 + 1 + 2  # speed.compile_mode 'blocks': each down / mid / up block
 
 
 def test_sd_unet_bad_inputs_one_message_each(tmp_path):
