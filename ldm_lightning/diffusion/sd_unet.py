@@ -251,8 +251,9 @@ class UNetBlock(nn.Module):
         self.resample = resample
 
     def forward(self, h, temb, context, mask, skips: tuple = ()):
-        """-> (h, the outputs the up path takes as skips). `skips` (up path): one per resnet, the last first;
-        passed in, not popped here, so a checkpointed block recomputes the same in backward."""
+        """-> (h, the outputs the up path takes as skips). `skips` (up path): one per resnet in down-path order,
+        resnet i taking skips[-1 - i] (the latest first); passed in, not popped here, so a checkpointed block
+        recomputes the same in backward."""
         outputs = []
         for i, resnet in enumerate(self.resnets):
             if skips:  # up path: the latest skip joins the input
