@@ -166,10 +166,10 @@ def test_import_bad_inputs_one_message_each(tmp_path):
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "odd.pt")
     with pytest.raises(ImportLayoutError, match="layouts understood: facebookresearch/DiT"):
         read_pretrained(tmp_path / "odd.pt")
-    (tmp_path / "unet").mkdir()
-    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
-    with pytest.raises(ImportLayoutError, match="UNet2DConditionModel does not map.*CompVis"):
-        read_pretrained(tmp_path / "unet")
+    (tmp_path / "pixart").mkdir()
+    (tmp_path / "pixart" / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
+    with pytest.raises(ImportLayoutError, match="PixArtTransformer2DModel does not map.*adaLN-single"):
+        read_pretrained(tmp_path / "pixart")
     sd = random_fb_dit()
     torch.save(sd, tmp_path / "dit.pt")
     with pytest.raises(ImportLayoutError, match="--num-heads"):  # width 64 is no paper size

@@ -19,6 +19,7 @@ from .repa import REPAConfig
 from .samplers import SAMPLERS, get_sampler
 from .sampling import SamplingConfig, SamplingPipeline, load_pipeline, sample_images
 from .schedules import FlowSchedule, VPSchedule, build_schedule, make_betas, rescale_zero_terminal_snr
+from .sd_unet import SDUNet, SDUNetConfig
 from .unet import UNet, UNetConfig
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "DiffusionObjective", "LossOutput", "ObjectiveConfig", "loss_by_bin", "PREDICTIONS", "Denoiser", "Prediction",
     "from_x0_eps", "to_x0_eps", "PRESETS", "build_backbone", "SAMPLERS", "get_sampler", "FlowSchedule",
     "VPSchedule", "build_schedule", "make_betas", "rescale_zero_terminal_snr", "UNet", "UNetConfig",
+    "SDUNet", "SDUNetConfig",
     "build_denoiser_parts", "load_denoiser", "DDT", "DDTConfig", "encoder_reuse", "REPAConfig",
     "SamplingConfig", "SamplingPipeline", "load_pipeline", "sample_images",
 ]

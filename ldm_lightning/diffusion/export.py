@@ -7,8 +7,9 @@ the autoencoder's path and content hash (the denoiser is meaningless without tha
 `diffusion/load.py`'s `load_denoiser` reads such a folder or a training checkpoint.
 
 Formats: `safetensors` (ours, above); `diffusers`: a DiT as a `DiTTransformer2DModel` folder (interop.py says
-which DiTs map); `lora`: the adapters of a LoRA run alone, as `pytorch_lora_weights.safetensors` with PEFT-style
-keys `transformer.<diffusers module>.lora_A.weight` (what diffusers' `load_lora_weights` reads) and
+which DiTs map), an SD UNet (`sd_unet`) as a `UNet2DConditionModel` folder (sd_interop.py); `lora` (a DiT):
+the adapters of a LoRA run alone, as `pytorch_lora_weights.safetensors` with PEFT-style keys
+`transformer.<diffusers module>.lora_A.weight` (what diffusers' `load_lora_weights` reads) and
 `adapter_config.json` (rank, alpha, target modules). A LoRA run's checkpoint exported as safetensors or
 diffusers gives the merged full weights (base + scale * B A).
 """
@@ -52,8 +53,8 @@ def export_denoiser(ckpt: dict, out: str | os.PathLike, fmt: str = "safetensors"
         elif fmt == "diffusers":
             config, files[DIFFUSERS_WEIGHTS[0]] = diffusers_transformer(plain_meta, sd)
         else:
-            raise ValueError(f"denoisers export as --format safetensors, diffusers (a DiT) or lora (a LoRA run's "
-                             f"adapters); got {fmt!r}")
+            raise ValueError(f"denoisers export as --format safetensors, diffusers (a DiT or SD UNet) or lora (a LoRA "
+                             f"run's adapters); got {fmt!r}")
 
     def write(folder: Path) -> None:
         for name, tensors in files.items():
@@ -69,16 +70,22 @@ def dit_config_of(meta: dict):
 
     from .presets import backbone_config
     if meta["backbone_family"] != "dit":
-        raise UserError(f"only a DiT maps to a diffusers transformer; this checkpoint's backbone is a "
+        raise UserError(f"only a DiT maps to diffusers' DiT names (and an SD UNet, backbone sd_unet, to "
+                        f"UNet2DConditionModel with --format diffusers); this checkpoint's backbone is a "
                         f"{meta['backbone_family']}: export it with --format safetensors")
     return backbone_config("dit", meta["backbone"])
 
 
 def diffusers_transformer(meta: dict, sd: dict) -> tuple[dict, dict]:
-    """(config.json, weights) of a diffusers DiTTransformer2DModel from our merged denoiser state dict."""
+    """(config.json, weights) of a diffusers DiTTransformer2DModel, or of a UNet2DConditionModel for an SD UNet,
+    from our merged denoiser state dict."""
+    backbone_sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if meta["backbone_family"] == "sd_unet":
+        from .presets import backbone_config
+        from .sd_interop import to_diffusers_unet
+        return to_diffusers_unet(backbone_sd, backbone_config("sd_unet", meta["backbone"]), meta["latent_shape"][-1])
     from .interop import to_diffusers_dit
-    cfg = dit_config_of(meta)
-    return to_diffusers_dit({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}, cfg)
+    return to_diffusers_dit(backbone_sd, dit_config_of(meta))
 
 
 def lora_adapter(meta: dict, sd: dict) -> tuple[dict, dict]:

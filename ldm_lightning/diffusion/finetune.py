@@ -21,6 +21,10 @@ from .schedules import build_schedule
 
 # Fields of a backbone config that change neither a tensor nor the function: free to differ from init_from's.
 FREE_FIELDS = ("grad_checkpointing",)
+# Fields that shape no tensor but change the function: a run takes them from init_from unless its config sets them
+# (the diffusers DiT port's numerics; an SD UNet's head counts, timestep features, attention upcast, norm eps).
+INHERITED_FIELDS = ("timestep_freq_shift", "mlp_norm_eps", "attention_head_dim", "upcast_attention", "flip_sin_to_cos",
+                    "freq_shift", "norm_eps")
 SCHEDULE_FIELDS = ("kind", "beta_schedule", "num_timesteps", "zero_terminal_snr")
 
 

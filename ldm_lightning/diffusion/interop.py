@@ -11,10 +11,10 @@ Read (the converters below; `load.read_pretrained` dispatches a path to them, fo
   mlp_norm_eps = its norm_eps); its per-block copies of the timestep/class embedding must be equal (they
   are in the official port), since our DiT has one.
 - our own denoiser export folder or DiffusionModule .ckpt.
-Not mapped (one message each, `NOT_MAPPED`): diffusers `UNet2DConditionModel` (our UNet is a smaller CompVis
-layout: one attention head width for all levels, no linear-projection / upcast options, no class-embedding
-variants), `PixArtTransformer2DModel` (shared adaLN-single table + caption projection: our DiT's adaLN is per
-block), `SD3Transformer2DModel` (MM-DiT joint attention with a separate text stream: our DiT has none).
+A diffusers `UNet2DConditionModel` folder (SD 1.x / 2.x; or a pipeline folder holding unet/ and scheduler/) maps
+onto `SDUNet` (sd_unet.py, converters in sd_interop.py).
+Not mapped (one message each, `NOT_MAPPED`, saying which part our DiT lacks): `PixArtTransformer2DModel`,
+`SD3Transformer2DModel`.
 
 Write (`to_diffusers_dit`, used by `ldm-lightning export --format diffusers` for a denoiser): the inverse map
 to a `DiTTransformer2DModel` folder; exact only for a DiT whose timestep_freq_shift is 1 (diffusers hard-codes
@@ -36,15 +36,19 @@ FB_LAYOUT = "facebookresearch/DiT state dict (.pt / .pth / .safetensors; keys x_
 DIFFUSERS_LAYOUT = "diffusers DiTTransformer2DModel folder (config.json + diffusion_pytorch_model.safetensors), " \
                    "or a DiT pipeline folder holding transformer/ and scheduler/"
 OURS_LAYOUT = "an ldm-lightning denoiser export folder or DiffusionModule .ckpt"
-LAYOUTS = (FB_LAYOUT, DIFFUSERS_LAYOUT, OURS_LAYOUT)
+SD_UNET_LAYOUT = "diffusers UNet2DConditionModel folder (Stable Diffusion 1.x / 2.x UNet: config.json + " \
+                 "diffusion_pytorch_model.safetensors), or an SD pipeline folder holding unet/ and scheduler/"
+LAYOUTS = (FB_LAYOUT, DIFFUSERS_LAYOUT, SD_UNET_LAYOUT, OURS_LAYOUT)
 NOT_MAPPED = {
-    "UNet2DConditionModel": "this project's UNet is a smaller CompVis-style UNet (one head width for every level, "
-                            "conv projections only, no upcast_attention, no class-embedding variants), so Stable "
-                            "Diffusion UNet weights have no counterpart for every tensor",
-    "PixArtTransformer2DModel": "PixArt shares one adaLN-single table across blocks and projects captions with its own "
-                                "MLP; our DiT regresses its modulation per block",
-    "SD3Transformer2DModel": "SD3's MM-DiT runs a separate text stream with joint attention; our DiT has no such "
-                             "stream",
+    "PixArtTransformer2DModel": "PixArt-alpha/sigma modulate every block from ONE shared adaLN-single table (a "
+                                "timestep MLP whose output each block offsets by its own learned scale_shift_table) "
+                                "and cross-attend to T5 captions through a caption-projection MLP; our DiT regresses "
+                                "its modulation per block from the timestep + class embedding and has neither the "
+                                "shared table nor the caption projection, so those tensors have no counterpart",
+    "SD3Transformer2DModel": "SD3's MM-DiT runs a second (text) token stream with its own weights in every block and "
+                             "joint attention over image + text tokens, plus a pooled-text vector in its adaLN; our "
+                             "DiT has one image stream (text enters through cross-attention), so the text-stream "
+                             "weights have no counterpart",
 }
 # Head count is not in the weights: the DiT paper's sizes (models.py) give it by width.
 FB_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
@@ -81,6 +85,8 @@ class Pretrained:
     notes: list[str] = dataclasses.field(default_factory=list)
     meta: dict | None = None
     """Our full denoiser metadata, when the source is one of our own exports / checkpoints."""
+    latent_size: int | None = None
+    """The latent side the weights were made for, where the backbone config does not hold it (SD UNet)."""
 
 
 # --- facebookresearch/DiT ------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ same metadata (`CHECKPOINT_TAG`, backbone family + config, schedule, objective, 
 shape, the autoencoder's path and hash), from which `build_denoiser_parts` rebuilds the network.
 The training module, the exporter and `ldm-lightning sample` all import from here, so none of them
 imports another (no import cycle), and a tag check never loads Lightning. `read_pretrained` reads any layout
-`interop.LAYOUTS` lists (published DiT weights through interop's converters, or our own), for `ldm-lightning
-import` and `model.init_args.init_from`; a LoRA checkpoint's base is read through it too.
+`interop.LAYOUTS` lists (published DiT weights through interop's converters, SD UNets through sd_interop's, or
+our own), for `ldm-lightning import` and `model.init_args.init_from`; a LoRA checkpoint's base is read through
+it too.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .denoiser import Denoiser
 from .interop import (DIFFUSERS_DIT_CLASSES, DIFFUSERS_WEIGHT_FILES, LAYOUTS, NOT_MAPPED, OURS_LAYOUT, ImportLayoutError,
                       Pretrained, from_diffusers_dit, from_fb_dit, is_fb_dit, schedule_from_scheduler_config)
 from .presets import backbone_from_config
+from .sd_interop import SD_UNET_CLASS, from_diffusers_unet
 from .schedules import build_schedule
 
 CHECKPOINT_TAG = "ldm_lightning.diffusion.DiffusionModule"
@@ -122,27 +124,27 @@ def read_pretrained(path, num_heads: int | None = None) -> Pretrained:
     if not path.exists():
         raise FileNotFoundError(f"pretrained weights {str(path)!r} do not exist; give " + ", ".join(LAYOUTS))
     if path.is_dir():
-        if (path / "transformer" / "config.json").is_file():  # a pipeline folder
-            transformer, sched_file = path / "transformer", path / "scheduler" / "scheduler_config.json"
-        else:
-            transformer, sched_file = path, path.parent / "scheduler" / "scheduler_config.json"
+        # a pipeline folder (transformer/ or unet/ beside scheduler/), or the model folder itself
+        sub = next((path / d for d in ("transformer", "unet") if (path / d / "config.json").is_file()), None)
+        transformer = sub or path
+        sched_file = transformer.parent / "scheduler" / "scheduler_config.json"
         cfg_file = transformer / "config.json"
         if not cfg_file.is_file():
-            raise unknown_layout(path, "a folder without config.json (or transformer/config.json)")
+            raise unknown_layout(path, "a folder without config.json (or transformer/ or unet/config.json)")
         dc = read_export_config(cfg_file)
         if CONFIG_KEY in dc:
             meta = dc[CONFIG_KEY]
             return from_ours(meta, read_safetensors(transformer / WEIGHTS), meta.get("weights", "ema"))
         cls = dc.get("_class_name")
         if cls in NOT_MAPPED:
-            raise ImportLayoutError(f"{path}: diffusers {cls} does not map to a backbone here: {NOT_MAPPED[cls]}")
-        if cls not in DIFFUSERS_DIT_CLASSES:
+            raise unknown_layout(path, f"diffusers {cls} does not map to a backbone here: {NOT_MAPPED[cls]}")
+        if cls not in DIFFUSERS_DIT_CLASSES + (SD_UNET_CLASS,):
             raise unknown_layout(path, f"config.json of _class_name {cls!r}")
         wfile = next((transformer / w for w in DIFFUSERS_WEIGHT_FILES if (transformer / w).is_file()), None)
         if wfile is None:
             raise FileNotFoundError(f"{transformer}: diffusers folder without {DIFFUSERS_WEIGHT_FILES[0]}")
         sd = read_safetensors(wfile) if wfile.suffix == ".safetensors" else read_checkpoint(wfile)
-        pre = from_diffusers_dit(dc, sd)
+        pre = from_diffusers_unet(dc, sd, str(transformer)) if cls == SD_UNET_CLASS else from_diffusers_dit(dc, sd)
         if sched_file.is_file():
             pre.schedule, pre.prediction = schedule_from_scheduler_config(json.loads(sched_file.read_text()),
                                                                           str(sched_file))

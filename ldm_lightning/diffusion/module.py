@@ -34,7 +34,7 @@ from .conditioning import Conditioner, ConditioningConfig
 from .denoiser import Denoiser
 from .load import CHECKPOINT_TAG
 from .loss import DiffusionObjective, ObjectiveConfig, loss_by_bin
-from .presets import PRESETS, TRANSFORMER_FAMILIES, build_backbone
+from .presets import PRESETS, TRANSFORMER_FAMILIES, UNET_FAMILIES, build_backbone, latent_grid_step
 from .repa import BlockTap, REPAConfig, REPAError, REPAProjector, load_repa_encoder
 from .samplers import SAMPLERS
 from .sampling import SamplingConfig, module_device, sample_images
@@ -80,7 +80,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 autoencoder's `resolution` (a preset's size, which otherwise only places its attention), else the
                 DiT preset's input_size; set it to train at another size than the autoencoder's preset.
             backbone: A preset of `diffusion/presets.py` ('unet-tiny', 'dit-tiny', 'DiT-B/4', ...), or 'unet' /
-                'dit' for the bare UNetConfig / DiTConfig defaults.
+                'dit' for the bare UNetConfig / DiTConfig defaults; 'sd_unet' / 'sd_unet-2': Stable Diffusion's own
+                UNet layout (SDUNetConfig; what an SD / diffusers UNet2DConditionModel import needs).
             backbone_config: UNetConfig / DiTConfig fields overriding the preset. in_channels, num_classes,
                 context_dim and (DiT) input_size are filled from the autoencoder, image_size and conditioning.
             schedule: {'kind': 'vp' | 'flow', ...VPSchedule / FlowSchedule fields}; default VP scaled_linear.
@@ -115,7 +116,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 'mnist-classifier:PATH'), weight `weight`; logged as `train/repa_loss`. Off by default.
                 Needs image batches (the encoder sees the clean pixels) and a DiT / DDT backbone.
             init_from: published or earlier weights to start from (diffusion/interop.py: a facebookresearch/DiT
-                .pt, a diffusers DiT folder, a denoiser export or .ckpt; `ldm-lightning import` converts once).
+                .pt, a diffusers DiT or SD UNet folder, a denoiser export or .ckpt; `ldm-lightning import` converts
+                once).
                 Loaded into the live and EMA weights at construction (a resume then overwrites them with its
                 checkpoint's); the optimizer starts fresh. Its architecture, schedule and prediction must agree
                 with this config (one message naming the field otherwise).
@@ -152,7 +154,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         family = PRESETS[backbone][0]
         cfg = dict(backbone_config or {})
         cfg["in_channels"] = ae.latent_channels
-        if family == "unet":
+        if family in UNET_FAMILIES:
             cfg["out_channels"] = ae.latent_channels
         if cond_cfg.kind == "class":
             cfg["num_classes"] = cond_cfg.num_classes
@@ -174,9 +176,9 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 cfg["input_size"] = latent_side
         pretrained = None
         if init_from:  # read first: fields that change no tensor shape (diffusers port numerics) come from it
-            from .finetune import read_init_from
+            from .finetune import INHERITED_FIELDS, read_init_from
             pretrained = read_init_from(init_from, family, {**PRESETS[backbone][1], **cfg})
-            for k in ("timestep_freq_shift", "mlp_norm_eps"):
+            for k in INHERITED_FIELDS:
                 if k in pretrained.backbone:
                     cfg.setdefault(k, pretrained.backbone[k])
         net = build_backbone(backbone, **cfg)
@@ -249,8 +251,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         f = ae.downsample_factor
         if image_size is None:
             return int(ae.config.resolution) // f
-        step = backbone_cfg.get("patch_size", 1) if family in TRANSFORMER_FAMILIES else \
-            2 ** (len(backbone_cfg.get("channel_mult", (1,))) - 1)
+        step = latent_grid_step(family, backbone_cfg)
         if image_size < 1 or image_size % (f * step):
             raise ValueError(f"model.image_size={image_size} must be a positive multiple of {f * step} (the "
                              f"autoencoder's factor {f} x the {family}'s latent grid step {step})")

@@ -12,6 +12,7 @@ from torch import nn
 
 from .ddt import DDT, DDTConfig
 from .dit import DiT, DiTConfig
+from .sd_unet import SDUNet, SDUNetConfig
 from .unet import UNet, UNetConfig
 
 _DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -43,11 +44,30 @@ PRESETS.update({
                                 attention_levels=(1, 2), head_dim=64)),
     "unet-sd15": ("unet", dict(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
                                attention_levels=(0, 1, 2), head_dim=40, context_dim=768)),
+    # Stable Diffusion's own UNet layout (sd_unet.py; imports diffusers UNet2DConditionModel weights exactly):
+    # 'sd_unet' = SD 1.x (8 heads per level, conv projections), 'sd_unet-2' = SD 2.x (64-channel heads, linear
+    # projections, upcast attention); 'sd_unet-tiny' for CPU tests on 8x8x4 latents.
+    "sd_unet": ("sd_unet", {}),
+    "sd_unet-2": ("sd_unet", dict(attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                                  upcast_attention=True, context_dim=1024)),
+    "sd_unet-tiny": ("sd_unet", dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=2,
+                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=16)),
     "unet": ("unet", {}),  # the bare UNetConfig defaults
     "dit": ("dit", {}),    # the bare DiTConfig defaults
 })
-FAMILIES = {"dit": (DiT, DiTConfig), "ddt": (DDT, DDTConfig), "unet": (UNet, UNetConfig)}
+FAMILIES = {"dit": (DiT, DiTConfig), "ddt": (DDT, DDTConfig), "unet": (UNet, UNetConfig),
+            "sd_unet": (SDUNet, SDUNetConfig)}
 TRANSFORMER_FAMILIES = ("dit", "ddt")  # patch-token backbones: input_size, patch_size, blocks
+UNET_FAMILIES = ("unet", "sd_unet")  # convolutional: any latent side divisible by their grid step
+
+
+def latent_grid_step(family: str, cfg: dict) -> int:
+    """The latent side must be a multiple of this: a DiT's patch, a UNet's 2^(levels - 1)."""
+    if family in TRANSFORMER_FAMILIES:
+        return int(cfg.get("patch_size", 1))
+    levels = cfg.get("block_out_channels") if family == "sd_unet" else cfg.get("channel_mult")
+    return 2 ** (len(levels or (1,)) - 1)
 
 
 def backbone_config(family: str, fields_: dict):
@@ -63,7 +83,7 @@ def backbone_config(family: str, fields_: dict):
 
 
 def backbone_from_config(family: str, fields_: dict) -> nn.Module:
-    """A backbone of `family` ('dit' / 'unet') from its full config dict (random weights)."""
+    """A backbone of `family` ('dit' / 'ddt' / 'unet' / 'sd_unet') from its full config dict (random weights)."""
     return FAMILIES[family][0](backbone_config(family, fields_))
 
 

@@ -19,6 +19,7 @@ from a generator seeded by `--seed + 1`. This file is the command line only; sam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from ldm_lightning.finite import finite_float
 from ldm_lightning.images import image_grid, read_png, save_png, to_hwc_uint8
 from ldm_lightning.output_paths import prepare_output_dir
 
+from .presets import latent_grid_step
 from .samplers import SAMPLERS
 from .sampling import SamplingConfig, default_device, load_pipeline
 
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     latent_shape = pipe.latent_shape
     f = ae.downsample_factor
     bb = denoiser.backbone.cfg  # the latent grid step: DiT patches, UNet halvings
-    step = f * (bb.patch_size if meta["backbone_family"] in ("dit", "ddt") else 2 ** (len(bb.channel_mult) - 1))
+    step = f * latent_grid_step(meta["backbone_family"], dataclasses.asdict(bb))
     if a.size is not None:
         if conditioner.cfg.concat != "none":
             raise SystemExit("--size: a concatenation-conditioned model samples at the size its --cond-images give")

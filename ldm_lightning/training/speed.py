@@ -85,13 +85,16 @@ def images_channels_last(x: torch.Tensor, enabled: bool) -> torch.Tensor:
 
 
 def compile_regions(net: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a backbone: a DiT's `blocks`, a UNet's `down` stages, `mid` and `up` stages."""
+    """The repeated blocks of a backbone: a DiT's `blocks`, a UNet's `down` stages, `mid` and `up` stages (an SD
+    UNet's down_blocks, mid_block, up_blocks)."""
     if isinstance(getattr(net, "blocks", None), nn.ModuleList):
         return list(net.blocks)
     if all(hasattr(net, a) for a in ("down", "mid", "up")):
         return [*net.down, net.mid, *net.up]
+    if all(hasattr(net, a) for a in ("down_blocks", "mid_block", "up_blocks")):  # the SD UNet (diffusers' names)
+        return [*net.down_blocks, net.mid_block, *net.up_blocks]
     raise ValueError(f"speed.compile_mode='blocks': {type(net).__name__} has no DiT `blocks` or UNet "
-                     "`down`/`mid`/`up` stages; use compile_mode='model'")
+                     "`down`/`mid`/`up` (`down_blocks`/`mid_block`/`up_blocks`) stages; use compile_mode='model'")
 
 
 def compile_network(net: nn.Module, enabled: bool, mode: str = "model", **compile_kwargs) -> nn.Module:
