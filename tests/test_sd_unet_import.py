@@ -127,8 +127,8 @@ SHAPE = json.dumps({"block_out_channels": [32, 64], "layers_per_block": 1,
                     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
                     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "grad_checkpointing": True})
 TEXT = json.dumps([{"path": f"{pipe}/text_encoder", "max_length": 8}])
-def fit(*extra, expect=0):
-    return run("fit", "-c", "ldm_lightning:diffusion/sd15-finetune.yaml", "-c", "ldm_lightning:trainer/cpu-debug.yaml",
+def fit(*extra, config="sd15-finetune.yaml", expect=0):
+    return run("fit", "-c", "ldm_lightning:diffusion/" + config, "-c", "ldm_lightning:trainer/cpu-debug.yaml",
                "-c", "ldm_lightning:data/mnist.yaml", "--model.init_args.autoencoder", f"{pipe}/vae",
                "--model.init_args.init_from", f"{root}/imp", "--model.init_args.backbone_config", SHAPE,
                "--model.init_args.conditioning.text_encoders", TEXT, "--model.init_args.encode_dtype", "fp32",
@@ -142,6 +142,11 @@ fit("--trainer.max_steps", "2")
 ckpt = f"{root}/run/checkpoints/last.ckpt"
 run("sample", "--checkpoint", ckpt, "--prompt", "a digit", "--num", "1", "--steps", "2", "--out", f"{root}/s1")
 run("export", "--checkpoint", ckpt, "--format", "diffusers", "--out", f"{root}/x")
+# LoRA (sd15-lora.yaml's targets: every attention projection), exported as adapters and as a merged UNet
+fit("--trainer.max_steps", "2", "--model.init_args.lora.rank", "4", "--trainer.default_root_dir", f"{root}/lora",
+    config="sd15-lora.yaml")
+for fmt in ("lora", "diffusers"):
+    run("export", "--checkpoint", f"{root}/lora/checkpoints/last.ckpt", "--format", fmt, "--out", f"{root}/x_{fmt}")
 '''
 
 
@@ -182,3 +187,19 @@ def test_import_fit_sample_export_sd_unet_through_the_cli(tiny_ae, mnist_shards,
     ckpt_out = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "x").eval()
     ema, _, _ = load_denoiser(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert diff(ckpt_out, ema.backbone) <= 1e-4
+    # diffusers' own StableDiffusionPipeline.load_lora_weights reads the adapter export onto the imported UNet and
+    # runs to the merged export's output (the EMA of the adapters; B moved off zero)
+    pipeline = diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL.from_pretrained(pipe / "vae"), unet=imported,
+        text_encoder=T.CLIPTextModel.from_pretrained(pipe / "text_encoder"), tokenizer=tok,
+        scheduler=diffusers.DDIMScheduler.from_pretrained(pipe / "scheduler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipeline.load_lora_weights(str(tmp_path / "x_lora"))
+    merged = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "x_diffusers").eval()
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        scale = merged(x, t, encoder_hidden_states=ctx).sample.abs().max().item()
+    # adapters applied unmerged (x W^T + s (x A^T) B^T) vs folded (W + s B A): float rounding relative to the output
+    assert diff(merged, lambda x, t, y, ctx: pipeline.unet(x, t, encoder_hidden_states=ctx).sample) <= 1e-5 * scale, scale
+    base = diffusers.UNet2DConditionModel.from_pretrained(pipe / "unet").eval()
+    assert diff(base, lambda x, t, y, ctx: merged(x, t, encoder_hidden_states=ctx).sample) > 1e-6  # adapters moved

@@ -7,11 +7,12 @@ the autoencoder's path and content hash (the denoiser is meaningless without tha
 `diffusion/load.py`'s `load_denoiser` reads such a folder or a training checkpoint.
 
 Formats: `safetensors` (ours, above); `diffusers`: a DiT as a `DiTTransformer2DModel` folder (interop.py says
-which DiTs map), an SD UNet (`sd_unet`) as a `UNet2DConditionModel` folder (sd_interop.py); `lora` (a DiT):
-the adapters of a LoRA run alone, as `pytorch_lora_weights.safetensors` with PEFT-style keys
+which DiTs map), an SD UNet (`sd_unet`) as a `UNet2DConditionModel` folder (sd_interop.py); `lora` (a DiT or
+SD UNet): the adapters of a LoRA run alone, as `pytorch_lora_weights.safetensors` with PEFT-style keys
 `transformer.<diffusers module>.lora_A.weight` (what diffusers' `load_lora_weights` reads) and
 `adapter_config.json` (rank, alpha, target modules). A LoRA run's checkpoint exported as safetensors or
-diffusers gives the merged full weights (base + scale * B A).
+diffusers gives the merged full weights (base + scale * B A). An SD UNet's adapters go under `unet.` (diffusers'
+module names are ours), the layout `StableDiffusionPipeline.load_lora_weights` reads.
 """
 
 from __future__ import annotations
@@ -58,11 +59,19 @@ def export_denoiser(ckpt: dict, out: str | os.PathLike, fmt: str = "safetensors"
 
     def write(folder: Path) -> None:
         for name, tensors in files.items():
-            save_file(tensors, str(folder / name))
+            save_file(tensors, str(folder / name), metadata=lora_file_metadata(config) if fmt == "lora" else None)
         (folder / json_name).write_text(json.dumps(config, indent=2))
     # An autoencoder export there may be replaced too (--overwrite): it is as much an export as ours.
     return replace_dir(out, write, {WEIGHTS, "config.json", AE_EXPORT_WEIGHTS, *DIFFUSERS_WEIGHTS, *DENOISER_FILES},
                        overwrite)
+
+
+def lora_file_metadata(config: dict) -> dict:
+    """The safetensors header diffusers writes for a LoRA (`lora_adapter_metadata`: the LoraConfig per prefix): its
+    loaders take rank and alpha from it; without it they assume alpha = rank (scale 1)."""
+    prefix = config["prefix"]
+    adapter = {f"{prefix}.{k}": config[k] for k in ("r", "lora_alpha", "target_modules")}
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, sort_keys=True)}
 
 
 def dit_config_of(meta: dict):
@@ -89,22 +98,24 @@ def diffusers_transformer(meta: dict, sd: dict) -> tuple[dict, dict]:
 
 
 def lora_adapter(meta: dict, sd: dict) -> tuple[dict, dict]:
-    """(adapter_config.json, weights) of a LoRA run's adapters in diffusers' DiT names (PEFT key layout).
-    Our fused to_kv adapter becomes to_k and to_v adapters sharing lora_A (B split by rows): the same update."""
+    """(adapter_config.json, weights) of a LoRA run's adapters in diffusers' names (PEFT key layout): a DiT's under
+    `transformer.` (our fused to_kv adapter becomes to_k and to_v adapters sharing lora_A, B split by rows: the same
+    update); an SD UNet's under `unet.`, its module names being diffusers' own (what `load_lora_weights` reads)."""
     from ldm_lightning.errors import UserError
-
-    from .interop import diffusers_dit_keys
     if not meta.get("lora"):
         raise UserError("--format lora: this checkpoint is not from a LoRA run (model.lora unset); use --format "
                         "safetensors or diffusers")
-    cfg = dit_config_of(meta)
-    names = diffusers_dit_keys(cfg)
+    if meta["backbone_family"] == "sd_unet":
+        prefix, names = "unet", None
+    else:
+        from .interop import diffusers_dit_keys
+        prefix, names = "transformer", diffusers_dit_keys(dit_config_of(meta))
     out, targets = {}, set()
     for k, v in sd.items():
         if ".lora_A." not in k:
             continue
         module = k[len("backbone."):k.index(".lora_A.")]
-        theirs = names.get(f"{module}.weight")
+        theirs = [f"{module}.weight"] if names is None else names.get(f"{module}.weight")
         if theirs is None:
             raise UserError(f"LoRA adapter on {module!r} has no diffusers DiTTransformer2DModel counterpart")
         A = v.detach().cpu()
@@ -112,11 +123,12 @@ def lora_adapter(meta: dict, sd: dict) -> tuple[dict, dict]:
         Bs = B.chunk(len(theirs), 0) if module.endswith(".to_kv") else [B] * len(theirs)
         for t, b in zip(theirs, Bs):
             m = t[:-len(".weight")]
-            out[f"transformer.{m}.lora_A.weight"] = A.clone().contiguous()
-            out[f"transformer.{m}.lora_B.weight"] = b.clone().contiguous()
-            targets.add(m.split(".", 2)[-1] if m.startswith("transformer_blocks.") else m)
+            out[f"{prefix}.{m}.lora_A.weight"] = A.clone().contiguous()
+            out[f"{prefix}.{m}.lora_B.weight"] = b.clone().contiguous()
+            targets.add(m.split(".", 2)[-1] if m.startswith("transformer_blocks.") else
+                        ".".join(m.split(".")[-2:]) if m.endswith(".0") else m.rsplit(".", 1)[-1])
     lora = meta["lora"]
     alpha = lora.get("alpha") if lora.get("alpha") is not None else lora["rank"]
     config = {"peft_type": "LORA", "r": lora["rank"], "lora_alpha": alpha, "target_modules": sorted(targets),
-              "base_model": meta.get("init_from"), "ldm_lightning_lora": lora}
+              "prefix": prefix, "base_model": meta.get("init_from"), "ldm_lightning_lora": lora}
     return config, out
