@@ -305,3 +305,64 @@ def test_swiglu_rmsnorm_rope_class_tokens_in_the_dit():
         _jit_dit(num_classes=None, class_tokens=2)
     with pytest.raises(ValueError, match="dit.mlp must be one of"):
         _jit_dit(mlp="relu")
+
+
+def test_class_tokens_join_at_their_start_block_and_their_order_does_not_matter():
+    """JiT inserts its in-context class tokens before block `in_context_start`: the blocks before see the image
+    tokens only; from there on the tokens are [class | image (| text)], the class tokens unrotated by RoPE, so their
+    slot order still does not matter while their content does. Text tokens' padding mask follows the insertion."""
+    from ldm_lightning.diffusion import DiT, DiTConfig
+    from ldm_lightning.training.flops import count_flops
+    x, t, y = torch.randn(2, 2, 8, 8), torch.tensor([300.0, 700.0]), torch.tensor([3, 10])
+    jit = _jit_dit(depth=3, mlp="swiglu", norm="rmsnorm", rope=True, class_tokens=4, class_tokens_start=2)
+    lengths = []
+    hooks = [b.register_forward_hook(lambda m, a, out: lengths.append(out.shape[1])) for b in jit.blocks]
+    with torch.no_grad():
+        out = jit(x, t, y)
+        assert lengths == [16, 16, 20] and [jit.leading_tokens(i) for i in range(3)] == [0, 0, 4]
+        for h in hooks:
+            h.remove()
+        perm = torch.tensor([3, 1, 0, 2])
+        jit.class_token_pos.copy_(jit.class_token_pos[perm])
+        torch.testing.assert_close(jit(x, t, y), out, rtol=1e-5, atol=1e-6)  # slot order: no effect
+        jit.class_token_pos.add_(1.0)
+        assert (jit(x, t, y) - out).abs().max() > 1e-4  # their content: live
+        jit.cfg.class_tokens_start = 0
+        assert (jit(x, t, y) - out).abs().max() > 1e-4  # where they join: live
+        jit.cfg.class_tokens_start = 2
+    assert count_flops(lambda: jit(x[:1], t[:1], y[:1])) == pytest.approx(jit.flops_per_image(), rel=0.02)
+    # with in-context text tokens and a padding mask: masked text tokens change nothing
+    txt = _jit_dit(depth=3, rope=True, class_tokens=4, class_tokens_start=1, context_dim=6, text_mode="in_context")
+    ctx, mask = torch.randn(2, 5, 6), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        ref = txt(x, t, y, ctx, mask)
+        ctx[0, 3:] = 100.0
+        torch.testing.assert_close(txt(x, t, y, ctx, mask), ref, rtol=1e-5, atol=1e-5)
+    for bad in (dict(class_tokens=4, class_tokens_start=3), dict(class_tokens_start=1), dict(class_tokens_start=-1)):
+        with pytest.raises(ValueError, match="class_tokens_start"):
+            DiTConfig(input_size=8, depth=3, hidden_size=32, num_heads=2, num_classes=10, **bad)
+
+
+# paper (arXiv 2511.13720, its system-level table): parameters (M) and GFLOPs (multiply-adds) at 256 (/16) / 512 (/32)
+JIT_PAPER = {"JiT-B/16": (131, 25), "JiT-L/16": (459, 88), "JiT-H/16": (953, 182),
+             "JiT-B/32": (133, 26), "JiT-L/32": (462, 89), "JiT-H/32": (956, 183)}
+
+
+def test_jit_presets_match_the_papers_sizes():
+    """LTH14/JiT model_jit.py: depth / width / heads / bottleneck / in-context start per size, 32 class tokens;
+    built on the meta device (no memory), the counts match the paper's within 0.5% (parameters) and 2% (GFLOPs)."""
+    from ldm_lightning.diffusion import PRESETS, build_backbone
+    arch = {"B": (12, 768, 12, 128, 4), "L": (24, 1024, 16, 128, 8), "H": (32, 1280, 16, 256, 10)}
+    for name, (params_m, gflops) in JIT_PAPER.items():
+        family, cfg = PRESETS[name]
+        assert family == "dit" and (cfg["depth"], cfg["hidden_size"], cfg["num_heads"], cfg["bottleneck_dim"],
+                                    cfg["class_tokens_start"]) == arch[name[4]], name
+        assert (cfg["mlp"], cfg["norm"], cfg["rope"], cfg["qk_norm"], cfg["class_tokens"]) == (
+            "swiglu", "rmsnorm", True, True, 32)
+        with torch.device("meta"):
+            net = build_backbone(name, num_classes=1000)
+        assert net.cfg.input_size // net.cfg.patch_size == 16  # 256 image tokens at 256 px (/16) and 512 px (/32)
+        assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(params_m, rel=0.005), name
+        assert net.flops_per_image() / 2e9 == pytest.approx(gflops, rel=0.02), name
+    with pytest.raises(ValueError, match="needs a class-conditional model"):
+        build_backbone("JiT-B/16")

@@ -118,6 +118,28 @@ def test_inpainting_fit_and_sample_from_images_and_masks(mnist_shards, tmp_path)
 
 
 @pytest.mark.slow
+def test_jit_b16_imagenet_config_fits_and_samples_with_its_jit_parts(mnist_shards, tmp_path):
+    """configs/diffusion/jit-b16-imagenet256.yaml through `ldm-lightning fit` with only the sizes overridden (MNIST
+    pixels, width 32, 5 blocks: the preset's 32 class tokens still join before block 4) and `ldm-lightning sample`:
+    the checkpoint records the JiT-B/16 preset's parts and JiT's objective."""
+    ckpt = _fit("jit-b16-imagenet256", mnist_shards, tmp_path / "run", "--model.init_args.val_num", "0",
+                "--model.init_args.autoencoder", "identity:1x32", "--model.init_args.conditioning.num_classes", "10",
+                "--model.init_args.backbone_config",
+                "{input_size: 32, patch_size: 4, bottleneck_dim: 8, hidden_size: 32, depth: 5, num_heads: 2}",
+                "--data.init_args.image_size", "32", "--data.init_args.channels", "1",
+                "--data.init_args.resize_mode", "pad", "--data.init_args.random_flip", "false")
+    meta = torch.load(ckpt, map_location="cpu", weights_only=True)["ldm_lightning"]
+    bb, obj = meta["backbone"], meta["objective"]
+    assert (bb["mlp"], bb["norm"], bb["rope"], bb["qk_norm"], bb["class_tokens"], bb["class_tokens_start"]) == (
+        "swiglu", "rmsnorm", True, True, 32, 4)
+    assert (obj["prediction"], obj["loss_space"], obj["timestep_sampling"], obj["logit_mean"], obj["logit_std"],
+            obj["clamp"]) == ("x0", "flow", "logit_normal", 0.8, 0.8, 0.05)
+    _cli(["sample", "--checkpoint", str(ckpt), "--classes", "0-1", "--num", "1", "--steps", "2",
+          "--sampler", "flow_heun", "--out", str(tmp_path / "s")], tmp_path)
+    assert _read(tmp_path / "s" / "1_0.png").shape == (32, 32)
+
+
+@pytest.mark.slow
 def test_jit_pixels_fit_and_sample_at_another_resolution(mnist_shards, tmp_path):
     """Shipped JiT config (identity autoencoder, bottleneck 4x4 patches, x-pred + v-loss): fit, then sample
     at 32 and, with recomputed positions, at 48 px; a size off the patch grid is refused."""

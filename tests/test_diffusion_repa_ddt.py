@@ -114,6 +114,29 @@ def test_repa_module_trains_the_projector_and_the_early_blocks_only(tmp_path):
         m.repa_loss({"moments": torch.zeros(4, 2, 32, 32)}, torch.zeros(4, 64, 32))
 
 
+def test_repa_aligns_the_image_tokens_not_jits_class_tokens(tmp_path):
+    """With in-context class tokens (JiT) the tapped block's output is [class | image]: REPA takes the image tokens
+    (it took the first N tokens, class tokens included, before); before the tokens join (block < start) it takes all."""
+    from ldm_lightning.diffusion.module import DiffusionModule
+    from ldm_lightning.encoders.mnist_classifier import MNISTClassifier, save_mnist_classifier
+    save_mnist_classifier(MNISTClassifier(), tmp_path / "clf.safetensors")
+    batch = {"image": torch.rand(2, 1, 32, 32) * 2 - 1, "cls": torch.arange(2)}
+    for block, lead in ((2, 4), (1, 0)):
+        torch.manual_seed(0)
+        m = DiffusionModule(autoencoder="identity:1x32", backbone="dit", backbone_config=dict(
+            patch_size=4, hidden_size=32, depth=2, num_heads=2, class_tokens=4, class_tokens_start=1),
+            conditioning={"kind": "class", "num_classes": 10}, schedule={"kind": "flow"}, val_num=0,
+            objective={"prediction": "x0", "loss_space": "flow"},
+            repa={"encoder": f"mnist-classifier:{tmp_path / 'clf.safetensors'}", "block": block, "weight": 1.0,
+                  "projector_dim": 16})
+        tokens = torch.randn(2, lead + 64, 32)
+        ref = m.repa_loss(batch, tokens)
+        tokens[:, :lead] = 100.0  # the class tokens change nothing
+        torch.testing.assert_close(m.repa_loss(batch, tokens), ref)
+        tokens[:, lead] = 100.0  # the first image token does
+        assert (m.repa_loss(batch, tokens) - ref).abs() > 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_repa_fit_logs_a_finite_repa_loss_with_a_dinov2_folder(mnist_shards, tmp_path):

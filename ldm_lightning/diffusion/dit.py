@@ -90,6 +90,9 @@ class DiTConfig:
     class_tokens: int = 0
     """In-context class tokens (JiT prepends 32): this many tokens, each the class embedding plus a learned per-slot
     embedding, are prepended to the image tokens (the class also stays in AdaLN's condition). 0 = none."""
+    class_tokens_start: int = 0
+    """Index of the first block that sees the class tokens: JiT prepends them before block 4 of 12 (B), 8 of 24 (L),
+    10 of 32 (H), so its early blocks attend among image tokens only. 0 = from the input on."""
 
     def __post_init__(self):
         check_finite_fields(self, "dit")  # NaN/inf pass every comparison below
@@ -115,6 +118,10 @@ class DiTConfig:
         if self.class_tokens < 0 or (self.class_tokens and not self.num_classes):
             raise ValueError(f"dit.class_tokens={self.class_tokens} needs a class-conditional model (num_classes) "
                              "and must be >= 0")
+        start = self.class_tokens_start
+        if start < 0 or (start and (start >= self.depth or not self.class_tokens)):
+            raise ValueError(f"dit.class_tokens_start={self.class_tokens_start} must be a block index in [0, depth="
+                             f"{self.depth}) and needs class_tokens > 0")
 
 
 def per_token(v: torch.Tensor) -> torch.Tensor:
@@ -310,29 +317,38 @@ class DiT(nn.Module):
         if self.cfg.context_dim is not None and context is None:
             raise ValueError("this DiT is text-conditional (context_dim set): pass context (B, L, context_dim)")
         self_mask, N, K = None, tokens.shape[1], self.cfg.class_tokens
-        if K:  # JiT's in-context class tokens: [class tokens | image tokens]
-            tokens = torch.cat([self.class_token_pos.to(tokens.dtype) + self.y_embedder(y)[:, None].to(tokens.dtype),
-                                tokens], dim=1)  # (B, K + N, D)
         L = 0
         if self.context_embedder is not None:  # in-context: [image tokens | text tokens]
             text = self.context_embedder(context)
             L = text.shape[1]
-            tokens = torch.cat([tokens, text], dim=1)  # (B, K + N + L, D)
+            tokens = torch.cat([tokens, text], dim=1)  # (B, N + L, D)
             if context_mask is not None:
-                keep = torch.ones(B, K + N, dtype=torch.bool, device=x.device)
-                self_mask = torch.cat([keep, context_mask.bool()], dim=1)  # (B, K + N + L)
+                self_mask = torch.cat([torch.ones(B, N, dtype=torch.bool, device=x.device), context_mask.bool()],
+                                      dim=1)  # (B, N + L)
             context = context_mask = None
-        rope = None
+        rope = rope_joined = None
         if self.cfg.rope:  # rotate the image tokens by their grid position; class / text tokens by nothing
-            cos, sin = rope_2d(self.cfg.hidden_size // self.cfg.num_heads, h, w, prefix=K, suffix=L)
-            rope = (cos.to(x.device), sin.to(x.device))
-        for blk in self.blocks:
+            head = self.cfg.hidden_size // self.cfg.num_heads
+            rope = tuple(r.to(x.device) for r in rope_2d(head, h, w, suffix=L))
+            rope_joined = tuple(r.to(x.device) for r in rope_2d(head, h, w, prefix=K, suffix=L))
+        for i, blk in enumerate(self.blocks):
+            if K and i == self.cfg.class_tokens_start:  # JiT's in-context class tokens join: [class | image | text]
+                cls = self.class_token_pos.to(tokens.dtype) + self.y_embedder(y)[:, None].to(tokens.dtype)  # (B, K, D)
+                tokens = torch.cat([cls, tokens], dim=1)  # (B, K + N + L, D)
+                if self_mask is not None:
+                    self_mask = torch.cat([self_mask.new_ones(B, K), self_mask], dim=1)  # (B, K + N + L)
+                rope = rope_joined
             if self.cfg.grad_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(blk, tokens, c, context, context_mask, self_mask, rope, use_reentrant=False)
             else:
                 tokens = blk(tokens, c, context, context_mask, self_mask, rope)
         out = self.final_layer(tokens[:, K:K + N], c)  # (B, N, p*p*C)
         return self.unpatchify(out, h, w)  # (B, C, H, W)
+
+    def leading_tokens(self, block: int) -> int:
+        """How many tokens come before the image tokens in the output of `blocks[block]` (0-based): the in-context
+        class tokens once they have joined (REPA taps a block and aligns its image tokens only)."""
+        return self.cfg.class_tokens if block >= self.cfg.class_tokens_start else 0
 
     def flops_per_image(self, input_size: int | None = None, context_len: int = 0, training: bool = False) -> float:
         """Analytic matmul FLOPs for one image (2 per multiply-add), counting the adaLN / timestep / class
@@ -342,14 +358,16 @@ class DiT(nn.Module):
         s = input_size or cfg.input_size
         N = (s // cfg.patch_size) ** 2
         L = context_len if cfg.context_dim is not None else 0
-        T = N + cfg.class_tokens + (L if self.context_embedder is not None else 0)  # sequence length
+        T0 = N + (L if self.context_embedder is not None else 0)  # sequence length before the class tokens join
         mlp = int(D * cfg.mlp_ratio)
         mlp_macs = 3 * D * int(2 * mlp / 3) if cfg.mlp == "swiglu" else 2 * D * mlp  # fc1 (2 halves) + fc2
-        per_block = T * (4 * D * D + mlp_macs) + 2 * T * T * D  # qkv + proj + mlp; QK^T and AV
-        per_block += 6 * D * D  # adaLN modulation: once per image
-        if self.cfg.context_dim is not None and self.context_embedder is None:
-            per_block += N * 2 * D * D + L * 2 * cfg.context_dim * D + 2 * N * L * D  # q, out; k, v; attention
-        macs = cfg.depth * per_block
+        macs = 0
+        for i in range(cfg.depth):
+            T = T0 + self.leading_tokens(i)
+            macs += T * (4 * D * D + mlp_macs) + 2 * T * T * D  # qkv + proj + mlp; QK^T and AV
+            macs += 6 * D * D  # adaLN modulation: once per image
+            if self.cfg.context_dim is not None and self.context_embedder is None:
+                macs += N * 2 * D * D + L * 2 * cfg.context_dim * D + 2 * N * L * D  # q, out; k, v; attention
         c_in = cfg.in_channels + cfg.concat_channels
         if cfg.bottleneck_dim is None:
             macs += N * c_in * cfg.patch_size ** 2 * D  # patch embed

@@ -352,8 +352,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         return loss, terms
 
     def repa_loss(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
-        """REPA loss of the tapped block's tokens (B, N [+ L], D) against the frozen encoder's features of the
-        batch's clean images."""
+        """REPA loss of the tapped block's image tokens (of (B, [K +] N [+ L], D), K in-context class tokens) against
+        the frozen encoder's features of the batch's clean images."""
         if "image" not in batch:
             raise REPAError("repa.encoder is set: REPA aligns to features of the clean images, so it needs image "
                             "batches; set data.kind=image (latent shards hold no pixels)")
@@ -365,7 +365,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             features = enc(images)  # (B, C_f, h_f, w_f)
         step = self.autoencoder.downsample_factor * self.denoiser.backbone.cfg.patch_size
         h, w = images.shape[-2] // step, images.shape[-1] // step  # the token grid
-        return self.repa(tokens[:, :h * w], features, h, w)
+        lead = self.denoiser.backbone.leading_tokens(self.repa_cfg.block - 1)  # in-context class tokens (JiT)
+        return self.repa(tokens[:, lead:lead + h * w], features, h, w)
 
     def validation_step(self, batch, batch_idx):
         # Fixed draws per validation batch: val/loss of successive validations differ only by the weights.

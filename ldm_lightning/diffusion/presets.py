@@ -1,6 +1,6 @@
 """Named backbone presets: `build_backbone("DiT-B/4", num_classes=10)`, `build_backbone("unet-tiny")`.
 
-DiT sizes are the paper's (facebookresearch/DiT `models.py`); UNet 'sd15' is Stable Diffusion 1.x's
+DiT sizes are the paper's (facebookresearch/DiT `models.py`); JiT's are its paper's (LTH14/JiT); UNet 'sd15' is Stable Diffusion 1.x's
 (CompVis `v1-inference.yaml`); the tiny presets are for CPU tests and the MNIST demo on 8x8x4 latents.
 """
 
@@ -34,6 +34,16 @@ PRESETS.update({
     f"DiTDH-{size}/{p}": ("ddt", dict(depth=d, hidden_size=h, num_heads=n, patch_size=p, decoder_depth=2,
                                       decoder_hidden_size=2048, decoder_num_heads=16))
     for size, (d, h, n) in _DIT_SIZES.items() for p in (1, 2)
+})
+# JiT (Li & He 2025, arXiv 2511.13720; LTH14/JiT `model_jit.py`): a pixel-space DiT with SwiGLU, RMSNorm, 2-D RoPE,
+# QK-norm, a bottleneck patch embedding and 32 in-context class tokens that join before block `start`.
+# (depth, width, heads, bottleneck rank, class-token start block); /16 at 256 px, /32 at 512 px (256 tokens each).
+_JIT_SIZES = {"B": (12, 768, 12, 128, 4), "L": (24, 1024, 16, 128, 8), "H": (32, 1280, 16, 256, 10)}
+PRESETS.update({
+    f"JiT-{size}/{p}": ("dit", dict(input_size=16 * p, in_channels=3, depth=d, hidden_size=h, num_heads=n,
+                                    patch_size=p, bottleneck_dim=r, mlp="swiglu", norm="rmsnorm", rope=True,
+                                    qk_norm=True, class_tokens=32, class_tokens_start=start))
+    for size, (d, h, n, r, start) in _JIT_SIZES.items() for p in (16, 32)
 })
 PRESETS.update({
     "ddt-tiny": ("ddt", dict(input_size=8, depth=3, decoder_depth=1, hidden_size=128, num_heads=4, patch_size=2)),
