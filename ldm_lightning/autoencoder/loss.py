@@ -114,6 +114,16 @@ def build_lpips(cfg: LossConfig) -> nn.Module:
     return net.eval().requires_grad_(False)
 
 
+def _rank_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over the torch.distributed ranks (itself without a process group)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)  # SUM: gloo has no AVG
+    return t / dist.get_world_size()
+
+
 class AutoencoderLoss(nn.Module):
     def __init__(self, cfg: LossConfig, image_channels: int):
         super().__init__()
@@ -122,6 +132,9 @@ class AutoencoderLoss(nn.Module):
         self.lpips = build_lpips(cfg) if cfg.perceptual_weight > 0 else None
         self.discriminator = (NLayerDiscriminator(image_channels, cfg.disc_ndf, cfg.disc_layers, cfg.disc_norm)
                               if cfg.disc_weight > 0 else None)
+        # data.order: global (set per step by the module): the adaptive weight from the gradients averaged
+        # over ranks, i.e. from the whole global micro-batch, as one process with the doubled batch computes it
+        self.average_over_ranks = False
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -190,6 +203,8 @@ class AutoencoderLoss(nn.Module):
             if c.adaptive_weight and torch.is_grad_enabled() and last_layer.requires_grad:
                 g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
                 g_g = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+                if self.average_over_ranks:
+                    g_nll, g_g = _rank_mean(g_nll), _rank_mean(g_g)
                 w = (g_nll.float().norm() / (g_g.float().norm() + 1e-4)).clamp(0.0, 1e4).detach() * c.disc_weight
             # + w*g(D(x_rec)) trains the decoder; - w*g(D(sg(x_rec))) cancels its pull on D's weights.
             loss = loss + c.disc_factor * w * (g_loss - self._gen(logits[1]))

@@ -210,6 +210,7 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
             scope = functorch_config.patch(donated_buffer=False)
         with scope:
             recon, posterior = self.autoencoder(x, sample_posterior=self.sample_posterior, generator=g)
+            self.loss.average_over_ranks = self.world_independent  # the adaptive GAN weight on the global batch
             return self.loss(x, recon, posterior, int(self.global_step), self.autoencoder.last_layer)
 
     def optimizer_param_groups(self):

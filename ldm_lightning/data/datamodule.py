@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm_lightning.data.bucket_stream import BucketStream, _distributed
 from ldm_lightning.data.buckets import BucketConfig, Buckets
+from ldm_lightning.data.global_order import ORDERS, GlobalOrderStream
 from ldm_lightning.data.jpeg import JPEG_DECODERS
 from ldm_lightning.data.jpeg import available as jpeg_available
 from ldm_lightning.data.members import CAPTION_EXTS, CLASS_EXTS, LATENT_EXTS, MemberSpec
@@ -28,9 +29,14 @@ from ldm_lightning.data.shard_check import (SHARD_CHECKS, ShardChangedError, cha
 from ldm_lightning.data.shards import resolve_shards
 from ldm_lightning.data.stream import KEY, BadDataError, ShardStream
 from ldm_lightning.data.transforms import IMAGE_KEYS, RESIZE_MODES, BadSample, ImageTransform, ResizeMode
+from ldm_lightning.errors import UserError
 from ldm_lightning.images import to_model_range
 
 KINDS = ("image", "latent")
+
+
+class ElasticResumeError(UserError):
+    """A checkpoint's data position that this run's batch size × world size cannot continue exactly."""
 
 
 def _rank_world() -> tuple[int, int]:
@@ -153,6 +159,7 @@ class ShardDataModule(L.LightningDataModule):
         bucketing: dict | None = None,
         jpeg_decoder: str = "torchvision",
         shard_check: Literal["strict", "warn", "off"] = "strict",
+        order: Literal["slots", "global"] = "slots",
     ):
         """
         Args:
@@ -241,6 +248,13 @@ class ShardDataModule(L.LightningDataModule):
                 they are (their unreadable samples count as bad samples); 'off' only says that nothing is
                 checked. Every rank checks (one stat and 128 KiB read per shard). http(s) / pipe: shards are
                 not checked; full sha256 is `ldm-lightning data verify`'s job.
+            order: 'slots' (default): shards are dealt into world_size × num_workers reader slots, each
+                reading only its own shards; the order depends on the number of processes. 'global': one
+                sample order per epoch, a function of (seed, epoch, global position), rows handed out by
+                global batch (batch_size × processes × accumulation), and training noise drawn per global
+                row: runs with the same global batch on 1, 2 or N processes train alike, and a checkpoint
+                resumes at another world size (docs/training.md "World-size independence"). Costs I/O: every
+                reader reads every shard's bytes and image headers (decoding only its rows). Not with bucketing.
         """
         super().__init__()
         checks = [
@@ -254,6 +268,7 @@ class ShardDataModule(L.LightningDataModule):
             ("jpeg_decoder", jpeg_decoder in JPEG_DECODERS, " | ".join(JPEG_DECODERS)),
             ("val_batch_size", val_batch_size is None or val_batch_size >= 1, ">= 1 or null"),
             ("shard_check", shard_check in SHARD_CHECKS, " | ".join(SHARD_CHECKS)),
+            ("order", order in ORDERS, " | ".join(ORDERS)),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -265,6 +280,10 @@ class ShardDataModule(L.LightningDataModule):
         self.normalize_on_device, self.reuse_batch_memory = normalize_on_device, reuse_batch_memory
         self.pin_memory = pin_memory
         self.shard_check = shard_check
+        self.order = order
+        if order == "global" and bucketing is not None:
+            raise ValueError("data.order: global does not support data.bucketing yet (a global batch would have to "
+                             "come from one bucket); use order: slots with bucketing, or bucketing: null")
         self._checked_shards: set[tuple[str, ...]] = set()  # shard lists already checked: once per start
         self.val_samples, self.val_batch_size = val_samples, val_batch_size or batch_size
         self.bucketing = BucketConfig.parse(bucketing)
@@ -277,6 +296,7 @@ class ShardDataModule(L.LightningDataModule):
                                             else resize_mode, False, alpha_background, jpeg_decoder)
         self._rank, self._world = rank, world_size
         self._epoch, self._consumed, self._resume = -1, 0, None
+        self._resume_samples: int | None = None  # order 'global': the loaded position in global samples
         self.bad_samples = 0
         self._noted_workers = False  # the num_workers note is printed once
         self._val_cache: dict[tuple[int, int], list[tuple]] = {}
@@ -293,7 +313,7 @@ class ShardDataModule(L.LightningDataModule):
         rank, world = self.rank_world()
         resolved = resolve_shards(shards)
         self._check_shards(resolved, rank)
-        if num_workers > 1 and len(resolved) >= world and world * num_workers > len(resolved):
+        if num_workers > 1 and self.order == "slots" and len(resolved) >= world and world * num_workers > len(resolved):
             # every reader slot needs a shard of its own: fewer workers rather than a refusal
             fitted = len(resolved) // world
             if rank == 0 and not self._noted_workers:
@@ -306,11 +326,15 @@ class ShardDataModule(L.LightningDataModule):
         if self.bucketing is not None:  # training only (validation stays square): batches of one bucket each
             t = self.transform
             kw["buckets"] = Buckets(self.bucketing, t.channels, t.mode == "random_crop", t.flip, t.background)
-        stream = (BucketStream if kw else ShardStream)(
+        if self.order == "global":
+            stream_type, kw = GlobalOrderStream, {"accumulation": self.accumulation()}
+        else:
+            stream_type = BucketStream if kw else ShardStream
+        stream = stream_type(
             resolved, self.batch_size, num_workers=num_workers, rank=rank, world_size=world, seed=self.seed,
             shuffle=shuffle, shuffle_buffer=self.shuffle_buffer, kind=self.kind, transform=transform,
             max_bad_fraction=self.max_bad_fraction, uint8_images=self.normalize_on_device, members=self.members, **kw)
-        if kw and rank == 0:
+        if stream_type is BucketStream and rank == 0:
             print(stream.summary(), file=sys.stderr, flush=True)
         return stream
 
@@ -390,10 +414,39 @@ class ShardDataModule(L.LightningDataModule):
         return torch.cuda.is_available()
 
     # --- exact position --------------------------------------------------------------------------
+    def accumulation(self) -> int:
+        """The trainer's accumulate_grad_batches (1 without a trainer)."""
+        return int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1) if self.trainer is not None else 1
+
+    def rows_per_micro_batch(self) -> int:
+        """Global samples one micro-batch of every rank consumes: batch_size × world size."""
+        return self.batch_size * self.rank_world()[1]
+
+    def global_rows(self) -> tuple[int, int] | None:
+        """order 'global', during a training step: (this rank's first row within the optimizer step's global
+        batch, the global batch); the training noise is drawn for the global batch and sliced here
+        (training/world_independence.py). None in order 'slots'."""
+        if self.order != "global":
+            return None
+        rank, world = self.rank_world()
+        accumulation = self.accumulation()
+        micro = max(self._consumed - 1, 0) % accumulation  # _consumed counts the batch being trained on
+        return (micro * world + rank) * self.batch_size, self.batch_size * world * accumulation
+
     def _begin_epoch(self, batches_per_epoch: int) -> tuple[int, int]:
         if self._resume is not None:
             self._epoch, self._consumed = self._resume
             self._resume = None
+            if self.order == "global" and self._resume_samples is not None:  # elastic: samples → micro-batches
+                rows = self.rows_per_micro_batch()
+                if self._resume_samples % rows:
+                    raise ElasticResumeError(
+                        f"the checkpoint's data position ({self._resume_samples} samples into epoch {self._epoch}) "
+                        f"is not a whole number of micro-batches of {rows} samples (batch_size {self.batch_size} × "
+                        f"{self.rank_world()[1]} processes): resume with a batch_size × devices that divides it, "
+                        "e.g. the checkpoint's own")
+                self._consumed = self._resume_samples // rows
+            self._resume_samples = None
             if self._consumed >= batches_per_epoch:  # saved right at an epoch's end
                 self._epoch, self._consumed = self._epoch + 1, 0
         else:
@@ -425,11 +478,15 @@ class ShardDataModule(L.LightningDataModule):
         else:
             epoch, consumed = max(self._epoch, 0), self._consumed
         state = {"epoch": epoch, "consumed": consumed, "bad_samples": self.bad_samples}
+        if self.order == "global":  # the position in global samples: valid at any world size (elastic resume)
+            state["samples"] = self._resume_samples if self._resume is not None and self._resume_samples is not None \
+                else consumed * self.rows_per_micro_batch()
         if self.filtered_samples:  # only runs with data.filters have the key
             state["filtered_samples"] = self.filtered_samples
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = (int(state["epoch"]), int(state["consumed"]))
+        self._resume_samples = int(state["samples"]) if "samples" in state else None
         self.bad_samples = int(state.get("bad_samples", 0))
         self.filtered_samples = int(state.get("filtered_samples", 0))

@@ -5,7 +5,8 @@ deterministic per-step noise.
 `compute_loss(batch) -> (loss, terms)`; the base turns that into a guarded training step.
 
 Determinism: every random draw a training step makes (noise, timesteps, posterior samples, condition
-dropout) comes from `self.step_generator(tag)`, a generator seeded by (seed, global step, rank, tag).
+dropout) comes from `self.step_generator(tag)`, a generator seeded by (seed, global step, rank, tag); with
+`data.order: global`, by (seed, global step, tag) and drawn per global row (training/world_independence.py).
 Noise is therefore a pure function of the step, so a resumed run draws exactly what an uninterrupted
 run would, with no RNG state to carry (RNG states are still checkpointed for user code that uses
 the global generators — see training/checkpointing.py).
@@ -13,6 +14,7 @@ the global generators — see training/checkpointing.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from ldm_lightning.nn.ema import EMA
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig, PowerEMA
 from ldm_lightning.training.logging_steps import is_logging_step
 from ldm_lightning.training.nonfinite_guard import GuardConfig, NonFiniteGuard
+from ldm_lightning.training.world_independence import GlobalRowDraws
 
 
 # Choice fields are Literal types: jsonargparse lists the choices in `--help` and refuses others at parse time;
@@ -186,15 +189,43 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
     def step_generator(self, tag: str = "noise", device: torch.device | None = None) -> torch.Generator:
         """A generator seeded by (seed, global_step, global_rank, tag): noise as a pure function of the step."""
         g = torch.Generator(device=device or self.device)
+        draws = self.__dict__.get("_row_draws")
+        if draws is not None:  # data.order: global: the same stream on every rank, sliced per global row
+            g.manual_seed(_seed_from(self.seed, int(self.global_step), "global", tag))
+            draws.generators.append(g)
+            return g
         g.manual_seed(_seed_from(self.seed, int(self.global_step), int(self.global_rank), tag))
         return g
+
+    @property
+    def world_independent(self) -> bool:
+        """Inside a training step of a `data.order: global` run (noise per global row)."""
+        return self.__dict__.get("_row_draws") is not None
+
+    @contextlib.contextmanager
+    def _noise_per_global_row(self):
+        """With `data.order: global` (the DataModule's `global_rows`): step noise drawn per global row."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        rows = dm.global_rows() if hasattr(dm, "global_rows") else None
+        if rows is None:
+            yield
+            return
+        offset, total = rows
+        draws = GlobalRowDraws(int(dm.batch_size), offset, total)
+        self.__dict__["_row_draws"] = draws
+        try:
+            with draws:
+                yield
+        finally:
+            self.__dict__["_row_draws"] = None
 
     # --- the step --------------------------------------------------------------------------------
     def compute_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def training_step(self, batch, batch_idx):
-        loss, terms = self.compute_loss(batch)
+        with self._noise_per_global_row():
+            loss, terms = self.compute_loss(batch)
         loss = self.guard_loss(loss, terms)
         if loss is not None:
             self.log_dict({f"train/{k}": v.detach().float() for k, v in terms.items()},
