@@ -20,8 +20,11 @@ TINY_DIT = json.dumps({"patch_size": 4, "bottleneck_dim": 8, "hidden_size": 32, 
 
 
 def _fit(shards, root: Path, tmp_path, *extra: str):
+    every_step = tmp_path / "every_step.yaml"  # a test-size override of the config's checkpoint cadence
+    every_step.write_text("trainer:\n  callbacks:\n    - class_path: ldm_lightning.training.checkpointing.StepCheckpoint"
+                          "\n      init_args: {every_n_train_steps: 1, keep_last_k: 2}\n")
     return run_cli(["fit", "-c", str(REPO / "configs/diffusion/mnist-jit-pixels.yaml"),
-                    "-c", str(TRAINER_CFG / "fsdp2.yaml"),
+                    "-c", str(TRAINER_CFG / "fsdp2.yaml"), "-c", str(every_step),
                     "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.log_every_n_steps", "2",
                     "--trainer.logger.init_args.offline", "true", "--trainer.default_root_dir", str(root),
                     "--data.init_args.train_shards", shards["train"], "--data.init_args.val_shards", shards["test"],
@@ -41,6 +44,8 @@ def test_fsdp2_two_cpu_processes_fit_resume_export_sample(mnist_shards, tmp_path
     ckpts = root / "checkpoints"
     _fit(mnist_shards, root, tmp_path, "--trainer.max_steps", "3")
     last = ckpts / "last.ckpt"
+    names = lambda: sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".ldm"))  # noqa: E731
+    assert names() == ["last.ckpt", "step=00000002.ckpt", "step=00000003.ckpt"]  # keep_last_k=2 prunes folders too
     # a DCP folder: one shard file per rank, each holding half of every weight (EMA included) and optimizer state
     assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
     index = read_metadata(last).state_dict_metadata
@@ -53,8 +58,7 @@ def test_fsdp2_two_cpu_processes_fit_resume_export_sample(mnist_shards, tmp_path
     proc = _fit(mnist_shards, root, tmp_path, "--trainer.max_steps", "5", "--ckpt_path", "last")
     assert "resuming from" in proc.stdout and "(global step 3)" in proc.stdout
     assert resolve_resume_checkpoint(ckpts, verbose=False).global_step == 5
-    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".ldm")) == [
-        "last.ckpt", "step=00000003.ckpt", "step=00000005.ckpt"]  # no temp folder left behind
+    assert names() == ["last.ckpt", "step=00000004.ckpt", "step=00000005.ckpt"]  # no temp folder left behind
     full = read_full_state_dict(last)
     sd = full["state_dict"]
     assert full["global_step"] == 5 and not torch.equal(sd["denoiser.backbone.blocks.0.attn.proj.weight"],
@@ -74,7 +78,7 @@ def test_fsdp2_two_cpu_processes_fit_resume_export_sample(mnist_shards, tmp_path
 
     # a truncated shard: one message naming the file, exit 2, nothing written
     broken = tmp_path / "broken.ckpt"
-    shutil.copytree(ckpts / "step=00000003.ckpt", broken)
+    shutil.copytree(ckpts / "step=00000004.ckpt", broken)
     with open(broken / "__1_0.distcp", "r+b") as f:
         f.truncate(1000)
     proc = run_cli(["export", "--checkpoint", str(broken), "--out", str(tmp_path / "bad")], tmp_path, check=False)

@@ -48,16 +48,10 @@ class FSDP2Error(UserError):
 def block_units(network: nn.Module) -> list[nn.Module]:
     """The modules `fully_shard` wraps one by one: every child of an `nn.ModuleList` (that is not itself one),
     innermost first (FSDP2 needs nested units sharded before their parents)."""
-    units: list[nn.Module] = []
-    for module in network.modules():
-        if isinstance(module, nn.ModuleList):
-            units.extend(c for c in module.children() if not isinstance(c, nn.ModuleList))
-    seen, ordered = set(), []
-    for m in reversed(list(network.modules())):  # post-order: children before parents
-        if id(m) in {id(u) for u in units} and id(m) not in seen:
-            seen.add(id(m))
-            ordered.append(m)
-    return ordered
+    units = {id(c) for m in network.modules() if isinstance(m, nn.ModuleList)
+             for c in m.children() if not isinstance(c, nn.ModuleList)}
+    # modules() is pre-order and yields each module once: reversed, children come before their parents
+    return [m for m in reversed(list(network.modules())) if id(m) in units]
 
 
 class FSDP2Strategy(ModelParallelStrategy):
