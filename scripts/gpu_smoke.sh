@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_smoke.sh                 # all stages × {ddp, zero2}
 #   STEPS=100 STAGES="autoencoder" bash scripts/gpu_smoke.sh
+#   FSDP2=0 bash scripts/gpu_smoke.sh         # without the FSDP2 fit -> resume -> export -> sample check
 #
 # Needs: CUDA GPUs, the project venv (.venv or $VENV), MNIST shards (packed here if missing).
 set -euo pipefail
@@ -72,4 +73,25 @@ print(f"  images/s {row['perf/images_per_sec']:.1f}  step {row['perf/step_time_s
 PYEOF
   done
 done
+
+# FSDP2 on CUDA (what CPU CI cannot run: the bf16 MixedPrecisionPolicy, NCCL): the JiT DiT on pixels, a DCP
+# checkpoint, a resume from it, then export (gathers the shards) and sample from the export.
+if [ "${FSDP2:-1}" = 1 ] && [[ " $STAGES " == *" diffusion "* ]]; then
+  dir="$OUT/diffusion-fsdp2"
+  rm -rf "$dir" "$dir-export" "$dir-samples"
+  echo "=== diffusion / fsdp2 (bf16 params, fp32 reduce) / $NGPU GPU(s) / $STEPS steps + resume + export ==="
+  fsdp=(-c configs/diffusion/mnist-jit-pixels.yaml -c configs/trainer/fsdp2.yaml --model.init_args.val_num 0
+        --trainer.devices "$NGPU" --trainer.log_every_n_steps 20 --trainer.limit_val_batches 0
+        --trainer.default_root_dir "$dir" --trainer.enable_progress_bar false)
+  set +e
+  "$PY" -m ldm_lightning fit "${fsdp[@]}" --trainer.max_steps "$STEPS" > "$dir.log" 2>&1 \
+    && "$PY" -m ldm_lightning fit "${fsdp[@]}" --trainer.max_steps "$((STEPS + 10))" --ckpt_path last >> "$dir.log" 2>&1 \
+    && "$PY" -m ldm_lightning export --checkpoint "$dir/checkpoints/last.ckpt" --out "$dir-export" >> "$dir.log" 2>&1 \
+    && "$PY" -m ldm_lightning sample --checkpoint "$dir-export" --classes 0-9 --num 1 --sampler flow_euler --steps 10 \
+         --out "$dir-samples" >> "$dir.log" 2>&1
+  rc=$?
+  set -e
+  if [ "$rc" -ne 0 ]; then echo "gpu_smoke: diffusion/fsdp2 FAILED rc=$rc (log: $dir.log)"; tail -20 "$dir.log"; status=1
+  else grep -E "resuming from|\[progress\].*100.0%|wrote" "$dir.log" | tail -3; fi
+fi
 exit $status

@@ -31,6 +31,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """torch.load(weights_only=True) with errors that name the path and the fix: `UnsafeCheckpointError` for a
     pickle the restricted unpickler refuses, `UnreadableCheckpointError` for a truncated or foreign file."""
     path = Path(path)
+    from ldm_lightning.dcp_files import ShardedCheckpointError, is_sharded_checkpoint, read_full_state_dict
+    if is_sharded_checkpoint(path):  # an FSDP2 checkpoint folder: its shards gathered into full tensors
+        try:
+            return read_full_state_dict(path)
+        except ShardedCheckpointError as err:
+            raise UnreadableCheckpointError(f"{err}; use another checkpoint of the run (its checkpoints/ folder)") from err
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass the path of a .ckpt written by "
                                 "`ldm-lightning fit` (see the run's checkpoints/ folder)")

@@ -21,6 +21,7 @@ import torch
 
 from ldm_lightning.autoencoder.load import CHECKPOINT_TAG as AUTOENCODER_TAG
 from ldm_lightning.autoencoder.load import read_checkpoint, read_export_config, read_safetensors
+from ldm_lightning.dcp_files import is_sharded_checkpoint
 from ldm_lightning.errors import WrongFileError
 
 from .conditioning import Conditioner, ConditioningConfig
@@ -67,7 +68,7 @@ def load_denoiser(path: str | os.PathLike, weights: str = "ema"):
     path = Path(path)
     if path.is_file() and path.name == WEIGHTS:
         path = path.parent
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):  # an FSDP2 checkpoint folder reads like a .ckpt below
         cfg_file = path / "config.json"
         if not cfg_file.is_file() or CONFIG_KEY not in (dc := read_export_config(cfg_file)):
             raise FileNotFoundError(f"{path}: not a denoiser export (config.json with {CONFIG_KEY!r} missing); "

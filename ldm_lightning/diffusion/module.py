@@ -379,8 +379,17 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             g = torch.Generator(self.device).manual_seed(self.val_seed)
             self._val_concat = self.c_concat(batch, tuple(self.meta["latent_shape"][1:]), g)[:self.val_num]
 
+    def fsdp2_refusal(self) -> str | None:
+        if self.posthoc_ema is not None:
+            return ("model.posthoc_ema keeps unsharded copies of the network: it is not supported with trainer.strategy "
+                    "fsdp2; drop model.posthoc_ema or train with --trainer.strategy ddp")
+        if self.hparams.get("compile"):
+            return "model.compile is not wired for trainer.strategy fsdp2 yet: set model.compile false"
+        return None
+
     def on_validation_epoch_end(self) -> None:
-        if self.val_num == 0 or self.trainer.sanity_checking or self.global_rank != 0:
+        # Sharded (FSDP2) weights: every rank samples (each forward all-gathers), rank 0 logs.
+        if self.val_num == 0 or self.trainer.sanity_checking or (self.global_rank != 0 and not self.is_sharded):
             return
         from ldm_lightning.training.media import log_image_grid
         kind = self.conditioner.cfg.kind
@@ -400,6 +409,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             spec["c_concat"] = c.repeat((self.val_num + len(c) - 1) // len(c), 1, 1, 1)[:self.val_num]
         images = sample_images(self.ema_or_live(), self.conditioner, self.autoencoder, self.meta["latent_shape"],
                                self.val_num, self.val_sampling, **spec)
+        if self.global_rank != 0:
+            return
         log_image_grid(self.trainer, "val/samples", image_grid(images), self.global_step, png_dir="samples")
 
     def log_prompt_gallery(self) -> None:
@@ -413,8 +424,9 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             rows = [sample_images(net, self.conditioner, self.autoencoder, self.meta["latent_shape"], per,
                                   self.val_sampling, prompts=[p] * per)
                     for p in self.val_prompts]  # the same seed per row: column k is the same noise for every prompt
-            log_image_grid(self.trainer, f"val/samples{suffix}", image_grid(torch.cat(rows), nrow=per),
-                           self.global_step, caption=" | ".join(self.val_prompts), png_dir=f"samples{suffix}")
+            if self.global_rank == 0:  # under FSDP2 every rank samples (see on_validation_epoch_end)
+                log_image_grid(self.trainer, f"val/samples{suffix}", image_grid(torch.cat(rows), nrow=per),
+                               self.global_step, caption=" | ".join(self.val_prompts), png_dir=f"samples{suffix}")
 
     def on_save_checkpoint(self, checkpoint) -> None:
         # What `ldm-lightning sample` / `export` rebuild the denoiser from (plain values: weights_only loads).

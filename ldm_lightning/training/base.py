@@ -185,6 +185,33 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
             self.update_ema()
         super().on_train_batch_end(outputs, batch, batch_idx)  # the guard's look at its device-side counters
 
+    # --- FSDP2 ----------------------------------------------------------------------------------------
+    def fsdp2_refusal(self) -> str | None:
+        """Why this module cannot train under `trainer.strategy: fsdp2` (None: it can). The stages that support it
+        override this."""
+        return (f"trainer.strategy fsdp2 is wired for the diffusion stage (DiffusionModule) only; train "
+                f"{type(self).__name__} with --trainer.strategy ddp or deepspeed_stage_2_anydevice")
+
+    def configure_model(self) -> None:
+        """Under the fsdp2 strategy: shard the trained network and its EMA copy per block (training/fsdp2.py)."""
+        from ldm_lightning.training.fsdp2 import FSDP2Error, FSDP2Strategy
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDP2Strategy):
+            return
+        why = self.fsdp2_refusal()
+        if why:
+            raise FSDP2Error(why)
+        target = getattr(self, self._ema_target_name)
+        trained = [m for n, m in self.named_children() if n != "ema" and m is not target
+                   and any(p.requires_grad for p in m.parameters())]
+        strategy.shard(self, [target, *trained, *([self.ema.module] if self.ema is not None else [])])
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether the weights are FSDP2 shards: every rank must then run each forward (sampling included)."""
+        from torch.distributed.tensor import DTensor
+        return any(isinstance(p, DTensor) for p in getattr(self, self._ema_target_name).parameters())
+
     # --- randomness ------------------------------------------------------------------------------
     def step_generator(self, tag: str = "noise", device: torch.device | None = None) -> torch.Generator:
         """A generator seeded by (seed, global_step, global_rank, tag): noise as a pure function of the step."""

@@ -92,7 +92,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
     """Remove the temp files of atomic writes that a kill mid-write left in `directory` (only names of the
-    `atomic_write` pattern, only directly in it). Call it only while no other process writes there: at the
+    `atomic_write` pattern, only directly in it; also the temp folders of sharded FSDP2 saves). Call it only while no other process writes there: at the
     start of a `fit`, on global rank 0, after the run folder's lock (training/run_lock.py) is taken."""
     removed = []
     try:
@@ -101,12 +101,15 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[str]:
         return removed
     for name in sorted(names):
         path = os.path.join(directory, name)
-        if TEMP_NAME.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+        if TEMP_NAME.fullmatch(name) and not os.path.islink(path) and os.path.isfile(path):
             try:
                 os.unlink(path)
                 removed.append(name)
             except OSError:
                 pass
+        elif TEMP_NAME.fullmatch(name) and not os.path.islink(path) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)  # a sharded (FSDP2) save's temp folder (training/fsdp2.py)
+            removed.append(name + "/")
     return removed
 
 

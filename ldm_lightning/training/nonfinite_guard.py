@@ -105,7 +105,8 @@ class NonFiniteGuard:
             for p in self.parameters():
                 p.grad = None
             return
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # FSDP2 (DTensor) gradients: this rank's shards; _all_ranks_finite's min over ranks covers the others.
+        grads = [getattr(p.grad, "_local_tensor", p.grad) for p in self.parameters() if p.grad is not None]
         if not grads:
             return
         norm = torch.stack([g.detach().float().norm() for g in grads]).sum()

@@ -24,7 +24,9 @@ directory, non-checkpoint pickles), not bit flips inside tensor data. DeepSpeed 
 written by DeepSpeed; they are checked for their files (the `latest` tag and every rank's `*.pt` a complete
 zip) without unpickling them, and their step is read from rank 0's model-states file with the same
 restricted unpickler; where that refuses (DeepSpeed versions that pickle other objects) the step in the
-directory's name is used, and the message says so.
+directory's name is used, and the message says so. FSDP2 checkpoints are DCP folders (`meta.pt` inside):
+their index is read by a restricted unpickler and every shard checked to hold the bytes it lists
+(ldm_lightning/dcp_files.py); their step and resume state come from `meta.pt` (weights_only).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ldm_lightning.dcp_files import ShardedCheckpointError, is_sharded_checkpoint, validate_sharded_checkpoint
 from ldm_lightning.errors import UNSAFE_PICKLE, is_unsafe_pickle, unsafe_pickle_detail
 
 # Top-level keys every full-state Lightning training checkpoint has.
@@ -108,6 +111,8 @@ def validate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     the file and the reason.
     """
     path = os.fspath(path)
+    if is_sharded_checkpoint(path):
+        return _validate_sharded(path)
     if os.path.isdir(path):
         _validate_deepspeed_dir(path)
         return {}
@@ -131,6 +136,18 @@ def validate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+def _validate_sharded(path: str) -> dict[str, Any]:
+    """A DCP checkpoint folder (FSDP2, dcp_files.py): files checked, `meta.pt` returned (no tensors read)."""
+    try:
+        meta = validate_sharded_checkpoint(path)
+    except ShardedCheckpointError as e:
+        raise CorruptCheckpointError(str(e)) from e
+    missing = [k for k in REQUIRED_KEYS if k not in meta and k not in ("state_dict", "optimizer_states")]
+    if missing:
+        raise CorruptCheckpointError(f"checkpoint {path}/meta.pt lacks {missing} (not a Lightning training checkpoint)")
+    return meta
+
+
 def resume_state_parts(ckpt: dict[str, Any]) -> int:
     """How much of the state beyond the weights a resume restores: the fit loop's progress, the data
     position (the loaders' state in the loop), the global RNG states, the run topology (run_topology.py),
@@ -150,6 +167,11 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     """Validate `path` and read what choosing needs (its step, how complete its resume state is); raises
     `CorruptCheckpointError`. Nothing but the small pickle is read: tensors stay memory-mapped and unread."""
     p = Path(path)
+    if is_sharded_checkpoint(p):  # FSDP2: its meta.pt holds the step and the resume state; shards hold tensors
+        meta = _validate_sharded(os.fspath(p))
+        step = meta.get("global_step")
+        return CheckpointInfo(p, int(step) if step is not None else None, False,
+                              resume_state_parts({**meta, "optimizer_states": True}), p.stat().st_mtime_ns)
     if p.is_dir():
         step = _deepspeed_step(_validate_deepspeed_dir(os.fspath(p)))
         from_name = step is None
@@ -286,7 +308,7 @@ def resolve_ckpt_path(requested: str | None, directory: str, max_steps: int | No
 
 def saved_hparams(path: str | os.PathLike) -> dict | None:
     """The hyper-parameters a checkpoint file was trained with (None: a DeepSpeed directory, or none saved)."""
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) and not is_sharded_checkpoint(path):
         return None
     try:
         hparams = validate_checkpoint(path).get("hyper_parameters")

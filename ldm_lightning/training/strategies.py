@@ -10,7 +10,8 @@ On a CUDA accelerator every method defers to Lightning unchanged — it *is* the
 Registered names (usable as `trainer.strategy: deepspeed_stage_2_anydevice` etc. once
 `register_strategies()` has run — `ldm-lightning fit|validate|test` calls it at its entry; importing this
 module registers nothing):
-  deepspeed_anydevice, deepspeed_stage_{1,2,3}_anydevice, deepspeed_stage_{2,3}_offload_anydevice.
+  deepspeed_anydevice, deepspeed_stage_{1,2,3}_anydevice, deepspeed_stage_{2,3}_offload_anydevice;
+  and fsdp2 (training/fsdp2.py).
 
 Use a torch optimizer (what `TrainingModule.configure_optimizers` returns): DeepSpeed's own fused CPU
 Adam is JIT-compiled (~100 s on CPU), and `zero_force_ds_cpu_optimizer` is switched off here so ZeRO
@@ -131,3 +132,5 @@ def register_strategies() -> None:
     """Register the `*_anydevice` names in Lightning's `StrategyRegistry` (idempotent)."""
     if "deepspeed_stage_2_anydevice" not in StrategyRegistry:
         AnyDeviceDeepSpeedStrategy.register_strategies(StrategyRegistry)
+    from ldm_lightning.training.fsdp2 import register_fsdp2  # `trainer.strategy: fsdp2` (training/fsdp2.py)
+    register_fsdp2()
