@@ -19,6 +19,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from ldm_lightning.choices import check_choices
 from ldm_lightning.finite import check_finite_fields
 
 CompileMode = Literal["model", "blocks"]
@@ -59,8 +60,7 @@ class SpeedConfig:
 
     def __post_init__(self):
         check_finite_fields(self, "speed")  # NaN/inf pass every comparison below
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"speed.compile_mode must be one of {COMPILE_MODES}; got {self.compile_mode!r}")
+        check_choices(self, "speed")
 
 
 def as_speed(value) -> SpeedConfig:
