@@ -29,11 +29,11 @@ from ldm_lightning.autoencoder.load import CHECKPOINT_TAG
 from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
 from ldm_lightning.autoencoder.overrides import AutoencoderOverrides, autoencoder_overrides
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
+from ldm_lightning.hparams import init_hparams
 from ldm_lightning.images import image_grid, model_range
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.data_settings import datamodule_settings
-from ldm_lightning.hparams import init_hparams
 from ldm_lightning.training.nonfinite_guard import GuardConfig
 from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
                                           to_channels_last)

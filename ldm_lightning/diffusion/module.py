@@ -19,12 +19,12 @@ from typing import Literal
 import torch
 
 from ldm_lightning.finite import check_finite
+from ldm_lightning.hparams import init_hparams, plain
 from ldm_lightning.images import image_grid, model_range
 from ldm_lightning.nn.lora import LoRAConfig, apply_lora, is_adapter_key
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, OptimConfig, TrainingModule
 from ldm_lightning.training.data_settings import datamodule_settings, preprocess_settings
-from ldm_lightning.hparams import init_hparams, plain
 from ldm_lightning.training.logging_steps import is_logging_step
 from ldm_lightning.training.nonfinite_guard import GuardConfig
 from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
