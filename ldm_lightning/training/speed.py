@@ -8,7 +8,7 @@ checks outputs and gradients on CPU); `sync_free_guard` changes only when the gu
 come (on logging steps), not which steps are skipped. Whether each one pays is a GPU question: `scripts/gpu_bench.sh`
 measures every lever on and off in one table. Other levers live where they act: fused/foreach AdamW
 (`optim.implementation`, training/base.py), the flash-friendly text mask (`conditioning.trim_padding`),
-pinned host memory (`data.pin_memory`).
+pinned host memory (`data.loader.pin_memory`).
 """
 
 from __future__ import annotations
