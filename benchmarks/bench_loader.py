@@ -113,7 +113,8 @@ def run_size(args: argparse.Namespace, n: int, src: int, tmp: Path) -> None:
 
     def stream(on_device: bool = True) -> dict[str, float]:
         dm = ShardDataModule(str(shards), batch_size=args.batch_size, num_workers=args.workers, image_size=size,
-                             resize_mode="pad", shuffle_buffer=1000, normalize_on_device=on_device)
+                             resize_mode="pad", shuffle_buffer=1000,
+                             loader={"normalize_on_device": on_device})
         t0 = time.perf_counter()
         it = iter(dm.train_dataloader())
         seen = next(it)["image"].shape[0]

@@ -218,7 +218,7 @@ def measure(name: str, lv: Levers, device: torch.device, tiny: bool, warmup: int
 
 
 def h2d_copy(device: torch.device, tiny: bool, repeats: int = 5) -> None:
-    """data.pin_memory: a uint8 image batch (256 x 3 x 256 x 256; tiny in the dry run) to the device with
+    """data.loader.pin_memory: a uint8 image batch (256 x 3 x 256 x 256; tiny in the dry run) to the device with
     non_blocking=True, as Lightning copies it, pageable vs pinned: how long the host is blocked (a pinned
     copy returns at once and overlaps the step) and the end-to-end copy rate."""
     shape = (2, 3, 16, 16) if tiny else (256, 3, 256, 256)
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = f"{r['images_s'] / base['images_s']:.2f}x" if base else "-"
             print(f"{name:9s} {row:15s} {r['batch']:5d} {r['images_s']:9.1f} {r['step_ms']:9.1f} {ratio:>8s} "
                   f"{r['peak_gb']:8.1f} {r['mfu']:6.1%} {r['warmup_s']:9.1f}", flush=True)
-    print("host->device copy of a uint8 batch, non_blocking=True (data.pin_memory):")
+    print("host->device copy of a uint8 batch, non_blocking=True (data.loader.pin_memory):")
     h2d_copy(device, tiny)
     if failures and not args.dry_run:
         print(f"gpu_bench: {failures} row(s) failed", file=sys.stderr)

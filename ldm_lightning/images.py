@@ -49,7 +49,7 @@ def to_model_range(x: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def ensure_model_range(x: torch.Tensor) -> torch.Tensor:
-    """Images as a model takes them: uint8 batches (ShardDataModule(normalize_on_device=True) used without a
+    """Images as a model takes them: uint8 batches (ShardDataModule with loader.normalize_on_device, used without a
     Trainer) are converted with `to_model_range`; float images are already in [-1, 1] and pass through."""
     return to_model_range(x) if x.dtype == torch.uint8 else x
 
@@ -59,7 +59,7 @@ def model_range(x: torch.Tensor) -> torch.Tensor:
     if not torch.is_floating_point(x):
         raise TypeError(f"images must be float in [-1, 1], got {x.dtype} pixels: a ShardDataModule loader read "
                         "outside a Trainer yields uint8 images; pass each batch through the DataModule's "
-                        "`model_inputs(batch)` (or build it with normalize_on_device=False)")
+                        "`model_inputs(batch)` (or build it with loader={'normalize_on_device': False})")
     return x
 
 

@@ -227,7 +227,7 @@ def test_header_cache_counts_equal_the_full_pass_and_a_second_start_reads_no_tar
     cfg = {**TINY, "header_cache": "auto"}
     streams = {}
     for world, workers in ((1, 2), (2, 2), (1, 1)):
-        st = _dm(data, 0, world=world, workers=workers, batch_size=1, filters=["aspect <= 2.5"],
+        st = _dm(data, 0, world=world, workers=workers, batch_size=1, members={"filters": ["aspect <= 2.5"]},
                  bucketing=cfg).train_dataloader().dataset
         assert [list(c) for c in st.counts] == [group_counts_uncached(st, g) for g in range(len(st.groups))]
         streams[world, workers] = st
@@ -237,7 +237,7 @@ def test_header_cache_counts_equal_the_full_pass_and_a_second_start_reads_no_tar
     cached = sorted((tmp_path / "split" / ".ldm-bucket-headers").glob("*.json"))
     assert len(cached) == 4
     _no_tar_reads(monkeypatch)
-    again = _dm(data, 0, world=2, workers=2, batch_size=1, filters=["aspect <= 2.5"],
+    again = _dm(data, 0, world=2, workers=2, batch_size=1, members={"filters": ["aspect <= 2.5"]},
                 bucketing=cfg).train_dataloader().dataset
     assert np.array_equal(again.counts, streams[2, 2].counts)
     assert "4 of 4 shards from the cache, 0 read" in capsys.readouterr().err
@@ -449,7 +449,7 @@ def test_bucketing_on_img2dataset_shards_with_a_filter(tmp_path, capsys):
     kept = {k for k in keys if meta[k]["original_width"] / meta[k]["original_height"] <= 2.5}
     runs = []
     for r in (0, 1):
-        dm = _dm(str(root), r, world=2, workers=1, batch_size=1, filters=["aspect <= 2.5"])
+        dm = _dm(str(root), r, world=2, workers=1, batch_size=1, members={"filters": ["aspect <= 2.5"]})
         runs.append(_epoch(dm))
     stream = dm.train_dataloader().dataset
     assert [tuple(b["image"].shape) for b in runs[0]] == [tuple(b["image"].shape) for b in runs[1]]

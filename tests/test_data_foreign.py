@@ -263,8 +263,8 @@ def test_fit_ddp_reads_every_sample_once_per_epoch(foreign, tmp_path):
                         f"--data.init_args.train_shards=[{foreign['i2d']}, {manifest}]",
                         "--data.init_args.val_shards=null", "--data.init_args.image_size=16",
                         "--data.init_args.batch_size=4", "--data.init_args.num_workers=1",
-                        "--data.init_args.filters=[]",
-                        "--data.init_args.image_exts=[jpg, jpeg, png, webp, hires.jpg]",
+                        "--data.init_args.members.filters=[]",
+                        "--data.init_args.members.image_exts=[jpg, jpeg, png, webp, hires.jpg]",
                         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
                         "--trainer.max_epochs=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
                         f"--trainer.default_root_dir={tmp_path / 'run'}"],
@@ -296,7 +296,7 @@ def test_resume_mid_epoch_is_exact(foreign, tmp_path):
 
     args = yaml.safe_load((REPO / "configs/data/img2dataset-256.yaml").read_text())["data"]["init_args"]
     args.update(train_shards=foreign["i2d"], val_shards=None, image_size=16, batch_size=4, num_workers=2,
-                filters=["pwatermark < 0.8"])
+                members={**args["members"], "filters": ["pwatermark < 0.8"]})
 
     def fit(root, ckpt=None, callbacks=()):
         model = KeyRecorder(str(root))

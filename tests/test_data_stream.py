@@ -36,7 +36,7 @@ def _keys(batches) -> list[str]:
 
 @pytest.mark.parametrize("on_device", [True, False], ids=["uint8-workers", "float-workers"])
 def test_batches_follow_contract(mnist_shards, on_device):
-    dm = _dm(mnist_shards["train"], num_workers=0, channels=3, normalize_on_device=on_device)
+    dm = _dm(mnist_shards["train"], num_workers=0, channels=3, loader={"normalize_on_device": on_device})
     b = _epoch(dm, 1)[0]
     assert set(b) == {"image", "cls", "txt", "key"}
     assert b["image"].dtype == (torch.uint8 if on_device else torch.float32)
@@ -274,8 +274,8 @@ def test_to_model_range_is_exact_for_every_pixel_value():
 
 def test_uint8_and_float_workers_give_the_same_model_input(mnist_shards):
     from ldm_lightning.data import ensure_model_range
-    a = _epoch(_dm(mnist_shards["train"], normalize_on_device=True), 3)
-    b = _epoch(_dm(mnist_shards["train"], normalize_on_device=False), 3)
+    a = _epoch(_dm(mnist_shards["train"], loader={"normalize_on_device": True}), 3)
+    b = _epoch(_dm(mnist_shards["train"], loader={"normalize_on_device": False}), 3)
     assert all(x["image"].dtype == torch.uint8 for x in a)
     assert all(torch.equal(ensure_model_range(x["image"]), y["image"]) for x, y in zip(a, b))
     assert ensure_model_range(b[0]["image"]) is b[0]["image"]  # float passes through
@@ -299,7 +299,7 @@ def test_batch_ring_hands_over_the_same_batches(mnist_shards):
         loader = _dm(mnist_shards["train"], **kw).train_dataloader()
         kept = list(loader) + list(loader)  # two epochs of one loader, as under a Trainer
         assert loader.dataset.ring is not None
-        loader = _dm(mnist_shards["train"], reuse_batch_memory=False, **kw).train_dataloader()
+        loader = _dm(mnist_shards["train"], loader={"reuse_batch_memory": False}, **kw).train_dataloader()
         want = list(loader) + list(loader)
         assert loader.dataset.ring is None
         assert len(kept) == len(want) == 80
@@ -362,7 +362,7 @@ def test_batch_ring_survives_an_abandoned_epoch(mnist_shards):
     abandoned = iter(loader)
     next(abandoned)  # epoch 0 left after one batch; its workers keep decoding ahead
     got = list(loader)  # epoch 1, while `abandoned` is still referenced
-    plain = _dm(mnist_shards["train"], reuse_batch_memory=False).train_dataloader()
+    plain = _dm(mnist_shards["train"], loader={"reuse_batch_memory": False}).train_dataloader()
     list(plain)
     want = list(plain)  # epoch 1
     assert [b["key"] for b in got] == [b["key"] for b in want]
@@ -373,7 +373,7 @@ def test_batch_ring_survives_an_abandoned_epoch(mnist_shards):
 def test_batch_ring_recycles_dropped_batches_and_never_overwrites_kept_ones(mnist_shards):
     """A consumer that drops each batch after use (a training loop) gets nearly all of them through the ring
     without a copy; batches a consumer keeps stay intact while the ring goes on recycling the others."""
-    plain = _dm(mnist_shards["train"], reuse_batch_memory=False).train_dataloader()
+    plain = _dm(mnist_shards["train"], loader={"reuse_batch_memory": False}).train_dataloader()
     want = list(plain)
     loader = _dm(mnist_shards["train"]).train_dataloader()
     assert [int(b["image"].sum()) for b in loader] == [int(b["image"].sum()) for b in want]

@@ -228,7 +228,7 @@ def test_pin_memory_is_on_only_for_cuda_and_batches_still_flow(mnist_shards):
     auto = ShardDataModule(mnist_shards["train"], batch_size=50, num_workers=1)
     assert auto.pins() is torch.cuda.is_available()  # None: decided by the device, never on CPU
     forced = ShardDataModule(mnist_shards["train"], val_shards=mnist_shards["test"], batch_size=50, num_workers=1,
-                             val_samples=50, pin_memory=True)
+                             val_samples=50, loader={"pin_memory": True})
     loader = forced.train_dataloader()
     assert loader.pin_memory and forced.val_dataloader().pin_memory
     batch = next(iter(loader))  # without CUDA torch skips pinning (with a warning); the batch is unchanged
@@ -241,7 +241,7 @@ def test_pin_memory_is_on_only_for_cuda_and_batches_still_flow(mnist_shards):
 def test_gpu_ring_and_fresh_batches_arrive_pinned(mnist_shards):
     from ldm_lightning.data import ShardDataModule
     for reuse in (True, False):
-        dm = ShardDataModule(mnist_shards["train"], batch_size=50, num_workers=2, reuse_batch_memory=reuse)
+        dm = ShardDataModule(mnist_shards["train"], batch_size=50, num_workers=2, loader={"reuse_batch_memory": reuse})
         it = iter(dm.train_dataloader())
         assert all(next(it)["image"].is_pinned() for _ in range(4)), reuse
 
@@ -339,7 +339,7 @@ def test_cli_fit_with_every_lever_flag(tiny_ae, mnist_shards, tmp_path):
              "--model.init_args.speed.channels_last", "true", "--model.init_args.speed.compile_mode", "blocks",
              "--model.init_args.speed.tf32", "true", "--model.init_args.optim.implementation", "fused",
              "--model.init_args.speed.sync_free_guard", "true",
-             "--data.init_args.pin_memory", "true",
+             "--data.init_args.loader.pin_memory", "true",
              "--data.init_args.train_shards", mnist_shards["train"], "--data.init_args.val_shards", mnist_shards["test"],
              "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0", "--trainer.limit_val_batches", "0",
              "--trainer.max_steps", "3", "--trainer.default_root_dir", str(run)], tmp_path, timeout=300)

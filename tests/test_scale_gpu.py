@@ -56,7 +56,7 @@ def _probe_fit(shards: str, root, reuse: bool, accelerator: str = "cuda"):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    dm = ShardDataModule(shards, batch_size=100, num_workers=2, reuse_batch_memory=reuse)
+    dm = ShardDataModule(shards, batch_size=100, num_workers=2, loader={"reuse_batch_memory": reuse})
     model = Probe()
     trainer = L.Trainer(max_epochs=2, accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=root)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ldm_lightning.choices import check_choices
 from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.autoencoder.dcae import DCDecoder, DCEncoder
 from ldm_lightning.autoencoder.distributions import DiagonalGaussian, PointPosterior
@@ -114,12 +115,7 @@ class AutoencoderConfig:
     def __post_init__(self):
         check_finite_fields(self, "autoencoder")  # NaN/inf pass every comparison below
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
-        if self.arch not in ARCHS:
-            raise ValueError(f"autoencoder.arch must be one of {ARCHS}; got {self.arch!r}")
-        if self.regularizer not in REGULARIZERS:
-            raise ValueError(f"autoencoder.regularizer must be one of {REGULARIZERS}; got {self.regularizer!r}")
-        if self.vq_latent not in VQ_LATENTS:
-            raise ValueError(f"autoencoder.vq_latent must be one of {VQ_LATENTS}; got {self.vq_latent!r}")
+        check_choices(self, "autoencoder")
         if self.arch == "rae":
             self._check_rae()
         if self.double_z is None:

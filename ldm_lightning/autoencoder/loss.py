@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import nn
 
 from ldm_lightning.autoencoder.discriminator import DiscNorm, NLayerDiscriminator
 from ldm_lightning.errors import checkpoint_load_error
+from ldm_lightning.choices import check_choices
 from ldm_lightning.finite import check_finite_fields
 
 
@@ -82,11 +83,7 @@ class LossConfig:
 
     def __post_init__(self):
         check_finite_fields(self, "loss")  # NaN/inf pass every comparison below
-        for name, choice in (("rec_loss", RecLoss), ("rec_reduction", RecReduction), ("disc_loss", DiscLoss),
-                             ("disc_norm", DiscNorm)):
-            allowed = get_args(choice)
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"loss.{name} must be one of {allowed}; got {getattr(self, name)!r}")
+        check_choices(self, "loss")
         for name in ("perceptual_weight", "kl_weight", "vq_weight", "disc_weight", "disc_warmup_train"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0; got {getattr(self, name)}")

@@ -18,7 +18,6 @@ configs/autoencoder/dcae-f32-phase{2,3}.yaml.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fnmatch
 
 import torch
@@ -28,7 +27,9 @@ from ldm_lightning.autoencoder.autoencoder import Autoencoder, AutoencoderConfig
 from ldm_lightning.autoencoder.latent_stats import DECODER_SIDE, STAT_BUFFERS, LatentStatistics
 from ldm_lightning.autoencoder.load import CHECKPOINT_TAG
 from ldm_lightning.autoencoder.loss import AutoencoderLoss, LossConfig
+from ldm_lightning.autoencoder.overrides import AutoencoderOverrides, autoencoder_overrides
 from ldm_lightning.autoencoder.presets import PRESETS, get_preset
+from ldm_lightning.hparams import init_hparams
 from ldm_lightning.images import image_grid, model_range
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
 from ldm_lightning.training.base import EMAConfig, OptimConfig, TrainingModule
@@ -46,12 +47,9 @@ def _as(cls, value):
     return value
 
 
-def _plain(value):
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-
-
 class AutoencoderModule(SpeedLevers, TrainingModule):
-    def __init__(self, preset: str | None = "tiny-mnist", autoencoder: dict | None = None,
+    def __init__(self, preset: str | None = "tiny-mnist",
+                 autoencoder: AutoencoderOverrides = AutoencoderOverrides(),
                  loss: LossConfig | None = None, optim: OptimConfig | None = None, ema: EMAConfig | None = None,
                  guard: GuardConfig | None = None, seed: int = 0, image_size: int | None = None,
                  sample_posterior: bool = True, scale_batches: int = 4, scale_use_shift: bool = False,
@@ -62,7 +60,8 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
         """
         Args:
             preset: autoencoder preset name (presets.py) or None for AutoencoderConfig defaults.
-            autoencoder: AutoencoderConfig fields overriding the preset.
+            autoencoder: AutoencoderConfig fields overriding the preset (AutoencoderOverrides: each optional,
+                unset = the preset's; a plain mapping works as well).
             loss: loss weights and schedule (LossConfig).
             optim / ema / guard / seed: see training/base.py.
             posthoc_ema: PosthocEMAConfig (nn/posthoc_ema.py): EDM2 power-function EMA profiles and their
@@ -89,11 +88,12 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
                 exactly, so a stage-2 model trained on them keeps its scale (DC-AE phase 3 after phase 2,
                 which measured at another resolution).
         """
+        arguments = dict(locals())  # before any other local: what init_hparams records
         super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed,
                          None if posthoc_ema is None else _as(PosthocEMAConfig, posthoc_ema))
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)} or null; got {preset!r}")
-        overrides = dict(autoencoder or {})
+        overrides = autoencoder_overrides(autoencoder)
         cfg = get_preset(preset, **overrides) if preset else AutoencoderConfig.from_dict(overrides)
         self.loss_cfg = _as(LossConfig, loss)
         self.speed = as_speed(speed)
@@ -107,16 +107,11 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
         self.image_size, self.sample_posterior = image_size, sample_posterior
         self.scale_batches, self.scale_use_shift = scale_batches, scale_use_shift
         self.fid_inception_weights, self.log_images = fid_inception_weights, log_images
-        # Plain values only: checkpoints stay loadable with torch.load(weights_only=True).
-        self.save_hyperparameters({
-            "preset": None, "autoencoder": cfg.to_dict(), "loss": _plain(self.loss_cfg),
-            "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
-            "posthoc_ema": _plain(self.posthoc_ema_cfg),
-            "seed": seed, "image_size": image_size, "sample_posterior": sample_posterior,
-            "scale_batches": scale_batches, "scale_use_shift": scale_use_shift,
-            "fid_inception_weights": fid_inception_weights, "log_images": log_images, "compile": compile,
-            "speed": _plain(self.speed), "train_only": list(train_only) if train_only else None,
-            "init_from": init_from, "keep_latent_stats": keep_latent_stats})
+        # Every argument, plain (torch.load(weights_only=True)); the preset resolved into the full config.
+        self.save_hyperparameters(init_hparams(AutoencoderModule.__init__, arguments, {
+            "preset": None, "autoencoder": cfg.to_dict(), "loss": self.loss_cfg, "optim": self.optim_cfg,
+            "ema": self.ema_cfg, "guard": self.guard_cfg, "posthoc_ema": self.posthoc_ema_cfg, "speed": self.speed,
+            "train_only": list(train_only) if train_only else None}))
         self.autoencoder = Autoencoder(cfg)
         self.train_only, self.init_from, self.keep_latent_stats = train_only, init_from, keep_latent_stats
         if train_only:

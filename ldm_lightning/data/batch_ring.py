@@ -46,7 +46,7 @@ class BatchRing:
                     f"{shm_dir} has {st.f_bavail * st.f_frsize / 2**20:.0f} MiB free, but the loader's batch ring "
                     f"needs {nbytes / 2**20:.0f} MiB ({workers} workers × {slots} batches of {shape} uint8): give "
                     "the container more shared memory (docker run --shm-size=...), or lower batch_size / "
-                    "num_workers, or set data.reuse_batch_memory=false")
+                    "num_workers, or set data.loader.reuse_batch_memory=false")
         # one storage per buffer, so that its use count tells whether anything still holds it
         self.buffers = [[torch.zeros(shape, dtype=torch.uint8).share_memory_() for _ in range(slots)]
                         for _ in range(workers)]

@@ -9,6 +9,7 @@ YAML (under `data:` of a `ldm-lightning fit` config):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections import Counter
@@ -23,13 +24,15 @@ from ldm_lightning.data.buckets import BucketConfig, Buckets
 from ldm_lightning.data.global_order import ORDERS, GlobalOrderStream
 from ldm_lightning.data.jpeg import JPEG_DECODERS
 from ldm_lightning.data.jpeg import available as jpeg_available
-from ldm_lightning.data.members import CAPTION_EXTS, CLASS_EXTS, LATENT_EXTS, MemberSpec
+from ldm_lightning.data.datamodule_groups import FLAT_NAMES, LoaderConfig, MembersConfig, regroup
+from ldm_lightning.data.members import MemberSpec
 from ldm_lightning.data.shard_check import (SHARD_CHECKS, ShardChangedError, changed_message, check_shards, merge_checks,
                                             notes)
 from ldm_lightning.data.shards import resolve_shards
 from ldm_lightning.data.stream import KEY, BadDataError, ShardStream
 from ldm_lightning.data.transforms import IMAGE_KEYS, RESIZE_MODES, BadSample, ImageTransform, ResizeMode
 from ldm_lightning.errors import UserError
+from ldm_lightning.hparams import init_hparams
 from ldm_lightning.images import to_model_range
 
 KINDS = ("image", "latent")
@@ -140,26 +143,29 @@ class ShardDataModule(L.LightningDataModule):
         resize_mode: ResizeMode = "pad",
         random_flip: bool = False,
         val_samples: int = 1000,
-        val_batch_size: int | None = None,
         kind: Literal["image", "latent"] = "image",
         max_bad_fraction: float = 0.01,
         alpha_background: int = 255,
-        normalize_on_device: bool = True,
-        reuse_batch_memory: bool = True,
-        pin_memory: bool | None = None,
         rank: int | None = None,
         world_size: int | None = None,
-        image_exts: list[str] = list(IMAGE_KEYS),
-        caption_exts: list[str] = list(CAPTION_EXTS),
-        caption_key: str | None = None,
-        class_exts: list[str] = list(CLASS_EXTS),
-        class_key: str | None = None,
-        filters: list[str] | None = None,
-        latent_exts: list[str] = list(LATENT_EXTS),
         bucketing: dict | None = None,
         jpeg_decoder: str = "torchvision",
         shard_check: Literal["strict", "warn", "off"] = "strict",
         order: Literal["slots", "global"] = "slots",
+        members: MembersConfig = MembersConfig(),
+        loader: LoaderConfig = LoaderConfig(),
+        # deprecated flat names of the grouped options (one release; datamodule_groups.regroup)
+        val_batch_size: int | None = None,
+        normalize_on_device: bool | None = None,
+        reuse_batch_memory: bool | None = None,
+        pin_memory: bool | None = None,
+        image_exts: list[str] | None = None,
+        caption_exts: list[str] | None = None,
+        caption_key: str | None = None,
+        class_exts: list[str] | None = None,
+        class_key: str | None = None,
+        filters: list[str] | None = None,
+        latent_exts: list[str] | None = None,
     ):
         """
         Args:
@@ -181,7 +187,6 @@ class ShardDataModule(L.LightningDataModule):
                 'center_crop' or 'random_crop' (shorter side → image_size, then a square crop).
             random_flip: Random horizontal flip (seeded, part of the deterministic stream).
             val_samples: Size of the fixed validation subset (the first usable samples of val_shards).
-            val_batch_size: Validation batch size (default: batch_size).
             kind: 'image' (batches carry `image`) or 'latent' (batches carry `moments` from moments.npy).
             max_bad_fraction: Stop with an error when more than this fraction of a reader slot's samples
                 are unusable (undecodable, missing key, wrong size, or missing from a shard that holds
@@ -190,39 +195,8 @@ class ShardDataModule(L.LightningDataModule):
                 summed up per shard in a line at each epoch's end.
             alpha_background: Gray level (0–255) that images with transparency are composited onto
                 (255: white, as image viewers show them). 16-bit images are scaled to 8 bits.
-            normalize_on_device: Workers send images as uint8 and `on_after_batch_transfer` converts them
-                to float32 in [-1, 1] on the training device: 4× fewer bytes through worker IPC and the
-                host→device copy, and no float pass on the loader's CPU. Under a Trainer this is invisible.
-                Loaders used without one then yield uint8 images: pass them through
-                `model_inputs(batch)` (or set false to get float32 from the workers).
-            reuse_batch_memory: With workers and uint8 images, workers decode into a ring of
-                shared-memory batch buffers (num_workers × 4 batches of /dev/shm per epoch) that the
-                main process lends out without a copy and takes back once nothing refers to them,
-                instead of torch moving every batch into a fresh shared-memory segment, whose page
-                faults cost a sizeable fraction of a large image's decode (benchmarks/README.md).
-                Off: torch's default hand-over.
-            pin_memory: Put train/val batches in page-locked host memory, so Lightning's host→device copy
-                (non_blocking=True on CUDA) is an asynchronous DMA that overlaps the step instead of a staged
-                synchronous copy. None = on when the trainer's device (else torch) is CUDA; never on CPU.
-                Default provisional pending scripts/gpu_bench.sh.
             rank: Override the data-parallel rank (tests/tools; default: from the trainer / torch.distributed / RANK).
             world_size: Override the world size (default: from the trainer / torch.distributed / WORLD_SIZE).
-            image_exts: Members that hold the image, in priority order (a sample's first present one is
-                used): the WebDataset extension after the key's first dot, e.g. jpg, jpeg, png, webp.
-            caption_exts: Members that hold the caption (`txt` field of batches), in priority order.
-            caption_key: Read the caption from this field of the sample's `json` member instead (e.g.
-                `caption` for img2dataset); a sample without the field gets "".
-            class_exts: Members that hold the class number (`cls` of batches), in priority order.
-            class_key: Read the class from this field of the sample's `json` member instead (-1 when absent).
-            filters: Keep only samples whose `json` member passes every one of these comparisons, each
-                `FIELD OP VALUE` with OP one of < <= > >= == != (e.g. `pwatermark < 0.5`,
-                `original_width >= 256`, `aspect <= 2`, `status == success`; `aspect` = original_width /
-                original_height). A sample that fails, or lacks the field, is left out: not an error, counted
-                (`filtered_samples`, this rank's, kept in checkpoints) and summed up at each epoch's end. The epoch length stays the
-                exact, equal-per-rank one of the unfiltered counts: a reader slot that left samples out
-                refills its last batches from its own first samples, as after bad samples.
-            latent_exts: kind='latent': members that hold the (2c, h, w) float moments (mean ‖ logvar) as
-                .npy, in priority order; e.g. [npy] for latent shards written by others (MLPerf SD layout).
             bucketing: Aspect-ratio bucketing (SDXL / NovelAI style), off when null: a mapping
                 `{target_pixels, divisor, max_aspect}` (data/buckets.py: pixels per image, the multiple every
                 side is of, the largest aspect). Each training sample goes to the bucket nearest its aspect
@@ -255,8 +229,17 @@ class ShardDataModule(L.LightningDataModule):
                 row: runs with the same global batch on 1, 2 or N processes train alike, and a checkpoint
                 resumes at another world size (docs/training.md "World-size independence"). Costs I/O: every
                 reader reads every shard's bytes and image headers (decoding only its rows). Not with bucketing.
+            members: Which tar members and json fields make a sample, and the json filters (MembersConfig:
+                image_exts, caption_exts, caption_key, class_exts, class_key, filters, latent_exts).
+            loader: How batches reach the step (LoaderConfig: val_batch_size, normalize_on_device,
+                reuse_batch_memory, pin_memory).
+            val_batch_size / normalize_on_device / reuse_batch_memory / pin_memory / image_exts / caption_exts /
+                caption_key / class_exts / class_key / filters / latent_exts: deprecated flat names of the
+                `loader.*` and `members.*` fields, kept for one release (one deprecation line each).
         """
+        arguments = dict(locals())  # before any other local: what init_hparams records
         super().__init__()
+        members, loader = regroup(members, loader, {name: arguments[name] for name in FLAT_NAMES})
         checks = [
             ("batch_size", batch_size >= 1, ">= 1"), ("num_workers", num_workers >= 0, ">= 0"),
             ("shuffle_buffer", shuffle_buffer >= 1, ">= 1"), ("image_size", image_size >= 1, ">= 1"),
@@ -266,29 +249,30 @@ class ShardDataModule(L.LightningDataModule):
             ("max_bad_fraction", 0.0 <= max_bad_fraction <= 1.0, "in [0, 1]"),
             ("alpha_background", 0 <= alpha_background <= 255, "a gray level in [0, 255]"),
             ("jpeg_decoder", jpeg_decoder in JPEG_DECODERS, " | ".join(JPEG_DECODERS)),
-            ("val_batch_size", val_batch_size is None or val_batch_size >= 1, ">= 1 or null"),
             ("shard_check", shard_check in SHARD_CHECKS, " | ".join(SHARD_CHECKS)),
             ("order", order in ORDERS, " | ".join(ORDERS)),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"data.{name} must be {allowed}; got {locals()[name]!r}")
-        self.save_hyperparameters(ignore=["rank", "world_size"])
+        # every argument but the rank overrides and the deprecated flat names (moved into members / loader)
+        self.save_hyperparameters(init_hparams(ShardDataModule.__init__, arguments,
+                                               {"members": members, "loader": loader},
+                                               ignore=("rank", "world_size", *FLAT_NAMES)))
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.shuffle_buffer, self.kind, self.max_bad_fraction = shuffle_buffer, kind, max_bad_fraction
-        self.normalize_on_device, self.reuse_batch_memory = normalize_on_device, reuse_batch_memory
-        self.pin_memory = pin_memory
+        self.normalize_on_device, self.reuse_batch_memory = loader.normalize_on_device, loader.reuse_batch_memory
+        self.pin_memory = loader.pin_memory
         self.shard_check = shard_check
         self.order = order
         if order == "global" and bucketing is not None:
             raise ValueError("data.order: global does not support data.bucketing yet (a global batch would have to "
                              "come from one bucket); use order: slots with bucketing, or bucketing: null")
         self._checked_shards: set[tuple[str, ...]] = set()  # shard lists already checked: once per start
-        self.val_samples, self.val_batch_size = val_samples, val_batch_size or batch_size
+        self.val_samples, self.val_batch_size = val_samples, loader.val_batch_size or batch_size
         self.bucketing = BucketConfig.parse(bucketing)
-        self.members = MemberSpec.build(image_exts, caption_exts, caption_key, class_exts, class_key, filters,
-                                        latent_exts)
+        self.members = MemberSpec.build(**dataclasses.asdict(members))
         self.filtered_samples = 0
         jpeg_decoder = jpeg_decoder if jpeg_available() else "pil"
         self.transform = ImageTransform(image_size, channels, resize_mode, random_flip, alpha_background, jpeg_decoder)

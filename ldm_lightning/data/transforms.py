@@ -1,7 +1,7 @@
 """Per-sample decoding and geometry: raw shard bytes → uint8 (C, H, W) arrays, or a `BadSample` reason.
 
 Float conversion to [-1, 1] happens once per batch (`ldm_lightning.images.to_model_range`) on the stacked uint8 tensor: in the
-worker, or — `ShardDataModule(normalize_on_device=True)` — on the training device after the transfer.
+worker, or — `loader.normalize_on_device` (the default) — on the training device after the transfer.
 All randomness (crop offset, flip) comes from the `numpy.random.Generator` the stream passes in,
 which is seeded by the sample's position in the stream, so augmentation is part of the
 deterministic, resumable stream.

@@ -17,12 +17,13 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from ldm_lightning.choices import check_choices
 from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.encoders.text import TextEncoderConfig, TextEncoderError, default_text_encoder_path, load_tokenizer
 from ldm_lightning.encoders.text_join import TextEmbedding, TextEncoders
 from ldm_lightning.nn.attention import trim_key_padding
 
-from .concat import CONCAT_TASKS, ConcatTask
+from .concat import ConcatTask
 from .text_transformer import TextTransformerConfig
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,11 @@ class ConditioningConfig:
 
     def __post_init__(self):
         check_finite_fields(self, "conditioning")  # NaN/inf pass every comparison below
-        if self.kind not in CONDITIONINGS:
-            raise ValueError(f"conditioning.kind must be one of {CONDITIONINGS}, got {self.kind!r}")
+        check_choices(self, "conditioning")
         if self.kind == "class" and self.num_classes < 1:
             raise ValueError(f"conditioning.num_classes must be >= 1 for kind='class', got {self.num_classes}")
         if not 0.0 <= self.drop_prob < 1.0:
             raise ValueError(f"conditioning.drop_prob must be in [0, 1), got {self.drop_prob}")
-        if self.concat not in CONCAT_TASKS:
-            raise ValueError(f"conditioning.concat must be one of {CONCAT_TASKS}, got {self.concat!r}")
         if self.sr_factor < 2:
             raise ValueError(f"conditioning.sr_factor must be >= 2, got {self.sr_factor}")
         if self.max_length < 2:

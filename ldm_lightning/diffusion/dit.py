@@ -12,12 +12,14 @@ each block (PixArt-alpha), its output projection zero-initialised to keep the id
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm_lightning.choices import check_choices
 from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.diffusion.concat import join_concat
 from ldm_lightning.diffusion.text_transformer import build_text_transformer, text_context
@@ -25,9 +27,12 @@ from ldm_lightning.nn.attention import Attention
 from ldm_lightning.nn.embeddings import TimestepEmbedder, sincos_2d
 from ldm_lightning.nn.rope import rope_2d
 
-TEXT_MODES = ("cross_attn", "in_context")
-MLPS = ("gelu", "swiglu")
-NORMS = ("layernorm", "rmsnorm")
+TextMode = Literal["cross_attn", "in_context"]
+TEXT_MODES = get_args(TextMode)
+BlockMLP = Literal["gelu", "swiglu"]
+MLPS = get_args(BlockMLP)
+BlockNorm = Literal["layernorm", "rmsnorm"]
+NORMS = get_args(BlockNorm)
 
 
 @dataclass
@@ -58,7 +63,7 @@ class DiTConfig:
     """Class conditioning: embedding of num_classes + 1 rows (last = null class)."""
     context_dim: int | None = None
     """Width of text tokens; None = no text conditioning."""
-    text_mode: str = "cross_attn"
+    text_mode: TextMode = "cross_attn"
     """'cross_attn' or 'in_context'."""
     pooled_dim: int | None = None
     """Width of a pooled text vector added to the AdaLN condition (SD3's 'vector' input: the text encoders'
@@ -78,10 +83,10 @@ class DiTConfig:
     mlp_norm_eps: float = 1e-6
     """LayerNorm eps before each block's MLP: 1e-6 in facebookresearch/DiT; the diffusers port reads its
     config's norm_eps (1e-5 by default) there."""
-    mlp: str = "gelu"
+    mlp: BlockMLP = "gelu"
     """Block MLP: 'gelu' (DiT: Linear-GELU-Linear) or 'swiglu' (JiT, arXiv 2511.13720, as LLaMA: fc2(SiLU(a) * b)
     with [a | b] = fc1(x), hidden int(2/3 * mlp_ratio * hidden_size) so the parameter count stays DiT's)."""
-    norm: str = "layernorm"
+    norm: BlockNorm = "layernorm"
     """Block and final-layer norms before AdaLN's scale/shift: 'layernorm' (DiT) or 'rmsnorm' (JiT); no affine
     either way (AdaLN supplies it)."""
     rope: bool = False
@@ -96,22 +101,18 @@ class DiTConfig:
 
     def __post_init__(self):
         check_finite_fields(self, "dit")  # NaN/inf pass every comparison below
+        check_choices(self, "dit")
         if self.input_size % self.patch_size:
             raise ValueError(f"dit.input_size={self.input_size} must be divisible by dit.patch_size={self.patch_size}")
         if self.hidden_size % self.num_heads or self.hidden_size % 4:
             raise ValueError(f"dit.hidden_size={self.hidden_size} must be divisible by dit.num_heads="
                              f"{self.num_heads} and by 4 (2-D sin-cos position embedding)")
-        if self.text_mode not in TEXT_MODES:
-            raise ValueError(f"dit.text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
         if self.concat_channels < 0:
             raise ValueError(f"dit.concat_channels must be >= 0, got {self.concat_channels}")
         if self.bottleneck_dim is not None and self.bottleneck_dim < 1:
             raise ValueError(f"dit.bottleneck_dim must be None or >= 1, got {self.bottleneck_dim}")
         if self.pooled_dim is not None and self.pooled_dim < 1:
             raise ValueError(f"dit.pooled_dim must be None or >= 1, got {self.pooled_dim}")
-        if self.mlp not in MLPS or self.norm not in NORMS:
-            raise ValueError(f"dit.mlp must be one of {MLPS} and dit.norm one of {NORMS}; got {self.mlp!r}, "
-                             f"{self.norm!r}")
         if self.rope and (self.hidden_size // self.num_heads) % 4:
             raise ValueError(f"dit.rope needs a head width (hidden_size / num_heads = "
                              f"{self.hidden_size // self.num_heads}) divisible by 4")

@@ -24,8 +24,9 @@ from typing import Literal, get_args
 
 import torch
 
+from ldm_lightning.choices import check_choices
 from ldm_lightning.finite import check_finite_fields
-from .denoiser import PREDICTIONS, PredictionKind, expand_like, from_x0_eps
+from .denoiser import PredictionKind, expand_like, from_x0_eps
 
 TimestepSampling = Literal["uniform", "logit_normal"]
 TIMESTEP_SAMPLING = get_args(TimestepSampling)
@@ -64,17 +65,9 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         check_finite_fields(self, "objective")  # NaN/inf pass every comparison below
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"objective.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        check_choices(self, "objective")
         if self.loss_space is None:
             self.loss_space = self.prediction
-        if self.loss_space not in PREDICTIONS:
-            raise ValueError(f"objective.loss_space must be one of {PREDICTIONS} or None, got {self.loss_space!r}")
-        if self.timestep_sampling not in TIMESTEP_SAMPLING:
-            raise ValueError(f"objective.timestep_sampling must be one of {TIMESTEP_SAMPLING}, "
-                             f"got {self.timestep_sampling!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"objective.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.logit_std <= 0 or self.snr_gamma <= 0:
             raise ValueError("objective.logit_std and objective.snr_gamma must be > 0")
         if not 0 <= self.clamp < 1:

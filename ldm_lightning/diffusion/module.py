@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from ldm_lightning.finite import check_finite
+from ldm_lightning.hparams import init_hparams, plain
 from ldm_lightning.images import image_grid, model_range
 from ldm_lightning.nn.lora import LoRAConfig, apply_lora, is_adapter_key
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig
@@ -29,6 +30,7 @@ from ldm_lightning.training.nonfinite_guard import GuardConfig
 from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, compile_network, images_channels_last,
                                           to_channels_last)
 
+from .backbone_overrides import BackboneOverrides, backbone_overrides
 from .concat import concat_channels, training_c_concat
 from .conditioning import Conditioner, ConditioningConfig
 from .denoiser import Denoiser
@@ -38,6 +40,7 @@ from .presets import PRESETS, TRANSFORMER_FAMILIES, UNET_FAMILIES, build_backbon
 from .repa import BlockTap, REPAConfig, REPAError, REPAProjector, load_repa_encoder
 from .samplers import SAMPLERS
 from .sampling import SamplingConfig, module_device, sample_images
+from .schedule_config import ScheduleConfig, schedule_settings
 from .schedules import build_schedule
 
 EncodeDtype = Literal["fp32", "bf16"]  # fp16 is left out on purpose: it overflows in VAE encoders
@@ -52,14 +55,10 @@ def _as(cls, value):
     return cls(**dict(value))
 
 
-def _plain(value):
-    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-
-
 class DiffusionModule(SpeedLevers, TrainingModule):
     def __init__(self, autoencoder: str, image_size: int | None = None, backbone: str = "unet-tiny",
-                 backbone_config: dict | None = None,
-                 schedule: dict | None = None, objective: ObjectiveConfig | dict | None = None,
+                 backbone_config: BackboneOverrides = BackboneOverrides(),
+                 schedule: ScheduleConfig = ScheduleConfig(), objective: ObjectiveConfig | dict | None = None,
                  conditioning: ConditioningConfig | dict | None = None, encode_dtype: EncodeDtype = "fp32",
                  sample_posterior: bool = True, check_latent_hash: bool = True, loss_bins: int = 10,
                  val_sampler: str = "ddim", val_steps: int = 25, val_cfg: float = 3.0, val_num: int = 16,
@@ -82,9 +81,11 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             backbone: A preset of `diffusion/presets.py` ('unet-tiny', 'dit-tiny', 'DiT-B/4', ...), or 'unet' /
                 'dit' for the bare UNetConfig / DiTConfig defaults; 'sd_unet' / 'sd_unet-2': Stable Diffusion's own
                 UNet layout (SDUNetConfig; what an SD / diffusers UNet2DConditionModel import needs).
-            backbone_config: UNetConfig / DiTConfig fields overriding the preset. in_channels, num_classes,
-                context_dim and (DiT) input_size are filled from the autoencoder, image_size and conditioning.
-            schedule: {'kind': 'vp' | 'flow', ...VPSchedule / FlowSchedule fields}; default VP scaled_linear.
+            backbone_config: UNetConfig / DiTConfig / DDTConfig / SDUNetConfig fields overriding the preset
+                (BackboneOverrides: each optional, unset = the preset's). in_channels, num_classes, context_dim and
+                (DiT) input_size are filled from the autoencoder, image_size and conditioning.
+            schedule: ScheduleConfig: kind 'vp' | 'flow' and that schedule's VPSchedule / FlowSchedule fields;
+                default VP scaled_linear. A plain mapping (YAML, Python) works as well.
             objective: ObjectiveConfig (prediction eps/v/x0/flow, loss_space — JiT: x0 with 'v' —,
                 timestep sampling, min-SNR weighting).
             conditioning: ConditioningConfig ('none' | 'class' with num_classes | 'text'; drop_prob for CFG).
@@ -124,6 +125,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             lora: LoRAConfig (nn/lora.py; rank, alpha, targets): train low-rank adapters only, the base frozen;
                 needs init_from (the base weights come from there at load: checkpoints hold no frozen tensors).
         """
+        arguments = dict(locals())  # before any other local: what init_hparams records
         super().__init__(_as(OptimConfig, optim), _as(EMAConfig, ema), _as(GuardConfig, guard), seed,
                          None if posthoc_ema is None else _as(PosthocEMAConfig, posthoc_ema))
         self.speed = as_speed(speed)
@@ -138,8 +140,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             if v < lo:
                 raise ValueError(f"model.{name} must be >= {lo}; got {v}")
         check_finite("model.val_cfg", val_cfg)
-        sched = dict(schedule or {"kind": "vp"})
-        sched.setdefault("kind", "vp")
+        sched = schedule_settings(schedule)
         obj_cfg = _as(ObjectiveConfig, objective)
         repa_cfg = _as(REPAConfig, repa)
         cond_cfg = _as(ConditioningConfig, conditioning)
@@ -152,7 +153,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
 
         self.conditioner = Conditioner(cond_cfg)
         family = PRESETS[backbone][0]
-        cfg = dict(backbone_config or {})
+        backbone_config = backbone_overrides(backbone_config)
+        cfg = dict(backbone_config)
         cfg["in_channels"] = ae.latent_channels
         if family in UNET_FAMILIES:
             cfg["out_channels"] = ae.latent_channels
@@ -188,7 +190,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         if sched["kind"] == "flow" and sched.get("shift_base_dim") and not sched.get("latent_dim"):
             sched["latent_dim"] = ae.latent_channels * self.latent_size ** 2  # RAE's shift: m = C*H*W (schedules.py)
         self.meta = {"module": CHECKPOINT_TAG, "backbone_family": family, "backbone": dataclasses.asdict(bb_cfg),
-                     "schedule": sched, "objective": _plain(obj_cfg), "conditioning": _plain(cond_cfg),
+                     "schedule": sched, "objective": plain(obj_cfg), "conditioning": plain(cond_cfg),
                      "latent_shape": [ae.latent_channels, self.latent_size, self.latent_size],
                      "autoencoder": {"path": self.autoencoder_path, "hash": self.autoencoder_hash}}
         self.repa_cfg, self.repa = repa_cfg, None
@@ -212,7 +214,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 raise ValueError("model.lora needs model.init_from: the weights the adapters fine-tune (and that a "
                                  "LoRA checkpoint, holding the adapters only, is loaded on top of)")
             apply_lora(self.denoiser.backbone, self.lora_cfg)
-            self.meta["lora"] = _plain(self.lora_cfg)
+            self.meta["lora"] = plain(self.lora_cfg)
         self.objective = DiffusionObjective(obj_cfg, schedule_obj)
         self.encode_dtype, self.sample_posterior = encode_dtype, sample_posterior
         self.check_latent_hash, self.loss_bins = check_latent_hash, loss_bins
@@ -223,20 +225,16 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             raise ValueError("model.val_prompts is a gallery of text prompts: give a non-empty list, for a "
                              "text-conditional model (conditioning.kind: text)")
         self.val_prompts = None if val_prompts is None else [str(p) for p in val_prompts]
-        # Plain values only: checkpoints stay loadable with torch.load(weights_only=True).
-        self.save_hyperparameters({
-            "autoencoder": self.autoencoder_path, "backbone": backbone, "backbone_config": backbone_config,
-            "schedule": sched, "objective": _plain(obj_cfg), "conditioning": _plain(cond_cfg),
-            "encode_dtype": encode_dtype, "sample_posterior": sample_posterior,
-            "check_latent_hash": check_latent_hash, "loss_bins": loss_bins, "val_sampler": val_sampler,
-            "val_steps": val_steps, "val_cfg": val_cfg, "val_num": val_num, "val_seed": val_seed,
-            "val_prompts": self.val_prompts,
-            "optim": _plain(self.optim_cfg), "ema": _plain(self.ema_cfg), "guard": _plain(self.guard_cfg),
-            "posthoc_ema": _plain(self.posthoc_ema_cfg), "init_from": init_from, "lora": _plain(self.lora_cfg),
-            "seed": seed, "compile": compile, "speed": _plain(self.speed), "repa": _plain(repa_cfg),
-            # only when set: Lightning and check_hparams_agree compare the keys model and data share, and None
-            # (follow the autoencoder) would disagree with data.image_size
-            **({"image_size": image_size} if image_size is not None else {})})
+        # Every argument, plain (torch.load(weights_only=True)); image_size only when set: Lightning and
+        # check_hparams_agree compare the keys model and data share, and None (follow the autoencoder) would
+        # disagree with data.image_size.
+        resolved = {
+            "autoencoder": self.autoencoder_path, "backbone_config": backbone_config or None, "schedule": sched,
+            "objective": obj_cfg, "conditioning": cond_cfg, "val_prompts": self.val_prompts, "optim": self.optim_cfg,
+            "ema": self.ema_cfg, "guard": self.guard_cfg, "posthoc_ema": self.posthoc_ema_cfg, "lora": self.lora_cfg,
+            "speed": self.speed, "repa": repa_cfg}
+        self.save_hyperparameters(init_hparams(DiffusionModule.__init__, arguments, resolved,
+                                               omit_none=("image_size",)))
         if self.speed.channels_last:  # before the EMA copy, so both are NHWC
             to_channels_last(self.denoiser.backbone, ae)
         self.setup_ema(self.denoiser)

@@ -19,6 +19,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from ldm_lightning.choices import check_choices
 from ldm_lightning.finite import check_finite_fields
 
 BetaSchedule = Literal["linear", "scaled_linear", "cosine"]
@@ -75,8 +76,7 @@ class VPSchedule:
 
     def __post_init__(self):
         check_finite_fields(self, "schedule")  # NaN/inf pass every comparison below
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"schedule.beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        check_choices(self, "schedule")
         if self.num_timesteps < 2:
             raise ValueError(f"schedule.num_timesteps must be >= 2, got {self.num_timesteps}")
         betas = make_betas(self.beta_schedule, self.num_timesteps)

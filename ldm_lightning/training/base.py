@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ldm_lightning.choices import check_choices
 from ldm_lightning.finite import check_finite_fields
 from ldm_lightning.nn.ema import EMA
 from ldm_lightning.nn.posthoc_ema import PosthocEMAConfig, PowerEMA
@@ -71,14 +72,11 @@ class OptimConfig:
 
     def __post_init__(self):
         check_finite_fields(self, "optim")  # NaN/inf pass every comparison below
+        check_choices(self, "optim")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.schedule not in get_args(LRSchedule):
-            raise ValueError(f"optim.schedule must be one of {get_args(LRSchedule)}; got {self.schedule!r}")
-        if self.implementation not in ADAMW_IMPLEMENTATIONS:
-            raise ValueError(f"optim.implementation must be one of {ADAMW_IMPLEMENTATIONS}; got {self.implementation!r}")
 
 
 @dataclass

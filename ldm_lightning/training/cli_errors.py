@@ -47,6 +47,9 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 _LITERAL = re.compile(r"Expected a typing\.Literal\[(.*?)\]\. Got value: ([^\n]*)")
+# an optional choice (`Literal[...] | None`): jsonargparse lists the two refusals, then the value
+_OPTIONAL_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*?)\]\s*- Expected a <class 'NoneType'>.*?"
+                               r"Given value: ([^\n]*)", re.S)
 _KEY = re.compile(r'Parser key "([^"]+)"')
 
 
@@ -55,11 +58,13 @@ def choice_error(text: str) -> str | None:
     `model.init_args.optim.schedule must be one of 'constant', 'cosine'; got 'foo'`. `text` is the
     outermost error, which nests one `Parser key` per level down to the failing field."""
     m = _LITERAL.search(text)
+    optional = m is None and (m := _OPTIONAL_LITERAL.search(text)) is not None
     if not m:
         return None
     keys = _KEY.findall(text[:m.start()])
     path = ".".join(keys[:1] + (["init_args"] if keys and keys[0] in ("model", "data") else []) + keys[1:])
-    return f"invalid config: {path} must be one of {m.group(1)}; got {m.group(2).strip()!r}"
+    choices = f"{m.group(1)} or null" if optional else m.group(1)
+    return f"invalid config: {path} must be one of {choices}; got {m.group(2).strip()!r}"
 
 
 def config_error_message(exc: BaseException, subcommand: str = "fit") -> str:

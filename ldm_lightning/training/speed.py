@@ -8,7 +8,7 @@ checks outputs and gradients on CPU); `sync_free_guard` changes only when the gu
 come (on logging steps), not which steps are skipped. Whether each one pays is a GPU question: `scripts/gpu_bench.sh`
 measures every lever on and off in one table. Other levers live where they act: fused/foreach AdamW
 (`optim.implementation`, training/base.py), the flash-friendly text mask (`conditioning.trim_padding`),
-pinned host memory (`data.pin_memory`).
+pinned host memory (`data.loader.pin_memory`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from ldm_lightning.choices import check_choices
 from ldm_lightning.finite import check_finite_fields
 
 CompileMode = Literal["model", "blocks"]
@@ -59,8 +60,7 @@ class SpeedConfig:
 
     def __post_init__(self):
         check_finite_fields(self, "speed")  # NaN/inf pass every comparison below
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"speed.compile_mode must be one of {COMPILE_MODES}; got {self.compile_mode!r}")
+        check_choices(self, "speed")
 
 
 def as_speed(value) -> SpeedConfig:
