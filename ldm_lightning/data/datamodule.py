@@ -30,7 +30,7 @@ from ldm_lightning.data.shard_check import (SHARD_CHECKS, ShardChangedError, cha
                                             notes)
 from ldm_lightning.data.shards import resolve_shards
 from ldm_lightning.data.stream import KEY, BadDataError, ShardStream
-from ldm_lightning.data.transforms import IMAGE_KEYS, RESIZE_MODES, BadSample, ImageTransform, ResizeMode
+from ldm_lightning.data.transforms import RESIZE_MODES, BadSample, ImageTransform, ResizeMode
 from ldm_lightning.errors import UserError
 from ldm_lightning.hparams import init_hparams
 from ldm_lightning.images import to_model_range
