@@ -300,3 +300,89 @@ def test_cached_text_embeddings_give_the_on_the_fly_loss_and_dropout_and_a_misma
         "kind": "text", "max_length": 8, "text_encoders": other})
     with pytest.raises(TextCacheMismatch, match="layer penultimate.*but the conditioning names.*layer last"):
         attach_text_cache(wrong.conditioner, [cached_latents], None)
+
+
+# ------------------------------------------------------------------------------ several captions per image
+def _multi_caption_folder(root: Path, n: int = 16) -> dict[str, list[str]]:
+    """n MNIST test digits as PNGs in class folders, each with a .txt holding a JSON list of two captions (the
+    user's layout for `data pack`); one digit's captions come from metadata.jsonl instead. Returns key -> captions."""
+    import json
+
+    from PIL import Image
+
+    from ldm_lightning.data.mnist import caption, load_mnist
+    images, labels = load_mnist("test")
+    caps = {}
+    for i in range(n):
+        folder = root / str(int(labels[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"d{i:02d}.png")
+        two = [f"{caption(labels[i])} {i}", f"{caption(labels[i])}, sample {i}"]  # distinct: 32 to cache
+        if i == 0:
+            (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "d00.png", "text": two}) + "\n")
+        else:
+            (folder / f"d{i:02d}.txt").write_text(json.dumps(two))
+        caps[f"{int(labels[i])}/d{i:02d}_png"] = two
+    return caps
+
+
+def test_several_captions_per_image_one_per_epoch_cached_and_resumed_exactly(text_models, tiny_ae, tmp_path):
+    """A pack whose samples hold two captions each (JSON lists in .txt / metadata.jsonl) through `data encode`
+    with a text cache (every caption's embedding stored) and `ldm-lightning fit` on the cached embeddings: 6 steps
+    (1.5 epochs of 4 steps), then a resume (`--ckpt_path last`) to step 8. Every step's captions are the ones the
+    uninterrupted stream gives (rebuilt in-process), each sample's caption differs between epoch 0 and 1, the
+    cache serves them all, and image batches (on-the-fly encoding) pick the same caption per (epoch, key). A
+    caption list that is empty stops the stream with one message naming the sample."""
+    import json
+
+    from scale_run import TRAINER_CFG, run_cli
+
+    from ldm_lightning.data import ShardDataModule, pack
+    from ldm_lightning.data.captions import EmptyCaptionList
+    caps = _multi_caption_folder(tmp_path / "folder")
+    images, latents, run, probe = tmp_path / "images", tmp_path / "latents", tmp_path / "run", tmp_path / "probe"
+    assert pack.main(["--source", str(tmp_path / "folder"), "--out", str(images), "--class-from-folder",
+                      "--samples-per-shard", "8", "--no-progress"]) == 0
+    proc = run_cli(["data", "encode", "--autoencoder", tiny_ae, "--shards", str(images), "--out", str(latents),
+                    "--device", "cpu", "--text-encoders", f"[{{path: {text_models['t5']}, max_length: 16}}]"], tmp_path)
+    assert "cached text embeddings of 32 distinct captions" in proc.stdout, proc.stdout  # 16 samples x 2 captions
+    args = ["fit", "-c", str(CONFIGS / "diffusion" / "mnist-dit-text-latents.yaml"),
+            "-c", str(TRAINER_CFG / "cpu-debug.yaml"), "--model.init_args.autoencoder", tiny_ae,
+            "--model.init_args.backbone", "dit-tiny", "--model.init_args.conditioning.text_encoder", text_models["t5"],
+            "--model.init_args.val_num", "0",
+            "--data.init_args.kind", "latent", "--data.init_args.image_size", "32", "--data.init_args.channels", "1",
+            "--data.init_args.train_shards", str(latents), "--data.init_args.val_shards", "null",
+            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1",
+            "--trainer.logger", "false", "--trainer.default_root_dir", str(run),
+            "--trainer.callbacks+=batch_probe.BatchProbe", "--trainer.callbacks.out", str(probe)]
+    first = run_cli([*args, "--trainer.max_steps", "6"], tmp_path)
+    second = run_cli([*args, "--trainer.max_steps", "8", "--ckpt_path", "last"], tmp_path)
+    for p in (first, second):
+        assert "the text encoders are not loaded for training" in p.stdout, p.stdout[-2000:]
+        assert "not in the cache" not in p.stdout + p.stderr  # every chosen caption was cached
+    logs = [json.loads(line) for line in (probe / "batches-rank0.jsonl").read_text().splitlines()]
+    assert [b["step"] for b in logs] == list(range(8))
+
+    def stream(kind, shards):
+        dm = ShardDataModule(str(shards), batch_size=4, num_workers=0, kind=kind, seed=0, image_size=32, channels=1,
+                             rank=0, world_size=1)
+        loader = dm.train_dataloader()
+        return [(list(b["key"]), list(b["txt"])) for _ in range(2) for b in loader]
+    expect = stream("latent", latents)
+    assert [(b["keys"], b["txt"]) for b in logs] == expect  # resumed run == uninterrupted stream
+    chosen = [{k: t for b in logs[4 * e:4 * e + 4] for k, t in zip(b["keys"], b["txt"])} for e in (0, 1)]
+    assert chosen[0].keys() == chosen[1].keys() == caps.keys()
+    assert all({chosen[0][k], chosen[1][k]} == set(caps[k]) for k in caps)  # each caption once in the 2 epochs
+    on_the_fly = [{k: t for keys, txt in epoch for k, t in zip(keys, txt)}
+                  for epoch in (stream("image", images)[:4], stream("image", images)[4:])]
+    assert on_the_fly == chosen
+    # bad input: an empty caption list
+    bad = tmp_path / "bad"
+    (bad / "7").mkdir(parents=True)
+    for i in range(4):  # one batch: the third sample's list is empty
+        shutil.copy(next((tmp_path / "folder" / "7").glob("*.png")), bad / "7" / f"x{i}.png")
+        (bad / "7" / f"x{i}.txt").write_text("[]" if i == 2 else '["a seven", "a 7"]')
+    assert pack.main(["--source", str(bad), "--out", str(tmp_path / "bad-shards"), "--class-from-folder",
+                      "--no-progress"]) == 0
+    with pytest.raises(EmptyCaptionList, match=r"sample '7/x2_png' of .*shard-000000.tar: its caption list is empty"):
+        stream("image", tmp_path / "bad-shards")
