@@ -386,3 +386,49 @@ def test_several_captions_per_image_one_per_epoch_cached_and_resumed_exactly(tex
                       "--no-progress"]) == 0
     with pytest.raises(EmptyCaptionList, match=r"sample '7/x2_png' of .*shard-000000.tar: its caption list is empty"):
         stream("image", tmp_path / "bad-shards")
+
+
+def test_prompt_gallery_from_a_file_at_every_bucket_to_wandb_and_through_sample(mnist_shards, tmp_path):
+    """`model.val_prompts_file` with aspect buckets on (data.bucketing: 40x24, 32x32, 24x40 at 1024 pixels): one grid
+    per validation for the EMA and the raw weights, each prompt a row and each bucket's size a column (centred on
+    the largest bucket's 40x40 canvas), logged to the offline W&B run; then `ldm-lightning sample
+    --prompts-file` with the same file: a row per prompt, the same seeds. A prompts file with no prompt is one
+    message."""
+    from PIL import Image
+    from scale_run import TRAINER_CFG, run_cli
+    from wandb_reader import find_runs, read_run
+
+    from ldm_lightning.diffusion.prompt_gallery import PromptsFileError, read_prompts_file
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit one\n\n  a handwritten digit two  \n")
+    run = tmp_path / "run"
+    run_cli(["fit", "-c", str(CONFIGS / "diffusion" / "mnist-dit-text-trained.yaml"),
+             "-c", str(TRAINER_CFG / "cpu-debug.yaml"), "--model.init_args.autoencoder", "identity:1x32",
+             "--model.init_args.image_size", "32",
+             "--model.init_args.backbone_config", "{qk_norm: true, patch_size: 4, hidden_size: 64, depth: 2}",
+             "--model.init_args.conditioning.trainable_text", "{width: 64, depth: 1, heads: 2, max_length: 8}",
+             "--model.init_args.val_prompts_file", str(prompts), "--model.init_args.val_num", "2",
+             "--model.init_args.val_steps", "2", "--data.init_args.kind", "image", "--data.init_args.image_size", "32",
+             "--data.init_args.channels", "1", "--data.init_args.train_shards", mnist_shards["test"],
+             "--data.init_args.val_shards", mnist_shards["test"], "--data.init_args.val_samples", "4",
+             "--data.init_args.bucketing", "{target_pixels: 1024, divisor: 8, max_aspect: 2.0, header_cache: null}",
+             "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0", "--trainer.max_steps", "2",
+             "--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null",
+             "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(run)], tmp_path)
+    logged = read_run(find_runs(str(run))[0])
+    assert logged.values("val/samples/captions") == [["a handwritten digit one | a handwritten digit two"]]
+    grids = sorted(f for f in logged.media_files if f.endswith(".png"))  # one grid each: EMA, raw weights
+    assert [Path(g).name.startswith("samples_raw_") for g in grids] == [False, True], grids
+    for g in grids:  # 2 prompt rows x 3 bucket columns (1 seed each) of 40x40 cells, 2 px padding
+        assert Image.open(g).size == (3 * 42 + 2, 2 * 42 + 2), g
+    last = sorted(run.rglob("last.ckpt"))[0]
+    out = tmp_path / "s"
+    run_cli(["sample", "--checkpoint", str(last), "--prompts-file", str(prompts), "--num", "2", "--steps", "2",
+             "--out", str(out)], tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000-a-handwritten-digit-one_0.png", "000-a-handwritten-digit-one_1.png",
+        "001-a-handwritten-digit-two_0.png", "001-a-handwritten-digit-two_1.png", "grid.png"]
+    assert Image.open(out / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(PromptsFileError, match=r"--prompts-file '.*empty.txt' holds no prompt; write one prompt a line"):
+        read_prompts_file(tmp_path / "empty.txt", "--prompts-file")
