@@ -432,3 +432,22 @@ def test_prompt_gallery_from_a_file_at_every_bucket_to_wandb_and_through_sample(
     (tmp_path / "empty.txt").write_text("\n  \n")
     with pytest.raises(PromptsFileError, match=r"--prompts-file '.*empty.txt' holds no prompt; write one prompt a line"):
         read_prompts_file(tmp_path / "empty.txt", "--prompts-file")
+
+
+def test_caption_lists_from_txt_members_and_json_fields_and_the_choice_per_epoch():
+    """A txt member holding a JSON list of strings and a json caption field holding a list give the sample's
+    captions; any other text (even one starting with a bracket) stays one caption. The choice depends on (seed,
+    epoch, key) only and uses every caption once per round of n epochs."""
+    from ldm_lightning.data.captions import choose_caption
+    from ldm_lightning.data.members import MemberSpec
+    txt = [b'["a cat", "a cat on a mat"]', b"[draft] a dog", b'["a", 1]', b"a bird"]
+    assert MemberSpec.build().columns({"txt": txt}, 4)[1] == [("a cat", "a cat on a mat"), "[draft] a dog",
+                                                              '["a", 1]', "a bird"]
+    meta = [b'{"caption": ["x", "y", "z"]}', b'{"caption": "w"}', b"{}"]
+    assert MemberSpec.build(caption_key="caption").columns({"json": meta}, 3)[1] == [("x", "y", "z"), "w", ""]
+    caps = ("x", "y", "z")
+    for key in ("k0", "k1", "k2"):
+        rounds = [[choose_caption(caps, 5, e, key) for e in range(r * 3, r * 3 + 3)] for r in range(3)]
+        assert all(sorted(r) == list(caps) for r in rounds), rounds  # each caption once per round of 3 epochs
+    orders = {tuple(choose_caption(caps, 5, e, f"k{i}") for e in range(3)) for i in range(20)}
+    assert len(orders) > 1  # the order is shuffled per sample, not one rotation for all
