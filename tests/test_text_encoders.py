@@ -451,3 +451,15 @@ def test_caption_lists_from_txt_members_and_json_fields_and_the_choice_per_epoch
         assert all(sorted(r) == list(caps) for r in rounds), rounds  # each caption once per round of 3 epochs
     orders = {tuple(choose_caption(caps, 5, e, f"k{i}") for e in range(3)) for i in range(20)}
     assert len(orders) > 1  # the order is shuffled per sample, not one rotation for all
+    # an empty list raised in a DataLoader worker: torch puts the worker's traceback in the message; the CLI's
+    # one paragraph is the worker's message alone
+    from ldm_lightning.data.captions import EmptyCaptionList
+    from ldm_lightning.user_errors import user_error_message
+    msg = "sample '7/x2_png' of s/shard-000000.tar: its caption list is empty; give at least one caption"
+    with pytest.raises(EmptyCaptionList) as err:
+        choose_caption((), 0, 0, "7/x2_png", "s/shard-000000.tar")
+    assert user_error_message(err.value).startswith(msg)
+    wrapped = EmptyCaptionList("Caught EmptyCaptionList in DataLoader worker process 0.\nOriginal Traceback (most "
+                               "recent call last):\n  File \"stream.py\", line 420, in slot_batches\n"
+                               f"ldm_lightning.data.captions.EmptyCaptionList: {msg}\n")
+    assert user_error_message(wrapped) == msg
