@@ -197,13 +197,15 @@ def ram_table() -> int:
                 res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
             out.append((n, disk, res))
             shutil.rmtree(root / str(n))
-            print(f"{n:6d} captions, {disk / 2**20:7.1f} MiB on disk: peak RSS growth {res['rows']['growth'] / 2**20:6.1f} "
-                  f"MiB reading rows vs {res['whole']['growth'] / 2**20:7.1f} MiB holding the tables; lookup of "
-                  f"{LOOKUP}: {res['rows']['ms']:.2f} vs {res['whole']['ms']:.2f} ms", flush=True)
+            rows, whole = res["rows"], res["whole"]
+            print(f"{n:6d} captions, {disk / 2**20:7.1f} MiB on disk: peak RSS growth {rows['growth'] / 2**20:6.1f} "
+                  f"MiB reading rows vs {whole['growth'] / 2**20:7.1f} MiB holding the tables; lookup of "
+                  f"{LOOKUP}: {rows['ms']:.2f} vs {whole['ms']:.2f} ms", flush=True)
         (n0, d0, r0), (n1, d1, r1) = out[0], out[-1]
-        print(f"cache {n1 // n0}x larger ({d1 / d0:.1f}x the bytes): RAM growth x{r1['rows']['growth'] / r0['rows']['growth']:.2f} "
-              f"reading rows, x{r1['whole']['growth'] / r0['whole']['growth']:.2f} holding the tables; at {n1} captions "
-              f"holding the tables takes {r1['whole']['growth'] / r1['rows']['growth']:.0f}x the RAM of reading rows")
+        grow = {m: r1[m]["growth"] / r0[m]["growth"] for m in ("rows", "whole")}
+        print(f"cache {n1 // n0}x larger ({d1 / d0:.1f}x the bytes): RAM growth x{grow['rows']:.2f} reading rows, "
+              f"x{grow['whole']:.2f} holding the tables; at {n1} captions holding the tables takes "
+              f"{r1['whole']['growth'] / r1['rows']['growth']:.0f}x the RAM of reading rows")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

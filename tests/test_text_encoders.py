@@ -430,7 +430,7 @@ def test_prompt_gallery_from_a_file_at_every_bucket_to_wandb_and_through_sample(
         "001-a-handwritten-digit-two_0.png", "001-a-handwritten-digit-two_1.png", "grid.png"]
     assert Image.open(out / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
     (tmp_path / "empty.txt").write_text("\n  \n")
-    with pytest.raises(PromptsFileError, match=r"--prompts-file '.*empty.txt' holds no prompt; write one prompt a line"):
+    with pytest.raises(PromptsFileError, match=r"--prompts-file '.*empty.txt' holds no prompt; write one prompt"):
         read_prompts_file(tmp_path / "empty.txt", "--prompts-file")
 
 

@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = len(classes)
     elif a.prompts_file is not None:
         if kind != "text":
-            raise UserError(f"--prompts-file: this model is {'unconditional' if kind == 'none' else kind + '-conditional'}"
-                            ", not text-conditional: drop --prompts-file")
+            what = "unconditional" if kind == "none" else kind + "-conditional"
+            raise UserError(f"--prompts-file: this model is {what}, not text-conditional: drop --prompts-file")
         from .prompt_gallery import read_prompts_file
         gallery = read_prompts_file(a.prompts_file, "--prompts-file")
         prompts = [p for p in gallery for _ in range(a.num)]
