@@ -62,10 +62,23 @@ def os_error_message(exc: OSError) -> str:
     return f"{paths + ': ' if paths else ''}{exc.strerror.lower()}{'; ' + fix if fix else ''}"
 
 
+def worker_message(exc: BaseException) -> str:
+    """The message of `exc`; for one a DataLoader worker raised, torch re-raises it with "Caught ... Original
+    Traceback ..." and the worker's traceback in the message: then only the worker's own message."""
+    text = str(exc)
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text:
+        return text
+    cls = type(exc)
+    for name in (f"{cls.__module__}.{cls.__qualname__}: ", f"{cls.__name__}: "):
+        if name in text:
+            return text[text.rindex(name) + len(name):].strip()
+    return text
+
+
 def user_error_message(exc: BaseException) -> str | None:
     """The one-paragraph message of an error in the user's input, or None for a failure of the program."""
     if isinstance(exc, UserError):
-        return str(exc)
+        return worker_message(exc)
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, str) else None
     if isinstance(exc, ModuleNotFoundError):

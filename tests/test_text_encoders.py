@@ -300,3 +300,166 @@ def test_cached_text_embeddings_give_the_on_the_fly_loss_and_dropout_and_a_misma
         "kind": "text", "max_length": 8, "text_encoders": other})
     with pytest.raises(TextCacheMismatch, match="layer penultimate.*but the conditioning names.*layer last"):
         attach_text_cache(wrong.conditioner, [cached_latents], None)
+
+
+# ------------------------------------------------------------------------------ several captions per image
+def _multi_caption_folder(root: Path, n: int = 16) -> dict[str, list[str]]:
+    """n MNIST test digits as PNGs in class folders, each with a .txt holding a JSON list of two captions (the
+    user's layout for `data pack`); one digit's captions come from metadata.jsonl instead. Returns key -> captions."""
+    import json
+
+    from PIL import Image
+
+    from ldm_lightning.data.mnist import caption, load_mnist
+    images, labels = load_mnist("test")
+    caps = {}
+    for i in range(n):
+        folder = root / str(int(labels[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"d{i:02d}.png")
+        two = [f"{caption(labels[i])} {i}", f"{caption(labels[i])}, sample {i}"]  # distinct: 32 to cache
+        if i == 0:
+            (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "d00.png", "text": two}) + "\n")
+        else:
+            (folder / f"d{i:02d}.txt").write_text(json.dumps(two))
+        caps[f"{int(labels[i])}/d{i:02d}_png"] = two
+    return caps
+
+
+def test_several_captions_per_image_one_per_epoch_cached_and_resumed_exactly(text_models, tiny_ae, tmp_path):
+    """A pack whose samples hold two captions each (JSON lists in .txt / metadata.jsonl) through `data encode`
+    with a text cache (every caption's embedding stored) and `ldm-lightning fit` on the cached embeddings: 6 steps
+    (1.5 epochs of 4 steps), then a resume (`--ckpt_path last`) to step 8. Every step's captions are the ones the
+    uninterrupted stream gives (rebuilt in-process), each sample's caption differs between epoch 0 and 1, the
+    cache serves them all, and image batches (on-the-fly encoding) pick the same caption per (epoch, key). A
+    caption list that is empty stops the stream with one message naming the sample."""
+    import json
+
+    from scale_run import TRAINER_CFG, run_cli
+
+    from ldm_lightning.data import ShardDataModule, pack
+    from ldm_lightning.data.captions import EmptyCaptionList
+    caps = _multi_caption_folder(tmp_path / "folder")
+    images, latents, run, probe = tmp_path / "images", tmp_path / "latents", tmp_path / "run", tmp_path / "probe"
+    assert pack.main(["--source", str(tmp_path / "folder"), "--out", str(images), "--class-from-folder",
+                      "--samples-per-shard", "8", "--no-progress"]) == 0
+    proc = run_cli(["data", "encode", "--autoencoder", tiny_ae, "--shards", str(images), "--out", str(latents),
+                    "--device", "cpu", "--text-encoders", f"[{{path: {text_models['t5']}, max_length: 16}}]"], tmp_path)
+    assert "cached text embeddings of 32 distinct captions" in proc.stdout, proc.stdout  # 16 samples x 2 captions
+    args = ["fit", "-c", str(CONFIGS / "diffusion" / "mnist-dit-text-latents.yaml"),
+            "-c", str(TRAINER_CFG / "cpu-debug.yaml"), "--model.init_args.autoencoder", tiny_ae,
+            "--model.init_args.backbone", "dit-tiny", "--model.init_args.conditioning.text_encoder", text_models["t5"],
+            "--model.init_args.val_num", "0",
+            "--data.init_args.kind", "latent", "--data.init_args.image_size", "32", "--data.init_args.channels", "1",
+            "--data.init_args.train_shards", str(latents), "--data.init_args.val_shards", "null",
+            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1",
+            "--trainer.logger", "false", "--trainer.default_root_dir", str(run),
+            "--trainer.callbacks+=batch_probe.BatchProbe", "--trainer.callbacks.out", str(probe)]
+    first = run_cli([*args, "--trainer.max_steps", "6"], tmp_path)
+    second = run_cli([*args, "--trainer.max_steps", "8", "--ckpt_path", "last"], tmp_path)
+    for p in (first, second):
+        assert "the text encoders are not loaded for training" in p.stdout, p.stdout[-2000:]
+        assert "not in the cache" not in p.stdout + p.stderr  # every chosen caption was cached
+    logs = [json.loads(line) for line in (probe / "batches-rank0.jsonl").read_text().splitlines()]
+    assert [b["step"] for b in logs] == list(range(8))
+
+    def stream(kind, shards):
+        dm = ShardDataModule(str(shards), batch_size=4, num_workers=0, kind=kind, seed=0, image_size=32, channels=1,
+                             rank=0, world_size=1)
+        loader = dm.train_dataloader()
+        return [(list(b["key"]), list(b["txt"])) for _ in range(2) for b in loader]
+    expect = stream("latent", latents)
+    assert [(b["keys"], b["txt"]) for b in logs] == expect  # resumed run == uninterrupted stream
+    chosen = [{k: t for b in logs[4 * e:4 * e + 4] for k, t in zip(b["keys"], b["txt"])} for e in (0, 1)]
+    assert chosen[0].keys() == chosen[1].keys() == caps.keys()
+    assert all({chosen[0][k], chosen[1][k]} == set(caps[k]) for k in caps)  # each caption once in the 2 epochs
+    on_the_fly = [{k: t for keys, txt in epoch for k, t in zip(keys, txt)}
+                  for epoch in (stream("image", images)[:4], stream("image", images)[4:])]
+    assert on_the_fly == chosen
+    # bad input: an empty caption list
+    bad = tmp_path / "bad"
+    (bad / "7").mkdir(parents=True)
+    for i in range(4):  # one batch: the third sample's list is empty
+        shutil.copy(next((tmp_path / "folder" / "7").glob("*.png")), bad / "7" / f"x{i}.png")
+        (bad / "7" / f"x{i}.txt").write_text("[]" if i == 2 else '["a seven", "a 7"]')
+    assert pack.main(["--source", str(bad), "--out", str(tmp_path / "bad-shards"), "--class-from-folder",
+                      "--no-progress"]) == 0
+    with pytest.raises(EmptyCaptionList, match=r"sample '7/x2_png' of .*shard-000000.tar: its caption list is empty"):
+        stream("image", tmp_path / "bad-shards")
+
+
+def test_prompt_gallery_from_a_file_at_every_bucket_to_wandb_and_through_sample(mnist_shards, tmp_path):
+    """`model.val_prompts_file` with aspect buckets on (data.bucketing: 40x24, 32x32, 24x40 at 1024 pixels): one grid
+    per validation for the EMA and the raw weights, each prompt a row and each bucket's size a column (centred on
+    the largest bucket's 40x40 canvas), logged to the offline W&B run; then `ldm-lightning sample
+    --prompts-file` with the same file: a row per prompt, the same seeds. A prompts file with no prompt is one
+    message."""
+    from PIL import Image
+    from scale_run import TRAINER_CFG, run_cli
+    from wandb_reader import find_runs, read_run
+
+    from ldm_lightning.diffusion.prompt_gallery import PromptsFileError, read_prompts_file
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a handwritten digit one\n\n  a handwritten digit two  \n")
+    run = tmp_path / "run"
+    run_cli(["fit", "-c", str(CONFIGS / "diffusion" / "mnist-dit-text-trained.yaml"),
+             "-c", str(TRAINER_CFG / "cpu-debug.yaml"), "--model.init_args.autoencoder", "identity:1x32",
+             "--model.init_args.image_size", "32",
+             "--model.init_args.backbone_config", "{qk_norm: true, patch_size: 4, hidden_size: 64, depth: 2}",
+             "--model.init_args.conditioning.trainable_text", "{width: 64, depth: 1, heads: 2, max_length: 8}",
+             "--model.init_args.val_prompts_file", str(prompts), "--model.init_args.val_num", "2",
+             "--model.init_args.val_steps", "2", "--data.init_args.kind", "image", "--data.init_args.image_size", "32",
+             "--data.init_args.channels", "1", "--data.init_args.train_shards", mnist_shards["test"],
+             "--data.init_args.val_shards", mnist_shards["test"], "--data.init_args.val_samples", "4",
+             "--data.init_args.bucketing", "{target_pixels: 1024, divisor: 8, max_aspect: 2.0, header_cache: null}",
+             "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0", "--trainer.max_steps", "2",
+             "--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null",
+             "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(run)], tmp_path)
+    logged = read_run(find_runs(str(run))[0])
+    assert logged.values("val/samples/captions") == [["a handwritten digit one | a handwritten digit two"]]
+    grids = sorted(f for f in logged.media_files if f.endswith(".png"))  # one grid each: EMA, raw weights
+    assert [Path(g).name.startswith("samples_raw_") for g in grids] == [False, True], grids
+    for g in grids:  # 2 prompt rows x 3 bucket columns (1 seed each) of 40x40 cells, 2 px padding
+        assert Image.open(g).size == (3 * 42 + 2, 2 * 42 + 2), g
+    last = sorted(run.rglob("last.ckpt"))[0]
+    out = tmp_path / "s"
+    run_cli(["sample", "--checkpoint", str(last), "--prompts-file", str(prompts), "--num", "2", "--steps", "2",
+             "--out", str(out)], tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000-a-handwritten-digit-one_0.png", "000-a-handwritten-digit-one_1.png",
+        "001-a-handwritten-digit-two_0.png", "001-a-handwritten-digit-two_1.png", "grid.png"]
+    assert Image.open(out / "grid.png").size == (2 * 34 + 2, 2 * 34 + 2)
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(PromptsFileError, match=r"--prompts-file '.*empty.txt' holds no prompt; write one prompt"):
+        read_prompts_file(tmp_path / "empty.txt", "--prompts-file")
+
+
+def test_caption_lists_from_txt_members_and_json_fields_and_the_choice_per_epoch():
+    """A txt member holding a JSON list of strings and a json caption field holding a list give the sample's
+    captions; any other text (even one starting with a bracket) stays one caption. The choice depends on (seed,
+    epoch, key) only and uses every caption once per round of n epochs."""
+    from ldm_lightning.data.captions import choose_caption
+    from ldm_lightning.data.members import MemberSpec
+    txt = [b'["a cat", "a cat on a mat"]', b"[draft] a dog", b'["a", 1]', b"a bird"]
+    assert MemberSpec.build().columns({"txt": txt}, 4)[1] == [("a cat", "a cat on a mat"), "[draft] a dog",
+                                                              '["a", 1]', "a bird"]
+    meta = [b'{"caption": ["x", "y", "z"]}', b'{"caption": "w"}', b"{}"]
+    assert MemberSpec.build(caption_key="caption").columns({"json": meta}, 3)[1] == [("x", "y", "z"), "w", ""]
+    caps = ("x", "y", "z")
+    for key in ("k0", "k1", "k2"):
+        rounds = [[choose_caption(caps, 5, e, key) for e in range(r * 3, r * 3 + 3)] for r in range(3)]
+        assert all(sorted(r) == list(caps) for r in rounds), rounds  # each caption once per round of 3 epochs
+    orders = {tuple(choose_caption(caps, 5, e, f"k{i}") for e in range(3)) for i in range(20)}
+    assert len(orders) > 1  # the order is shuffled per sample, not one rotation for all
+    # an empty list raised in a DataLoader worker: torch puts the worker's traceback in the message; the CLI's
+    # one paragraph is the worker's message alone
+    from ldm_lightning.data.captions import EmptyCaptionList
+    from ldm_lightning.user_errors import user_error_message
+    msg = "sample '7/x2_png' of s/shard-000000.tar: its caption list is empty; give at least one caption"
+    with pytest.raises(EmptyCaptionList) as err:
+        choose_caption((), 0, 0, "7/x2_png", "s/shard-000000.tar")
+    assert user_error_message(err.value).startswith(msg)
+    wrapped = EmptyCaptionList("Caught EmptyCaptionList in DataLoader worker process 0.\nOriginal Traceback (most "
+                               "recent call last):\n  File \"stream.py\", line 420, in slot_batches\n"
+                               f"ldm_lightning.data.captions.EmptyCaptionList: {msg}\n")
+    assert user_error_message(wrapped) == msg

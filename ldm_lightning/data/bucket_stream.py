@@ -42,6 +42,7 @@ from typing import Iterator
 import numpy as np
 
 from ldm_lightning.data.buckets import Buckets, size_of
+from ldm_lightning.data.captions import choose_caption
 from ldm_lightning.data.header_cache import HeaderCache, ShardHeaders
 from ldm_lightning.data.members import Filtered
 from ldm_lightning.data.shards import Shard, ShardSpecError
@@ -245,7 +246,7 @@ class BucketStream(ShardStream):
                             if self.needs_rng else None
                         c, t, crop = self.fill(rec, batch, len(keys), rng)
                         cls.append(c)
-                        txt.append(t)
+                        txt.append(t if type(t) is str else choose_caption(t, self.seed, epoch, rec[KEY], rec[URL]))
                         crops.append(crop)
                 except BadSample as e:
                     if cyc == 0:

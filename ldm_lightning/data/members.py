@@ -5,7 +5,8 @@ shards use `jpeg`, `webp`, `caption`, `text` or put the caption only in the json
 in priority order, the members that give a sample's image, caption and class, or the json fields that
 give them, and a few `FIELD OP VALUE` filters on json fields (`pwatermark < 0.5`, `original_width >= 256`,
 `aspect <= 2`). It parses a block's columns at once, as the stream's records need them: a class column
-(int, -1 when absent) and a caption column (str, "" when absent). An unusable entry becomes a
+(int, -1 when absent) and a caption column (str, "" when absent, or a tuple of a sample's several captions:
+captions.py). An unusable entry becomes a
 `BadSample` in the class column and a filtered-out sample a `Filtered` there; the stream raises either
 when it uses the record, in play and in the resume skip alike, so both see the same samples.
 """
@@ -18,6 +19,7 @@ import operator
 import re
 from dataclasses import dataclass
 
+from ldm_lightning.data.captions import caption_field, parse_caption_member
 from ldm_lightning.data.transforms import IMAGE_KEYS, BadSample
 from ldm_lightning.errors import UserError
 
@@ -129,10 +131,11 @@ class MemberSpec:
         return tuple(dict.fromkeys((*payload_exts, *extra)))
 
     def columns(self, members: dict[str, list], n: int) -> tuple[list, list]:
-        """(cls, txt) columns of a block of n samples: int (-1 absent) or a BadSample / Filtered; str ("" absent)."""
+        """(cls, txt) columns of a block of n samples: int (-1 absent) or a BadSample / Filtered; str ("" absent) or
+        a tuple of captions (captions.py: one is chosen per epoch)."""
         cls = _parsed(None if self.class_key else _first(members, self.class_exts, n), n, int, -1)
         txt = _parsed(None if self.caption_key else _first(members, self.caption_exts, n),
-                      n, lambda b: b.decode("utf-8"), "")
+                      n, parse_caption_member, "")
         if not self.needs_json:
             return cls, txt
         col = members.get("json") or [None] * n
@@ -158,8 +161,7 @@ class MemberSpec:
                 except (TypeError, ValueError):
                     cls[i] = BadSample(f"json field {self.class_key!r} = {v!r} is not a class number")
             if self.caption_key:
-                v = meta.get(self.caption_key)
-                txt[i] = "" if v is None else str(v)
+                txt[i] = caption_field(meta.get(self.caption_key))
         return cls, txt
 
 

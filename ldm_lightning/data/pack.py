@@ -62,7 +62,8 @@ def _mnist_items(split: str, limit: int | None) -> tuple[list[tuple], list[str]]
 
 
 def _read_captions(root: Path) -> dict[Path, str]:
-    """Captions from every `metadata.jsonl` under root: {"file_name": relative to that file's folder, "text": ...}."""
+    """Captions from every `metadata.jsonl` under root: {"file_name": relative to that file's folder, "text": ...}
+    ("text" a string, or a list of several captions)."""
     caps: dict[Path, str] = {}
     for meta in sorted(root.rglob("metadata.jsonl")):
         for lineno, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
@@ -70,7 +71,9 @@ def _read_captions(root: Path) -> dict[Path, str]:
                 continue
             try:
                 rec = json.loads(line)
-                caps[(meta.parent / rec["file_name"]).resolve()] = str(rec["text"])
+                text = rec["text"]  # a list: several captions, kept as a JSON list (data/captions.py)
+                caps[(meta.parent / rec["file_name"]).resolve()] = json.dumps(text) if isinstance(text, list) \
+                    else str(text)
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{meta}:{lineno}: expected a JSON object with 'file_name' and 'text' ({e}); "
                                  "fix the line or remove it") from e

@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm_lightning.data import batch_ring
+from ldm_lightning.data.captions import choose_caption
 from ldm_lightning.data.members import Filtered, MemberSpec
 from ldm_lightning.data.shards import Shard, ShardSpecError, unsafe_reason
 from ldm_lightning.data.tario import shard_blocks
@@ -70,7 +71,8 @@ class Record(NamedTuple):
     payload: bytes | list
     cls: int | BadSample
     """-1 when absent; a BadSample (or Filtered) when the sample is not to be used."""
-    txt: str | BadSample
+    txt: str | tuple | BadSample
+    """The caption, or a tuple of the sample's several captions (one is chosen per epoch: captions.py)."""
 
 
 KEY, URL, EXT, PAYLOAD, CLS, TXT = range(6)  # Record's fields, for reads by position with a name
@@ -414,7 +416,8 @@ class ShardStream(IterableDataset):
                             if self.needs_rng else None  # a Generator costs ~20 µs: only when augmenting
                         c, t, crop = self.fill(rec, batch, len(keys), rng)
                         cls.append(c)
-                        txt.append(t)
+                        # several captions: the epoch's one, from (seed, epoch, key) only (captions.py)
+                        txt.append(t if type(t) is str else choose_caption(t, self.seed, epoch, rec[KEY], rec[URL]))
                         crops.append(crop)
                 except BadSample as e:
                     if cycle > 0:  # a slot wrapping around meets its bad samples again: counted once

@@ -62,7 +62,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                  conditioning: ConditioningConfig | dict | None = None, encode_dtype: EncodeDtype = "fp32",
                  sample_posterior: bool = True, check_latent_hash: bool = True, loss_bins: int = 10,
                  val_sampler: str = "ddim", val_steps: int = 25, val_cfg: float = 3.0, val_num: int = 16,
-                 val_seed: int = 0, val_prompts: list[str] | None = None,
+                 val_seed: int = 0, val_prompts: list[str] | None = None, val_prompts_file: str | None = None,
                  optim: OptimConfig | dict | None = None, ema: EMAConfig | dict | None = None,
                  guard: GuardConfig | dict | None = None, seed: int = 0, compile: bool = False,
                  speed: SpeedConfig | dict | None = None, repa: REPAConfig | dict | None = None,
@@ -103,7 +103,10 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             val_prompts: Text kind: a fixed prompt gallery. Each prompt is sampled with the same
                 max(1, val_num // len(val_prompts)) noises (grid rows = prompts, columns = seeds), from the EMA and
                 from the raw weights: `val/samples` and `val/samples_raw` (PNG: samples/, samples_raw/). None = the
-                first validation batch's captions, EMA only.
+                first validation batch's captions, EMA only. With aspect buckets (data.bucketing) each prompt is
+                sampled at every bucket's size (diffusion/prompt_gallery.py; the gallery costs x the bucket count).
+            val_prompts_file: The gallery's prompts from a text file instead, one a line (blank lines skipped);
+                read when the model is built, so the prompts are saved with the hyper-parameters.
             optim / ema / guard / seed: See training/base.py.
             posthoc_ema: PosthocEMAConfig (nn/posthoc_ema.py): EDM2 power-function EMA profiles and their
                 snapshots for `ldm-lightning ema-reconstruct`; null (default) = off. Kept beside `ema`.
@@ -221,6 +224,12 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         self.val_num, self.val_seed = val_num, val_seed
         # val_cfg keeps its name (users' YAML, and the hyper-parameters a resume compares): it is the guidance_scale
         self.val_sampling = SamplingConfig(val_sampler, val_steps, val_cfg, val_seed)
+        if val_prompts_file is not None:
+            if val_prompts is not None:
+                raise ValueError("model.val_prompts and model.val_prompts_file both give the gallery's prompts: "
+                                 "keep one")
+            from .prompt_gallery import read_prompts_file
+            val_prompts = read_prompts_file(val_prompts_file, "model.val_prompts_file")
         if val_prompts is not None and (cond_cfg.kind != "text" or not val_prompts):
             raise ValueError("model.val_prompts is a gallery of text prompts: give a non-empty list, for a "
                              "text-conditional model (conditioning.kind: text)")
@@ -412,19 +421,23 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         log_image_grid(self.trainer, "val/samples", image_grid(images), self.global_step, png_dir="samples")
 
     def log_prompt_gallery(self) -> None:
-        """The fixed prompts x fixed seeds grid (val_prompts), from the EMA and, when they differ, the raw weights."""
+        """The fixed prompts x fixed seeds grid (val_prompts), from the EMA and, when they differ, the raw weights;
+        at every aspect bucket's size when the data has buckets (prompt_gallery.py)."""
         from ldm_lightning.training.media import log_image_grid
+
+        from .prompt_gallery import gallery_grid, gallery_latent_shapes
         per = max(1, self.val_num // len(self.val_prompts))
+        shapes = gallery_latent_shapes(self.meta["latent_shape"], self.autoencoder.downsample_factor,
+                                       datamodule_settings(self.trainer).get("bucketing"))
         nets = {"": self.ema_or_live()}
         if nets[""] is not self.denoiser:
             nets["_raw"] = self.denoiser
         for suffix, net in nets.items():
-            rows = [sample_images(net, self.conditioner, self.autoencoder, self.meta["latent_shape"], per,
-                                  self.val_sampling, prompts=[p] * per)
-                    for p in self.val_prompts]  # the same seed per row: column k is the same noise for every prompt
+            grid = gallery_grid(net, self.conditioner, self.autoencoder, shapes, self.val_prompts, per,
+                                self.val_sampling)
             if self.global_rank == 0:  # under FSDP2 every rank samples (see on_validation_epoch_end)
-                log_image_grid(self.trainer, f"val/samples{suffix}", image_grid(torch.cat(rows), nrow=per),
-                               self.global_step, caption=" | ".join(self.val_prompts), png_dir=f"samples{suffix}")
+                log_image_grid(self.trainer, f"val/samples{suffix}", grid, self.global_step,
+                               caption=" | ".join(self.val_prompts), png_dir=f"samples{suffix}")
 
     def on_save_checkpoint(self, checkpoint) -> None:
         # What `ldm-lightning sample` / `export` rebuild the denoiser from (plain values: weights_only loads).

@@ -2,6 +2,7 @@
 
     ldm-lightning sample --checkpoint run/last.ckpt --sampler dpmpp_2m --steps 20 --guidance-scale 3 \
         --classes 0-9 --num 4 --seed 0 --out samples/
+    ldm-lightning sample --checkpoint t2i.ckpt --prompts-file prompts.txt --num 4 --out gallery/  # text
     ldm-lightning sample --checkpoint sr.ckpt --cond-images low_res/ --out up/           # super-resolution
     ldm-lightning sample --checkpoint inpaint.ckpt --cond-images imgs/ --masks masks/ --out filled/
     ldm-lightning sample --checkpoint run/last.ckpt --classes 0-9 --size 48 --out big/   # another resolution
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--class", dest="cls", type=int, default=None, help="one class index")
     cond.add_argument("--classes", default=None, help="classes, e.g. 0-9 or 1,3,5 (--num samples each)")
     cond.add_argument("--prompt", default=None, help="a text prompt")
+    cond.add_argument("--prompts-file", "--prompts_file", dest="prompts_file", default=None,
+                      help="a file of text prompts, one a line: --num samples each, every prompt with the same "
+                           "seeds (a row per prompt; the validation gallery's layout)")
     p.add_argument("--num", type=int, default=4, help="samples per condition")
     p.add_argument("--size", type=int, default=None,
                    help="image side in pixels (default: the training size); a multiple of the latent grid's step")
@@ -184,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         names = [f"{c}_{i}" for c in classes for i in range(a.num)]
         labels = [c for c in classes for _ in range(a.num)]
         rows = len(classes)
+    elif a.prompts_file is not None:
+        if kind != "text":
+            what = "unconditional" if kind == "none" else kind + "-conditional"
+            raise UserError(f"--prompts-file: this model is {what}, not text-conditional: drop --prompts-file")
+        from .prompt_gallery import read_prompts_file
+        gallery = read_prompts_file(a.prompts_file, "--prompts-file")
+        prompts = [p for p in gallery for _ in range(a.num)]
+        names = [f"{r:03d}-{slug(p)}_{i}" for r, p in enumerate(gallery) for i in range(a.num)]
+        rows = len(gallery)
     elif a.prompt is not None:
         if kind != "text":
             raise UserError(f"--prompt: this model is {'unconditional' if kind == 'none' else kind + '-conditional'}, "
@@ -208,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--class {bad[0]} is out of range: this model has {n_cls} classes, "
                              f"give 0-{n_cls - 1} (e.g. --classes 0-{n_cls - 1})")
     config = SamplingConfig(a.sampler, a.steps, a.guidance_scale, a.seed, a.encoder_every)
-    images = pipe.sample(len(names), config, latent_shape, labels=labels, prompts=prompts, c_concat=c_concat)
+    if a.prompts_file is not None:  # one call per prompt: column k is the same noise in every row
+        images = torch.cat([pipe.sample(a.num, config, latent_shape, prompts=prompts[r * a.num:(r + 1) * a.num])
+                            for r in range(rows)])
+    else:
+        images = pipe.sample(len(names), config, latent_shape, labels=labels, prompts=prompts, c_concat=c_concat)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in zip(names, to_hwc_uint8(images)):

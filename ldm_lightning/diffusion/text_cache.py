@@ -14,6 +14,8 @@ folder's content hash (config, weights, tokenizer), kind, layer, max length, mas
 Disk cost per distinct caption: sum_i L_i * D_i * 2 bytes (bf16) + L_i (mask) + P_i * 2 (pooled): 24.6 KB for
 MiniLM at 32 tokens, ~2.4 MB for SD3's CLIP-L 77x768 + CLIP-G 77x1280 + T5-XXL 256x4096 — more than a 64x64x4
 latent (64 KB in fp32), which is why it is opt-in. Written per shard, it is deduplicated within a shard only.
+A sample with several captions (a JSON list, data/captions.py) has each one cached: n x that per sample.
+Training reads only the batch's rows from disk (text_cache_reader.py): RAM does not grow with the cache.
 
 Training (`DiffusionModule.on_fit_start`, `conditioning.text_cache`): latent shards whose manifest has a `text`
 section are checked against the configured encoders (another encoder or setting: `TextCacheMismatch`, naming
@@ -75,9 +77,12 @@ def write_table(encoders: TextEncoders, captions: list[str], path: Path, device:
 
 
 def shard_captions(url: str) -> list[str]:
-    """The `txt` captions of a (latent) shard, decoded as the data loader decodes them ('' when absent)."""
+    """The `txt` captions of a (latent) shard, decoded as the data loader decodes them ('' when absent); every
+    caption of a sample that has several (a JSON list: data/captions.py), so each one's embedding is cached."""
+    from ldm_lightning.data.captions import every_caption, parse_caption_member
     from ldm_lightning.data.tario import iter_samples
-    return [s["txt"].decode("utf-8") if "txt" in s else "" for s in iter_samples(url)]
+    return [c for s in iter_samples(url)
+            for c in (every_caption(parse_caption_member(s["txt"]), s["__key__"], url) if "txt" in s else [""])]
 
 
 def manifest_section(encoders: TextEncoders, dtype: str) -> dict:
@@ -106,27 +111,28 @@ def check_text_cache(section: dict, want: list[dict], where: str) -> None:
 
 
 class TextCache:
-    """caption -> its cached per-encoder outputs, joined into a TextEmbedding (the reader of `write_table`)."""
+    """caption -> its cached per-encoder outputs, joined into a TextEmbedding (the reader of `write_table`).
+
+    Only the tables' headers and the caption -> (table, row) index stay in RAM; a lookup reads the batch's rows
+    from disk (text_cache_reader.py), so RAM does not grow with the cache's size."""
 
     def __init__(self, section: dict, dirs: list[Path]):
-        from safetensors.torch import load_file
-        from safetensors import safe_open
+        from .text_cache_reader import TableRows
         ids = section["encoders"]
         self.kinds = [e["kind"] for e in ids]
         self.dim, self.pooled_dim = joined_dims(self.kinds, [e["dim"] for e in ids],
                                                 [e["pooled_dim"] if e["use_pooled"] else None for e in ids])
         self.rows: dict[str, tuple[int, int]] = {}  # caption -> (table, row)
-        self.tables: list[dict[str, torch.Tensor]] = []
+        self.tables: list[TableRows] = []
         files = sorted({f for d in dirs for f in (d / section.get("dir", TEXT_CACHE_DIR)).glob("*.safetensors")})
         if not any(f.name == EMPTY_TABLE for f in files):
             raise TextCacheMismatch(f"{dirs[0] / TEXT_CACHE_DIR}: no {EMPTY_TABLE} (the empty caption, for caption "
                                     "dropout); re-run `ldm-lightning data encode ... --text-encoders ...`")
         for f in files:
-            with safe_open(str(f), "pt") as fh:
-                captions = json.loads(fh.metadata()["captions"])
+            table = TableRows(f)
             t = len(self.tables)
-            self.tables.append(load_file(str(f)))
-            for r, c in enumerate(captions):
+            self.tables.append(table)
+            for r, c in enumerate(json.loads(table.metadata["captions"])):
                 self.rows.setdefault(c, (t, r))
         self.n_encoders = len(ids)
 
@@ -136,15 +142,26 @@ class TextCache:
     def lookup(self, texts: list[str]) -> TextEmbedding:
         """The joined TextEmbedding (fp32, on the CPU) of captions that are all in the cache."""
         where = [self.rows[t] for t in texts]
+        by_table: dict[int, list[int]] = {}  # table -> positions in the batch
+        for i, (t, _) in enumerate(where):
+            by_table.setdefault(t, []).append(i)
+        cols: dict[str, torch.Tensor] = {}
+        for t, pos in by_table.items():
+            table = self.tables[t]
+            fd = os.open(table.path, os.O_RDONLY)
+            try:
+                for name in table.tensors:
+                    part = table.rows(name, [where[i][1] for i in pos], fd)
+                    if name not in cols:
+                        cols[name] = torch.empty((len(texts), *part.shape[1:]), dtype=part.dtype)
+                    cols[name][pos] = part
+            finally:
+                os.close(fd)
         outs = []
         for k in range(self.n_encoders):
-            def col(name, k=k):
-                key = f"e{k}.{name}"
-                if key not in self.tables[where[0][0]]:
-                    return None
-                return torch.stack([self.tables[t][key][r] for t, r in where])
-            pooled = col("pooled")
-            outs.append((col("states").float(), col("mask"), None if pooled is None else pooled.float()))
+            pooled = cols.get(f"e{k}.pooled")
+            outs.append((cols[f"e{k}.states"].float(), cols[f"e{k}.mask"],
+                         None if pooled is None else pooled.float()))
         return join_outputs(self.kinds, outs, self.dim)
 
 
