@@ -13,7 +13,7 @@ reconstructs from the quantised codes (`posterior.quantized`) either way.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Literal, get_args
 
 import torch
