@@ -114,7 +114,8 @@ class _ValBatches(Dataset):
         recs = self.records[i * self.bs:(i + 1) * self.bs]
         rows = self.stream.new_batch(len(recs))
         cls, txt, crops = zip(*(self.stream.fill(r, rows, n, None) for n, r in enumerate(recs)))
-        batch = self.stream.collate(rows.data, list(cls), list(txt), [r[KEY] for r in recs], None, crops=list(crops))
+        batch = self.stream.collate(rows.data, list(cls), list(txt), [r[KEY] for r in recs], None, crops=list(crops),
+                                    maps=rows.maps)
         batch.pop("bad_samples")
         batch.pop("filtered_samples")
         return batch
@@ -150,6 +151,7 @@ class ShardDataModule(L.LightningDataModule):
         class_key: str | None = None,
         filters: list[str] | None = None,
         latent_exts: list[str] = list(LATENT_EXTS),
+        map_ext: str | None = None,
         bucketing: dict | None = None,
         jpeg_decoder: str = "torchvision",
         shard_check: Literal["strict", "warn", "off"] = "strict",
@@ -216,6 +218,10 @@ class ShardDataModule(L.LightningDataModule):
                 refills its last batches from its own first samples, as after bad samples.
             latent_exts: kind='latent': members that hold the (2c, h, w) float moments (mean ‖ logvar) as
                 .npy, in priority order; e.g. [npy] for latent shards written by others (MLPerf SD layout).
+            map_ext: kind='image': a per-pixel class map member decoded beside each image into the batch's
+                `class_map` (B, H, W) uint8 (e.g. `seg.png` of `data pack --source mnist-canvas --class-maps`,
+                for semantic synthesis). Class ids are not resampled: the map must be image_size square, and
+                random_flip and bucketing are refused with it. A sample without a usable map is a bad sample.
             bucketing: Aspect-ratio bucketing (SDXL / NovelAI style), off when null: a mapping
                 `{target_pixels, divisor, max_aspect}` (data/buckets.py: pixels per image, the multiple every
                 side is of, the largest aspect). Each training sample goes to the bucket nearest its aspect
@@ -254,6 +260,8 @@ class ShardDataModule(L.LightningDataModule):
             ("jpeg_decoder", jpeg_decoder in JPEG_DECODERS, " | ".join(JPEG_DECODERS)),
             ("val_batch_size", val_batch_size is None or val_batch_size >= 1, ">= 1 or null"),
             ("shard_check", shard_check in SHARD_CHECKS, " | ".join(SHARD_CHECKS)),
+            ("map_ext", map_ext is None or (kind == "image" and not random_flip and bucketing is None),
+             "null with kind=latent, random_flip or bucketing (a class map follows no flip or crop)"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -269,7 +277,7 @@ class ShardDataModule(L.LightningDataModule):
         self.val_samples, self.val_batch_size = val_samples, val_batch_size or batch_size
         self.bucketing = BucketConfig.parse(bucketing)
         self.members = MemberSpec.build(image_exts, caption_exts, caption_key, class_exts, class_key, filters,
-                                        latent_exts)
+                                        latent_exts, map_ext)
         self.filtered_samples = 0
         jpeg_decoder = jpeg_decoder if jpeg_available() else "pil"
         self.transform = ImageTransform(image_size, channels, resize_mode, random_flip, alpha_background, jpeg_decoder)
