@@ -72,11 +72,10 @@ class Record(NamedTuple):
     cls: int | BadSample
     """-1 when absent; a BadSample (or Filtered) when the sample is not to be used."""
     txt: str | BadSample
-    class_map: bytes | None = None
-    """The class map member's bytes (members.map_ext); only records of a stream that reads maps have the field."""
 
 
-KEY, URL, EXT, PAYLOAD, CLS, TXT, MAP = range(7)  # Record's fields, for reads by position with a name
+KEY, URL, EXT, PAYLOAD, CLS, TXT = range(6)  # Record's fields, for reads by position with a name
+MAP = 6  # a stream that reads class maps (members.map_ext) appends the map member's bytes as a 7th element
 
 
 def _raise_unreadable(rec: Record) -> None:
