@@ -43,11 +43,14 @@ def _as_list(text: str) -> tuple[str, ...] | None:
 
 
 def caption_field(value) -> str | tuple[str, ...]:
-    """A json caption field's value -> its caption ("" when absent), or a tuple when it is a list."""
+    """A json caption field's value -> its caption ("" when absent), a tuple when it is a list of strings (several
+    captions), the JSON text of any other structure (e.g. a layout's boxes, for conditioning.kind layout)."""
     if value is None:
         return ""
-    if isinstance(value, list):
-        return tuple(str(v) for v in value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
     return str(value)
 
 

@@ -123,7 +123,8 @@ class _ValBatches(Dataset):
         recs = self.records[i * self.bs:(i + 1) * self.bs]
         rows = self.stream.new_batch(len(recs))
         cls, txt, crops = zip(*(self.stream.fill(r, rows, n, None) for n, r in enumerate(recs)))
-        batch = self.stream.collate(rows.data, list(cls), list(txt), [r[KEY] for r in recs], None, crops=list(crops))
+        batch = self.stream.collate(rows.data, list(cls), list(txt), [r[KEY] for r in recs], None, crops=list(crops),
+                                    maps=rows.maps)
         batch.pop("bad_samples")
         batch.pop("filtered_samples")
         return batch
@@ -251,6 +252,8 @@ class ShardDataModule(L.LightningDataModule):
             ("jpeg_decoder", jpeg_decoder in JPEG_DECODERS, " | ".join(JPEG_DECODERS)),
             ("shard_check", shard_check in SHARD_CHECKS, " | ".join(SHARD_CHECKS)),
             ("order", order in ORDERS, " | ".join(ORDERS)),
+            ("members.map_ext", members.map_ext is None or (kind == "image" and not random_flip and bucketing is None),
+             "null with kind=latent, random_flip or bucketing (a class map follows no flip or crop)"),
         ]
         for name, ok, allowed in checks:
             if not ok:

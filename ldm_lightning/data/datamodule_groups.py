@@ -42,6 +42,11 @@ class MembersConfig:
     latent_exts: list[str] = field(default_factory=lambda: list(LATENT_EXTS))
     """kind='latent': members that hold the (2c, h, w) float moments (mean ‖ logvar) as .npy, in priority order;
     e.g. [npy] for latent shards written by others (MLPerf SD layout)."""
+    map_ext: str | None = None
+    """kind='image': a per-pixel class map member decoded beside each image into the batch's `class_map`
+    (B, H, W) uint8 (e.g. `seg.png` of `data pack --source mnist-canvas --class-maps`, for semantic synthesis).
+    Class ids are not resampled: the map must be image_size square, and random_flip and bucketing are refused
+    with it. A sample without a usable map is a bad sample."""
 
 
 @dataclass(frozen=True)

@@ -108,10 +108,12 @@ class MemberSpec:
     class_key: str | None = None
     filters: tuple[SampleFilter, ...] = ()
     latent_exts: tuple[str, ...] = LATENT_EXTS
+    map_ext: str | None = None
+    """A per-pixel class map member decoded beside the image (the stream's `class_map`), or None."""
 
     @classmethod
     def build(cls, image_exts=IMAGE_KEYS, caption_exts=CAPTION_EXTS, caption_key=None, class_exts=CLASS_EXTS,
-              class_key=None, filters=(), latent_exts=LATENT_EXTS) -> "MemberSpec":
+              class_key=None, filters=(), latent_exts=LATENT_EXTS, map_ext=None) -> "MemberSpec":
         """Validated, from the DataModule's plain options (lists, filter strings)."""
         image, latent = _exts("image_exts", image_exts), _exts("latent_exts", latent_exts)
         if not image or not latent:
@@ -119,7 +121,7 @@ class MemberSpec:
                                   "e.g. [jpg, png] and [moments.npy]")
         return cls(image, _exts("caption_exts", caption_exts), caption_key, _exts("class_exts", class_exts),
                    class_key, tuple(f if isinstance(f, SampleFilter) else SampleFilter.parse(f) for f in filters or ()),
-                   latent)
+                   latent, None if map_ext is None else _exts("map_ext", [map_ext])[0])
 
     @property
     def needs_json(self) -> bool:
@@ -127,7 +129,8 @@ class MemberSpec:
 
     def wanted(self, payload_exts: tuple[str, ...]) -> tuple[str, ...]:
         """The members a block must copy out: payload, class, caption (and json when a field is read)."""
-        extra = (*self.class_exts, *self.caption_exts, *(("json",) if self.needs_json else ()))
+        extra = (*self.class_exts, *self.caption_exts, *(("json",) if self.needs_json else ()),
+                 *((self.map_ext,) if self.map_ext else ()))
         return tuple(dict.fromkeys((*payload_exts, *extra)))
 
     def columns(self, members: dict[str, list], n: int) -> tuple[list, list]:

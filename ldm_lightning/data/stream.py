@@ -44,7 +44,8 @@ from ldm_lightning.data.captions import choose_caption
 from ldm_lightning.data.members import Filtered, MemberSpec
 from ldm_lightning.data.shards import Shard, ShardSpecError, unsafe_reason
 from ldm_lightning.data.tario import shard_blocks
-from ldm_lightning.data.transforms import BadSample, ImageTransform, decode_moments, missing_payload, quick_check
+from ldm_lightning.data.transforms import (BadSample, ImageTransform, decode_class_map, decode_moments, missing_payload,
+                                           quick_check)
 from ldm_lightning.errors import UserError
 from ldm_lightning.images import to_model_range
 
@@ -76,6 +77,7 @@ class Record(NamedTuple):
 
 
 KEY, URL, EXT, PAYLOAD, CLS, TXT = range(6)  # Record's fields, for reads by position with a name
+MAP = 6  # a stream that reads class maps (members.map_ext) appends the map member's bytes as a 7th element
 
 
 def _raise_unreadable(rec: Record) -> None:
@@ -136,10 +138,10 @@ class BadDataError(UserError, RuntimeError):
 class BatchArray:
     """The pixel (or latent) array a batch is decoded into, row by row; `rows` = batch size."""
 
-    __slots__ = ("data", "rows")
+    __slots__ = ("data", "rows", "maps")
 
-    def __init__(self, data: np.ndarray | None, rows: int):
-        self.data, self.rows = data, rows
+    def __init__(self, data: np.ndarray | None, rows: int, maps: np.ndarray | None = None):
+        self.data, self.rows, self.maps = data, rows, maps  # maps: (rows, H, W) uint8 class maps, when read
 
 
 class BadSampleBudget:
@@ -211,7 +213,7 @@ class ShardStream(IterableDataset):
             worker, slot = batch.pop("ring_slot")
             batch["image"] = self.ring.lend(worker, slot, len(batch["key"]))  # (B, C, H, W) uint8
             batch["cls"] = torch.from_numpy(batch["cls"])  # (B,) int64
-            for k in ("original_size", "crop_top_left"):
+            for k in ("original_size", "crop_top_left", "class_map"):
                 if k in batch:
                     batch[k] = torch.from_numpy(batch[k])  # (B, 2) int64
         return batch
@@ -255,10 +257,11 @@ class ShardStream(IterableDataset):
             n = len(keys)
             cls, txt = self.members.columns(members, n)
             cls = _unsafe_keys(keys, cls)
+            maps = (members.get(self.members.map_ext) or [None] * n,) if self.members.map_ext else ()
             present = [(e, members[e]) for e in wanted if e in members]
             if len(present) == 1 and None not in present[0][1]:  # the common case: one payload kind, always there
                 ext, payload = present[0]
-                yield list(zip(keys, itertools.repeat(url, n), itertools.repeat(ext, n), payload, cls, txt))
+                yield list(zip(keys, itertools.repeat(url, n), itertools.repeat(ext, n), payload, cls, txt, *maps))
                 continue
             exts, payload = [None] * n, [None] * n
             for e, col in present:  # the first kind in image_exts order wins
@@ -268,7 +271,7 @@ class ShardStream(IterableDataset):
             for i in range(n):
                 if payload[i] is None:
                     payload[i] = sorted(e for e, col in members.items() if col[i] is not None)
-            yield list(zip(keys, itertools.repeat(url, n), exts, payload, cls, txt))
+            yield list(zip(keys, itertools.repeat(url, n), exts, payload, cls, txt, *maps))
 
     def _slot_records(self, epoch: int, group: int) -> Iterator[list[tuple]]:
         """The slot's records after the seeded shard order and shuffle buffer (nothing decoded), in lists.
@@ -314,13 +317,18 @@ class ShardStream(IterableDataset):
         """Decode a record into row n of `batch` (allocated here for latents, whose shape the first sample
         tells); returns its (cls, txt, crop): crop = (original h, w, crop top, left) of an image (see
         `ImageTransform.decode_into`), None for latents. Raises BadSample, leaving the batch as it was."""
-        _, _, ext, payload, cls, txt = rec
+        ext, payload, cls, txt = rec[EXT], rec[PAYLOAD], rec[CLS], rec[TXT]
         _raise_unreadable(rec)
         if ext is None:
             if self.kind == "image":
                 raise BadSample(f"no image member (data.image_exts: {', '.join(self.members.image_exts)}); of the "
                                 f"members read it has {payload}")
             raise BadSample(missing_payload(self.kind, payload))
+        if self.kind == "image" and self.members.map_ext:  # the map first: a bad one leaves the image row as it was
+            s = self.transform.size
+            if batch.maps is None:
+                batch.maps = np.empty((batch.rows, s, s), np.uint8)
+            batch.maps[n] = decode_class_map(rec[MAP] if len(rec) > MAP else None, self.members.map_ext, s)
         if self.kind == "image":
             return cls, txt, self.transform.decode_into(payload, ext, batch.data[n], rng)
         m = decode_moments(payload)  # (2c, h, w) float32
@@ -339,7 +347,8 @@ class ShardStream(IterableDataset):
         return BatchArray(np.empty((rows, t.channels, t.size, t.size), np.uint8), rows)
 
     def collate(self, pixels: np.ndarray, cls: list[int], txt: list[str], keys: list[str], bad: Counter | None,
-                ring_slot: tuple[int, int] | None = None, crops: list | None = None, filtered: int = 0) -> dict:
+                ring_slot: tuple[int, int] | None = None, crops: list | None = None, filtered: int = 0,
+                maps: np.ndarray | None = None) -> dict:
         """One batch dict from `fill`'s rows (the first len(keys) of `pixels`). With `ring_slot` the pixels
         stay in the batch ring, and the main process's `from_worker` puts them in. `bad`: {shard url:
         samples skipped as bad while building this batch}, sent as `bad_samples` (the total) and, when
@@ -352,6 +361,8 @@ class ShardStream(IterableDataset):
         if crops is not None and self.kind == "image" and self.transform.mode in ("center_crop", "random_crop"):
             c = np.array(crops, np.int64).reshape(len(crops), 4)  # (B, 4) = h, w, top, left
             geometry = {"original_size": c[:, :2].copy(), "crop_top_left": c[:, 2:].copy()}  # (B, 2) each
+        if maps is not None:  # data.map_ext: (B, H, W) uint8 class maps, sent by value like the geometry
+            geometry["class_map"] = maps[:len(keys)].copy()
         if ring_slot is not None:
             # cls by value too: then no tensor, so no shared-memory segment and no file-descriptor
             # hand-over (a socket round trip to the worker's resource-sharer thread) per batch
@@ -368,7 +379,7 @@ class ShardStream(IterableDataset):
         else:
             out = {"moments": torch.from_numpy(pixels)}  # (B, 2c, h, w) float32
         out["cls"] = torch.tensor(cls, dtype=torch.int64)  # (B,)
-        out.update((k, torch.from_numpy(v)) for k, v in geometry.items())  # (B, 2) int64
+        out.update((k, torch.from_numpy(v)) for k, v in geometry.items())  # (B, 2) int64; class_map (B, H, W)
         out["txt"], out["key"], out["bad_samples"], out["filtered_samples"] = txt, keys, nbad, filtered
         if nbad:
             out["bad_shards"] = dict(bad)
@@ -433,7 +444,7 @@ class ShardStream(IterableDataset):
                 if len(keys) == bs:
                     break
             if not skipping:
-                yield self.collate(batch.data, cls, txt, keys, batch_bad, ring_slot, crops, batch_filtered)
+                yield self.collate(batch.data, cls, txt, keys, batch_bad, ring_slot, crops, batch_filtered, batch.maps)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

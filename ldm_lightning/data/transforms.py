@@ -158,6 +158,22 @@ def _as_pil(img) -> Image.Image:
     return img if isinstance(img, Image.Image) else Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)))
 
 
+def decode_class_map(data: bytes | None, ext: str, size: int) -> np.ndarray:
+    """A class map member (data.map_ext: one uint8 class id per pixel, e.g. `data pack --class-maps`) -> (size,
+    size) uint8. Ids are labels, not intensities: never resized, so the map must already have the image's size."""
+    if data is None:
+        raise BadSample(f"no class map member {ext!r} (data.map_ext); re-pack with --class-maps")
+    try:
+        img = open_image(data, "png")
+        img.load()
+    except Exception as e:  # noqa: BLE001
+        raise BadSample(f"undecodable {ext}: {type(e).__name__}: {e}") from None
+    if img.mode not in ("L", "P") or img.size != (size, size):
+        raise BadSample(f"class map {ext} is {img.size[0]}x{img.size[1]} mode {img.mode}; it must be a {size}x{size} "
+                        "8-bit single-channel PNG (one class id per pixel, the image's size)")
+    return np.asarray(img, dtype=np.uint8)
+
+
 def decode_moments(data: bytes) -> np.ndarray:
     """Latent shards: a `moments.npy` member → float32 (2c, h, w) = posterior mean ‖ logvar."""
     try:

@@ -8,6 +8,9 @@ the backbone input, for super-resolution and inpainting.
   mask (1 = to be generated), both resized (area) to the latent grid: C + 1 channels. Training masks are
   random boxes drawn from the step generator. (LDM encodes the masked image with the autoencoder; here
   it is resized, which is the same thing on pixels and keeps the frozen autoencoder out of the condition.)
+- 'semantic' (semantic synthesis, §4.3.2): the condition is a per-pixel class map (B, H, W) of ids 0..K-1
+  (`map_classes` K, background 0), one-hot encoded and resized (area: each latent cell gets the fraction of its
+  pixels in each class) to the latent grid: K channels. Training maps come from the batch (data.map_ext).
 
 The same `c_concat` builder serves training (from clean images) and `ldm-lightning sample` (from the
 user's low-res images or images + masks), so the two cannot drift apart.
@@ -20,13 +23,24 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-ConcatTask = Literal["none", "super_resolution", "inpainting"]
+ConcatTask = Literal["none", "super_resolution", "inpainting", "semantic"]
 CONCAT_TASKS = get_args(ConcatTask)
 
 
-def concat_channels(task: str, image_channels: int) -> int:
+def concat_channels(task: str, image_channels: int, map_classes: int = 0) -> int:
     """Channels `c_concat` adds to the backbone input."""
-    return {"none": 0, "super_resolution": image_channels, "inpainting": image_channels + 1}[task]
+    return {"none": 0, "super_resolution": image_channels, "inpainting": image_channels + 1,
+            "semantic": map_classes}[task]
+
+
+def one_hot_map(class_map: torch.Tensor, map_classes: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) integer class ids -> (B, K, h, w) class fractions on the latent grid (area resize of the one-hot)."""
+    ids = class_map.long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= map_classes):
+        raise ValueError(f"class map holds id {int(ids.max())}; this model takes ids 0-{map_classes - 1} "
+                         "(conditioning.map_classes)")
+    hot = F.one_hot(ids, map_classes).permute(0, 3, 1, 2).float()  # (B, K, H, W)
+    return F.interpolate(hot, size=latent_hw, mode="area")  # (B, K, h, w)
 
 
 def join_concat(x: torch.Tensor, c_concat: torch.Tensor | None, channels: int, backbone: str) -> torch.Tensor:
@@ -70,8 +84,11 @@ def mask_image(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def build_c_concat(task: str, latent_hw: tuple[int, int], low_res: torch.Tensor | None = None,
-                   masked: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                   masked: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                   class_map: torch.Tensor | None = None, map_classes: int = 0) -> torch.Tensor:
     """The backbone's extra input channels on the latent grid (B, C_cat, h, w)."""
+    if task == "semantic":
+        return one_hot_map(class_map, map_classes, latent_hw)
     if task == "super_resolution":
         return upsample(low_res, latent_hw)  # (B, C, h, w)
     if task == "inpainting":

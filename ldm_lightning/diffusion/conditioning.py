@@ -10,6 +10,7 @@ never EMA'd, and never sharded — they follow the conditioner's device on first
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -24,10 +25,11 @@ from ldm_lightning.encoders.text_join import TextEmbedding, TextEncoders
 from ldm_lightning.nn.attention import trim_key_padding
 
 from .concat import ConcatTask
+from .layout import LayoutConfig, LayoutTokenizer, parse_layout_text
 from .text_transformer import TextTransformerConfig
 
 log = logging.getLogger(__name__)
-ConditioningKind = Literal["none", "class", "text"]
+ConditioningKind = Literal["none", "class", "text", "layout"]
 CONDITIONINGS = get_args(ConditioningKind)
 
 
@@ -36,7 +38,8 @@ class ConditioningConfig:
     """What the denoiser is conditioned on."""
 
     kind: ConditioningKind = "none"
-    """'none', 'class' (labels from batch['cls']) or 'text' (captions from batch['txt'])."""
+    """'none', 'class' (labels from batch['cls']), 'text' (captions from batch['txt']) or 'layout' (boxes, as their
+    JSON in batch['txt']: data.caption_key boxes; tokenised by diffusion/layout.py into τθ = trainable_text)."""
     num_classes: int = 0
     """Number of real classes (class kind); the null class gets index num_classes."""
     text_encoder: str | None = None
@@ -55,6 +58,12 @@ class ConditioningConfig:
     """LDM §4.3's trainable τθ instead of frozen encoders: a transformer {vocab_size, max_length, width, depth,
     heads} inside the backbone (diffusion/text_transformer.py), trained jointly; captions are tokenised with
     text_tokenizer. text_encoder(s) and the text cache are then unused."""
+    layout: LayoutConfig | None = None
+    """kind 'layout': the box tokenizer {num_classes, position_bins, max_boxes} (diffusion/layout.py); None = its
+    defaults. τθ's width, depth and heads come from trainable_text (its defaults when unset); its vocab_size and
+    max_length follow the tokenizer."""
+    map_classes: int = 0
+    """concat 'semantic': class ids of the maps, background included (11 for mnist-canvas: 0 + ten digits)."""
     text_tokenizer: str | None = None
     """Tokenizer folder of trainable_text; None = the bundled MiniLM's BERT WordPiece tokenizer (30522 ids)."""
     max_length: int = 32
@@ -63,8 +72,9 @@ class ConditioningConfig:
     drop_prob: float = 0.1
     """Probability of replacing a condition by the null one in training (classifier-free guidance)."""
     concat: ConcatTask = "none"
-    """Concatenation conditioning (diffusion/concat.py): 'none', 'super_resolution' (a low-res image) or
-    'inpainting' (masked image + mask), joined to the backbone input as c_concat. Needs image batches."""
+    """Concatenation conditioning (diffusion/concat.py): 'none', 'super_resolution' (a low-res image),
+    'inpainting' (masked image + mask) or 'semantic' (a one-hot class map of map_classes channels, from the batch's
+    class_map: data.map_ext), joined to the backbone input as c_concat. Needs image batches."""
     sr_factor: int = 4
     """super_resolution: the low-res side is the image side / sr_factor (e.g. 4: 8² -> 32²)."""
     trim_padding: bool = False
@@ -95,6 +105,14 @@ class ConditioningConfig:
                                   for e in self.text_encoders]
         if self.trainable_text is not None and not isinstance(self.trainable_text, TextTransformerConfig):
             self.trainable_text = TextTransformerConfig(**dict(self.trainable_text))
+        if self.layout is not None and not isinstance(self.layout, LayoutConfig):
+            self.layout = LayoutConfig(**dict(self.layout))
+        if self.kind == "layout":
+            self.layout = self.layout or LayoutConfig()
+            self.trainable_text = self.trainable_text or TextTransformerConfig()
+        if self.concat == "semantic" and self.map_classes < 2:
+            raise ValueError(f"conditioning.map_classes must be >= 2 for concat='semantic' (background + the "
+                             f"classes: 11 for mnist-canvas), got {self.map_classes}")
 
     def text_encoder_configs(self) -> list[TextEncoderConfig]:
         """The text encoders this config names (text_encoder is one with the defaults)."""
@@ -118,6 +136,7 @@ class Conditioner(nn.Module):
             if len(self._tokenizer) > cfg.trainable_text.vocab_size:
                 raise TextEncoderError(f"conditioning.text_tokenizer has {len(self._tokenizer)} ids, more than "
                                        f"trainable_text.vocab_size={cfg.trainable_text.vocab_size}; raise vocab_size")
+        self._layout = LayoutTokenizer(cfg.layout) if cfg.kind == "layout" else None
         self._said_uncached = False
         self._cache = None  # a TextCache (diffusion/text_cache.py) once `use_text_cache` attaches one
 
@@ -131,9 +150,20 @@ class Conditioner(nn.Module):
 
     @property
     def context_dim(self) -> int | None:
-        if self._tokenizer is not None:
+        if self._tokenizer is not None or self._layout is not None:
             return self.cfg.trainable_text.width
         return self._text.dim if self._text is not None else None
+
+    def tau_fields(self) -> dict | None:
+        """The backbone's `text_transformer` fields when τθ is trained inside it (trainable text, layouts)."""
+        if self._layout is not None:
+            return {**dataclasses.asdict(self.cfg.trainable_text), "vocab_size": self._layout.vocab_size,
+                    "max_length": self._layout.length}
+        return dataclasses.asdict(self.cfg.trainable_text) if self._tokenizer is not None else None
+
+    def from_layouts(self, layouts: list, where: str = "layout") -> dict:
+        """One layout (a list of [class, x0, y0, x1, y1] boxes) per sample -> τθ's token ids and mask."""
+        return self._layout.batch(list(layouts), self._device.device, where)
 
     @property
     def pooled_dim(self) -> int | None:
@@ -183,6 +213,8 @@ class Conditioner(nn.Module):
                                     device=self._device.device)}
         if self.cfg.kind == "text":
             return self.from_prompts([""] * batch_size)
+        if self.cfg.kind == "layout":
+            return self.from_layouts([[]] * batch_size)  # the empty layout: the begin token only
         return {}
 
     def forward(self, batch: dict, generator: torch.Generator | None = None, drop_prob: float | None = None) -> dict:
@@ -196,4 +228,9 @@ class Conditioner(nn.Module):
         if self.cfg.kind == "text":
             drop = self._drop(len(batch["txt"]), p, generator).tolist()
             return self.from_prompts(["" if d else s for s, d in zip(batch["txt"], drop)], self.cfg.trim_padding)
+        if self.cfg.kind == "layout":
+            keys = batch.get("key") or [str(i) for i in range(len(batch["txt"]))]
+            layouts = [parse_layout_text(s, f"sample {k}") for s, k in zip(batch["txt"], keys)]
+            drop = self._drop(len(layouts), p, generator).tolist()
+            return self.from_layouts([[] if d else lay for lay, d in zip(layouts, drop)], "training sample")
         return {}

@@ -31,9 +31,10 @@ from ldm_lightning.training.speed import (SpeedConfig, SpeedLevers, as_speed, co
                                           to_channels_last)
 
 from .backbone_overrides import BackboneOverrides, backbone_overrides
-from .concat import concat_channels, training_c_concat
+from .concat import build_c_concat, concat_channels, training_c_concat
 from .conditioning import Conditioner, ConditioningConfig
 from .denoiser import Denoiser
+from .layout import parse_layout_text
 from .load import CHECKPOINT_TAG
 from .loss import DiffusionObjective, ObjectiveConfig, loss_by_bin
 from .presets import PRESETS, TRANSFORMER_FAMILIES, UNET_FAMILIES, build_backbone, latent_grid_step
@@ -163,14 +164,14 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             cfg["out_channels"] = ae.latent_channels
         if cond_cfg.kind == "class":
             cfg["num_classes"] = cond_cfg.num_classes
-        if cond_cfg.kind == "text":
+        if cond_cfg.kind in ("text", "layout"):
             cfg["context_dim"] = self.conditioner.context_dim
             if self.conditioner.pooled_dim is not None:  # text encoders with use_pooled: the vector input
                 cfg["pooled_dim"] = self.conditioner.pooled_dim
-            if cond_cfg.trainable_text is not None:  # τθ inside the backbone: trained, saved, EMA'd with it
-                cfg["text_transformer"] = dataclasses.asdict(cond_cfg.trainable_text)
-        if cond_cfg.concat != "none":  # c_concat: low-res image or masked image + mask (concat.py)
-            cfg["concat_channels"] = concat_channels(cond_cfg.concat, int(ae.config.in_channels))
+            if self.conditioner.tau_fields() is not None:  # τθ inside the backbone: trained, saved, EMA'd with it
+                cfg["text_transformer"] = self.conditioner.tau_fields()
+        if cond_cfg.concat != "none":  # c_concat: low-res image, masked image + mask, class map (concat.py)
+            cfg["concat_channels"] = concat_channels(cond_cfg.concat, int(ae.config.in_channels), cond_cfg.map_classes)
         latent_side = self.latent_side(ae, image_size, family, {**PRESETS[backbone][1], **cfg})
         if family in TRANSFORMER_FAMILIES:
             if image_size is not None and cfg.get("input_size", latent_side) != latent_side:
@@ -330,8 +331,13 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         if "image" not in batch:
             raise ValueError(f"conditioning.concat={self.conditioner.cfg.concat!r} degrades the clean images, so it "
                              "needs image batches: set data.kind=image (latent shards hold no pixels)")
-        images = model_range(batch["image"]).float()  # (B, C, H, W)
         cfg = self.conditioner.cfg
+        if cfg.concat == "semantic":
+            if "class_map" not in batch:
+                raise ValueError("conditioning.concat='semantic' reads each image's class map: set data.map_ext (e.g. "
+                                 "seg.png, written by `data pack --source mnist-canvas --class-maps`)")
+            return build_c_concat("semantic", latent_hw, class_map=batch["class_map"], map_classes=cfg.map_classes)
+        images = model_range(batch["image"]).float()  # (B, C, H, W)
         return training_c_concat(cfg.concat, images, latent_hw, cfg.sr_factor, generator)  # (B, C_cat, h, w)
 
     def _loss(self, batch, denoiser, g_post, g_cond, g_noise, drop: float | None = None):
@@ -409,6 +415,9 @@ class DiffusionModule(SpeedLevers, TrainingModule):
         elif kind == "text":
             txt = self._val_txt or [""]
             spec = {"prompts": [txt[i % len(txt)] for i in range(self.val_num)]}
+        elif kind == "layout":  # the first validation batch's layouts
+            txt = self._val_txt or ["[]"]
+            spec = {"layouts": [parse_layout_text(txt[i % len(txt)], "validation layout") for i in range(self.val_num)]}
         if self.conditioner.cfg.concat != "none":
             if self._val_concat is None:
                 return  # no validation batch seen yet: nothing to condition on

@@ -6,13 +6,19 @@
     ldm-lightning sample --checkpoint sr.ckpt --cond-images low_res/ --out up/           # super-resolution
     ldm-lightning sample --checkpoint inpaint.ckpt --cond-images imgs/ --masks masks/ --out filled/
     ldm-lightning sample --checkpoint run/last.ckpt --classes 0-9 --size 48 --out big/   # another resolution
+    ldm-lightning sample --checkpoint layout.ckpt --layout '[[3, 0.1, 0.1, 0.45, 0.5], [7, 0.5, 0.4, 0.9, 0.9]]' \
+        --out laid/                                                                      # layout-to-image
+    ldm-lightning sample --checkpoint semantic.ckpt --cond-images maps/ --out synth/     # semantic synthesis
 
 Writes one PNG per sample, `{condition}_{index}.png` (the class index, a slug of the prompt, the
 conditioning image's name, or `sample` for an unconditional model), and `grid.png` (one row per condition).
 `--size` samples at another resolution than training (convolutional UNet; DiT recomputes its positions).
 Concatenation-conditioned models (diffusion/concat.py) take `--cond-images DIR` (PNGs: the low-res images
 for super-resolution, the images for inpainting) and, for inpainting, `--masks DIR` (same file names;
-white = the pixels to generate); the output size follows the conditioning images. Deterministic for a seed: the
+white = the pixels to generate), semantic-synthesis models `--cond-images DIR` of class-map PNGs (one class id
+per pixel, e.g. the `seg.png` members of `data pack --class-maps`); the output size follows the conditioning images.
+Layout models take `--layout` (JSON or a .json file: one layout [[class, x0, y0, x1, y1], ...], {"boxes": ...}, or
+a list of layouts, one grid row each; coordinates in [0, 1]). Deterministic for a seed: the
 initial noise is drawn on the CPU from `--seed` (so it does not depend on the device), ancestral noise
 from a generator seeded by `--seed + 1`. This file is the command line only; sampling itself is sampling.py.
 """
@@ -61,12 +67,15 @@ def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Ten
     `step`: the output side must be a multiple of it (autoencoder factor x the backbone's grid step)."""
     from .concat import build_c_concat, mask_image
     task = cond_cfg.concat
-    what = "low-resolution images" if task == "super_resolution" else "images to inpaint"
+    what = {"super_resolution": "low-resolution images", "inpainting": "images to inpaint",
+            "semantic": "class maps (one class id per pixel)"}[task]
     if a.cond_images is None:
         raise SystemExit(f"this model is conditioned on {what} ({task}): give --cond-images DIR of PNGs")
     files = sorted(Path(a.cond_images).glob("*.png")) if Path(a.cond_images).is_dir() else []
     if not files:
         raise SystemExit(f"--cond-images {a.cond_images}: no .png files there (expected the {what})")
+    if task == "semantic":
+        return read_class_maps(files, cond_cfg.map_classes, step, a.ae_factor)
     imgs = [read_png(p, channels) for p in files]
     if len({tuple(i.shape) for i in imgs}) != 1:
         raise SystemExit(f"--cond-images {a.cond_images}: the images differ in size; give images of one size")
@@ -97,6 +106,33 @@ def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Ten
     return build_c_concat(task, tuple(hw), masked=mask_image(x, mask), mask=mask), [p.stem for p in files], hw
 
 
+def read_class_maps(files: list[Path], map_classes: int, step: int, f: int):
+    """Semantic synthesis: (c_concat, stems, [h, w]) of class-map PNGs (8-bit, one class id per pixel)."""
+    import numpy as np
+    from PIL import Image
+
+    from .concat import build_c_concat
+    maps = []
+    for p in files:
+        with Image.open(p) as img:
+            if img.mode not in ("L", "P"):
+                raise UserError(f"class map {p} is a {img.mode} image; give 8-bit single-channel PNGs holding one "
+                                "class id per pixel (e.g. the seg.png of `data pack --class-maps`)")
+            m = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W)
+        if int(m.max()) >= map_classes:
+            raise UserError(f"class map {p} holds class id {int(m.max())}; this model knows ids 0-{map_classes - 1} "
+                            "(0 = background)")
+        maps.append(m)
+    if len({tuple(m.shape) for m in maps}) != 1:
+        raise UserError("--cond-images: the class maps differ in size; give maps of one size")
+    H, W = maps[0].shape
+    if H % step or W % step:
+        raise UserError(f"--cond-images: class maps of {W}x{H} px; this model needs sides that are multiples of {step}")
+    hw = [H // f, W // f]
+    return build_c_concat("semantic", tuple(hw), class_map=torch.stack(maps), map_classes=map_classes), \
+        [p.stem for p in files], hw
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-lightning sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="diffusion .ckpt from `ldm-lightning fit`, or an export folder")
@@ -112,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--prompts-file", "--prompts_file", dest="prompts_file", default=None,
                       help="a file of text prompts, one a line: --num samples each, every prompt with the same "
                            "seeds (a row per prompt; the validation gallery's layout)")
+    cond.add_argument("--layout", default=None,
+                      help="layout models: boxes [[class, x0, y0, x1, y1], ...] (coordinates in [0, 1]) as JSON, or "
+                           "a .json file of one layout, {\"boxes\": ...}, or a list of layouts (one grid row each)")
     p.add_argument("--num", type=int, default=4, help="samples per condition")
     p.add_argument("--size", type=int, default=None,
                    help="image side in pixels (default: the training size); a multiple of the latent grid's step")
@@ -170,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cond_images is not None or a.masks is not None:
         raise SystemExit("--cond-images / --masks: this model has no concatenation conditioning "
                          "(conditioning.concat is 'none')")
-    names, labels, prompts = [], None, None
+    names, labels, prompts, layouts = [], None, None, None
     if stems is not None:  # one row per conditioning image, --num samples each
         names = [f"{s}_{i}" for s in stems for i in range(a.num)]
         c_concat = c_concat.repeat_interleave(a.num, 0)  # (N, C_cat, h, w)
@@ -183,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             if a.prompt is None:
                 raise SystemExit("this model is also text-conditional: give --prompt TEXT (applied to every image)")
             prompts = [a.prompt] * len(names)
+        elif kind == "layout":
+            if a.layout is None:
+                raise SystemExit("this model is also layout-conditional: give --layout (applied to every image)")
+            from .layout import read_layouts
+            layouts = [read_layouts(a.layout)[0]] * len(names)
     elif a.cls is not None or a.classes is not None:
         classes = [a.cls] if a.cls is not None else parse_classes(a.classes)
         names = [f"{c}_{i}" for c in classes for i in range(a.num)]
@@ -197,6 +241,17 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [p for p in gallery for _ in range(a.num)]
         names = [f"{r:03d}-{slug(p)}_{i}" for r, p in enumerate(gallery) for i in range(a.num)]
         rows = len(gallery)
+    elif a.layout is not None:
+        if kind != "layout":
+            raise UserError(f"--layout: this model is {'unconditional' if kind == 'none' else kind + '-conditional'}, "
+                            "not layout-conditional: drop --layout")
+        from .layout import read_layouts
+        given = read_layouts(a.layout)
+        for i, lay in enumerate(given):  # every layout checked before sampling: one message for the first bad one
+            conditioner.from_layouts([lay], "--layout" if len(given) == 1 else f"--layout {i}")
+        layouts = [lay for lay in given for _ in range(a.num)]
+        names = [f"layout{r}_{i}" for r in range(len(given)) for i in range(a.num)]
+        rows = len(given)
     elif a.prompt is not None:
         if kind != "text":
             raise UserError(f"--prompt: this model is {'unconditional' if kind == 'none' else kind + '-conditional'}, "
@@ -208,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if kind != "none":
             raise SystemExit(f"this model is {kind}-conditional: give " +
-                             ("--class K or --classes A-B" if kind == "class" else "--prompt TEXT"))
+                             {"class": "--class K or --classes A-B", "text": "--prompt TEXT",
+                              "layout": "--layout '[[class, x0, y0, x1, y1], ...]' (or a .json file)"}[kind])
         names = [f"sample_{i}" for i in range(a.num)]
         rows = 1
     if labels is not None:
@@ -225,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         images = torch.cat([pipe.sample(a.num, config, latent_shape, prompts=prompts[r * a.num:(r + 1) * a.num])
                             for r in range(rows)])
     else:
-        images = pipe.sample(len(names), config, latent_shape, labels=labels, prompts=prompts, c_concat=c_concat)
+        images = pipe.sample(len(names), config, latent_shape, labels=labels, prompts=prompts, c_concat=c_concat,
+                             layouts=layouts)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in zip(names, to_hwc_uint8(images)):

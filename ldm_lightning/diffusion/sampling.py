@@ -63,10 +63,11 @@ class SamplingConfig:
 @torch.no_grad()
 def sample_images(denoiser, conditioner, autoencoder, latent_shape, num: int, config: SamplingConfig | None = None,
                   labels: list[int] | None = None, prompts: list[str] | None = None,
-                  c_concat: torch.Tensor | None = None) -> torch.Tensor:
+                  c_concat: torch.Tensor | None = None, layouts: list | None = None) -> torch.Tensor:
     """(num, C, H, W) images in [-1, 1]: sample latents (c, h, w) = `latent_shape` as `config` says, decode them.
 
-    labels / prompts: one condition per sample (class kind / text kind); neither for unconditional models.
+    labels / prompts / layouts: one condition per sample (class / text / layout kind: a list of [class, x0, y0, x1,
+    y1] boxes, diffusion/layout.py); none of them for unconditional models.
     c_concat: (num, C_cat, h, w) concatenation condition (concat.build_c_concat), kept in both CFG branches."""
     config = config or SamplingConfig()
     device = module_device(denoiser)
@@ -75,12 +76,16 @@ def sample_images(denoiser, conditioner, autoencoder, latent_shape, num: int, co
         raise ValueError("this model is class-conditional: give labels (--class K or --classes A-B)")
     if kind == "text" and prompts is None:
         raise ValueError("this model is text-conditional: give prompts (--prompt TEXT)")
-    if kind == "none" and (labels is not None or prompts is not None):
-        raise ValueError("this model is unconditional: drop --class / --classes / --prompt")
+    if kind == "layout" and layouts is None:
+        raise ValueError("this model is layout-conditional: give layouts (--layout JSON or FILE)")
+    if kind == "none" and (labels is not None or prompts is not None or layouts is not None):
+        raise ValueError("this model is unconditional: drop --class / --classes / --prompt / --layout")
     if kind == "class":
         cond = conditioner.from_labels(torch.as_tensor(labels, dtype=torch.long))
     elif kind == "text":
         cond = conditioner.from_prompts(list(prompts))
+    elif kind == "layout":
+        cond = conditioner.from_layouts(list(layouts), "--layout")
     else:
         cond = {}
     uncond = conditioner.null(num) if kind != "none" else None
@@ -115,7 +120,7 @@ class SamplingPipeline:
         return list(self.meta["latent_shape"])
 
     def sample(self, num: int, config: SamplingConfig | None = None, latent_shape=None, **condition) -> torch.Tensor:
-        """`sample_images` with this bundle; `condition`: labels=, prompts=, c_concat=."""
+        """`sample_images` with this bundle; `condition`: labels=, prompts=, layouts=, c_concat=."""
         return sample_images(self.denoiser, self.conditioner, self.autoencoder, latent_shape or self.latent_shape,
                              num, config, **condition)
 

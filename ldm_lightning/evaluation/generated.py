@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ldm_lightning.errors import UserError
 from ldm_lightning.images import save_png, to_hwc_uint8, to_uint8
 
 from .image_sources import iter_batches
@@ -52,6 +53,9 @@ def _condition(conditioner, start: int, n: int, prompts: list[str] | None) -> di
         if not prompts:
             raise ValueError("this model is text-conditional: give --prompts FILE (one prompt a line)")
         return {"prompts": [prompts[(start + i) % len(prompts)] for i in range(n)]}
+    if kind == "layout":
+        raise UserError("this model is layout-conditional, and evaluate draws no layouts: sample them with "
+                        "`ldm-lightning sample --layout FILE --out DIR` and evaluate that folder of images")
     return {}
 
 
