@@ -76,7 +76,9 @@ class LoaderConfig:
 
 
 GROUPS = {"members": MembersConfig, "loader": LoaderConfig}
-FLAT_NAMES = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+NEVER_FLAT = {"map_ext"}  # fields added after the grouping: they have no deprecated flat spelling
+FLAT_NAMES = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)
+              if f.name not in NEVER_FLAT}
 """Deprecated flat `data.init_args` name -> the group that holds it now."""
 _warned: set[str] = set()  # one line per name and process
 
