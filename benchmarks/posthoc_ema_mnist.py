@@ -54,7 +54,15 @@ def main(argv=None) -> int:
     p.add_argument("--num", type=int, default=200)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=2.0)
+    p.add_argument("--plot", default=None, help="also write the sweep as an SVG plot (accuracy and FID over sigma_rel)")
+    p.add_argument("--replot", default=None, metavar="MARKDOWN",
+                   help="only redraw --plot from the measured table in this markdown file (docs/evaluation.md's "
+                        "'| weights | live | EMA ...' table: header sigma_rel values, class accuracy and MNIST-FID rows)")
     a = p.parse_args(argv)
+    if a.replot:
+        sigmas, acc, fid = table_from_markdown(Path(a.replot).read_text())
+        print(plot(a.plot or "posthoc_ema.svg", sigmas, acc, fid))
+        return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
@@ -110,7 +118,29 @@ def main(argv=None) -> int:
     print("| weights | class accuracy | MNIST-FID |\n|---|---|---|")
     for label, acc, fid in rows:
         print(f"| {label} | {acc:.3f} | {fid:.2f} |")
+    if a.plot:
+        sweep = [r for r in rows if r[0].startswith("post-hoc")]
+        print(plot(a.plot, [float(r[0].split()[-1]) for r in sweep], [r[1] for r in sweep], [r[2] for r in sweep]))
     return 0
+
+
+def plot(path: str, sigmas: list[float], acc: list[float], fid: list[float]) -> Path:
+    from svg_plot import line_plot
+    return line_plot(path, "Post-hoc EMA on the MNIST class model (one run)", "sigma_rel (EMA length, log scale)",
+                     sigmas, [("class accuracy", acc), ("MNIST-FID", fid)], log_x=True)
+
+
+def table_from_markdown(text: str) -> tuple[list[float], list[float], list[float]]:
+    """The sweep columns of the wide table this script's numbers were published as (docs/evaluation.md)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] in ("weights", "class accuracy", "MNIST-FID") and len(cells) > 3:
+            rows.setdefault(cells[0], cells[1:])
+    head = rows["weights"]
+    first = next(i for i, c in enumerate(head) if c.startswith("σ_rel"))
+    sigmas = [float(c.replace("σ_rel", "").strip()) for c in head[first:]]
+    return sigmas, [float(v) for v in rows["class accuracy"][first:]], [float(v) for v in rows["MNIST-FID"][first:]]
 
 
 if __name__ == "__main__":

@@ -130,3 +130,18 @@ def test_fit_resume_then_ema_reconstruct_matches_directly_tracked_emas(tmp_path,
     bad = run("ema-reconstruct", "--snapshots", str(tmp_path / "nowhere"), "--sigma-rel", "0.07", "--out",
               str(tmp_path / "x"), expect=2)
     assert "no such folder of post-hoc EMA snapshots" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_readme_plot_redraws_from_the_published_table(tmp_path):
+    """The README's post-hoc EMA plot is the docs table drawn by the benchmark's --replot: one point per sigma_rel
+    column, and the committed SVG is what that command writes today."""
+    import xml.dom.minidom
+    out = tmp_path / "plot.svg"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "posthoc_ema_mnist.py"), "--replot",
+                           str(ROOT / "docs" / "evaluation.md"), "--plot", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    svg = xml.dom.minidom.parse(str(out))
+    assert len(svg.getElementsByTagName("polyline")) == 2
+    assert len(svg.getElementsByTagName("circle")) == 2 * 9  # sigma_rel 0.01 ... 0.25, accuracy and FID
+    assert out.read_text() == (ROOT / "docs" / "img" / "posthoc_ema_mnist.svg").read_text()
