@@ -22,7 +22,7 @@ from ldm_lightning.encoders.text import TextEncoderConfig, TextEncoderError, def
 from ldm_lightning.encoders.text_join import TextEmbedding, TextEncoders
 from ldm_lightning.nn.attention import trim_key_padding
 
-from .concat import CONCAT_TASKS, ConcatTask
+from .concat import CONCAT_TASKS, INPAINT_MASKS, ConcatTask, InpaintMasks
 from .text_transformer import TextTransformerConfig
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,11 @@ class ConditioningConfig:
     """Probability of replacing a condition by the null one in training (classifier-free guidance)."""
     concat: ConcatTask = "none"
     """Concatenation conditioning (diffusion/concat.py): 'none', 'super_resolution' (a low-res image) or
-    'inpainting' (masked image + mask), joined to the backbone input as c_concat. Needs image batches."""
+    'inpainting' (the autoencoder's latent of the masked image + the mask on the latent grid), joined to the
+    backbone input as c_concat. Needs image batches."""
+    inpaint_masks: InpaintMasks = "strokes_boxes"
+    """inpainting: the training masks, 'strokes_boxes' (LaMa-style large strokes / boxes, LDM's; masks.py: 10-60%
+    of the image) or 'box' (one random box, 25-60% of each side: the first version's)."""
     sr_factor: int = 4
     """super_resolution: the low-res side is the image side / sr_factor (e.g. 4: 8² -> 32²)."""
     trim_padding: bool = False
@@ -83,6 +87,8 @@ class ConditioningConfig:
             raise ValueError(f"conditioning.drop_prob must be in [0, 1), got {self.drop_prob}")
         if self.concat not in CONCAT_TASKS:
             raise ValueError(f"conditioning.concat must be one of {CONCAT_TASKS}, got {self.concat!r}")
+        if self.inpaint_masks not in INPAINT_MASKS:
+            raise ValueError(f"conditioning.inpaint_masks must be one of {INPAINT_MASKS}, got {self.inpaint_masks!r}")
         if self.sr_factor < 2:
             raise ValueError(f"conditioning.sr_factor must be >= 2, got {self.sr_factor}")
         if self.max_length < 2:

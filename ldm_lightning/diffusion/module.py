@@ -162,8 +162,8 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 cfg["pooled_dim"] = self.conditioner.pooled_dim
             if cond_cfg.trainable_text is not None:  # τθ inside the backbone: trained, saved, EMA'd with it
                 cfg["text_transformer"] = dataclasses.asdict(cond_cfg.trainable_text)
-        if cond_cfg.concat != "none":  # c_concat: low-res image or masked image + mask (concat.py)
-            cfg["concat_channels"] = concat_channels(cond_cfg.concat, int(ae.config.in_channels))
+        if cond_cfg.concat != "none":  # c_concat: low-res image, or masked image's latent + mask (concat.py)
+            cfg["concat_channels"] = concat_channels(cond_cfg.concat, int(ae.config.in_channels), ae.latent_channels)
         latent_side = self.latent_side(ae, image_size, family, {**PRESETS[backbone][1], **cfg})
         if family in TRANSFORMER_FAMILIES:
             if image_size is not None and cfg.get("input_size", latent_side) != latent_side:
@@ -318,13 +318,14 @@ class DiffusionModule(SpeedLevers, TrainingModule):
 
     # --- the step --------------------------------------------------------------------------------
     def c_concat(self, batch: dict, latent_hw: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
-        """The concatenation condition of an image batch (low-res image, or masked image + mask)."""
+        """The concatenation condition of an image batch (low-res image, or masked image's latent + mask)."""
         if "image" not in batch:
             raise ValueError(f"conditioning.concat={self.conditioner.cfg.concat!r} degrades the clean images, so it "
                              "needs image batches: set data.kind=image (latent shards hold no pixels)")
         images = model_range(batch["image"]).float()  # (B, C, H, W)
         cfg = self.conditioner.cfg
-        return training_c_concat(cfg.concat, images, latent_hw, cfg.sr_factor, generator)  # (B, C_cat, h, w)
+        return training_c_concat(cfg.concat, images, latent_hw, cfg.sr_factor, generator, self.autoencoder,
+                                 cfg.inpaint_masks)  # (B, C_cat, h, w)
 
     def _loss(self, batch, denoiser, g_post, g_cond, g_noise, drop: float | None = None):
         z0 = self.latents(batch, g_post)  # (B, c, h, w)

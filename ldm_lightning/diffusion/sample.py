@@ -11,7 +11,9 @@ conditioning image's name, or `sample` for an unconditional model), and `grid.pn
 `--size` samples at another resolution than training (convolutional UNet; DiT recomputes its positions).
 Concatenation-conditioned models (diffusion/concat.py) take `--cond-images DIR` (PNGs: the low-res images
 for super-resolution, the images for inpainting) and, for inpainting, `--masks DIR` (same file names;
-white = the pixels to generate); the output size follows the conditioning images. Deterministic for a seed: the
+white = the pixels to generate); the output size follows the conditioning images. Inpainting encodes
+the masked images with the model's autoencoder (its condition) and, unless --no-paste-known, puts the
+known pixels back into the decoded samples. Deterministic for a seed: the
 initial noise is drawn on the CPU from `--seed` (so it does not depend on the device), ancestral noise
 from a generator seeded by `--seed + 1`. This file is the command line only; sampling itself is sampling.py.
 """
@@ -30,6 +32,7 @@ from ldm_lightning.finite import finite_float
 from ldm_lightning.images import image_grid, read_png, save_png, to_hwc_uint8
 from ldm_lightning.output_paths import prepare_output_dir
 
+from .concat import paste_known
 from .samplers import SAMPLERS
 from .sampling import SamplingConfig, default_device, load_pipeline
 
@@ -53,9 +56,10 @@ def parse_classes(spec: str) -> list[int]:
     return out
 
 
-def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Tensor, list[str], list[int]]:
-    """(c_concat (n, C_cat, h, w), file stems, [h, w]) from --cond-images (and --masks for inpainting);
-    `step`: the output side must be a multiple of it (autoencoder factor x the backbone's grid step)."""
+def read_concat_inputs(a, cond_cfg, autoencoder, step: int) -> tuple[torch.Tensor, list[str], list[int], tuple | None]:
+    """(c_concat (n, C_cat, h, w), file stems, [h, w], known) from --cond-images (and --masks for inpainting);
+    `step`: the output side must be a multiple of it (autoencoder factor x the backbone's grid step); `known`:
+    inpainting's (images (n, C, H, W), masks (n, 1, H, W)) for pasting the known pixels back, else None."""
     from .concat import build_c_concat, mask_image
     task = cond_cfg.concat
     what = "low-resolution images" if task == "super_resolution" else "images to inpaint"
@@ -64,7 +68,7 @@ def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Ten
     files = sorted(Path(a.cond_images).glob("*.png")) if Path(a.cond_images).is_dir() else []
     if not files:
         raise SystemExit(f"--cond-images {a.cond_images}: no .png files there (expected the {what})")
-    imgs = [read_png(p, channels) for p in files]
+    imgs = [read_png(p, int(autoencoder.config.in_channels)) for p in files]
     if len({tuple(i.shape) for i in imgs}) != 1:
         raise SystemExit(f"--cond-images {a.cond_images}: the images differ in size; give images of one size")
     x = torch.stack(imgs)  # (n, C, H, W)
@@ -78,7 +82,7 @@ def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Ten
     if task == "super_resolution":
         if a.masks is not None:
             raise SystemExit("--masks is for inpainting models; this one does super-resolution")
-        return build_c_concat(task, tuple(hw), low_res=x), [p.stem for p in files], hw
+        return build_c_concat(task, tuple(hw), low_res=x), [p.stem for p in files], hw, None
     if a.masks is None:
         raise SystemExit("this model inpaints: give --masks DIR (PNGs named as the --cond-images; white = generate)")
     masks = []
@@ -91,7 +95,8 @@ def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Ten
             raise SystemExit(f"mask {mp} is {m.shape[-1]}x{m.shape[-2]}, its image {W}x{H}: give masks of the same size")
         masks.append(m)
     mask = torch.stack(masks)  # (n, 1, H, W)
-    return build_c_concat(task, tuple(hw), masked=mask_image(x, mask), mask=mask), [p.stem for p in files], hw
+    c = build_c_concat(task, tuple(hw), masked=mask_image(x, mask), mask=mask, autoencoder=autoencoder)
+    return c, [p.stem for p in files], hw, (x, mask)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the images to inpaint")
     p.add_argument("--masks", default=None, help="inpainting: folder of mask PNGs named as --cond-images "
                                                  "(white = generate)")
+    p.add_argument("--paste-known", action=argparse.BooleanOptionalAction, default=True,
+                   help="inpainting: put the known pixels of --cond-images back into the decoded samples (default; "
+                        "the model is conditioned on them, this makes the kept region exact); --no-paste-known "
+                        "writes the decoded samples as they are")
     p.add_argument("--encoder-every", type=int, default=1,
                    help="DDT backbones: recompute the condition encoder every K network calls, reuse it between "
                         "(fewer encoder evaluations; 1 = every call)")
@@ -157,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--size {a.size} must be a positive multiple of {step} for this model (autoencoder "
                              f"factor {f} x the {meta['backbone_family']}'s grid step)")
         latent_shape[1:] = [a.size // f, a.size // f]
-    c_concat, stems = None, None
+    c_concat, stems, known = None, None, None
     a.ae_factor = f
     if conditioner.cfg.concat != "none":
-        c_concat, stems, latent_shape[1:] = read_concat_inputs(a, conditioner.cfg, int(ae.config.in_channels), step)
+        c_concat, stems, latent_shape[1:], known = read_concat_inputs(a, conditioner.cfg, ae, step)
     elif a.cond_images is not None or a.masks is not None:
         raise SystemExit("--cond-images / --masks: this model has no concatenation conditioning "
                          "(conditioning.concat is 'none')")
@@ -207,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"give 0-{n_cls - 1} (e.g. --classes 0-{n_cls - 1})")
     config = SamplingConfig(a.sampler, a.steps, a.guidance_scale, a.seed, a.encoder_every)
     images = pipe.sample(len(names), config, latent_shape, labels=labels, prompts=prompts, c_concat=c_concat)
+    if known is not None and a.paste_known:  # (N, C, H, W): each image's samples keep its known pixels
+        images = paste_known(images, *(t.repeat_interleave(a.num, 0) for t in known))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in zip(names, to_hwc_uint8(images)):
