@@ -11,8 +11,9 @@ the backbone input, for super-resolution and inpainting.
   autoencoder, so the UNet sees 4 + 4 + 1). On pixels (the identity autoencoder) the encoding is the
   masked image itself. Training masks are `conditioning.inpaint_masks`: 'strokes_boxes' (masks.py,
   LaMa-style, LDM's) or 'box' (one random box, the masks of the first version), from the step generator.
-  After sampling, `paste_known` puts the known pixels back (what SD inpainting pipelines do to the
-  decoded image); the sampler itself is not altered: the model is conditioned, no RePaint-style blending.
+  After sampling, `paste_known` puts the known pixels back into the decoded image (the optional overlay
+  of SD inpainting tools; the autoencoder's reconstruction of the known region is not exact); the sampler
+  itself is not altered: the model is conditioned, as LDM's, with no RePaint-style blending per step.
 
 The same `c_concat` builder serves training (from clean images) and `ldm-lightning sample` (from the
 user's low-res images or images + masks), so the two cannot drift apart.
