@@ -1,15 +1,17 @@
 """LDM inpainting on MNIST against mean-fill and the first (pixel, resized-image, box-mask) model, in one run.
 
-    python benchmarks/eval_inpaint_mnist.py --ae-steps 150 --steps 150 --n 128 --k 8   # the docs/diffusion.md table
+    python benchmarks/eval_inpaint_mnist.py --ae-steps 150 --steps 150 --n 128 --k 8 --pixel-strokes  # docs table
 
 One process: (1) the tiny autoencoder (configs/autoencoder/tiny-mnist.yaml) trained `--ae-steps` and saved as a
-Lightning checkpoint, which the latent model then loads by path (`load_autoencoder`, as `fit` does); (2) two
+Lightning checkpoint, which the latent model then loads by path (`load_autoencoder`, as `fit` does); (2) the
 inpainting models trained the same `--steps` at the same batch and seed from shipped configs:
   - old: configs/diffusion/mnist-inpaint-pixels.yaml with `inpaint_masks: box` (the first version: pixel UNet,
     the masked image itself as condition, one random box per image);
   - LDM: configs/diffusion/mnist-inpaint-latents.yaml (UNet on 8x8x4 latents, condition = the autoencoder's
-    latent of the masked image + the mask on the 8x8 grid, LaMa-style stroke / box masks).
-Both train on the MNIST train split held in memory (Lightning Trainer on the CPU, the module's own loss).
+    latent of the masked image + the mask on the 8x8 grid, LaMa-style stroke / box masks);
+  - with --pixel-strokes, configs/diffusion/mnist-inpaint-pixels.yaml as shipped (pixel UNet, stroke / box
+    masks): the masks' share of the difference, apart from the latent condition's.
+All train on the MNIST train split held in memory (Lightning Trainer on the CPU, the module's own loss).
 
 Scored on the first `--n` MNIST test images (held out), each with one stroke / box mask (masks.py, seed 1234:
 the same masks for every method), PSNR on the masked pixels only (images in [-1, 1] scored on [0, 1], peak 1):
@@ -99,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-limit", type=int, default=20000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-old", action="store_true", help="leave out the pixel box-mask model (the slow one)")
+    p.add_argument("--pixel-strokes", action="store_true",
+                   help="also the shipped pixel config (stroke / box masks): the same masks as the LDM model")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     import lightning as L
@@ -133,6 +137,9 @@ def main(argv=None) -> int:
         if not a.skip_old:
             variants.append(("old: pixel UNet, masked image + mask, box masks",
                              init_args("diffusion/mnist-inpaint-pixels.yaml", conditioning={"inpaint_masks": "box"})))
+        if a.pixel_strokes:  # separates the masks' share of the lead from the latent condition's
+            variants.append(("pixel UNet, masked image + mask, stroke/box masks",
+                             init_args("diffusion/mnist-inpaint-pixels.yaml")))
         for name, kw in variants:
             kw.update(val_num=0, ema={**kw["ema"], "decay": a.ema_decay})
             L.seed_everything(0, verbose=False)
