@@ -5,8 +5,9 @@
 The first `--n` MNIST test images (never seen in training: the configs train on the train split), padded to
 32². Super-resolution: each is bicubic-downsampled by the model's sr_factor (the training degradation,
 concat.downsample), the model upsamples it; PSNR and SSIM against the original, beside the bicubic
-upsampling of the same low-res input. Inpainting: a fixed random box mask per image (seed 0, the training
-mask law), PSNR on the masked pixels only, beside filling them with the mean of the known pixels.
+upsampling of the same low-res input. Inpainting: a fixed mask per image (seed 0; `--masks box`, the first
+version's, or `strokes_boxes`), PSNR on the masked pixels only, beside filling them with the mean of the known
+pixels (benchmarks/eval_inpaint_mnist.py trains and compares the inpainting models in one run).
 Images in [-1, 1] are scored on [0, 1] (PSNR peak 1). Samples are drawn exactly as `ldm-lightning sample`
 draws them (`sample_images`, seed 0, batches of 128).
 """
@@ -29,6 +30,7 @@ from ldm_lightning.data.mnist import load_mnist  # noqa: E402
 from ldm_lightning.diffusion.concat import (build_c_concat, downsample, mask_image, random_box_masks,  # noqa: E402
                                             upsample)
 from ldm_lightning.diffusion.load import load_denoiser  # noqa: E402
+from ldm_lightning.diffusion.masks import stroke_box_masks  # noqa: E402
 from ldm_lightning.diffusion.sampling import SamplingConfig, sample_images  # noqa: E402
 
 
@@ -51,6 +53,9 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="flow_heun")
+    p.add_argument("--masks", default="box", choices=("box", "strokes_boxes"),
+                   help="inpainting: the evaluation masks (box: the first version's table; eval_inpaint_mnist.py "
+                        "compares methods on strokes_boxes)")
     a = p.parse_args(argv)
     den, cond, meta = load_denoiser(a.checkpoint)
     ae = load_autoencoder(meta["autoencoder"]["path"])
@@ -63,8 +68,9 @@ def main(argv=None) -> int:
         low = downsample(x, cond.cfg.sr_factor)
         c = build_c_concat(task, hw, low_res=low)
     elif task == "inpainting":
-        mask = random_box_masks(len(x), x.shape[-2], x.shape[-1], torch.Generator().manual_seed(0))
-        c = build_c_concat(task, hw, masked=mask_image(x, mask), mask=mask)
+        make = stroke_box_masks if a.masks == "strokes_boxes" else random_box_masks
+        mask = make(len(x), x.shape[-2], x.shape[-1], torch.Generator().manual_seed(0))
+        c = build_c_concat(task, hw, masked=mask_image(x, mask), mask=mask, autoencoder=ae)
     else:
         raise SystemExit(f"{a.checkpoint}: not a concatenation-conditioned model (conditioning.concat={task!r})")
     out = torch.cat([sample_images(den, cond, ae, [meta["latent_shape"][0], *hw], len(c[i:i + 128]),

@@ -72,7 +72,9 @@ def test_concat_conditions_have_the_documented_content():
     x = _mnist_test(4)
     c = training_c_concat("super_resolution", x, (32, 32), 4)
     assert c.shape == (4, 1, 32, 32) and torch.equal(c, upsample(downsample(x, 4), (32, 32)))
-    c = training_c_concat("inpainting", x, (32, 32), 4, torch.Generator().manual_seed(0))
+    from ldm_lightning.autoencoder.load import load_autoencoder
+    c = training_c_concat("inpainting", x, (32, 32), 4, torch.Generator().manual_seed(0),
+                          load_autoencoder("identity:1x32"), "box")  # on pixels the masked image's "latent" is itself
     mask = random_box_masks(4, 32, 32, torch.Generator().manual_seed(0))
     frac = mask.mean((1, 2, 3))
     assert c.shape == (4, 2, 32, 32) and torch.equal(c[:, 1:], mask) and ((frac > 0.05) & (frac < 0.4)).all()
@@ -112,6 +114,8 @@ def test_inpainting_fit_and_sample_from_images_and_masks(mnist_shards, tmp_path)
     _cli(["sample", "--checkpoint", str(ckpt), "--cond-images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask"),
           "--num", "1", "--steps", "2", "--sampler", "flow_euler", "--out", str(tmp_path / "filled")], tmp_path)
     assert _read(tmp_path / "filled" / "digit1_0.png").shape == (48, 48)
+    known, given = _read(tmp_path / "mask" / "digit1.png") == 0, _read(tmp_path / "img" / "digit1.png")
+    assert np.array_equal(_read(tmp_path / "filled" / "digit1_0.png")[known], given[known])  # the known region kept
     from ldm_lightning.diffusion.sample import main
     with pytest.raises(SystemExit, match="--masks DIR"):
         main(["--checkpoint", str(ckpt), "--cond-images", str(tmp_path / "img"), "--out", str(tmp_path / "x")])

@@ -361,7 +361,7 @@ class ShardStream(IterableDataset):
         if crops is not None and self.kind == "image" and self.transform.mode in ("center_crop", "random_crop"):
             c = np.array(crops, np.int64).reshape(len(crops), 4)  # (B, 4) = h, w, top, left
             geometry = {"original_size": c[:, :2].copy(), "crop_top_left": c[:, 2:].copy()}  # (B, 2) each
-        if maps is not None:  # data.map_ext: (B, H, W) uint8 class maps, sent by value like the geometry
+        if maps is not None:  # data.members.map_ext: (B, H, W) uint8 class maps, sent by value like the geometry
             geometry["class_map"] = maps[:len(keys)].copy()
         if ring_slot is not None:
             # cls by value too: then no tensor, so no shared-memory segment and no file-descriptor

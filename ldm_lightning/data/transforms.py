@@ -159,10 +159,10 @@ def _as_pil(img) -> Image.Image:
 
 
 def decode_class_map(data: bytes | None, ext: str, size: int) -> np.ndarray:
-    """A class map member (data.map_ext: one uint8 class id per pixel, e.g. `data pack --class-maps`) -> (size,
+    """A class map member (data.members.map_ext: one uint8 class id per pixel, e.g. `data pack --class-maps`) -> (size,
     size) uint8. Ids are labels, not intensities: never resized, so the map must already have the image's size."""
     if data is None:
-        raise BadSample(f"no class map member {ext!r} (data.map_ext); re-pack with --class-maps")
+        raise BadSample(f"no class map member {ext!r} (data.members.map_ext); re-pack with --class-maps")
     try:
         img = open_image(data, "png")
         img.load()

@@ -4,13 +4,19 @@ the backbone input, for super-resolution and inpainting.
 - 'super_resolution': the condition is a low-resolution image (bicubic, antialiased, `sr_factor` smaller);
   it is resized (bicubic) to the latent grid and concatenated. On pixels (the identity autoencoder) the
   latent grid is the image grid, so this is SR3 / LDM-SR's "upsampled low-res input" conditioning.
-- 'inpainting': the condition is the masked image (missing pixels set to 0, mid-grey in [-1, 1]) and the
-  mask (1 = to be generated), both resized (area) to the latent grid: C + 1 channels. Training masks are
-  random boxes drawn from the step generator. (LDM encodes the masked image with the autoencoder; here
-  it is resized, which is the same thing on pixels and keeps the frozen autoencoder out of the condition.)
+- 'inpainting' (LDM's inpainting model, as SD-inpainting): the condition is the frozen autoencoder's
+  encoding of the masked image (missing pixels set to 0, mid-grey in [-1, 1]; the posterior mode,
+  normalised as the training latents) and the mask (1 = to be generated) resized (area: the fraction of
+  each latent cell to generate) to the latent grid: latent_channels + 1 channels (4 + 1 on the tiny MNIST
+  autoencoder, so the UNet sees 4 + 4 + 1). On pixels (the identity autoencoder) the encoding is the
+  masked image itself. Training masks are `conditioning.inpaint_masks`: 'strokes_boxes' (masks.py,
+  LaMa-style, LDM's) or 'box' (one random box, the masks of the first version), from the step generator.
+  After sampling, `paste_known` puts the known pixels back into the decoded image (the optional overlay
+  of SD inpainting tools; the autoencoder's reconstruction of the known region is not exact); the sampler
+  itself is not altered: the model is conditioned, as LDM's, with no RePaint-style blending per step.
 - 'semantic' (semantic synthesis, §4.3.2): the condition is a per-pixel class map (B, H, W) of ids 0..K-1
   (`map_classes` K, background 0), one-hot encoded and resized (area: each latent cell gets the fraction of its
-  pixels in each class) to the latent grid: K channels. Training maps come from the batch (data.map_ext).
+  pixels in each class) to the latent grid: K channels. Training maps come from the batch (data.members.map_ext).
 
 The same `c_concat` builder serves training (from clean images) and `ldm-lightning sample` (from the
 user's low-res images or images + masks), so the two cannot drift apart.
@@ -23,13 +29,17 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from .masks import stroke_box_masks
+
 ConcatTask = Literal["none", "super_resolution", "inpainting", "semantic"]
 CONCAT_TASKS = get_args(ConcatTask)
+InpaintMasks = Literal["strokes_boxes", "box"]
+INPAINT_MASKS = get_args(InpaintMasks)
 
 
-def concat_channels(task: str, image_channels: int, map_classes: int = 0) -> int:
+def concat_channels(task: str, image_channels: int, latent_channels: int, map_classes: int = 0) -> int:
     """Channels `c_concat` adds to the backbone input."""
-    return {"none": 0, "super_resolution": image_channels, "inpainting": image_channels + 1,
+    return {"none": 0, "super_resolution": image_channels, "inpainting": latent_channels + 1,
             "semantic": map_classes}[task]
 
 
@@ -78,29 +88,58 @@ def random_box_masks(n: int, h: int, w: int, generator: torch.Generator | None =
     return inside[:, None].float()
 
 
+def training_masks(kind: str, n: int, h: int, w: int, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n, 1, h, w) training masks of `conditioning.inpaint_masks` kind."""
+    if kind == "strokes_boxes":
+        return stroke_box_masks(n, h, w, generator, device)
+    if kind == "box":
+        return random_box_masks(n, h, w, generator, device)
+    raise ValueError(f"conditioning.inpaint_masks must be one of {INPAINT_MASKS}, got {kind!r}")
+
+
 def mask_image(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Missing pixels (mask 1) set to 0 (mid-grey in [-1, 1])."""
     return images.float() * (1 - mask)
 
 
+@torch.no_grad()
+def encode_masked(autoencoder, masked: torch.Tensor) -> torch.Tensor:
+    """The frozen autoencoder's normalised latent (posterior mode) of masked images (B, C, H, W) -> (B, c, h, w)."""
+    masked = masked.to(autoencoder.scale_factor.device)  # every autoencoder kind holds its scale as a buffer
+    return autoencoder.normalize_latents(autoencoder.encode(masked.float()).mode().float())
+
+
+def paste_known(samples: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The decoded samples with the known pixels (mask 0) of `images` put back: the known region is kept."""
+    mask = mask.to(samples.device, samples.dtype)
+    return images.to(samples.device, samples.dtype) * (1 - mask) + samples * mask
+
+
 def build_c_concat(task: str, latent_hw: tuple[int, int], low_res: torch.Tensor | None = None,
                    masked: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                   class_map: torch.Tensor | None = None, map_classes: int = 0) -> torch.Tensor:
-    """The backbone's extra input channels on the latent grid (B, C_cat, h, w)."""
+                   autoencoder=None, class_map: torch.Tensor | None = None, map_classes: int = 0) -> torch.Tensor:
+    """The backbone's extra input channels on the latent grid (B, C_cat, h, w); inpainting encodes `masked`
+    with `autoencoder` (the frozen one the model denoises the latents of); semantic one-hots `class_map`."""
     if task == "semantic":
         return one_hot_map(class_map, map_classes, latent_hw)
     if task == "super_resolution":
         return upsample(low_res, latent_hw)  # (B, C, h, w)
     if task == "inpainting":
-        return torch.cat([F.interpolate(masked.float(), size=latent_hw, mode="area"),
-                          F.interpolate(mask.float(), size=latent_hw, mode="area")], dim=1)  # (B, C + 1, h, w)
+        z = encode_masked(autoencoder, masked)  # (B, c, h, w)
+        if tuple(z.shape[-2:]) != tuple(latent_hw):
+            raise ValueError(f"the masked images encode to a {tuple(z.shape[-2:])} latent grid, not {latent_hw}")
+        m = F.interpolate(mask.float().to(z.device), size=latent_hw, mode="area")  # (B, 1, h, w)
+        return torch.cat([z, m], dim=1)  # (B, c + 1, h, w)
     raise ValueError(f"conditioning.concat must be one of {CONCAT_TASKS[1:]} here, got {task!r}")
 
 
 def training_c_concat(task: str, images: torch.Tensor, latent_hw: tuple[int, int], sr_factor: int,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, autoencoder=None,
+                      inpaint_masks: str = "strokes_boxes") -> torch.Tensor:
     """c_concat for a batch of clean images (B, C, H, W) in [-1, 1]: degrade them as the task says."""
     if task == "super_resolution":
         return build_c_concat(task, latent_hw, low_res=downsample(images, sr_factor))
-    mask = random_box_masks(images.shape[0], images.shape[-2], images.shape[-1], generator, images.device)
-    return build_c_concat(task, latent_hw, masked=mask_image(images, mask), mask=mask)
+    mask = training_masks(inpaint_masks, images.shape[0], images.shape[-2], images.shape[-1], generator,
+                          images.device)
+    return build_c_concat(task, latent_hw, masked=mask_image(images, mask), mask=mask, autoencoder=autoencoder)

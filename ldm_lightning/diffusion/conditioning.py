@@ -24,7 +24,7 @@ from ldm_lightning.encoders.text import TextEncoderConfig, TextEncoderError, def
 from ldm_lightning.encoders.text_join import TextEmbedding, TextEncoders
 from ldm_lightning.nn.attention import trim_key_padding
 
-from .concat import ConcatTask
+from .concat import ConcatTask, InpaintMasks
 from .layout import LayoutConfig, LayoutTokenizer, parse_layout_text
 from .text_transformer import TextTransformerConfig
 
@@ -73,8 +73,12 @@ class ConditioningConfig:
     """Probability of replacing a condition by the null one in training (classifier-free guidance)."""
     concat: ConcatTask = "none"
     """Concatenation conditioning (diffusion/concat.py): 'none', 'super_resolution' (a low-res image),
-    'inpainting' (masked image + mask) or 'semantic' (a one-hot class map of map_classes channels, from the batch's
-    class_map: data.map_ext), joined to the backbone input as c_concat. Needs image batches."""
+    'inpainting' (the autoencoder's latent of the masked image + the mask on the latent grid) or 'semantic' (a
+    one-hot class map of map_classes channels, from the batch's class_map: data.members.map_ext), joined to the
+    backbone input as c_concat. Needs image batches."""
+    inpaint_masks: InpaintMasks = "strokes_boxes"
+    """inpainting: the training masks, 'strokes_boxes' (LaMa-style large strokes / boxes, LDM's; masks.py: 10-60%
+    of the image) or 'box' (one random box, 25-60% of each side: the first version's)."""
     sr_factor: int = 4
     """super_resolution: the low-res side is the image side / sr_factor (e.g. 4: 8² -> 32²)."""
     trim_padding: bool = False

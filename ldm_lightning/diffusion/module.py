@@ -170,8 +170,9 @@ class DiffusionModule(SpeedLevers, TrainingModule):
                 cfg["pooled_dim"] = self.conditioner.pooled_dim
             if self.conditioner.tau_fields() is not None:  # τθ inside the backbone: trained, saved, EMA'd with it
                 cfg["text_transformer"] = self.conditioner.tau_fields()
-        if cond_cfg.concat != "none":  # c_concat: low-res image, masked image + mask, class map (concat.py)
-            cfg["concat_channels"] = concat_channels(cond_cfg.concat, int(ae.config.in_channels), cond_cfg.map_classes)
+        if cond_cfg.concat != "none":  # c_concat: low-res image, masked image's latent + mask, class map
+            cfg["concat_channels"] = concat_channels(cond_cfg.concat, int(ae.config.in_channels), ae.latent_channels,
+                                                     cond_cfg.map_classes)
         latent_side = self.latent_side(ae, image_size, family, {**PRESETS[backbone][1], **cfg})
         if family in TRANSFORMER_FAMILIES:
             if image_size is not None and cfg.get("input_size", latent_side) != latent_side:
@@ -327,18 +328,19 @@ class DiffusionModule(SpeedLevers, TrainingModule):
 
     # --- the step --------------------------------------------------------------------------------
     def c_concat(self, batch: dict, latent_hw: tuple[int, int], generator: torch.Generator | None) -> torch.Tensor:
-        """The concatenation condition of an image batch (low-res image, or masked image + mask)."""
+        """The concatenation condition of an image batch (low-res image, or masked image's latent + mask)."""
         if "image" not in batch:
             raise ValueError(f"conditioning.concat={self.conditioner.cfg.concat!r} degrades the clean images, so it "
                              "needs image batches: set data.kind=image (latent shards hold no pixels)")
         cfg = self.conditioner.cfg
         if cfg.concat == "semantic":
             if "class_map" not in batch:
-                raise ValueError("conditioning.concat='semantic' reads each image's class map: set data.map_ext (e.g. "
+                raise ValueError("conditioning.concat='semantic' reads each image's class map: set data.members.map_ext (e.g. "
                                  "seg.png, written by `data pack --source mnist-canvas --class-maps`)")
             return build_c_concat("semantic", latent_hw, class_map=batch["class_map"], map_classes=cfg.map_classes)
         images = model_range(batch["image"]).float()  # (B, C, H, W)
-        return training_c_concat(cfg.concat, images, latent_hw, cfg.sr_factor, generator)  # (B, C_cat, h, w)
+        return training_c_concat(cfg.concat, images, latent_hw, cfg.sr_factor, generator, self.autoencoder,
+                                 cfg.inpaint_masks)  # (B, C_cat, h, w)
 
     def _loss(self, batch, denoiser, g_post, g_cond, g_noise, drop: float | None = None):
         z0 = self.latents(batch, g_post)  # (B, c, h, w)

@@ -18,7 +18,9 @@ for super-resolution, the images for inpainting) and, for inpainting, `--masks D
 white = the pixels to generate), semantic-synthesis models `--cond-images DIR` of class-map PNGs (one class id
 per pixel, e.g. the `seg.png` members of `data pack --class-maps`); the output size follows the conditioning images.
 Layout models take `--layout` (JSON or a .json file: one layout [[class, x0, y0, x1, y1], ...], {"boxes": ...}, or
-a list of layouts, one grid row each; coordinates in [0, 1]). Deterministic for a seed: the
+a list of layouts, one grid row each; coordinates in [0, 1]). Inpainting encodes the masked images with the
+model's autoencoder (its condition) and, unless --no-paste-known, puts the known pixels back into the decoded
+samples. Deterministic for a seed: the
 initial noise is drawn on the CPU from `--seed` (so it does not depend on the device), ancestral noise
 from a generator seeded by `--seed + 1`. This file is the command line only; sampling itself is sampling.py.
 """
@@ -39,6 +41,7 @@ from ldm_lightning.images import image_grid, read_png, save_png, to_hwc_uint8
 from ldm_lightning.output_paths import prepare_output_dir
 
 from .presets import latent_grid_step
+from .concat import paste_known
 from .samplers import SAMPLERS
 from .sampling import SamplingConfig, default_device, load_pipeline
 
@@ -62,9 +65,10 @@ def parse_classes(spec: str) -> list[int]:
     return out
 
 
-def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Tensor, list[str], list[int]]:
-    """(c_concat (n, C_cat, h, w), file stems, [h, w]) from --cond-images (and --masks for inpainting);
-    `step`: the output side must be a multiple of it (autoencoder factor x the backbone's grid step)."""
+def read_concat_inputs(a, cond_cfg, autoencoder, step: int) -> tuple[torch.Tensor, list[str], list[int], tuple | None]:
+    """(c_concat (n, C_cat, h, w), file stems, [h, w], known) from --cond-images (and --masks for inpainting);
+    `step`: the output side must be a multiple of it (autoencoder factor x the backbone's grid step); `known`:
+    inpainting's (images (n, C, H, W), masks (n, 1, H, W)) for pasting the known pixels back, else None."""
     from .concat import build_c_concat, mask_image
     task = cond_cfg.concat
     what = {"super_resolution": "low-resolution images", "inpainting": "images to inpaint",
@@ -76,7 +80,7 @@ def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Ten
         raise SystemExit(f"--cond-images {a.cond_images}: no .png files there (expected the {what})")
     if task == "semantic":
         return read_class_maps(files, cond_cfg.map_classes, step, a.ae_factor)
-    imgs = [read_png(p, channels) for p in files]
+    imgs = [read_png(p, int(autoencoder.config.in_channels)) for p in files]
     if len({tuple(i.shape) for i in imgs}) != 1:
         raise SystemExit(f"--cond-images {a.cond_images}: the images differ in size; give images of one size")
     x = torch.stack(imgs)  # (n, C, H, W)
@@ -90,7 +94,7 @@ def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Ten
     if task == "super_resolution":
         if a.masks is not None:
             raise SystemExit("--masks is for inpainting models; this one does super-resolution")
-        return build_c_concat(task, tuple(hw), low_res=x), [p.stem for p in files], hw
+        return build_c_concat(task, tuple(hw), low_res=x), [p.stem for p in files], hw, None
     if a.masks is None:
         raise SystemExit("this model inpaints: give --masks DIR (PNGs named as the --cond-images; white = generate)")
     masks = []
@@ -103,11 +107,13 @@ def read_concat_inputs(a, cond_cfg, channels: int, step: int) -> tuple[torch.Ten
             raise SystemExit(f"mask {mp} is {m.shape[-1]}x{m.shape[-2]}, its image {W}x{H}: give masks of the same size")
         masks.append(m)
     mask = torch.stack(masks)  # (n, 1, H, W)
-    return build_c_concat(task, tuple(hw), masked=mask_image(x, mask), mask=mask), [p.stem for p in files], hw
+    c = build_c_concat(task, tuple(hw), masked=mask_image(x, mask), mask=mask, autoencoder=autoencoder)
+    return c, [p.stem for p in files], hw, (x, mask)
 
 
 def read_class_maps(files: list[Path], map_classes: int, step: int, f: int):
-    """Semantic synthesis: (c_concat, stems, [h, w]) of class-map PNGs (8-bit, one class id per pixel)."""
+    """Semantic synthesis: (c_concat, stems, [h, w], None) of class-map PNGs (8-bit, one class id per pixel); None:
+    no known pixels to paste back (read_concat_inputs' `known`)."""
     import numpy as np
     from PIL import Image
 
@@ -130,7 +136,7 @@ def read_class_maps(files: list[Path], map_classes: int, step: int, f: int):
         raise UserError(f"--cond-images: class maps of {W}x{H} px; this model needs sides that are multiples of {step}")
     hw = [H // f, W // f]
     return build_c_concat("semantic", tuple(hw), class_map=torch.stack(maps), map_classes=map_classes), \
-        [p.stem for p in files], hw
+        [p.stem for p in files], hw, None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or the images to inpaint")
     p.add_argument("--masks", default=None, help="inpainting: folder of mask PNGs named as --cond-images "
                                                  "(white = generate)")
+    p.add_argument("--paste-known", action=argparse.BooleanOptionalAction, default=True,
+                   help="inpainting: put the known pixels of --cond-images back into the decoded samples (default; "
+                        "the model is conditioned on them, this makes the kept region exact); --no-paste-known "
+                        "writes the decoded samples as they are")
     p.add_argument("--encoder-every", type=int, default=1,
                    help="DDT backbones: recompute the condition encoder every K network calls, reuse it between "
                         "(fewer encoder evaluations; 1 = every call)")
@@ -202,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--size {a.size} must be a positive multiple of {step} for this model (autoencoder "
                              f"factor {f} x the {meta['backbone_family']}'s grid step)")
         latent_shape[1:] = [a.size // f, a.size // f]
-    c_concat, stems = None, None
+    c_concat, stems, known = None, None, None
     a.ae_factor = f
     if conditioner.cfg.concat != "none":
-        c_concat, stems, latent_shape[1:] = read_concat_inputs(a, conditioner.cfg, int(ae.config.in_channels), step)
+        c_concat, stems, latent_shape[1:], known = read_concat_inputs(a, conditioner.cfg, ae, step)
     elif a.cond_images is not None or a.masks is not None:
         raise SystemExit("--cond-images / --masks: this model has no concatenation conditioning "
                          "(conditioning.concat is 'none')")
@@ -283,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         images = pipe.sample(len(names), config, latent_shape, labels=labels, prompts=prompts, c_concat=c_concat,
                              layouts=layouts)
+    if known is not None and a.paste_known:  # (N, C, H, W): each image's samples keep its known pixels
+        images = paste_known(images, *(t.repeat_interleave(a.num, 0) for t in known))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, img in zip(names, to_hwc_uint8(images)):
