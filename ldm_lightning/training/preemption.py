@@ -13,8 +13,8 @@ SIGTERM; a user at the terminal presses Ctrl-C (SIGINT). The protocol:
    then a barrier, and the trainer stops.
 4. Then: SIGUSR1 under Slurm -> rank 0 runs `scontrol requeue $SLURM_JOB_ID` (same job id,
    `SLURM_RESTART_COUNT` grows) and the requeued job resumes with `--ckpt_path last`. Otherwise the
-   process exits with `exit_code`: EXIT_PREEMPTED (75) after SIGUSR1 outside Slurm or when the requeue
-   failed, EXIT_TERMINATED (143 = 128 + SIGTERM) after SIGTERM, EXIT_INTERRUPTED (130 = 128 + SIGINT)
+   process exits with `exit_code`: EXIT_PREEMPTED (75) after SIGUSR1 outside Slurm, for a job that is not
+   requeueable (`sbatch --no-requeue`, `scontrol update JobId=<id> Requeue=0`) or when the requeue failed, EXIT_TERMINATED (143 = 128 + SIGTERM) after SIGTERM, EXIT_INTERRUPTED (130 = 128 + SIGINT)
    after Ctrl-C, so a wrapper never mistakes a stop for a finished run.
 5. A second Ctrl-C while a stop is pending (or saving) means "now": the handler raises KeyboardInterrupt,
    Lightning's own interrupt path tears the run down without saving (it writes no checkpoint unless
@@ -197,6 +197,13 @@ class PreemptionCallback(L.Callback):
             print(f"[ldm-lightning] requeued Slurm job {job_id} (Slurm stopped the job for the requeue before "
                   "scontrol returned)", flush=True)
             return True
+        if "disabled" in r.stderr:
+            # The job is not requeueable on purpose: submitted with `sbatch --no-requeue`, or made so while it
+            # ran (`scontrol update JobId=<id> Requeue=0`), e.g. to continue the run on another allocation.
+            print(f"[ldm-lightning] Slurm job {job_id} is not requeueable (--no-requeue / Requeue=0): saved, not "
+                  "requeued; resubmit with the same CONFIG and OVERRIDES to resume (with data.order: global on "
+                  "any number of nodes)", flush=True)
+            return False
         print(f"[ldm-lightning] WARNING: `scontrol requeue {job_id}` exited {r.returncode}: "
               f"{r.stderr.strip()} (is the job submitted with --requeue?)", flush=True)
         return False
