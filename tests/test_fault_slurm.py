@@ -209,7 +209,8 @@ def test_two_node_job_preempted_resumes_on_one_node_elastic(tmp_path, mnist_shar
     log = log_of(out)
     assert "(1 node(s) x 1 task(s))" in log
     lines = [ln for ln in log.splitlines() if "elastic resume" in ln]
-    assert len(lines) == 1 and "2 process(es) × batch_size 8 × accumulation 1 → 1 × 8 × 2" in lines[0], log[-4000:]
+    assert len(lines) == 1, log[-4000:]
+    assert "2 process(es) × batch_size 8 × accumulation 1 → 1 × 8 × 2" in lines[0]
     ref, got = final_state(ref_out), final_state(out)
     assert ref["global_step"] == got["global_step"] == STEPS
     weights = [k for k, v in ref["state_dict"].items() if v.is_floating_point()]

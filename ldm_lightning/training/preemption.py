@@ -14,8 +14,9 @@ SIGTERM; a user at the terminal presses Ctrl-C (SIGINT). The protocol:
 4. Then: SIGUSR1 under Slurm -> rank 0 runs `scontrol requeue $SLURM_JOB_ID` (same job id,
    `SLURM_RESTART_COUNT` grows) and the requeued job resumes with `--ckpt_path last`. Otherwise the
    process exits with `exit_code`: EXIT_PREEMPTED (75) after SIGUSR1 outside Slurm, for a job that is not
-   requeueable (`sbatch --no-requeue`, `scontrol update JobId=<id> Requeue=0`) or when the requeue failed, EXIT_TERMINATED (143 = 128 + SIGTERM) after SIGTERM, EXIT_INTERRUPTED (130 = 128 + SIGINT)
-   after Ctrl-C, so a wrapper never mistakes a stop for a finished run.
+   requeueable (`sbatch --no-requeue`, `scontrol update JobId=<id> Requeue=0`) or when the requeue failed,
+   EXIT_TERMINATED (143 = 128 + SIGTERM) after SIGTERM, EXIT_INTERRUPTED (130 = 128 + SIGINT) after Ctrl-C,
+   so a wrapper never mistakes a stop for a finished run.
 5. A second Ctrl-C while a stop is pending (or saving) means "now": the handler raises KeyboardInterrupt,
    Lightning's own interrupt path tears the run down without saving (it writes no checkpoint unless
    `save_on_exception` is set) and ends with exit(1), which the CLI reports as 130.
