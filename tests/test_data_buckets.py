@@ -490,3 +490,29 @@ def test_global_order_buckets_are_the_same_batches_on_any_topology(shards):
     resumed = epoch(2, 1, 4, 2, state={"epoch": 0, "consumed": 3, "samples": 24})
     assert [b["key"] for b in resumed] == [b["key"] for b in ranks[1][3:]]
     assert torch.equal(resumed[0]["image"], ranks[1][3]["image"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cli_fit_global_order_buckets_two_processes_equal_one(shards, tmp_path):
+    """`ldm-lightning fit` with the shipped bucketing data config and `--data.init_args.order global`: 2 DDP
+    processes × batch 2 read the same bucketed global batches as 1 process × batch 4 and end with the same weights
+    after 3 steps (tolerance 1e-5: reduction order only, tests/test_scale_elastic.py)."""
+    from scale_run import run_cli
+
+    def fit(root: str, devices: int, batch: int) -> dict:
+        run_cli([*_fit_args(shards, tmp_path / root, tmp_path / f"probe-{root}"), "--trainer.devices", str(devices),
+                 "--data.init_args.batch_size", str(batch), "--data.init_args.order", "global",
+                 "--data.init_args.val_shards", "null", "--trainer.limit_val_batches", "0", "--trainer.logger",
+                 "false", "--model.init_args.optim.warmup_steps", "0", "--trainer.max_steps", "3"],
+                tmp_path, timeout=280)
+        state = torch.load(tmp_path / root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        return {k: v for k, v in state["state_dict"].items() if v.is_floating_point()}
+
+    two, one = fit("two", 2, 2), fit("one", 1, 4)
+    logs = {n: [[json.loads(line) for line in (tmp_path / f"probe-{n}" / f"batches-rank{r}.jsonl").read_text()
+                 .splitlines()] for r in range(k)] for n, k in (("two", 2), ("one", 1))}
+    for step, b in enumerate(logs["one"][0]):
+        assert b["keys"] == logs["two"][0][step]["keys"] + logs["two"][1][step]["keys"]
+        assert b["shape"][2:] == logs["two"][0][step]["shape"][2:] == logs["two"][1][step]["shape"][2:]
+    assert max(float((two[k] - one[k]).abs().max()) for k in one) < 1e-5
