@@ -12,7 +12,8 @@ An epoch is Σ_b floor(c_b / G) steps (c_b: the bucket's samples, from the start
 bucket_stream.py); the rest of each bucket, under G samples, is left over (`summary`). Every reader walks the
 whole sequence (reading bytes and image headers) and decodes only its own rows; it holds at most G raw
 records per bucket. A sample that passes the header check but fails to decode is replaced by the next row of
-the same step's global batch that decodes (counted bad): the same replacement on every topology.
+the same step's global batch that decodes (counted bad; that sample then appears twice in the step): the same
+replacement on every topology.
 """
 
 from __future__ import annotations
