@@ -54,3 +54,17 @@ def test_requeue_counts_a_scontrol_stopped_by_the_requeue_itself(tmp_path, monke
     assert PreemptionCallback._requeue("6") is requeued
     out = capsys.readouterr().out
     assert ("requeued Slurm job 6" in out) is requeued and said in out, out
+
+
+def test_job_requeueable_reads_slurms_requeue_flag(tmp_path, monkeypatch):
+    """`sbatch --no-requeue` / `scontrol update JobId=<id> Requeue=0` → False: the preemption stop then exits 75 on
+    every rank without asking for a requeue (the real thing: tests/test_fault_slurm.py)."""
+    from ldm_lightning.training.preemption import job_requeueable
+
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    fake = tmp_path / "scontrol"
+    for out, expected in (("   Requeue=0 Restarts=0 BatchFlag=1", False), ("   Requeue=1 Restarts=2", True),
+                          ("slurm_load_jobs error: Invalid job id specified", None)):
+        fake.write_text(f"#!/bin/sh\necho '{out}'\n")
+        fake.chmod(0o755)
+        assert job_requeueable("6") is expected
