@@ -196,7 +196,8 @@ def run_lightning_cli(argv: list[str] | None = None) -> int:
     finally:
         release_run_lock()
     code = exit_code(cli)
-    if any(getattr(cb, "exit_on_sigterm", False) for cb in getattr(cli.trainer, "callbacks", [])):
+    trainer = getattr(cli, "trainer", None)
+    if any(getattr(cb, "exit_on_sigterm", False) for cb in (trainer.callbacks if trainer is not None else [])):
         # Saved, not requeued, under Slurm: end now with this code. Once one rank exits 75, srun's
         # --kill-on-bad-exit SIGTERMs the others; Python's own shutdown restores SIGTERM's default action, so a
         # rank caught there would end as 143 and the job's exit code would depend on which rank finished first.
