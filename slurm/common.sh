@@ -33,7 +33,7 @@ ldm_slurm_launch() {
        "$(date -u +%FT%TZ)"
   # `scancel --signal=USR1 --full` also signals this shell, whose default USR1 action is to die:
   # note it and carry on (the training tasks got the signal too and handle it).
-  trap 'echo "[ldm-slurm] USR1 reached the batch shell; the tasks checkpoint and requeue"' USR1
+  trap 'echo "[ldm-slurm] USR1 reached the batch shell; the tasks checkpoint (and requeue the job unless it is --no-requeue)"' USR1
   local cmd
   read -r -a cmd <<< "${TRAIN_CMD:-ldm-lightning fit}"
   local -a overrides=() configs=()

@@ -35,12 +35,16 @@ def test_missing_config_is_a_clear_error(tmp_path):
     assert r.returncode != 0 and "set CONFIG=" in r.stderr
 
 
-@pytest.mark.parametrize("script, requeued", [
-    ("exit 0", True),
-    ("kill -TERM $$", True),  # Slurm's requeue stopped the job's processes, scontrol among them, before it returned
-    ("echo 'Requested operation is presently disabled' >&2; exit 1", False),
+@pytest.mark.parametrize("script, requeued, said", [
+    ("exit 0", True, "requeued Slurm job 6"),
+    # Slurm's requeue stopped the job's processes, scontrol among them, before it returned
+    ("kill -TERM $$", True, "requeued Slurm job 6"),
+    # a job submitted with --no-requeue (or set Requeue=0): not requeued on purpose, no warning
+    ("echo 'Requested operation is presently disabled for job 6' >&2; exit 1", False, "is not requeueable"),
+    ("echo 'Invalid job id specified' >&2; exit 1", False, "WARNING"),
 ])
-def test_requeue_counts_a_scontrol_stopped_by_the_requeue_itself(tmp_path, monkeypatch, capsys, script, requeued):
+def test_requeue_counts_a_scontrol_stopped_by_the_requeue_itself(tmp_path, monkeypatch, capsys, script, requeued,
+                                                                said):
     from ldm_lightning.training.preemption import PreemptionCallback
 
     fake = tmp_path / "scontrol"
@@ -49,4 +53,18 @@ def test_requeue_counts_a_scontrol_stopped_by_the_requeue_itself(tmp_path, monke
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     assert PreemptionCallback._requeue("6") is requeued
     out = capsys.readouterr().out
-    assert ("requeued Slurm job 6" in out) is requeued and ("WARNING" in out) is not requeued, out
+    assert ("requeued Slurm job 6" in out) is requeued and said in out, out
+
+
+def test_job_requeueable_reads_slurms_requeue_flag(tmp_path, monkeypatch):
+    """`sbatch --no-requeue` / `scontrol update JobId=<id> Requeue=0` → False: the preemption stop then exits 75 on
+    every rank without asking for a requeue (the real thing: tests/test_fault_slurm.py)."""
+    from ldm_lightning.training.preemption import job_requeueable
+
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    fake = tmp_path / "scontrol"
+    for out, expected in (("   Requeue=0 Restarts=0 BatchFlag=1", False), ("   Requeue=1 Restarts=2", True),
+                          ("slurm_load_jobs error: Invalid job id specified", None)):
+        fake.write_text(f"#!/bin/sh\necho '{out}'\n")
+        fake.chmod(0o755)
+        assert job_requeueable("6") is expected

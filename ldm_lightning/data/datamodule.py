@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm_lightning.data.bucket_stream import BucketStream, _distributed
 from ldm_lightning.data.buckets import BucketConfig, Buckets
+from ldm_lightning.data.global_buckets import GlobalBucketStream
 from ldm_lightning.data.global_order import ORDERS, GlobalOrderStream
 from ldm_lightning.data.jpeg import JPEG_DECODERS
 from ldm_lightning.data.jpeg import available as jpeg_available
@@ -229,7 +230,8 @@ class ShardDataModule(L.LightningDataModule):
                 global batch (batch_size × processes × accumulation), and training noise drawn per global
                 row: runs with the same global batch on 1, 2 or N processes train alike, and a checkpoint
                 resumes at another world size (docs/training.md "World-size independence"). Costs I/O: every
-                reader reads every shard's bytes and image headers (decoding only its rows). Not with bucketing.
+                reader reads every shard's bytes and image headers (decoding only its rows). With bucketing, every
+                global batch comes from one bucket, in the order the global sequence fills them.
             members: Which tar members and json fields make a sample, and the json filters (MembersConfig:
                 image_exts, caption_exts, caption_key, class_exts, class_key, filters, latent_exts).
             loader: How batches reach the step (LoaderConfig: val_batch_size, normalize_on_device,
@@ -269,9 +271,6 @@ class ShardDataModule(L.LightningDataModule):
         self.pin_memory = loader.pin_memory
         self.shard_check = shard_check
         self.order = order
-        if order == "global" and bucketing is not None:
-            raise ValueError("data.order: global does not support data.bucketing yet (a global batch would have to "
-                             "come from one bucket); use order: slots with bucketing, or bucketing: null")
         self._checked_shards: set[tuple[str, ...]] = set()  # shard lists already checked: once per start
         self.val_samples, self.val_batch_size = val_samples, loader.val_batch_size or batch_size
         self.bucketing = BucketConfig.parse(bucketing)
@@ -313,15 +312,16 @@ class ShardDataModule(L.LightningDataModule):
         if self.bucketing is not None:  # training only (validation stays square): batches of one bucket each
             t = self.transform
             kw["buckets"] = Buckets(self.bucketing, t.channels, t.mode == "random_crop", t.flip, t.background)
-        if self.order == "global":
-            stream_type, kw = GlobalOrderStream, {"accumulation": self.accumulation()}
+        if self.order == "global":  # with buckets: each global batch from one bucket (data/global_buckets.py)
+            stream_type = GlobalBucketStream if kw else GlobalOrderStream
+            kw["accumulation"] = self.accumulation()
         else:
             stream_type = BucketStream if kw else ShardStream
         stream = stream_type(
             resolved, self.batch_size, num_workers=num_workers, rank=rank, world_size=world, seed=self.seed,
             shuffle=shuffle, shuffle_buffer=self.shuffle_buffer, kind=self.kind, transform=transform,
             max_bad_fraction=self.max_bad_fraction, uint8_images=self.normalize_on_device, members=self.members, **kw)
-        if stream_type is BucketStream and rank == 0:
+        if stream_type in (BucketStream, GlobalBucketStream) and rank == 0:
             print(stream.summary(), file=sys.stderr, flush=True)
         return stream
 

@@ -195,7 +195,16 @@ def run_lightning_cli(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     finally:
         release_run_lock()
-    return exit_code(cli)
+    code = exit_code(cli)
+    trainer = getattr(cli, "trainer", None)
+    if any(getattr(cb, "exit_on_sigterm", False) for cb in (trainer.callbacks if trainer is not None else [])):
+        # Saved, not requeued, under Slurm: end now with this code. Once one rank exits 75, srun's
+        # --kill-on-bad-exit SIGTERMs the others; Python's own shutdown restores SIGTERM's default action, so a
+        # rank caught there would end as 143 and the job's exit code would depend on which rank finished first.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def release_run_lock() -> None:

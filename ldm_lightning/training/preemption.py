@@ -13,9 +13,10 @@ SIGTERM; a user at the terminal presses Ctrl-C (SIGINT). The protocol:
    then a barrier, and the trainer stops.
 4. Then: SIGUSR1 under Slurm -> rank 0 runs `scontrol requeue $SLURM_JOB_ID` (same job id,
    `SLURM_RESTART_COUNT` grows) and the requeued job resumes with `--ckpt_path last`. Otherwise the
-   process exits with `exit_code`: EXIT_PREEMPTED (75) after SIGUSR1 outside Slurm or when the requeue
-   failed, EXIT_TERMINATED (143 = 128 + SIGTERM) after SIGTERM, EXIT_INTERRUPTED (130 = 128 + SIGINT)
-   after Ctrl-C, so a wrapper never mistakes a stop for a finished run.
+   process exits with `exit_code`: EXIT_PREEMPTED (75) after SIGUSR1 outside Slurm, for a job that is not
+   requeueable (`sbatch --no-requeue`, `scontrol update JobId=<id> Requeue=0`) or when the requeue failed,
+   EXIT_TERMINATED (143 = 128 + SIGTERM) after SIGTERM, EXIT_INTERRUPTED (130 = 128 + SIGINT) after Ctrl-C,
+   so a wrapper never mistakes a stop for a finished run.
 5. A second Ctrl-C while a stop is pending (or saving) means "now": the handler raises KeyboardInterrupt,
    Lightning's own interrupt path tears the run down without saving (it writes no checkpoint unless
    `save_on_exception` is set) and ends with exit(1), which the CLI reports as 130.
@@ -69,6 +70,25 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def job_requeueable(job_id: str) -> bool | None:
+    """Slurm's Requeue flag of the job: False when submitted with `sbatch --no-requeue` or set so while it runs
+    (`scontrol update JobId=<id> Requeue=0`), e.g. to continue the run on another allocation; None: unknown."""
+    if not re.fullmatch(r"[0-9_]+", job_id):
+        return None
+    try:
+        r = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"\bRequeue=([01])\b", r.stdout)
+    return None if m is None else m.group(1) == "1"
+
+
+def not_requeueable_message(job_id: str) -> str:
+    return (f"[ldm-lightning] Slurm job {job_id} is not requeueable (--no-requeue / Requeue=0): saved, not "
+            "requeued; resubmit with the same CONFIG and OVERRIDES to resume (with data.order: global on any "
+            "number of nodes)")
+
+
 class PreemptionCallback(L.Callback):
     """Checkpoint at the next step boundary after one of `signals` arrives, then requeue or stop.
 
@@ -96,6 +116,7 @@ class PreemptionCallback(L.Callback):
         self._previous: dict[int, object] = {}
         self._pid = os.getpid()
         self._saving = False
+        self.exit_on_sigterm = False  # saved, not requeued, under Slurm (see _exit_preempted_on_sigterm)
 
     # --- the handler: sets a flag, nothing else (but for a second Ctrl-C) -----------------------------
     def _handler(self, signum, frame) -> None:
@@ -131,6 +152,8 @@ class PreemptionCallback(L.Callback):
             signal.signal(sig, prev)
         self._previous.clear()
         self._saving = False
+        if self.exit_on_sigterm:
+            self._exit_preempted_on_sigterm()
 
     # --- the step boundary ---------------------------------------------------------------------
     def _agreed(self, trainer) -> int | None:
@@ -161,10 +184,27 @@ class PreemptionCallback(L.Callback):
             print(f"[ldm-lightning] saved {path}", flush=True)
         job_id = slurm_job_id()
         if signum == signal.SIGUSR1 and self.requeue and job_id is not None:
-            self.requeued = self._requeue(job_id) if trainer.is_global_zero else True
+            if job_requeueable(job_id) is False:  # every rank asks Slurm: they agree on the exit code, no collective
+                if trainer.is_global_zero:
+                    print(not_requeueable_message(job_id), flush=True)
+                self.requeued = False
+            else:
+                self.requeued = self._requeue(job_id) if trainer.is_global_zero else True
+        if signum == signal.SIGUSR1 and not self.requeued and job_id is not None:
+            self._exit_preempted_on_sigterm()
         trainer.should_stop = True
         self.stopped_by = signum
         self.received = None
+
+    def _exit_preempted_on_sigterm(self) -> None:
+        """Saved, not requeued: this process will exit EXIT_PREEMPTED. srun's --kill-on-bad-exit sends SIGTERM to
+        the ranks still tearing down once the first one exits so; they end at once with the same code (the
+        checkpoint is written on every rank), not 143, so the job's exit code does not depend on who was first."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(EXIT_PREEMPTED))
+        self._previous.pop(signal.SIGTERM, None)  # teardown must not restore the old handler
+        self.exit_on_sigterm = True  # teardown sets it again after Lightning's signal connector restored its own
 
     @property
     def exit_code(self) -> int | None:
@@ -197,6 +237,9 @@ class PreemptionCallback(L.Callback):
             print(f"[ldm-lightning] requeued Slurm job {job_id} (Slurm stopped the job for the requeue before "
                   "scontrol returned)", flush=True)
             return True
+        if "disabled" in r.stderr:  # made not requeueable after job_requeueable() asked
+            print(not_requeueable_message(job_id), flush=True)
+            return False
         print(f"[ldm-lightning] WARNING: `scontrol requeue {job_id}` exited {r.returncode}: "
               f"{r.stderr.strip()} (is the job submitted with --requeue?)", flush=True)
         return False
