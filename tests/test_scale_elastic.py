@@ -28,10 +28,14 @@ STAGES = {
     "autoencoder": ["-c", str(REPO / "configs/autoencoder/tiny-mnist.yaml"), "--model.init_args.scale_batches", "0",
                     "--model.init_args.loss.disc_start", "0", "--model.init_args.loss.disc_warmup_train", "0",
                     "--model.init_args.loss.adaptive_weight", "false", "--model.init_args.optim.eps", "1e-6"],
+    # a tiny DiT: FSDP2 shards its blocks (training/fsdp2.py)
+    "fsdp2": ["-c", str(REPO / "configs/diffusion/mnist-jit-pixels.yaml"), "--model.init_args.val_num", "0",
+              "--model.init_args.backbone_config", '{{"patch_size": 4, "bottleneck_dim": 8, "hidden_size": 32, '
+              '"depth": 2, "num_heads": 2, "qk_norm": true}}'],  # braces doubled: _fit formats {ae}
 }
 
 
-def _fit(w, stage, root, devices, batch, steps, *extra, workers=1, check=True):
+def _fit(w, stage, root, devices, batch, steps, *extra, workers=1, check=True, strategy="ddp"):
     tmp_path = w.tmp
     ckpt = write_yaml(tmp_path / "every2.yaml", """
 trainer:
@@ -40,7 +44,7 @@ trainer:
       init_args: {every_n_train_steps: 2, keep_last_k: 5}
 """)
     args = ["fit", *(a.format(ae=w.ae) for a in STAGES[stage]), "-c", str(TRAINER_CFG / "cpu-debug.yaml"),
-            "-c", ckpt, "--trainer.devices", str(devices), "--trainer.strategy", "ddp", "--trainer.logger", "false",
+            "-c", ckpt, "--trainer.devices", str(devices), "--trainer.strategy", strategy, "--trainer.logger", "false",
             "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
             "--trainer.default_root_dir", str(tmp_path / root), "--model.init_args.optim.warmup_steps", "0",
             "--data.init_args.train_shards", w.shards, "--data.init_args.val_shards", "null",
@@ -136,3 +140,28 @@ def test_global_order_is_the_same_samples_on_any_topology(mnist_shards):
     resumed, _ = batches(4, 1, 0, 2, workers=3, consumed=10, n=14)
     assert [b["key"] for b in resumed] == [b["key"] for b in accumulated[10:24]]
     assert len({k for b in one for k in b["key"]}) == 96  # no sample twice
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fsdp2_resume_two_processes_to_one(where):
+    """FSDP2 (sharded DCP checkpoint): 2 processes × batch 4 to step 2, then `--ckpt_path last` on 1 process
+    (DCP reshards the DTensor weights, EMA and AdamW moments onto the 1-process mesh; accumulation 2, one line)
+    equals 1 process × batch 8 at steps 2 and 4, EMA included."""
+    from ldm_lightning.dcp_files import read_full_state_dict
+
+    _fit(where, "fsdp2", "elastic", 2, 4, 2, strategy="fsdp2")
+    resumed = _fit(where, "fsdp2", "elastic", 1, 4, 4, "--ckpt_path", "last", strategy="fsdp2")
+    lines = [ln for ln in resumed.stdout.splitlines() if "elastic resume" in ln]
+    assert len(lines) == 1 and "2 process(es) × batch_size 4 × accumulation 1 → 1 × 4 × 2" in lines[0], resumed.stdout
+    _fit(where, "fsdp2", "one", 1, 8, 4, strategy="fsdp2")
+    full = {(root, n): read_full_state_dict(where.tmp / root / "checkpoints" / f"step=0000000{n}.ckpt")
+            for root in ("elastic", "one") for n in (2, 4)}
+    for n in (2, 4):
+        a, b = full["elastic", n], full["one", n]
+        assert a["global_step"] == b["global_step"] == n
+        assert any(k.startswith("ema.") for k in a["state_dict"])
+        assert _max_diff(a["state_dict"], b["state_dict"]) < ATOL, n
+    assert _max_diff(full["one", 2]["state_dict"], full["one", 4]["state_dict"]) > 100 * ATOL
+    dm = full["elastic", 4]["ShardDataModule"]
+    assert dm["samples"] == 32 and dm["epoch"] == 0

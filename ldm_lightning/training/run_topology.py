@@ -39,7 +39,9 @@ class TopologyChanged(UserError):
     """A resume at another world size, per-rank batch size or data worker count than the checkpoint's."""
 
 
-SHARDED_STRATEGIES = ("DeepSpeed", "FSDP", "ModelParallel")  # optimizer state saved per rank
+# Optimizer state saved per rank in a layout tied to the world size. FSDP2 (FSDP2Strategy, a ModelParallelStrategy)
+# is not here: its DCP checkpoint indexes every DTensor by global offsets, and loading into the new mesh reshards.
+SHARDED_STRATEGIES = ("DeepSpeed", "FSDPStrategy")  # FSDPStrategy: Lightning's FSDP1 (this project ships FSDP2)
 
 
 def current_topology(trainer) -> dict:
