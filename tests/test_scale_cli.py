@@ -21,7 +21,10 @@ def test_trainer_configs_parse():
             "deepspeed-zero2.yaml", "deepspeed-zero3.yaml"} <= names
     for name in names - {"cpu-debug.yaml"}:
         t = yaml.safe_load((TRAINER_CFG / name).read_text())["trainer"]
-        assert t["precision"] == "bf16-mixed", name
+        if name == "fsdp2.yaml":  # bf16 is FSDP2's MixedPrecisionPolicy (param_dtype auto: bf16 on CUDA), not autocast
+            assert t["precision"] == "32-true" and t["strategy"]["init_args"]["param_dtype"] == "auto", name
+        else:
+            assert t["precision"] == "bf16-mixed", name
         assert t["gradient_clip_val"] > 0 and t["accumulate_grad_batches"] >= 1, name
         kinds = [c["class_path"].rsplit(".", 1)[1] for c in t["callbacks"]]
         assert "StepCheckpoint" in kinds and "TelemetryCallback" in kinds, name

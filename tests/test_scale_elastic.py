@@ -28,10 +28,14 @@ STAGES = {
     "autoencoder": ["-c", str(REPO / "configs/autoencoder/tiny-mnist.yaml"), "--model.init_args.scale_batches", "0",
                     "--model.init_args.loss.disc_start", "0", "--model.init_args.loss.disc_warmup_train", "0",
                     "--model.init_args.loss.adaptive_weight", "false", "--model.init_args.optim.eps", "1e-6"],
+    # a tiny DiT: FSDP2 shards its blocks (training/fsdp2.py)
+    "fsdp2": ["-c", str(REPO / "configs/diffusion/mnist-jit-pixels.yaml"), "--model.init_args.val_num", "0",
+              "--model.init_args.backbone_config", '{{"patch_size": 4, "bottleneck_dim": 8, "hidden_size": 32, '
+              '"depth": 2, "num_heads": 2, "qk_norm": true}}'],  # braces doubled: _fit formats {ae}
 }
 
 
-def _fit(w, stage, root, devices, batch, steps, *extra, workers=1, check=True):
+def _fit(w, stage, root, devices, batch, steps, *extra, workers=1, check=True, strategy="ddp"):
     tmp_path = w.tmp
     ckpt = write_yaml(tmp_path / "every2.yaml", """
 trainer:
@@ -40,7 +44,7 @@ trainer:
       init_args: {every_n_train_steps: 2, keep_last_k: 5}
 """)
     args = ["fit", *(a.format(ae=w.ae) for a in STAGES[stage]), "-c", str(TRAINER_CFG / "cpu-debug.yaml"),
-            "-c", ckpt, "--trainer.devices", str(devices), "--trainer.strategy", "ddp", "--trainer.logger", "false",
+            "-c", ckpt, "--trainer.devices", str(devices), "--trainer.strategy", strategy, "--trainer.logger", "false",
             "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
             "--trainer.default_root_dir", str(tmp_path / root), "--model.init_args.optim.warmup_steps", "0",
             "--data.init_args.train_shards", w.shards, "--data.init_args.val_shards", "null",
@@ -136,3 +140,60 @@ def test_global_order_is_the_same_samples_on_any_topology(mnist_shards):
     resumed, _ = batches(4, 1, 0, 2, workers=3, consumed=10, n=14)
     assert [b["key"] for b in resumed] == [b["key"] for b in accumulated[10:24]]
     assert len({k for b in one for k in b["key"]}) == 96  # no sample twice
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fsdp2_resume_two_processes_to_one(where):
+    """FSDP2 (sharded DCP checkpoint): 2 processes × batch 4 to step 2, then `--ckpt_path last` on 1 process
+    (DCP reshards the DTensor weights, EMA and AdamW moments onto the 1-process mesh; accumulation 2, one line)
+    equals 1 process × batch 8 at steps 2 and 4, EMA included."""
+    from ldm_lightning.dcp_files import read_full_state_dict
+
+    _fit(where, "fsdp2", "elastic", 2, 4, 2, strategy="fsdp2")
+    resumed = _fit(where, "fsdp2", "elastic", 1, 4, 4, "--ckpt_path", "last", strategy="fsdp2")
+    lines = [ln for ln in resumed.stdout.splitlines() if "elastic resume" in ln]
+    assert len(lines) == 1, resumed.stdout
+    assert "2 process(es) × batch_size 4 × accumulation 1 → 1 × 4 × 2" in lines[0]
+    _fit(where, "fsdp2", "one", 1, 8, 4, strategy="fsdp2")
+    full = {(root, n): read_full_state_dict(where.tmp / root / "checkpoints" / f"step=0000000{n}.ckpt")
+            for root in ("elastic", "one") for n in (2, 4)}
+    for n in (2, 4):
+        a, b = full["elastic", n], full["one", n]
+        assert a["global_step"] == b["global_step"] == n
+        assert any(k.startswith("ema.") for k in a["state_dict"])
+        assert _max_diff(a["state_dict"], b["state_dict"]) < ATOL, n
+    assert _max_diff(full["one", 2]["state_dict"], full["one", 4]["state_dict"]) > 100 * ATOL
+    dm = full["elastic", 4]["ShardDataModule"]
+    assert dm["samples"] == 32 and dm["epoch"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_deepspeed_zero2_resume_two_processes_to_one(where):
+    """DeepSpeed ZeRO-2: 2 processes × batch 4 to step 2, then `--ckpt_path last` on 1 process: the resume converts
+    the per-rank optimizer partitions with DeepSpeed's universal checkpoint (one line), sets the engine's
+    accumulation to 2, and ends equal to 1 process × batch 8 at step 4, EMA included. Tolerance 5e-5: DeepSpeed's
+    flat-buffer reductions differ more than DDP's (measured 1.8e-6 at step 2 between 2 × 4 and 1 × 8 before any
+    resume, 8e-6 at step 4); a skipped sample or a lost Adam moment shows as ~1e-3 (one lr-sized step)."""
+    zero2 = "deepspeed_stage_2_anydevice"
+    _fit(where, "diffusion", "elastic", 2, 4, 2, strategy=zero2)
+    resumed = _fit(where, "diffusion", "elastic", 1, 4, 4, "--ckpt_path", "last", strategy=zero2)
+    out = resumed.stdout
+    assert out.count("converting it to DeepSpeed's universal checkpoint") == 1, out[-3000:]
+    assert "2 process(es) × batch_size 4 × accumulation 1 → 1 × 4 × 2" in out
+    ckpts = where.tmp / "elastic" / "checkpoints"
+    assert not [p for p in ckpts.iterdir() if ".universal." in p.name]  # the converted temp folder is removed
+    _fit(where, "diffusion", "one", 1, 8, 4, strategy=zero2)
+
+    def module(root, step):
+        folder = where.tmp / root / "checkpoints" / f"step=0000000{step}.ckpt" / "checkpoint"
+        file = folder / "mp_rank_00_model_states.pt"
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        return state, {k: v for k, v in state["module"].items() if v.is_floating_point()}
+
+    (a_state, a), (b_state, b) = module("elastic", 4), module("one", 4)
+    assert a_state["global_step"] == b_state["global_step"] == 4
+    assert any(k.startswith("ema.") for k in a) and _max_diff(a, b) < 5e-5
+    assert _max_diff(module("one", 2)[1], b) > 20 * 5e-5  # steps 3-4 moved the weights by ~lr (measured 2e-3)
+    assert a_state["ShardDataModule"]["samples"] == 32 and a_state["ShardDataModule"]["epoch"] == 0

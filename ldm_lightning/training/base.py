@@ -174,7 +174,10 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
-        self.update_ema()
+        # DeepSpeed is handed every micro-batch and steps only at its own accumulation boundaries (strategies.py)
+        applied = getattr(self._trainer.strategy, "optimizer_step_applied", None) if self._trainer else None
+        if applied is None or applied():
+            self.update_ema()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # Automatic optimization updated in optimizer_step (not at all on gradient-accumulation

@@ -20,8 +20,10 @@ Elastic resume (issue 29 item 2): a run with `data.order: global` keeps its data
 global batch (batch_size × world size × accumulation) is kept by setting `trainer.accumulate_grad_batches`
 (said in one line), Lightning's per-rank batch counters are rewritten for the new topology, and the epoch goes
 on from the same sample. Refused, one message and exit 2: a global batch the new batch_size × world size does
-not divide, a change of data.order, and a world-size change of a sharded strategy (DeepSpeed, FSDP), whose
-optimizer state is saved per rank (DDP's is whole in the checkpoint, so any world size loads it).
+not divide, and a change of data.order. The optimizer state follows the strategy: DDP's is whole in the
+checkpoint; FSDP2's DCP checkpoint reshards on load; DeepSpeed ZeRO-1/2 checkpoints are re-partitioned through
+DeepSpeed's universal checkpoint before this check runs (deepspeed_elastic.py; ZeRO-3 refused there), and a
+strategy that counts accumulation itself (DeepSpeed) is given the new accumulation (`set_gradient_accumulation`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ class TopologyChanged(UserError):
     """A resume at another world size, per-rank batch size or data worker count than the checkpoint's."""
 
 
-SHARDED_STRATEGIES = ("DeepSpeed", "FSDP", "ModelParallel")  # optimizer state saved per rank
+# Optimizer state saved per rank in a layout tied to the world size. FSDP2 (FSDP2Strategy, a ModelParallelStrategy)
+# is not here: its DCP checkpoint indexes every DTensor by global offsets, and loading into the new mesh reshards.
+SHARDED_STRATEGIES = ("FSDPStrategy",)  # FSDPStrategy: Lightning's FSDP1 (this project ships FSDP2)
 
 
 def current_topology(trainer) -> dict:
@@ -185,6 +189,9 @@ class TopologyCheck(L.Callback):
             accumulation, line = elastic_plan(saved, now, path)
             _rescale_batch_counters(checkpoint, saved, now)
             trainer.accumulate_grad_batches = accumulation
+            set_engine_accumulation = getattr(trainer.strategy, "set_gradient_accumulation", None)
+            if callable(set_engine_accumulation):  # DeepSpeed counts accumulation in its engine (strategies.py)
+                set_engine_accumulation(accumulation)
             if line and trainer.is_global_zero:
                 print(line, flush=True)
             return

@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
@@ -96,6 +100,76 @@ class AnyDeviceDeepSpeedStrategy(DeepSpeedStrategy):
             args=self._ds_args(), config=self.config, model=model, model_parameters=model_parameters,
             optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False)
         return engine, ds_optimizer
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """DeepSpeed's load; a ZeRO checkpoint saved at another world size goes through DeepSpeed's universal
+        checkpoint first (deepspeed_elastic.py), for a `data.order: global` run (refused otherwise)."""
+        from ldm_lightning.training import deepspeed_elastic as elastic
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        record = elastic.saved_record(path) if path.is_dir() and not self.load_full_weights else None
+        if record is None or record["dp_world_size"] in (0, self.world_size):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from ldm_lightning.training.run_topology import TopologyChanged, mismatch_message
+
+        saved = record["run_topology"] or {"world_size": record["dp_world_size"]}
+        if self.zero_stage_3:
+            raise elastic.UniversalConversionError(
+                f"cannot resume {path} at world size {self.world_size}: it was saved by {record['dp_world_size']} "
+                "ZeRO-3 processes, and this project re-partitions ZeRO-1/2 checkpoints only (a universal load "
+                "skips the EMA weights and buffers, restored here only where they are not partitioned). Resume "
+                f"with --trainer.devices {saved.get('devices', '?')} --trainer.num_nodes "
+                f"{saved.get('num_nodes', '?')}, or train with "
+                "--trainer.strategy deepspeed_stage_2_anydevice or fsdp2 to change the world size.")
+        if saved.get("order") != "global":
+            now = {"world_size": self.world_size, "num_nodes": self.num_nodes, "devices": self.num_processes}
+            raise TopologyChanged(mismatch_message(saved, now, str(path)))
+        universal = Path(self.broadcast(str(path.parent / f".{path.name}.universal.{secrets.token_hex(4)}.tmp")))
+        try:
+            failure = None
+            if self.global_rank == 0:
+                print(f"[ldm-lightning] {path} was saved by {record['dp_world_size']} DeepSpeed processes, this run "
+                      f"has {self.world_size}: converting it to DeepSpeed's universal checkpoint (ds_to_universal) "
+                      "to re-partition the ZeRO optimizer state", flush=True)
+                try:
+                    elastic.convert_to_universal(path, universal)
+                except elastic.UniversalConversionError as e:
+                    failure = str(e)
+            failure = self.broadcast(failure)  # every rank stops with the same message
+            if failure:
+                raise elastic.UniversalConversionError(failure)
+            self.deepspeed_engine._config.load_universal_checkpoint = True
+            try:
+                client_state = super().load_checkpoint(universal, weights_only)
+            finally:
+                self.deepspeed_engine._config.load_universal_checkpoint = False
+            elastic.restore_untrained_state(self.deepspeed_engine.module, path)
+            return client_state
+        finally:
+            self.barrier()
+            if self.global_rank == 0:
+                shutil.rmtree(universal, ignore_errors=True)
+
+    def set_gradient_accumulation(self, steps: int) -> None:
+        """DeepSpeed decides accumulation boundaries itself (its `gradient_accumulation_steps`, fixed when the
+        engine is built): an elastic resume that changes `trainer.accumulate_grad_batches` (run_topology.py)
+        changes it here too, or the engine would step the optimizer on every micro-batch."""
+        engine = self.deepspeed_engine
+        engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * engine.dp_world_size * steps)
+        self.config["gradient_accumulation_steps"] = steps
+        self.config["train_batch_size"] = engine.train_batch_size()
+
+    def backward(self, closure_loss, optimizer, *args, **kwargs):
+        # Lightning already divides the loss by accumulate_grad_batches; DeepSpeed's engine would divide it by
+        # its gradient_accumulation_steps again (scale_wrt_gas), making the gradient 1/accumulation of the
+        # global batch's mean (not what DDP computes; it matters to gradient clipping and an elastic resume).
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def optimizer_step_applied(self) -> bool:
+        """Whether the engine's last `step()` changed the weights: Lightning calls it on every micro-batch
+        (DeepSpeed handles accumulation), so the EMA (training/base.py) updates only when this is True."""
+        return bool(self.deepspeed_engine.was_step_applied())
 
     def _initialize_deepspeed_inference(self, model: nn.Module) -> None:
         if self._on_cuda():
