@@ -205,7 +205,8 @@ def main(argv=None) -> int:
         ae_s = time.perf_counter() - t_start
         print(f"MNIST latents 8x8x4 (tiny-mnist autoencoder, {'given' if a.autoencoder else f'{a.ae_steps} steps'}; "
               f"with encoding the train latents {ae_s:.0f} s), dit-tiny width {a.width}, {a.steps} steps x batch "
-              f"{a.batch} per variant, {a.num} samples ({a.sampler} {a.sample_steps} steps, CFG {a.cfg}, seed 0), torch threads {a.threads}; FID vs "
+              f"{a.batch} per variant, {a.num} samples ({a.sampler} {a.sample_steps} steps, CFG {a.cfg}, seed 0), "
+              f"torch threads {a.threads}; FID vs "
               f"2000 test images at N={a.num}: real {mnist_fid(clf, x[:a.num], real):.2f}, autoencoder "
               f"reconstructions {mnist_fid(clf, recon, real):.2f} (accuracy "
               f"{sample_accuracy(clf, recon, real_y[:a.num])['accuracy']:.3f})\n")
