@@ -111,7 +111,8 @@ def cached_minilm(max_length: int, root: Path):
 
 
 class StepTimer:
-    """Mean seconds per optimizer step after the first `skip` (start-up, first MiniLM load)."""
+    """Median seconds per optimizer step after the first `skip` (start-up, first MiniLM load); the median, not the
+    mean, because on a shared machine a few steps stall behind other jobs."""
 
     def __init__(self, skip: int = 5):
         import lightning as L
@@ -127,12 +128,12 @@ class StepTimer:
         self.callback = Cb()
 
     @property
-    def mean(self) -> float:
-        return sum(self.times) / max(1, len(self.times))
+    def median(self) -> float:
+        return float(torch.tensor(self.times).median()) if self.times else float("nan")
 
 
 def train(kwargs: dict, data, steps: int, batch: int, cache_root: Path | None, seed: int = 0):
-    """(module, seconds per step) after `steps` optimizer steps."""
+    """(module, median seconds per step) after `steps` optimizer steps."""
     import lightning as L
 
     from ldm_lightning.diffusion.module import DiffusionModule
@@ -146,7 +147,7 @@ def train(kwargs: dict, data, steps: int, batch: int, cache_root: Path | None, s
     trainer = quiet_trainer(steps)
     trainer.callbacks.append(timer.callback)
     trainer.fit(module, loader)
-    return module.eval(), timer.mean
+    return module.eval(), timer.median
 
 
 @torch.no_grad()
