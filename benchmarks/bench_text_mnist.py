@@ -2,10 +2,13 @@
 the trained τθ (LDM §4.3), and the MiniLM's cached embeddings (`data encode --text-encoders`). Prints a markdown
 table: class accuracy of the samples by the project's MNIST classifier, MNIST-FID, and seconds per step.
 
-    nice -n 10 python benchmarks/bench_text_mnist.py --steps 300 --batch 128 --num 200
-    # longer (a GPU): --ae-steps 1000 --steps 2000 --batch 256 --num 1000 --threads 8
+    nice -n 10 python benchmarks/bench_text_mnist.py --steps 500 --batch 128 --num 200
+    # docs/text-to-image.md's table: the autoencoder once (--ae-steps 200 --variants '' --save-autoencoder DIR),
+    # then --autoencoder DIR --variants minilm / tau / cached in three processes side by side
+    # longer: --ae-steps 1000 --steps 2000 --batch 256 --num 1000 --threads 8 (CPU only: the Trainer is built
+    # with accelerator="cpu" and sampling runs on the CPU)
 
-In LATENT space, as the demo's text model (which reaches 0.99 accuracy at 500 steps x batch 256): first the tiny
+In LATENT space, as the demo's text model (0.99 class accuracy at 500 steps x batch 256 in the demo): first the tiny
 MNIST autoencoder (configs/autoencoder/tiny-mnist.yaml's model section: 32x32x1 -> 8x8x4, L1 + KL, no PatchGAN in
 this budget) is trained for `--ae-steps` on the in-memory train images, its latent scale set by
 `compute_scale_factor` and exported (or `--autoencoder PATH` reuses a trained export/checkpoint); the train
@@ -166,13 +169,13 @@ VARIANTS = {"minilm": ("frozen MiniLM, on the fly", "mnist-dit-text-latents", Fa
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=300, help="diffusion optimizer steps per variant")
+    p.add_argument("--steps", type=int, default=500, help="diffusion optimizer steps per variant")
     p.add_argument("--batch", type=int, default=128, help="diffusion batch size")
     p.add_argument("--width", type=int, default=128, help="DiT hidden size (dit-tiny's: 128)")
     p.add_argument("--tau-width", type=int, default=128, help="τθ width (the config's: 256)")
     p.add_argument("--tau-depth", type=int, default=2, help="τθ depth (the config's: 4)")
     p.add_argument("--autoencoder", default=None, help="a trained tiny-mnist export/checkpoint (default: train one)")
-    p.add_argument("--ae-steps", type=int, default=300, help="autoencoder steps when training one (batch 64)")
+    p.add_argument("--ae-steps", type=int, default=200, help="autoencoder steps when training one (batch 64)")
     p.add_argument("--save-autoencoder", default=None, help="export the trained autoencoder here (for --autoencoder)")
     p.add_argument("--variants", default="minilm,tau,cached", help=f"comma-separated, of {','.join(VARIANTS)}")
     p.add_argument("--num", type=int, default=200, help="samples per variant (20 per digit at 200)")
