@@ -22,7 +22,6 @@ from collections import Counter
 from typing import Iterator
 
 import numpy as np
-from torch.utils.data import get_worker_info
 
 from ldm_lightning.data.bucket_stream import BucketStream
 from ldm_lightning.data.captions import choose_caption
@@ -125,13 +124,3 @@ class GlobalBucketStream(BucketStream):
                 yield self._batch(epoch, step, rows, start, budget, bad, filtered)
                 micro += self.workers
             step += 1
-
-    def __iter__(self):
-        info = get_worker_info()
-        p, w = (0, 1) if info is None else (info.id, info.num_workers)
-        if w != self.workers:
-            raise RuntimeError(f"GlobalBucketStream was built for num_workers={self.workers} but runs with {w}")
-        n = self.consumed
-        logical = (p + n) % w
-        skip = n // w + (1 if logical < n % w else 0)
-        yield from self.slot_batches(self.epoch, self.rank, logical, skip, worker=None if info is None else p)

@@ -24,7 +24,6 @@ from collections import Counter, deque
 from typing import Iterator
 
 import numpy as np
-from torch.utils.data import get_worker_info
 
 from ldm_lightning.data.shards import ShardSpecError
 from ldm_lightning.data.stream import (EXT, KEY, PAYLOAD, URL, BadDataError, BadSampleBudget, BatchArray, ShardStream,
@@ -140,14 +139,3 @@ class GlobalOrderStream(ShardStream):
             else:
                 filtered = 0
             yield self.collate(batch.data, cls, txt, keys, bad, ring_slot, crops, filtered)
-
-    def __iter__(self):
-        info = get_worker_info()
-        p, w = (0, 1) if info is None else (info.id, info.num_workers)
-        if w != self.workers:
-            raise RuntimeError(f"GlobalOrderStream was built for num_workers={self.workers} but runs with {w}")
-        n = self.consumed
-        logical = (p + n) % w
-        skip = n // w + (1 if logical < n % w else 0)
-        yield from self.slot_batches(self.epoch, self.rank, logical, skip, worker=None if info is None else p)
-

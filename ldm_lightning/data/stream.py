@@ -446,11 +446,12 @@ class ShardStream(IterableDataset):
             if not skipping:
                 yield self.collate(batch.data, cls, txt, keys, batch_bad, ring_slot, crops, batch_filtered, batch.maps)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[dict]:  # also the global-order streams': slot_batches is theirs
         info = get_worker_info()
         p, w = (0, 1) if info is None else (info.id, info.num_workers)
         if w != self.workers:
-            raise RuntimeError(f"ShardStream was built for num_workers={self.workers} but runs with {w} workers")
+            raise RuntimeError(f"{type(self).__name__} was built for num_workers={self.workers} but runs with {w} "
+                               "workers")
         n = self.consumed
         logical = (p + n) % w
         skip = n // w + (1 if logical < n % w else 0)  # batches this logical slot produced before the resume
