@@ -113,6 +113,18 @@ def wandb_run_ids(out: Path) -> list[str]:
     return sorted(p.name.split("-", 3)[-1] for p in (out / "run" / "wandb").glob("offline-run-*"))
 
 
+def preempt_after_first_checkpoint(job: str, out: Path) -> None:
+    """Wait for the job's step-4 checkpoint (so the signal lands mid-run), then send USR1 to every task."""
+    first = out / "run" / "checkpoints" / "step=00000004.ckpt"
+    deadline = time.time() + 400
+    while not first.exists():
+        state = job_field(job, "JobState")
+        assert time.time() < deadline and state in ("PENDING", "RUNNING", "CONFIGURING"), \
+            f"job {job} is {state} before its first checkpoint:\n{log_of(out)[-4000:]}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True, timeout=15)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, mnist_shards):
     """Both layouts' uninterrupted jobs, submitted together (they fit on the two nodes' declared CPUs)."""
@@ -132,20 +144,13 @@ def test_usr1_saves_requeues_resumes_bitwise_exact(layout, tmp_path, uninterrupt
     ref = final_state(ref_out)
     assert ref["global_step"] == STEPS and "Restarts=0" in subprocess.run(
         ["scontrol", "show", "job", ref_job], capture_output=True, text=True, timeout=15).stdout
-    assert f"(2 node(s)" in log_of(ref_out) if layout == "2node" else "(1 node(s)" in log_of(ref_out)
+    assert "(2 node(s)" in log_of(ref_out) if layout == "2node" else "(1 node(s)" in log_of(ref_out)
     # The job log is a file: rank 0's plain progress lines are in it (ProgressLines, a default of `fit`).
     assert f"[progress] step {STEPS}/{STEPS} " in log_of(ref_out), log_of(ref_out)[-3000:]
 
     out = tmp_path / "preempted"
     job = submit(layout, out, mnist_shards)
-    first = out / "run" / "checkpoints" / "step=00000004.ckpt"
-    deadline = time.time() + 400
-    while not first.exists():
-        state = job_field(job, "JobState")
-        assert time.time() < deadline and state in ("PENDING", "RUNNING", "CONFIGURING"), \
-            f"job {job} is {state} before its first checkpoint:\n{log_of(out)[-4000:]}"
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True, timeout=15)
+    preempt_after_first_checkpoint(job, out)
     wait_for(job, {"COMPLETED"}, 600, out)
 
     log = log_of(out)
@@ -187,14 +192,7 @@ def test_two_node_job_preempted_resumes_on_one_node_elastic(tmp_path, mnist_shar
     ref_out, out = tmp_path / "ref", tmp_path / "moved"
     ref_job = submit("2node", ref_out, mnist_shards, GLOBAL)
     job = submit("2node", out, mnist_shards, GLOBAL, sbatch=("--no-requeue",))
-    first = out / "run" / "checkpoints" / "step=00000004.ckpt"
-    deadline = time.time() + 400
-    while not first.exists():
-        state = job_field(job, "JobState")
-        assert time.time() < deadline and state in ("PENDING", "RUNNING", "CONFIGURING"), \
-            f"job {job} is {state} before its first checkpoint:\n{log_of(out)[-4000:]}"
-        time.sleep(0.1)
-    subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True, timeout=15)
+    preempt_after_first_checkpoint(job, out)
     wait_for(job, {"FAILED"}, 300, out)  # exit 75 (EXIT_PREEMPTED): saved, not finished
     log = log_of(out)
     assert job_field(job, "ExitCode") == "75:0" and job_field(job, "Restarts") == "0", log[-4000:]

@@ -184,19 +184,10 @@ def test_import_bad_inputs_one_message_each(tmp_path):
 
 # --- 2-5. the user path: import -> fit (full, LoRA, resume) -> sample -> export -> diffusers -----------------------
 FLOW = r'''
-import contextlib, io, json, sys
-from ldm_lightning.cli import main
+import json, sys
+from cli_inprocess import run
 root, ae, train, test, pipe, fb = sys.argv[1:7]
 TINY = json.dumps({"hidden_size": 64, "depth": 2, "num_heads": 4, "patch_size": 2, "input_size": 8})
-def run(*args, expect=0):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            rc = main(list(args)) or 0
-        except SystemExit as e:
-            rc = e.code or 0
-    assert rc == expect, (args, rc, err.getvalue()[-3000:])
-    return err.getvalue()
 def fit(name, init_from, *extra, expect=0):
     return run("fit", "-c", "ldm_lightning:diffusion/" + name, "-c", "ldm_lightning:trainer/cpu-debug.yaml",
                "-c", "ldm_lightning:data/mnist.yaml", "--model.init_args.autoencoder", ae,

@@ -111,18 +111,9 @@ def test_sd_unet_bad_inputs_one_message_each(tmp_path):
 
 # --- the user path: import -> fit -> sample -> export -> diffusers -------------------------------------------
 FLOW = r'''
-import contextlib, io, json, sys
-from ldm_lightning.cli import main
+import json, sys
+from cli_inprocess import run
 root, pipe, train, test = sys.argv[1:5]
-def run(*args, expect=0):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            rc = main(list(args)) or 0
-        except SystemExit as e:
-            rc = e.code or 0
-    assert rc == expect, (args, rc, err.getvalue()[-3000:])
-    return err.getvalue()
 SHAPE = json.dumps({"block_out_channels": [32, 64], "layers_per_block": 1,
                     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
                     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "grad_checkpointing": True})
