@@ -18,9 +18,10 @@ from wandb_reader import find_runs, read_run
 ROOT = Path(__file__).resolve().parents[1]
 LDM = str(Path(sys.executable).parent / "ldm-lightning")
 BUCKETS = ("train", "data_wait", "checkpoint", "restart", "other")
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_sigterm_stop_and_resume_account_for_the_whole_wall_time(tmp_path, mnist_shards):
     ckpt_cfg = tmp_path / "ckpt.yaml"
     ckpt_cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [
@@ -76,3 +77,51 @@ def test_sigterm_stop_and_resume_account_for_the_whole_wall_time(tmp_path, mnist
     assert resumed_launch - first_launch <= m["wall_s"] <= resumed_end - first_launch + 5, m
     assert m["train_s"] > g["totals"]["train"] and m["checkpoint_s"] > g["totals"]["checkpoint"]
     assert m["data_wait_s"] > 0
+
+
+def test_signal_during_a_checkpoint_takes_only_the_waiting_after_it_out_of_data_wait(monkeypatch):
+    """A stop signal that arrives while a checkpoint is still being written (the file already renamed into place):
+    the gap after the signal is mostly that write, which never counted as data wait, so the preemption save must
+    not take it out of data wait either (the CI run that found this logged data_wait_s = -0.056)."""
+    from types import SimpleNamespace
+
+    from ldm_lightning.training import goodput as goodput_module
+    from ldm_lightning.training.goodput import GoodputCallback
+    from ldm_lightning.training.preemption import PreemptionCallback
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(goodput_module.time, "time", lambda: clock["now"])
+    preemption = PreemptionCallback.__new__(PreemptionCallback)
+    preemption.received, preemption.received_at = None, None
+    saves = []
+    trainer = SimpleNamespace(callbacks=[preemption], global_step=0, log_every_n_steps=1000, is_global_zero=True,
+                              loggers=[], sanity_checking=False)
+
+    def write(path):  # the original save: takes two seconds
+        saves.append(path)
+        clock["now"] += 2.0
+    trainer.save_checkpoint = write
+    module = SimpleNamespace(device=torch.device("cpu"))
+    cb = GoodputCallback()
+    cb.setup(trainer, module, "fit")
+    cb.on_train_start(trainer, module)
+
+    def step(start, end):
+        clock["now"] = start
+        cb.on_train_batch_start(trainer, module, None, 0)
+        clock["now"] = end
+        cb.on_train_batch_end(trainer, module, None, None, 0)
+
+    step(0.0, 1.0)
+    step(1.2, 2.0)                       # 0.2 s of data wait
+    trainer.save_checkpoint("step=4")    # the step checkpoint: 2.0 .. 4.0, through the goodput timer
+    assert saves == ["step=4"] and cb.totals["checkpoint"] == pytest.approx(2.0)
+    preemption.received, preemption.received_at = signal.SIGTERM, 2.5  # during the write
+    step(4.1, 5.0)                       # 0.1 s of data wait, all after the signal
+    checkpoint = {}
+    cb.on_save_checkpoint(trainer, module, checkpoint)
+    totals = checkpoint["goodput"]["totals"]
+    # the waiting after the signal (0.1 s) leaves; the 0.2 s before it stays
+    assert totals["data_wait"] == pytest.approx(0.2), totals
+    # the step after the signal (4.1 .. 5.0) is restart time, not training
+    assert totals["train"] == pytest.approx(1.0 + 0.8), totals

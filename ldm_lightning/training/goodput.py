@@ -59,7 +59,9 @@ class GoodputCallback(Callback):
         self._start: float | None = None  # this step's start
         self._last_end: float | None = None  # the previous step's end (None before this job's first step)
         self._gap_start: float | None = None
-        self._gap_excluded = 0.0  # checkpoint + validation time since the previous step's end
+        self._gap_spans: list[tuple[float, float]] = []  # the excluded spans of the gap before this step
+        # checkpoint + validation spans (start, end) since the previous step's end
+        self._gap_excluded: list[tuple[float, float]] = []
         self._val_start: float | None = None
         self._last_logged_step = -1
         self._wrapped = None
@@ -78,7 +80,7 @@ class GoodputCallback(Callback):
                 dt = time.time() - t0
                 self.totals["checkpoint"] += dt
                 if self._last_end is not None:
-                    self._gap_excluded += dt
+                    self._gap_excluded.append((t0, t0 + dt))
         # An instance attribute, not a subclass: StepCheckpoint, the preemption save and user callbacks all call
         # `trainer.save_checkpoint`, and the Trainer is built by LightningCLI.
         trainer.save_checkpoint = timed_save
@@ -106,10 +108,10 @@ class GoodputCallback(Callback):
             self.restarts += 1
             self.requeues += signal_name is not None
             # this job's time before now is in the restart: checkpoint loads etc. must not count again
-            self._gap_excluded = 0.0
+            self._gap_excluded = []
         elif self._last_end is not None:
-            self.totals["data_wait"] += max(0.0, now - self._last_end - self._gap_excluded)
-        self._gap_start, self._gap_excluded = self._last_end, 0.0
+            self.totals["data_wait"] += _wait_after(self._last_end, now, self._gap_excluded)
+        self._gap_start, self._gap_spans, self._gap_excluded = self._last_end, self._gap_excluded, []
         self._start = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -131,7 +133,7 @@ class GoodputCallback(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self._val_start is not None and self._last_end is not None:
-            self._gap_excluded += time.time() - self._val_start  # validation is "other", not data wait
+            self._gap_excluded.append((self._val_start, time.time()))  # validation is "other", not data wait
         self._val_start = None
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -169,7 +171,8 @@ class GoodputCallback(Callback):
             if self._start is not None and self._last_end is not None and self._last_end >= self._start:
                 totals["train"] -= max(0.0, self._last_end - max(self._start, received_at))
             if self._gap_start is not None and self._start is not None:
-                totals["data_wait"] -= max(0.0, self._start - max(self._gap_start, received_at))
+                # only the waiting after the signal: a checkpoint or validation still running then was not data wait
+                totals["data_wait"] -= _wait_after(max(self._gap_start, received_at), self._start, self._gap_spans)
         checkpoint["goodput"] = {
             "run_start": self.run_start if self.run_start is not None else self._process_start,
             "totals": totals, "requeues": self.requeues, "restarts": self.restarts,
@@ -187,6 +190,12 @@ class GoodputCallback(Callback):
         self.requeues, self.restarts = int(g["requeues"]), int(g["restarts"])
         self.last_restart_s = g.get("last_restart_s")
         self._resumed_stop = (float(g["stop_time"]), g.get("stop_signal"))
+
+
+def _wait_after(begin: float, end: float, excluded: list[tuple[float, float]]) -> float:
+    """Seconds of [begin, end] outside the excluded (checkpoint / validation) spans."""
+    inside = sum(max(0.0, min(end, t1) - max(begin, t0)) for t0, t1 in excluded)
+    return max(0.0, end - begin - inside)
 
 
 def _pending_signal(trainer) -> tuple[int | None, float | None]:
