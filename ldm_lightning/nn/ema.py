@@ -8,6 +8,20 @@ import torch
 from torch import nn
 
 
+def zero3_views(e: nn.Parameter, p: nn.Parameter) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (EMA, live) tensor pairs one update must average: `(e, p)` itself, and under DeepSpeed ZeRO-3 each
+    rank's partition `ds_tensor` as well. ZeRO-3 keeps a parameter's values in that partition (what a checkpoint
+    saves and a gather reads); the full tensor exists only while gathered or "persistent" (small parameters), as a
+    separate copy except at world size 1, where it is a view of the partition (averaged once, not twice)."""
+    pairs = [(e, p)] if e.numel() > 0 and e.shape == p.shape else []
+    e_part, p_part = getattr(e, "ds_tensor", None), getattr(p, "ds_tensor", None)
+    if e_part is not None and p_part is not None and e_part.shape == p_part.shape:
+        shared = e.numel() > 0 and e.untyped_storage().data_ptr() == e_part.untyped_storage().data_ptr()
+        if not shared:
+            pairs.append((e_part, p_part))
+    return pairs
+
+
 class EMA(nn.Module):
     """Holds a frozen copy of `model` whose weights track `decay * ema + (1 - decay) * model`.
 
@@ -55,7 +69,8 @@ class EMA(nn.Module):
         ema_params = dict(self.module.named_parameters())
         for name, p in model.named_parameters():
             e = ema_params[name]
-            e.lerp_(p.detach().to(e.dtype), weight if ok is None else weight.to(e.dtype))
+            for e_values, p_values in zero3_views(e, p):
+                e_values.lerp_(p_values.detach().to(e.dtype), weight if ok is None else weight.to(e.dtype))
         ema_buffers = dict(self.module.named_buffers())
         for name, b in model.named_buffers():
             ema_buffers[name].copy_(b)
