@@ -223,6 +223,11 @@ class StepCheckpoint(ModelCheckpoint):
         # them in would push out the good checkpoints a non-finite stop falls back to.
         if int(getattr(pl_module, "nonfinite_consecutive", 0)) > 0:
             return
+        # Nor before a resumed run's first optimizer step: with gradient accumulation its first micro-batches
+        # end at the resumed step, and saving there would overwrite the checkpoint it resumed from with a
+        # mid-accumulation data position (an elastic resume's accumulation, run_topology.py).
+        if trainer.global_step == self._start_step:
+            return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def save_now(self, trainer) -> str:
