@@ -170,30 +170,43 @@ def test_fsdp2_resume_two_processes_to_one(where):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_deepspeed_zero2_resume_two_processes_to_one(where):
-    """DeepSpeed ZeRO-2: 2 processes × batch 4 to step 2, then `--ckpt_path last` on 1 process: the resume converts
-    the per-rank optimizer partitions with DeepSpeed's universal checkpoint (one line), sets the engine's
-    accumulation to 2, and ends equal to 1 process × batch 8 at step 4, EMA included. Tolerance 5e-5: DeepSpeed's
-    flat-buffer reductions differ more than DDP's (measured 1.8e-6 at step 2 between 2 × 4 and 1 × 8 before any
-    resume, 8e-6 at step 4); a skipped sample or a lost Adam moment shows as ~1e-3 (one lr-sized step)."""
-    zero2 = "deepspeed_stage_2_anydevice"
-    _fit(where, "diffusion", "elastic", 2, 4, 2, strategy=zero2)
-    resumed = _fit(where, "diffusion", "elastic", 1, 4, 4, "--ckpt_path", "last", strategy=zero2)
-    out = resumed.stdout
-    assert out.count("converting it to DeepSpeed's universal checkpoint") == 1, out[-3000:]
-    assert "2 process(es) × batch_size 4 × accumulation 1 → 1 × 4 × 2" in out
-    ckpts = where.tmp / "elastic" / "checkpoints"
-    assert not [p for p in ckpts.iterdir() if ".universal." in p.name]  # the converted temp folder is removed
-    _fit(where, "diffusion", "one", 1, 8, 4, strategy=zero2)
+def test_deepspeed_zero2_and_zero3_resume_two_processes_to_one(where):
+    """DeepSpeed ZeRO-2 and ZeRO-3: 2 processes × batch 4 to step 2, then `--ckpt_path last` on 1 process: the resume
+    converts the per-rank partitions with DeepSpeed's universal checkpoint (one line), sets the engine's
+    accumulation to 2, restores the EMA copy (ZeRO-3: merged from every rank's frozen-parameter partitions), and
+    ends equal to 1 process × batch 8 (ZeRO-2, the one reference run) at step 4, EMA included; the step-2
+    checkpoint it resumed from is not overwritten by the resumed run's first micro-batch. Tolerance 5e-5:
+    DeepSpeed's flat-buffer reductions differ more than DDP's (measured 1.8e-6 at step 2 between 2 × 4 and 1 × 8
+    before any resume, 8e-6 at step 4; ZeRO-3 6e-6); a skipped sample, a lost Adam moment or a stale EMA
+    partition shows as ~1e-3 (one lr-sized step; the ZeRO-3 EMA before its fix: 1.8e-3)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    def module(root, step):
+    def module(root, step):  # full fp32 weights, EMA and buffers of any ZeRO stage (DeepSpeed's own merge)
+        full = get_fp32_state_dict_from_zero_checkpoint(where.tmp / root / "checkpoints" / f"step=0000000{step}.ckpt",
+                                                        tag="checkpoint")
+        return {k: v.detach() for k, v in full.items() if v.is_floating_point()}
+
+    def record(root, step):  # the Lightning/DeepSpeed record of rank 0 (weights_only)
         folder = where.tmp / root / "checkpoints" / f"step=0000000{step}.ckpt" / "checkpoint"
-        file = folder / "mp_rank_00_model_states.pt"
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        return state, {k: v for k, v in state["module"].items() if v.is_floating_point()}
+        (file,) = [f for f in folder.iterdir() if f.name in ("mp_rank_00_model_states.pt",
+                                                                "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+        return torch.load(file, map_location="cpu", weights_only=True)
 
-    (a_state, a), (b_state, b) = module("elastic", 4), module("one", 4)
-    assert a_state["global_step"] == b_state["global_step"] == 4
-    assert any(k.startswith("ema.") for k in a) and _max_diff(a, b) < 5e-5
-    assert _max_diff(module("one", 2)[1], b) > 20 * 5e-5  # steps 3-4 moved the weights by ~lr (measured 2e-3)
-    assert a_state["ShardDataModule"]["samples"] == 32 and a_state["ShardDataModule"]["epoch"] == 0
+    _fit(where, "diffusion", "one", 1, 8, 4, strategy="deepspeed_stage_2_anydevice")
+    reference = module("one", 4)
+    assert _max_diff(module("one", 2), reference) > 20 * 5e-5  # steps 3-4 moved the weights by ~lr (measured 2e-3)
+    for stage in (2, 3):
+        strategy, root = f"deepspeed_stage_{stage}_anydevice", f"zero{stage}"
+        _fit(where, "diffusion", root, 2, 4, 2, strategy=strategy)
+        resumed = _fit(where, "diffusion", root, 1, 4, 4, "--ckpt_path", "last", strategy=strategy)
+        out = resumed.stdout
+        assert out.count("converting it to DeepSpeed's universal checkpoint") == 1, out[-3000:]
+        assert "2 process(es) × batch_size 4 × accumulation 1 → 1 × 4 × 2" in out
+        ckpts = where.tmp / root / "checkpoints"
+        assert not [p for p in ckpts.iterdir() if ".universal." in p.name]  # the converted temp folder is removed
+        source, final = record(root, 2), record(root, 4)
+        assert source["dp_world_size"] == 2 and source["ShardDataModule"]["samples"] == 16, stage
+        assert final["global_step"] == 4
+        assert final["ShardDataModule"]["samples"] == 32 and final["ShardDataModule"]["epoch"] == 0
+        weights = module(root, 4)
+        assert any(k.startswith("ema.") for k in weights) and _max_diff(weights, reference) < 5e-5, stage

@@ -21,6 +21,7 @@ whose record is read here first, loads with `weights_only=True`.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,12 +76,55 @@ def convert_to_universal(path: str | os.PathLike, out: str | os.PathLike) -> Non
 
 def restore_untrained_state(module: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load the frozen parameters (the EMA copy) and buffers (its update count) of checkpoint folder `path` into
-    `module` (ZeRO-1/2: not partitioned). A universal load restores only the parameters the optimizer trains
-    (from its `zero/` folder) and skips the module's state dict, which holds the rest."""
+    `module`. A universal load restores only the parameters the optimizer trains (from its `zero/` folder) and
+    skips the module's state dict, which holds the rest.
+
+    ZeRO-1/2 write the frozen parameters whole into `mp_rank_00_model_states.pt`; ZeRO-3 writes each rank's
+    partition of them (`frozen_param_fragments`, with `frozen_param_shapes`) into its own
+    `zero_pp_rank_<r>_mp_rank_00_model_states.pt`: they are concatenated in rank order (the way DeepSpeed's
+    zero_to_fp32 merges them) and re-partitioned for this run (`write_zero3_param`). All read with weights_only."""
     folder = Path(path) / checkpoint_tag(path)
-    state = torch.load(folder / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
-    trained = {name for name, p in module.named_parameters() if p.requires_grad}
-    result = module.load_state_dict({k: v for k, v in state.items() if k not in trained}, strict=False)
-    unexpected = list(result.unexpected_keys)
+    params = dict(module.named_parameters())
+    if (folder / MODEL_STATES).is_file():
+        state = torch.load(folder / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
+        frozen = {k: v for k, v in state.items() if k in params and not params[k].requires_grad}
+    else:
+        ranks = [torch.load(f, map_location="cpu", weights_only=True) for f in zero3_model_state_files(folder)]
+        state = ranks[0]["module"]
+        frozen = {name: torch.cat([r["frozen_param_fragments"][name].flatten() for r in ranks])[:shape.numel()]
+                  .view(shape) for name, shape in (ranks[0].get("frozen_param_shapes") or {}).items()}
+    unexpected = [k for k in [*state, *frozen] if k not in params and k not in dict(module.named_buffers())]
     if unexpected:
         raise UniversalConversionError(f"cannot resume {path}: it holds entries this model lacks ({unexpected[:3]})")
+    module.load_state_dict({k: v for k, v in state.items() if k not in params}, strict=False)  # the buffers
+    for name, value in frozen.items():
+        if params[name].requires_grad:
+            raise UniversalConversionError(f"cannot resume {path}: {name} is frozen in it but trained in this model")
+        if hasattr(params[name], "ds_tensor"):
+            write_zero3_param(params[name], value)
+        else:
+            params[name].data.copy_(value)
+
+
+def zero3_model_state_files(folder: Path) -> list[Path]:
+    """A ZeRO-3 checkpoint tag folder's per-rank model-states files, in rank order (numeric: rank 10 after 9)."""
+    files = {int(re.match(r"zero_pp_rank_(\d+)_", f.name).group(1)): f
+             for f in folder.glob(f"zero_pp_rank_*_{MODEL_STATES}")}
+    if sorted(files) != list(range(len(files))) or not files:
+        raise UniversalConversionError(f"cannot resume {folder}: its ZeRO-3 model-states files are incomplete "
+                                       f"(ranks {sorted(files)}); resume from another checkpoint")
+    return [files[r] for r in range(len(files))]
+
+
+def write_zero3_param(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set a ZeRO-3 parameter to the full tensor `value` on every rank: this rank's slice of the flat, zero-padded
+    tensor into its partition (`ds_tensor`), and the full copy too when the parameter is gathered or persistent."""
+    import deepspeed.comm as dist
+
+    part = param.ds_tensor
+    rank = dist.get_rank(group=param.ds_process_group)
+    flat = torch.zeros(part.numel() * dist.get_world_size(group=param.ds_process_group), dtype=part.dtype)
+    flat[:value.numel()] = value.flatten().to(part.dtype)
+    part.data.copy_(flat[rank * part.numel():(rank + 1) * part.numel()])
+    if param.numel() == value.numel():
+        param.data.copy_(value.view_as(param))

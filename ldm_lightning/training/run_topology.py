@@ -21,8 +21,8 @@ global batch (batch_size × world size × accumulation) is kept by setting `trai
 (said in one line), Lightning's per-rank batch counters are rewritten for the new topology, and the epoch goes
 on from the same sample. Refused, one message and exit 2: a global batch the new batch_size × world size does
 not divide, and a change of data.order. The optimizer state follows the strategy: DDP's is whole in the
-checkpoint; FSDP2's DCP checkpoint reshards on load; DeepSpeed ZeRO-1/2 checkpoints are re-partitioned through
-DeepSpeed's universal checkpoint before this check runs (deepspeed_elastic.py; ZeRO-3 refused there), and a
+checkpoint; FSDP2's DCP checkpoint reshards on load; DeepSpeed ZeRO-1/2/3 checkpoints are re-partitioned through
+DeepSpeed's universal checkpoint before this check runs (deepspeed_elastic.py), and a
 strategy that counts accumulation itself (DeepSpeed) is given the new accumulation (`set_gradient_accumulation`).
 """
 

@@ -102,7 +102,7 @@ class AnyDeviceDeepSpeedStrategy(DeepSpeedStrategy):
         return engine, ds_optimizer
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        """DeepSpeed's load; a ZeRO checkpoint saved at another world size goes through DeepSpeed's universal
+        """DeepSpeed's load; a ZeRO-1/2/3 checkpoint saved at another world size goes through DeepSpeed's universal
         checkpoint first (deepspeed_elastic.py), for a `data.order: global` run (refused otherwise)."""
         from ldm_lightning.training import deepspeed_elastic as elastic
 
@@ -113,14 +113,6 @@ class AnyDeviceDeepSpeedStrategy(DeepSpeedStrategy):
         from ldm_lightning.training.run_topology import TopologyChanged, mismatch_message
 
         saved = record["run_topology"] or {"world_size": record["dp_world_size"]}
-        if self.zero_stage_3:
-            raise elastic.UniversalConversionError(
-                f"cannot resume {path} at world size {self.world_size}: it was saved by {record['dp_world_size']} "
-                "ZeRO-3 processes, and this project re-partitions ZeRO-1/2 checkpoints only (a universal load "
-                "skips the EMA weights and buffers, restored here only where they are not partitioned). Resume "
-                f"with --trainer.devices {saved.get('devices', '?')} --trainer.num_nodes "
-                f"{saved.get('num_nodes', '?')}, or train with "
-                "--trainer.strategy deepspeed_stage_2_anydevice or fsdp2 to change the world size.")
         if saved.get("order") != "global":
             now = {"world_size": self.world_size, "num_nodes": self.num_nodes, "devices": self.num_processes}
             raise TopologyChanged(mismatch_message(saved, now, str(path)))
