@@ -13,9 +13,11 @@ def zero3_views(e: nn.Parameter, p: nn.Parameter) -> list[tuple[torch.Tensor, to
     rank's partition `ds_tensor` as well. ZeRO-3 keeps a parameter's values in that partition (what a checkpoint
     saves and a gather reads); the full tensor exists only while gathered or "persistent" (small parameters), as a
     separate copy except at world size 1, where it is a view of the partition (averaged once, not twice)."""
-    pairs = [(e, p)] if e.numel() > 0 and e.shape == p.shape else []
     e_part, p_part = getattr(e, "ds_tensor", None), getattr(p, "ds_tensor", None)
-    if e_part is not None and p_part is not None and e_part.shape == p_part.shape:
+    if e_part is None or p_part is None:  # not ZeRO-3
+        return [(e, p)]
+    pairs = [(e, p)] if e.numel() > 0 and e.shape == p.shape else []  # the full copies, where gathered
+    if e_part.shape == p_part.shape:
         shared = e.numel() > 0 and e.untyped_storage().data_ptr() == e_part.untyped_storage().data_ptr()
         if not shared:
             pairs.append((e_part, p_part))
