@@ -174,6 +174,27 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
             for net in {id(m): m for m in (self.autoencoder, self.ema_or_live())}.values():
                 net.load_state_dict(sd, strict=False)
 
+    # --- FSDP2 (training/fsdp2.py) --------------------------------------------------------------------
+    def fsdp2_refusal(self) -> str | None:
+        if self.posthoc_ema is not None:
+            return ("model.posthoc_ema keeps unsharded copies of the network: it is not supported with trainer.strategy "
+                    "fsdp2; drop model.posthoc_ema or train with --trainer.strategy ddp")
+        if self.hparams.get("compile"):
+            return "model.compile is not wired for trainer.strategy fsdp2 yet: set model.compile false"
+        if self.autoencoder.config.arch == "rae":
+            return ("an RAE autoencoder (frozen representation encoder) is not wired for trainer.strategy fsdp2: train "
+                    "it with --trainer.strategy ddp")
+        if self.loss.discriminator is not None and self.loss_cfg.disc_norm == "batch":
+            # FSDP2 shards parameters, not buffers: each rank's BatchNorm running statistics would drift apart
+            return ("loss.disc_norm: batch keeps per-rank BatchNorm statistics, which FSDP2 does not synchronise: set "
+                    "loss.disc_norm: group (or train with --trainer.strategy ddp)")
+        return None
+
+    def fsdp2_networks(self) -> list:
+        # The discriminator (trained) is sharded on its own; LPIPS (frozen, a metric) stays a replicated plain copy.
+        nets = [self.autoencoder] + ([self.loss.discriminator] if self.loss.discriminator is not None else [])
+        return nets + ([self.ema.module] if self.ema is not None else [])
+
     # --- start-up checks -------------------------------------------------------------------------
     def check_images(self, x: torch.Tensor) -> None:
         """Fail early, naming the config field, when the data cannot go through this autoencoder."""

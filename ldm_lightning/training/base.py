@@ -190,7 +190,7 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
     def fsdp2_refusal(self) -> str | None:
         """Why this module cannot train under `trainer.strategy: fsdp2` (None: it can). The stages that support it
         override this."""
-        return (f"trainer.strategy fsdp2 is wired for the diffusion stage (DiffusionModule) only; train "
+        return (f"trainer.strategy fsdp2 is wired for the autoencoder and diffusion stages only; train "
                 f"{type(self).__name__} with --trainer.strategy ddp or deepspeed_stage_2_anydevice")
 
     def configure_model(self) -> None:
@@ -202,10 +202,21 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
         why = self.fsdp2_refusal()
         if why:
             raise FSDP2Error(why)
+        networks = self.fsdp2_networks()
+        strategy.shard(self, networks)
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        for net in networks:  # methods besides forward() that run the network (e.g. the autoencoder's encode)
+            for name in getattr(net, "fsdp_forward_methods", ()):
+                register_fsdp_forward_method(net, name)
+
+    def fsdp2_networks(self) -> list[nn.Module]:
+        """The networks `fully_shard` wraps (each per block, then its root): the EMA target, every other child with
+        trained parameters, the EMA copy. A stage whose trained network sits beside frozen ones in one child
+        (the autoencoder's loss: discriminator + LPIPS) overrides this; frozen modules outside stay replicated."""
         target = getattr(self, self._ema_target_name)
         trained = [m for n, m in self.named_children() if n != "ema" and m is not target
                    and any(p.requires_grad for p in m.parameters())]
-        strategy.shard(self, [target, *trained, *([self.ema.module] if self.ema is not None else [])])
+        return [target, *trained, *([self.ema.module] if self.ema is not None else [])]
 
     @property
     def is_sharded(self) -> bool:
