@@ -171,8 +171,9 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
                 raise ValueError(f"model.init_from={self.init_from!r} holds another architecture than this "
                                  "model's autoencoder config; start from a checkpoint of the same preset/overrides")
             sd = {k: v for k, v in src.state_dict().items() if self.keep_latent_stats or k not in STAT_BUFFERS}
+            from ldm_lightning.training.fsdp2 import load_full_weights  # sharded under FSDP2: each rank its shard
             for net in {id(m): m for m in (self.autoencoder, self.ema_or_live())}.values():
-                net.load_state_dict(sd, strict=False)
+                load_full_weights(net, sd)
 
     # --- FSDP2 (training/fsdp2.py) --------------------------------------------------------------------
     def fsdp2_refusal(self) -> str | None:

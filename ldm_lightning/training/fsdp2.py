@@ -63,6 +63,18 @@ def block_units(network: nn.Module) -> list[nn.Module]:
     return [m for m in reversed(list(network.modules())) if id(m) in units]
 
 
+def load_full_weights(network: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Full (unsharded) tensors, the same on every rank, into `network`, sharded or not; keys it lacks keep their
+    values (strict=False). Under FSDP2 every rank must call it (each keeps its own shard of each tensor)."""
+    from torch.distributed.tensor import DTensor
+    if not any(isinstance(p, DTensor) for p in network.parameters()):
+        network.load_state_dict(state_dict, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    # a copy: set_model_state_dict replaces the dict's entries by this rank's shards (the caller may reuse it)
+    set_model_state_dict(network, dict(state_dict), options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 over all processes (data_parallel_size = world size, no tensor parallelism), DCP checkpoints."""
 
