@@ -29,7 +29,8 @@ def _fit(shards, root: Path, tmp_path, *extra: str):
                     "--trainer.logger.init_args.offline", "true", "--trainer.default_root_dir", str(root),
                     "--data.init_args.train_shards", shards["train"], "--data.init_args.val_shards", shards["test"],
                     "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0",
-                    "--model.init_args.backbone_config", TINY_DIT, "--model.init_args.val_num", "0", *extra],
+                    "--model.init_args.backbone_config", TINY_DIT, "--model.init_args.val_num", "0",
+                    "--model.init_args.posthoc_ema", '{"sigma_rels": [0.05, 0.1], "snapshot_every": 2}', *extra],
                    tmp_path, timeout=400)
 
 
@@ -38,13 +39,15 @@ def _fit(shards, root: Path, tmp_path, *extra: str):
 def test_fsdp2_two_cpu_processes_fit_resume_export_sample(mnist_shards, tmp_path):
     from ldm_lightning.dcp_files import read_full_state_dict, read_metadata
     from ldm_lightning.diffusion.load import load_denoiser
+    from ldm_lightning.training.posthoc_snapshots import list_snapshots, read_profile
     from ldm_lightning.training.resume import resolve_resume_checkpoint
 
     root = tmp_path / "run"
     ckpts = root / "checkpoints"
     _fit(mnist_shards, root, tmp_path, "--trainer.max_steps", "3")
     last = ckpts / "last.ckpt"
-    names = lambda: sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".ldm"))  # noqa: E731
+    names = lambda: sorted(p.name for p in ckpts.iterdir()  # noqa: E731
+                           if not p.name.startswith(".ldm") and p.name != "posthoc-ema")
     assert names() == ["last.ckpt", "step=00000002.ckpt", "step=00000003.ckpt"]  # keep_last_k=2 prunes folders too
     # a DCP folder: one shard file per rank, each holding half of every weight (EMA included) and optimizer state
     assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
@@ -54,10 +57,21 @@ def test_fsdp2_two_cpu_processes_fit_resume_export_sample(mnist_shards, tmp_path
                                                          "weight.exp_avg"].chunks) == 2
     at3 = read_full_state_dict(last)["state_dict"]
 
-    # resume: `--ckpt_path last` picks the folder by its recorded step, continues to step 5
-    proc = _fit(mnist_shards, root, tmp_path, "--trainer.max_steps", "5", "--ckpt_path", "last")
+    # resume: `--ckpt_path last` picks the folder by its recorded step, continues to step 5; compiled per block
+    # before fully_shard (as torchtitan): a compiled run keeps the parameter names, so the eager run's folder loads
+    proc = _fit(mnist_shards, root, tmp_path, "--trainer.max_steps", "5", "--ckpt_path", "last",
+                "--model.init_args.compile", "true", "--model.init_args.speed", '{"compile_mode": "blocks"}')
     assert "resuming from" in proc.stdout and "(global step 3)" in proc.stdout
     assert resolve_resume_checkpoint(ckpts, verbose=False).global_step == 5
+    # post-hoc EMA profiles sharded like the EMA; each snapshot gathers them: the step-4 one is the step-4 folder's
+    snaps = list_snapshots(ckpts)
+    assert [x.t for x in snaps] == [2, 4]
+    at4 = read_full_state_dict(ckpts / "step=00000004.ckpt")["state_dict"]
+    assert len(read_metadata(last).state_dict_metadata["state_dict.posthoc_ema.profiles.1.backbone.blocks.0.attn.proj."
+                                                      "weight"].chunks) == 2
+    for i in range(2):
+        prof = read_profile(snaps[-1], i)
+        assert prof and all(torch.equal(v, at4[f"posthoc_ema.profiles.{i}.{k}"]) for k, v in prof.items())
     assert names() == ["last.ckpt", "step=00000004.ckpt", "step=00000005.ckpt"]  # no temp folder left behind
     full = read_full_state_dict(last)
     sd = full["state_dict"]
@@ -120,9 +134,8 @@ def test_sharded_checkpoint_checks_refuse_damage_and_code(tmp_path):
 
 
 def test_fsdp2_refuses_modules_it_does_not_shard():
-    """The autoencoder and diffusion options FSDP2 is not wired for: one message naming the fix."""
+    """The autoencoder options FSDP2 is not wired for: one message naming the fix."""
     from ldm_lightning.autoencoder.module import AutoencoderModule
-    from ldm_lightning.diffusion.module import DiffusionModule
     from ldm_lightning.training.fsdp2 import FSDP2Error, FSDP2Strategy
 
     trainer = SimpleNamespace(strategy=FSDP2Strategy())
@@ -130,11 +143,10 @@ def test_fsdp2_refuses_modules_it_does_not_shard():
     ae._trainer = trainer
     with pytest.raises(FSDP2Error, match="set loss.disc_norm: group"):  # per-rank BatchNorm statistics
         ae.configure_model()
-    dm = DiffusionModule(autoencoder="identity:1x32", backbone="dit", backbone_config=json.loads(TINY_DIT),
-                         posthoc_ema={"sigma_rels": [0.05]}, val_num=0)
-    dm._trainer = trainer
-    with pytest.raises(FSDP2Error, match="posthoc_ema"):
-        dm.configure_model()
+    ae = AutoencoderModule(preset="tiny-mnist", loss=dict(perceptual_weight=0.0), compile=True)
+    ae._trainer = trainer
+    with pytest.raises(FSDP2Error, match="set model.compile false"):
+        ae.configure_model()
 
 
 def _fit_autoencoder(shards, root: Path, tmp_path, *extra: str):

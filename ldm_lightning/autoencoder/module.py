@@ -177,9 +177,6 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
 
     # --- FSDP2 (training/fsdp2.py) --------------------------------------------------------------------
     def fsdp2_refusal(self) -> str | None:
-        if self.posthoc_ema is not None:
-            return ("model.posthoc_ema keeps unsharded copies of the network: it is not supported with trainer.strategy "
-                    "fsdp2; drop model.posthoc_ema or train with --trainer.strategy ddp")
         if self.hparams.get("compile"):
             return "model.compile is not wired for trainer.strategy fsdp2 yet: set model.compile false"
         if self.autoencoder.config.arch == "rae":
@@ -194,7 +191,7 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
     def fsdp2_networks(self) -> list:
         # The discriminator (trained) is sharded on its own; LPIPS (frozen, a metric) stays a replicated plain copy.
         nets = [self.autoencoder] + ([self.loss.discriminator] if self.loss.discriminator is not None else [])
-        return nets + ([self.ema.module] if self.ema is not None else [])
+        return nets + ([self.ema.module] if self.ema is not None else []) + self.posthoc_profiles()
 
     # --- start-up checks -------------------------------------------------------------------------
     def check_images(self, x: torch.Tensor) -> None:

@@ -154,8 +154,10 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
 
     def _write_posthoc_snapshot(self) -> None:
         """Global rank 0 writes the post-hoc EMA profiles of this update to `<checkpoint dir>/posthoc-ema/` (every
-        rank holds the same profiles); before this step's checkpoint, so a resume finds every earlier snapshot."""
+        rank holds the same profiles, or under FSDP2 its shards, which every rank then gathers); before this step's
+        checkpoint, so a resume finds every earlier snapshot."""
         trainer = self._trainer
+        tensors = self.posthoc_ema.snapshot() if self.is_sharded else None  # a collective under FSDP2
         if trainer is None or not trainer.is_global_zero:
             return
         import os
@@ -166,7 +168,8 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
         meta: dict = {}
         self.on_save_checkpoint(meta)  # the `ldm_lightning` entry of a checkpoint: what an export is built from
         tracker = self.posthoc_ema
-        write_snapshot(os.path.join(directory, SUBDIR), tracker.snapshot(), int(tracker.num_updates),
+        write_snapshot(os.path.join(directory, SUBDIR), tensors if tensors is not None else tracker.snapshot(),
+                       int(tracker.num_updates),
                        tracker.sigma_rels, tracker.gammas, meta.get("ldm_lightning", {}))
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -216,7 +219,11 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
         target = getattr(self, self._ema_target_name)
         trained = [m for n, m in self.named_children() if n != "ema" and m is not target
                    and any(p.requires_grad for p in m.parameters())]
-        return [target, *trained, *([self.ema.module] if self.ema is not None else [])]
+        return [target, *trained, *([self.ema.module] if self.ema is not None else []), *self.posthoc_profiles()]
+
+    def posthoc_profiles(self) -> list[nn.Module]:
+        """The post-hoc EMA's copies of the network (none when it is off): sharded like the EMA under FSDP2."""
+        return list(self.posthoc_ema.profiles) if self.posthoc_ema is not None else []
 
     @property
     def is_sharded(self) -> bool:
