@@ -1,6 +1,7 @@
 """FSDP2 (`configs/trainer/fsdp2.yaml`, training/fsdp2.py) on 2 CPU processes (gloo), through the user path:
 `ldm-lightning fit` -> sharded DCP checkpoint -> `fit --ckpt_path last` -> `export` (gathers the shards) ->
-`sample`; plus the checks of the sharded folder (dcp_files.py) and the refusals."""
+`sample`, for the diffusion stage (with post-hoc EMA profiles, resumed compiled) and the autoencoder stage (GAN
+on, resume bit-exact); plus the checks of the sharded folder (dcp_files.py) and the refusals."""
 
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ def _fit_autoencoder(shards, root: Path, tmp_path, *extra: str):
     """The shipped tiny-mnist autoencoder config under configs/trainer/fsdp2.yaml on 2 CPU ranks, the GAN phase on
     from step 2 (the discriminator trains from step 1), a checkpoint every step."""
     every_step = tmp_path / "every_step.yaml"
-    every_step.write_text("trainer:\n  callbacks:\n    - class_path: ldm_lightning.training.checkpointing.StepCheckpoint"
+    every_step.write_text("trainer:\n  callbacks:\n    - class_path: "
+                          "ldm_lightning.training.checkpointing.StepCheckpoint"
                           "\n      init_args: {every_n_train_steps: 1, keep_last_k: 4}\n")
     return run_cli(["fit", "-c", str(REPO / "configs/autoencoder/tiny-mnist.yaml"),
                     "-c", str(TRAINER_CFG / "fsdp2.yaml"), "-c", str(every_step),
@@ -186,8 +188,8 @@ def test_fsdp2_autoencoder_gan_fit_resume_exact_export(mnist_shards, tmp_path):
                 "optimizer_0.state.loss.discriminator.main.2.weight.exp_avg"):
         assert len(index[key].chunks) == 2, key  # one half per rank
 
-    proc = _fit_autoencoder(mnist_shards, resumed, tmp_path, "--trainer.max_steps", "4", "--trainer.num_sanity_val_steps",
-                            "0", "--ckpt_path", str(ckpts / "step=00000002.ckpt"))
+    proc = _fit_autoencoder(mnist_shards, resumed, tmp_path, "--trainer.max_steps", "4",
+                            "--trainer.num_sanity_val_steps", "0", "--ckpt_path", str(ckpts / "step=00000002.ckpt"))
     assert "(global step 2)" in proc.stdout
     a, b = (read_full_state_dict(p / "checkpoints" / "last.ckpt") for p in (whole, resumed))
     assert a["global_step"] == b["global_step"] == 4
