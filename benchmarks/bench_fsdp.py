@@ -1,6 +1,7 @@
 """Per-rank memory of FSDP2 vs DDP on the same model, through `ldm-lightning fit` (2 CPU processes, gloo).
 
     python benchmarks/bench_fsdp.py [--shards data/mnist/train] [--hidden 384 --depth 8 --steps 3]
+    python benchmarks/bench_fsdp.py --stage autoencoder [--ae-ch 96]
 
 Each run is `ldm-lightning fit -c configs/diffusion/mnist-jit-pixels.yaml` with a wider DiT, once with
 `--trainer.strategy ddp` and once with `-c configs/trainer/fsdp2.yaml`, both fp32 on the CPU accelerator, with
@@ -62,16 +63,23 @@ class MemoryProbe(Callback):
 def run(strategy: str, args, work: Path) -> list[dict]:
     out = work / strategy
     out.mkdir(parents=True)
-    backbone = json.dumps({"patch_size": 4, "hidden_size": args.hidden, "depth": args.depth, "num_heads": 4})
     trainer = (["-c", str(REPO / "configs/trainer/fsdp2.yaml")] if strategy == "fsdp2"
                else ["-c", str(REPO / "configs/trainer/cpu-debug.yaml"), "--trainer.strategy", "ddp"])
-    cmd = [sys.executable, "-m", "ldm_lightning", "fit", "-c", str(REPO / "configs/diffusion/mnist-jit-pixels.yaml"),
+    if args.stage == "autoencoder":  # tiny-mnist widened to --ae-ch, the GAN (discriminator) on from step 0
+        stage = ["-c", str(REPO / "configs/autoencoder/tiny-mnist.yaml"),
+                 "--model.init_args.autoencoder", json.dumps({"ch": args.ae_ch, "norm_groups": 8}),
+                 "--model.init_args.loss.disc_start", "0", "--model.init_args.scale_batches", "1",
+                 "--trainer.limit_val_batches", "0"]
+    else:
+        backbone = json.dumps({"patch_size": 4, "hidden_size": args.hidden, "depth": args.depth, "num_heads": 4})
+        stage = ["-c", str(REPO / "configs/diffusion/mnist-jit-pixels.yaml"),
+                 "--model.init_args.backbone_config", backbone, "--model.init_args.val_num", "0"]
+    cmd = [sys.executable, "-m", "ldm_lightning", "fit", *stage,
            *trainer, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
            "--trainer.max_steps", str(args.steps), "--trainer.logger", "false",
            "--trainer.default_root_dir", str(out / "run"), "--trainer.callbacks+=bench_fsdp.MemoryProbe",
            "--data.init_args.train_shards", args.shards, "--data.init_args.val_shards", args.shards,
-           "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
-           "--model.init_args.backbone_config", backbone, "--model.init_args.val_num", "0"]
+           "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"]
     # MALLOC_MMAP_THRESHOLD_: large tensors always mmapped, so memory freed (the full model each rank builds
     # before sharding) goes back to the OS and RSS shows what is live, not what glibc's heap kept.
     env = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ, "BENCH_FSDP_OUT": str(out), "OMP_NUM_THREADS": "1",
@@ -90,6 +98,9 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--stage", choices=("diffusion", "autoencoder"), default="diffusion",
+                   help="autoencoder: configs/autoencoder/tiny-mnist.yaml with base width --ae-ch and the GAN on")
+    p.add_argument("--ae-ch", type=int, default=96)
     args = p.parse_args(argv)
     mib = 1 << 20
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,7 +110,9 @@ def main(argv=None) -> int:
             pack.main(["--source", "mnist", "--split", "train", "--out", args.shards, "--limit", "200",
                        "--samples-per-shard", "100", "--no-progress"])
         results = {s: run(s, args, Path(tmp)) for s in ("ddp", "fsdp2")}
-    print(f"DiT hidden {args.hidden}, depth {args.depth}, 2 CPU ranks (gloo), fp32, {args.steps} steps; per rank (max of 2):")
+    model = (f"tiny-mnist autoencoder, ch {args.ae_ch}, GAN on" if args.stage == "autoencoder"
+             else f"DiT hidden {args.hidden}, depth {args.depth}")
+    print(f"{model}, 2 CPU ranks (gloo), fp32, {args.steps} steps; per rank (max of 2):")
     print("| strategy | params | EMA | grads | AdamW state | tracked total | RSS at last step | peak RSS |")
     print("|---|---|---|---|---|---|---|---|")
     totals = {}

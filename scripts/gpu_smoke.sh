@@ -94,4 +94,25 @@ if [ "${FSDP2:-1}" = 1 ] && [[ " $STAGES " == *" diffusion "* ]]; then
   if [ "$rc" -ne 0 ]; then echo "gpu_smoke: diffusion/fsdp2 FAILED rc=$rc (log: $dir.log)"; tail -20 "$dir.log"; status=1
   else grep -E "resuming from|\[progress\].*100.0%|wrote" "$dir.log" | tail -3; fi
 fi
+# The autoencoder stage under FSDP2 on CUDA, the GAN on from the middle of the run (bf16 gathered weights through
+# the adaptive GAN weight's autograd.grad), a resume, then export and load_autoencoder of the export.
+if [ "${FSDP2:-1}" = 1 ] && [[ " $STAGES " == *" autoencoder "* ]]; then
+  dir="$OUT/autoencoder-fsdp2"
+  rm -rf "$dir" "$dir-export"
+  echo "=== autoencoder / fsdp2 (bf16 params, fp32 reduce, GAN on) / $NGPU GPU(s) / $STEPS steps + resume + export ==="
+  fsdp=(-c configs/autoencoder/tiny-mnist.yaml -c configs/trainer/fsdp2.yaml --trainer.devices "$NGPU"
+        --trainer.log_every_n_steps 20 --trainer.limit_val_batches 2 --trainer.default_root_dir "$dir"
+        --trainer.enable_progress_bar false --model.init_args.loss.disc_start "$((STEPS / 2))"
+        --model.init_args.loss.disc_warmup_train 5 --model.init_args.optim.warmup_steps 0)
+  set +e
+  "$PY" -m ldm_lightning fit "${fsdp[@]}" --trainer.max_steps "$STEPS" > "$dir.log" 2>&1 \
+    && "$PY" -m ldm_lightning fit "${fsdp[@]}" --trainer.max_steps "$((STEPS + 10))" --ckpt_path last >> "$dir.log" 2>&1 \
+    && "$PY" -m ldm_lightning export --checkpoint "$dir/checkpoints/last.ckpt" --out "$dir-export" >> "$dir.log" 2>&1 \
+    && "$PY" -c "import sys; from ldm_lightning.autoencoder.load import load_autoencoder as l; \
+print('export loads, scale_factor', float(l(sys.argv[1]).scale_factor))" "$dir-export" >> "$dir.log" 2>&1
+  rc=$?
+  set -e
+  if [ "$rc" -ne 0 ]; then echo "gpu_smoke: autoencoder/fsdp2 FAILED rc=$rc (log: $dir.log)"; tail -20 "$dir.log"; status=1
+  else grep -E "resuming from|\[progress\].*100.0%|export loads" "$dir.log" | tail -3; fi
+fi
 exit $status

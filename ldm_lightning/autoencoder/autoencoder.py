@@ -243,6 +243,11 @@ class Autoencoder(nn.Module):
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
 
+    # Entry points besides forward() that use the weights: under FSDP2 (training/fsdp2.py) they gather the
+    # sharded parameters of the network's root as forward() does (validation and the latent statistics call them).
+    # None of them calls another or is called by forward() (which uses the _-twins): FSDP2's hooks do not nest.
+    fsdp_forward_methods = ("encode", "decode", "decode_latent")
+
     @property
     def is_vq(self) -> bool:
         return self.config.regularizer in ("vq", "vq2")
@@ -255,6 +260,9 @@ class Autoencoder(nn.Module):
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> DiagonalGaussian:
         """x (B, C, H, W) in [-1, 1] -> posterior over the stage-2 latent (B, latent_channels, H/f, W/f).
         VQ posteriors also carry `quantized` (the codes the decoder trains on), `vq_loss` and code stats."""
+        return self._encode(x, generator)
+
+    def _encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> DiagonalGaussian:
         h = self.quant_conv(self.encoder(x))                     # (B, 2e or e, h, w)
         if self.config.regularizer == "kl":
             return DiagonalGaussian(h)
@@ -278,16 +286,19 @@ class Autoencoder(nn.Module):
         if self.is_vq:
             # Latents from a diffusion model are off the codebook: snap them (LDM's VQModelInterface).
             z = self.quantize.snap(z)
-        return self.decode_latent(z)
+        return self._decode_latent(z)
 
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Decode without re-quantising (training path: z is already quantised, gradients flow)."""
+        return self._decode_latent(z)
+
+    def _decode_latent(self, z: torch.Tensor) -> torch.Tensor:
         if self.config.arch == "movq":
             return self.decoder(self.post_quant_conv(z), z)      # MoVQ: every norm also reads z_q
         return self.decoder(self.post_quant_conv(z))             # (B, C, H, W)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None):
-        posterior = self.encode(x, generator=generator)
+        posterior = self._encode(x, generator=generator)
         z = self.decoder_input(posterior, sample_posterior, generator)
         tau = self.config.rae_noise_tau if self.config.arch == "rae" else 0.0
         if self.training and tau > 0:
@@ -295,7 +306,7 @@ class Autoencoder(nn.Module):
             g = dict(generator=generator, device=z.device, dtype=z.dtype)
             sigma = (torch.randn(z.shape[0], 1, 1, 1, **g) * tau).abs()  # (B, 1, 1, 1)
             z = z + sigma * torch.randn(z.shape, **g)
-        return self.decode_latent(z), posterior
+        return self._decode_latent(z), posterior
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
         """(z - shift) * scale: the latents a denoiser trains on (the one place the scale factor is applied)."""

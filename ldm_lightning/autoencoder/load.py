@@ -1,7 +1,8 @@
 """`load_autoencoder(path)`: the one way the rest of the project gets a frozen stage-1 model.
 
 Accepts, by what is at `path`:
-- our Lightning checkpoint (`.ckpt` with an `ldm_lightning` entry): EMA weights unless `weights='live'`;
+- our Lightning checkpoint (`.ckpt` with an `ldm_lightning` entry, or an FSDP2 run's sharded `.ckpt` folder, its
+  shards gathered): EMA weights unless `weights='live'`;
 - our export: a folder (or its `model.safetensors`) with `config.json` holding `ldm_lightning_autoencoder`;
 - a diffusers `AutoencoderKL` folder: `config.json` + `diffusion_pytorch_model.safetensors`;
 - a CompVis / Stable Diffusion state dict (`.ckpt` / `.safetensors`, `first_stage_model.` prefix or bare);
@@ -114,7 +115,8 @@ def load_autoencoder(path: str | os.PathLike, weights: str = "ema", config: Auto
                                 "diffusers AutoencoderKL folder or an SD .ckpt/.safetensors")
     if path.is_file() and path.name == EXPORT_WEIGHTS and (path.parent / "config.json").is_file():
         path = path.parent
-    if path.is_dir():
+    from ldm_lightning.dcp_files import is_sharded_checkpoint
+    if path.is_dir() and not is_sharded_checkpoint(path):  # an FSDP2 checkpoint folder reads like a .ckpt below
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} is a folder without config.json: not an autoencoder export")

@@ -171,8 +171,27 @@ class AutoencoderModule(SpeedLevers, TrainingModule):
                 raise ValueError(f"model.init_from={self.init_from!r} holds another architecture than this "
                                  "model's autoencoder config; start from a checkpoint of the same preset/overrides")
             sd = {k: v for k, v in src.state_dict().items() if self.keep_latent_stats or k not in STAT_BUFFERS}
+            from ldm_lightning.training.fsdp2 import load_full_weights  # sharded under FSDP2: each rank its shard
             for net in {id(m): m for m in (self.autoencoder, self.ema_or_live())}.values():
-                net.load_state_dict(sd, strict=False)
+                load_full_weights(net, sd)
+
+    # --- FSDP2 (training/fsdp2.py) --------------------------------------------------------------------
+    def fsdp2_refusal(self) -> str | None:
+        if self.hparams.get("compile"):
+            return "model.compile is not wired for trainer.strategy fsdp2 yet: set model.compile false"
+        if self.autoencoder.config.arch == "rae":
+            return ("an RAE autoencoder (frozen representation encoder) is not wired for trainer.strategy fsdp2: train "
+                    "it with --trainer.strategy ddp")
+        if self.loss.discriminator is not None and self.loss_cfg.disc_norm == "batch":
+            # FSDP2 shards parameters, not buffers: each rank's BatchNorm running statistics would drift apart
+            return ("loss.disc_norm: batch keeps per-rank BatchNorm statistics, which FSDP2 does not synchronise: set "
+                    "loss.disc_norm: group (or train with --trainer.strategy ddp)")
+        return None
+
+    def fsdp2_networks(self) -> list:
+        # The discriminator (trained) is sharded on its own; LPIPS (frozen, a metric) stays a replicated plain copy.
+        nets = [self.autoencoder] + ([self.loss.discriminator] if self.loss.discriminator is not None else [])
+        return nets + ([self.ema.module] if self.ema is not None else []) + self.posthoc_profiles()
 
     # --- start-up checks -------------------------------------------------------------------------
     def check_images(self, x: torch.Tensor) -> None:

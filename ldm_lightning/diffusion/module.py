@@ -395,12 +395,7 @@ class DiffusionModule(SpeedLevers, TrainingModule):
             self._val_concat = self.c_concat(batch, tuple(self.meta["latent_shape"][1:]), g)[:self.val_num]
 
     def fsdp2_refusal(self) -> str | None:
-        if self.posthoc_ema is not None:
-            return ("model.posthoc_ema keeps unsharded copies of the network: it is not supported with trainer.strategy "
-                    "fsdp2; drop model.posthoc_ema or train with --trainer.strategy ddp")
-        if self.hparams.get("compile"):
-            return "model.compile is not wired for trainer.strategy fsdp2 yet: set model.compile false"
-        return None
+        return None  # every option shards (compile before fully_shard; post-hoc EMA profiles sharded like the EMA)
 
     def on_validation_epoch_end(self) -> None:
         # Sharded (FSDP2) weights: every rank samples (each forward all-gathers), rank 0 logs.

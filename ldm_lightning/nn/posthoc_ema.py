@@ -145,6 +145,11 @@ class PowerEMA(nn.Module):
                 b.copy_(live_buffers[name])
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        """{'<profile index>.<state-dict key>': tensor} of every profile, on the CPU, sharing no storage."""
-        return {f"{i}.{k}": v.detach().to("cpu", copy=True).contiguous()
+        """{'<profile index>.<state-dict key>': tensor} of every profile, on the CPU, sharing no storage. Profiles
+        sharded under FSDP2 (DTensors) are gathered into full tensors: then every rank must call this."""
+        from torch.distributed.tensor import DTensor
+
+        def full(v: torch.Tensor) -> torch.Tensor:
+            return v.full_tensor() if isinstance(v, DTensor) else v
+        return {f"{i}.{k}": full(v.detach()).to("cpu", copy=True).contiguous()
                 for i, profile in enumerate(self.profiles) for k, v in profile.state_dict().items()}

@@ -154,8 +154,10 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
 
     def _write_posthoc_snapshot(self) -> None:
         """Global rank 0 writes the post-hoc EMA profiles of this update to `<checkpoint dir>/posthoc-ema/` (every
-        rank holds the same profiles); before this step's checkpoint, so a resume finds every earlier snapshot."""
+        rank holds the same profiles, or under FSDP2 its shards, which every rank then gathers); before this step's
+        checkpoint, so a resume finds every earlier snapshot."""
         trainer = self._trainer
+        tensors = self.posthoc_ema.snapshot() if self.is_sharded else None  # a collective under FSDP2
         if trainer is None or not trainer.is_global_zero:
             return
         import os
@@ -166,7 +168,8 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
         meta: dict = {}
         self.on_save_checkpoint(meta)  # the `ldm_lightning` entry of a checkpoint: what an export is built from
         tracker = self.posthoc_ema
-        write_snapshot(os.path.join(directory, SUBDIR), tracker.snapshot(), int(tracker.num_updates),
+        write_snapshot(os.path.join(directory, SUBDIR), tensors if tensors is not None else tracker.snapshot(),
+                       int(tracker.num_updates),
                        tracker.sigma_rels, tracker.gammas, meta.get("ldm_lightning", {}))
 
     def on_train_batch_start(self, batch, batch_idx):
@@ -190,7 +193,7 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
     def fsdp2_refusal(self) -> str | None:
         """Why this module cannot train under `trainer.strategy: fsdp2` (None: it can). The stages that support it
         override this."""
-        return (f"trainer.strategy fsdp2 is wired for the diffusion stage (DiffusionModule) only; train "
+        return (f"trainer.strategy fsdp2 is wired for the autoencoder and diffusion stages only; train "
                 f"{type(self).__name__} with --trainer.strategy ddp or deepspeed_stage_2_anydevice")
 
     def configure_model(self) -> None:
@@ -202,10 +205,25 @@ class TrainingModule(NonFiniteGuard, L.LightningModule):
         why = self.fsdp2_refusal()
         if why:
             raise FSDP2Error(why)
+        networks = self.fsdp2_networks()
+        strategy.shard(self, networks)
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        for net in networks:  # methods besides forward() that run the network (e.g. the autoencoder's encode)
+            for name in getattr(net, "fsdp_forward_methods", ()):
+                register_fsdp_forward_method(net, name)
+
+    def fsdp2_networks(self) -> list[nn.Module]:
+        """The networks `fully_shard` wraps (each per block, then its root): the EMA target, every other child with
+        trained parameters, the EMA copy. A stage whose trained network sits beside frozen ones in one child
+        (the autoencoder's loss: discriminator + LPIPS) overrides this; frozen modules outside stay replicated."""
         target = getattr(self, self._ema_target_name)
         trained = [m for n, m in self.named_children() if n != "ema" and m is not target
                    and any(p.requires_grad for p in m.parameters())]
-        strategy.shard(self, [target, *trained, *([self.ema.module] if self.ema is not None else [])])
+        return [target, *trained, *([self.ema.module] if self.ema is not None else []), *self.posthoc_profiles()]
+
+    def posthoc_profiles(self) -> list[nn.Module]:
+        """The post-hoc EMA's copies of the network (none when it is off): sharded like the EMA under FSDP2."""
+        return list(self.posthoc_ema.profiles) if self.posthoc_ema is not None else []
 
     @property
     def is_sharded(self) -> bool:

@@ -3,8 +3,9 @@
 Every rank holds 1/world of each trained parameter, of its gradient, of its AdamW moments and of its EMA copy
 (DTensors sharded on dim 0 over the data-parallel mesh); a block's full weights exist only while it runs.
 `TrainingModule.configure_model` calls `FSDP2Strategy.shard(module)`:
-  * `fully_shard` per block (every child of an `nn.ModuleList`: DiT blocks, UNet res/attention blocks), then on
-    the network's root (the denoiser) — the standard FSDP2 layout, one all-gather per block;
+  * `fully_shard` per block (every module that runs inside an `nn.ModuleList` or a level module: DiT blocks, UNet
+    res/attention blocks, the autoencoder's res/attention/up/downsample blocks), then on the network's root (the
+    denoiser, the autoencoder, the discriminator) — the standard FSDP2 layout, one all-gather per block;
   * the EMA copy is sharded the same way, so `EMA.update` lerps local shards into local shards (no gather);
   * a `MixedPrecisionPolicy`: on CUDA bf16 compute (all-gathered params in bf16), gradients reduced in fp32,
     sharded params and optimizer state fp32; on CPU everything fp32 (gloo has no bf16 reduce worth using).
@@ -45,13 +46,33 @@ class FSDP2Error(UserError):
     """A module or option that FSDP2 cannot shard as configured."""
 
 
+def is_container(module: nn.Module) -> bool:
+    """A module that only holds others and never runs (no forward of its own: `nn.Module()` namespaces, levels
+    holding `block` / `attn` / `downsample`, ModuleLists): its parent calls its children directly."""
+    return type(module).forward is nn.Module.forward or isinstance(module, (nn.ModuleList, nn.ModuleDict))
+
+
 def block_units(network: nn.Module) -> list[nn.Module]:
-    """The modules `fully_shard` wraps one by one: every child of an `nn.ModuleList` (that is not itself one),
-    innermost first (FSDP2 needs nested units sharded before their parents)."""
-    units = {id(c) for m in network.modules() if isinstance(m, nn.ModuleList)
-             for c in m.children() if not isinstance(c, nn.ModuleList)}
+    """The modules `fully_shard` wraps one by one: every module with parameters that runs its own forward and
+    sits in a container (a child of an `nn.ModuleList`, or of a level / namespace module without a forward),
+    innermost first (FSDP2 needs nested units sharded before their parents). A container itself is no unit: its
+    forward never runs, so FSDP2's gather-before-forward hook would never fire for it."""
+    units = {id(c) for m in network.modules() if m is not network and is_container(m)
+             for c in m.children() if not is_container(c) and any(True for _ in c.parameters())}
     # modules() is pre-order and yields each module once: reversed, children come before their parents
     return [m for m in reversed(list(network.modules())) if id(m) in units]
+
+
+def load_full_weights(network: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Full (unsharded) tensors, the same on every rank, into `network`, sharded or not; keys it lacks keep their
+    values (strict=False). Under FSDP2 every rank must call it (each keeps its own shard of each tensor)."""
+    from torch.distributed.tensor import DTensor
+    if not any(isinstance(p, DTensor) for p in network.parameters()):
+        network.load_state_dict(state_dict, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    # a copy: set_model_state_dict replaces the dict's entries by this rank's shards (the caller may reuse it)
+    set_model_state_dict(network, dict(state_dict), options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -105,7 +126,12 @@ class FSDP2Strategy(ModelParallelStrategy):
                 continue
             for unit in block_units(net):
                 fully_shard(unit, **kw)
-            fully_shard(net, **kw)
+            # A trained network's root keeps its own (few) parameters gathered from forward to backward (FSDP2's
+            # default for a root, reshard_after_forward=None): they would be gathered again at once, and the
+            # autoencoder's adaptive GAN weight differentiates w.r.t. one of them (decoder.conv_out.weight) after
+            # forward. A frozen copy (the EMA) is resharded after each forward: nothing else would free it.
+            trained = any(p.requires_grad for p in net.parameters())
+            fully_shard(net, **(kw | {"reshard_after_forward": None} if trained else kw))
         loose = [n for n, p in module.named_parameters() if not isinstance(p, DTensor) and p.requires_grad]
         if loose:
             raise FSDP2Error(f"FSDP2 shards {', '.join(type(n).__name__ for n in networks)} only; the trained "
