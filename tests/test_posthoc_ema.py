@@ -131,6 +131,12 @@ def test_fit_resume_then_ema_reconstruct_matches_directly_tracked_emas(tmp_path,
               str(tmp_path / "x"), expect=2)
     assert "no such folder of post-hoc EMA snapshots" in bad.stderr and "Traceback" not in bad.stderr
 
+    # ZeRO-3 partitions the profiles (their snapshots would hold empty tensors): refused in one line, exit 2
+    z3 = run(*[a if a != str(out) else str(tmp_path / "zero3") for a in args], "--trainer.max_steps", "2",
+             "--trainer.strategy", "deepspeed_stage_3_anydevice", expect=2)
+    assert "model.posthoc_ema is not supported with DeepSpeed ZeRO-3" in z3.stderr and "Traceback" not in z3.stderr
+    assert not (tmp_path / "zero3" / "checkpoints" / "posthoc-ema").exists()
+
 
 def test_the_readme_plot_redraws_from_the_published_table(tmp_path):
     """The README's post-hoc EMA plot is the docs table drawn by the benchmark's --replot: one point per sigma_rel
