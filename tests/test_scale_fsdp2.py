@@ -20,19 +20,24 @@ TINY_DIT = json.dumps({"patch_size": 4, "bottleneck_dim": 8, "hidden_size": 32, 
                        "qk_norm": True})
 
 
-def _fit(shards, root: Path, tmp_path, *extra: str):
+def _fsdp2_fit(config: str, shards, root: Path, tmp_path, keep_last_k: int, *extra: str):
+    """`ldm-lightning fit -c <config> -c configs/trainer/fsdp2.yaml` on 2 CPU ranks, a checkpoint every step."""
     every_step = tmp_path / "every_step.yaml"  # a test-size override of the config's checkpoint cadence
     every_step.write_text("trainer:\n  callbacks:\n    - class_path: ldm_lightning.training.checkpointing.StepCheckpoint"
-                          "\n      init_args: {every_n_train_steps: 1, keep_last_k: 2}\n")
-    return run_cli(["fit", "-c", str(REPO / "configs/diffusion/mnist-jit-pixels.yaml"),
-                    "-c", str(TRAINER_CFG / "fsdp2.yaml"), "-c", str(every_step),
-                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.log_every_n_steps", "2",
+                          f"\n      init_args: {{every_n_train_steps: 1, keep_last_k: {keep_last_k}}}\n")
+    return run_cli(["fit", "-c", str(REPO / config), "-c", str(TRAINER_CFG / "fsdp2.yaml"), "-c", str(every_step),
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                     "--trainer.logger.init_args.offline", "true", "--trainer.default_root_dir", str(root),
                     "--data.init_args.train_shards", shards["train"], "--data.init_args.val_shards", shards["test"],
-                    "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0",
-                    "--model.init_args.backbone_config", TINY_DIT, "--model.init_args.val_num", "0",
-                    "--model.init_args.posthoc_ema", '{"sigma_rels": [0.05, 0.1], "snapshot_every": 2}', *extra],
+                    "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0", *extra],
                    tmp_path, timeout=400)
+
+
+def _fit(shards, root: Path, tmp_path, *extra: str):
+    return _fsdp2_fit("configs/diffusion/mnist-jit-pixels.yaml", shards, root, tmp_path, 2,
+                      "--trainer.log_every_n_steps", "2",
+                      "--model.init_args.backbone_config", TINY_DIT, "--model.init_args.val_num", "0",
+                      "--model.init_args.posthoc_ema", '{"sigma_rels": [0.05, 0.1], "snapshot_every": 2}', *extra)
 
 
 @pytest.mark.slow
@@ -153,19 +158,10 @@ def test_fsdp2_refuses_modules_it_does_not_shard():
 def _fit_autoencoder(shards, root: Path, tmp_path, *extra: str):
     """The shipped tiny-mnist autoencoder config under configs/trainer/fsdp2.yaml on 2 CPU ranks, the GAN phase on
     from step 2 (the discriminator trains from step 1), a checkpoint every step."""
-    every_step = tmp_path / "every_step.yaml"
-    every_step.write_text("trainer:\n  callbacks:\n    - class_path: "
-                          "ldm_lightning.training.checkpointing.StepCheckpoint"
-                          "\n      init_args: {every_n_train_steps: 1, keep_last_k: 4}\n")
-    return run_cli(["fit", "-c", str(REPO / "configs/autoencoder/tiny-mnist.yaml"),
-                    "-c", str(TRAINER_CFG / "fsdp2.yaml"), "-c", str(every_step),
-                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.log_every_n_steps", "1",
-                    "--trainer.logger.init_args.offline", "true", "--trainer.default_root_dir", str(root),
-                    "--data.init_args.train_shards", shards["train"], "--data.init_args.val_shards", shards["test"],
-                    "--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0",
-                    "--model.init_args.loss.disc_start", "2", "--model.init_args.loss.disc_warmup_train", "1",
-                    "--model.init_args.optim.warmup_steps", "0", "--model.init_args.scale_batches", "2", *extra],
-                   tmp_path, timeout=400)
+    return _fsdp2_fit("configs/autoencoder/tiny-mnist.yaml", shards, root, tmp_path, 4,
+                      "--trainer.log_every_n_steps", "1",
+                      "--model.init_args.loss.disc_start", "2", "--model.init_args.loss.disc_warmup_train", "1",
+                      "--model.init_args.optim.warmup_steps", "0", "--model.init_args.scale_batches", "2", *extra)
 
 
 @pytest.mark.slow
