@@ -14,9 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from ldm_lightning.diffusion.conditioning import ConditioningConfig, Conditioner
 from ldm_lightning.diffusion.layout import LayoutConfig, LayoutError, LayoutTokenizer, read_layouts
+from ldm_lightning.diffusion.text_transformer import TextTransformer, TextTransformerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["-c", str(ROOT / "configs/trainer/cpu-debug.yaml"), "--data.init_args.batch_size", "4",
@@ -52,6 +55,24 @@ def test_layout_tokens_round_trip_and_refusals():
             tok.encode(bad)
     assert read_layouts('{"boxes": [[1, 0, 0, 1, 1]]}') == [[[1, 0, 0, 1, 1]]]
     assert len(read_layouts("[[[1, 0, 0, 1, 1]], [[2, 0, 0, 1, 1]]]")) == 2  # a list of layouts
+
+
+def test_box_fourier_gives_each_box_its_geometry_and_class_on_all_its_tokens():
+    cond = ConditioningConfig(kind="layout", layout={"max_boxes": 3},
+                              trainable_text={"width": 32, "depth": 1, "heads": 2, "box_fourier": 6})
+    tau = TextTransformer(TextTransformerConfig(**Conditioner(cond).tau_fields()))  # the fields the backbone gets
+    tok = LayoutTokenizer(cond.layout)
+    ids = tok.batch([[[3, 0.1, 0.1, 0.4, 0.5], [7, 0.5, 0.5, 0.9, 0.9]], [[5, 0.1, 0.1, 0.4, 0.5]], []])["context_ids"]
+    e = tau.box_embedding(ids)  # (3, 16, 32)
+    assert e.shape == (3, 16, 32) and e[:, 0].abs().max() == 0 and e[1, 6:].abs().max() == 0 and e[2].abs().max() == 0
+    assert torch.equal(e[0, 1:6], e[0, 1:2].expand(5, -1)) and not torch.allclose(e[0, 1], e[0, 6])  # per box
+    assert torch.equal(e[0, 1], e[1, 1])  # geometry only: the same box of another class gets the same features
+    cond.trainable_text.box_class = True  # ... and with box_class, the class joins the box's features
+    e = TextTransformer(TextTransformerConfig(**Conditioner(cond).tau_fields())).box_embedding(ids)
+    assert not torch.allclose(e[0, 1], e[1, 1]) and torch.equal(e[0, 1:6], e[0, 1:2].expand(5, -1))
+    assert e[1, 6:].abs().max() == 0 and e[2].abs().max() == 0
+    with pytest.raises(ValueError, match="box_fourier is for layout models"):
+        ConditioningConfig(kind="text", trainable_text={"box_fourier": 6})
 
 
 def _members(shard: Path) -> dict[str, dict[str, bytes]]:

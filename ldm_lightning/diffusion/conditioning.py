@@ -114,6 +114,9 @@ class ConditioningConfig:
         if self.kind == "layout":
             self.layout = self.layout or LayoutConfig()
             self.trainable_text = self.trainable_text or TextTransformerConfig()
+        elif self.trainable_text is not None and self.trainable_text.box_fourier:
+            raise ValueError("conditioning.trainable_text.box_fourier is for layout models (conditioning.kind: "
+                             "layout); drop it")
         if self.concat == "semantic" and self.map_classes < 2:
             raise ValueError(f"conditioning.map_classes must be >= 2 for concat='semantic' (background + the "
                              f"classes: 11 for mnist-canvas), got {self.map_classes}")
@@ -162,7 +165,8 @@ class Conditioner(nn.Module):
         """The backbone's `text_transformer` fields when τθ is trained inside it (trainable text, layouts)."""
         if self._layout is not None:
             return {**dataclasses.asdict(self.cfg.trainable_text), "vocab_size": self._layout.vocab_size,
-                    "max_length": self._layout.length}
+                    "max_length": self._layout.length, "layout_classes": self.cfg.layout.num_classes,
+                    "layout_bins": self.cfg.layout.position_bins}
         return dataclasses.asdict(self.cfg.trainable_text) if self._tokenizer is not None else None
 
     def from_layouts(self, layouts: list, where: str = "layout") -> dict:

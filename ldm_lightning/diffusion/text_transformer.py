@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layout import BoxFourierEmbedding
+
 
 @dataclass
 class TextTransformerConfig:
@@ -29,6 +31,16 @@ class TextTransformerConfig:
     """Transformer blocks (pre-LayerNorm)."""
     heads: int = 4
     """Attention heads."""
+    box_fourier: int = 0
+    """Layout models only: frequencies of GLIGEN-style Fourier features of each box's coordinates, added through a
+    learned map to all 5 tokens of the box (diffusion/layout.py BoxFourierEmbedding); 0 = the paper's plain tokens."""
+    box_class: bool = False
+    """Layout models with box_fourier: also add a learned embedding of the box's class to all 5 of its tokens
+    (GLIGEN's grounding token joins class and box), so cross-attention reads the class from any token of the box."""
+    layout_classes: int = 0
+    """Layout models: the tokenizer's class count (set from conditioning.layout, not by hand)."""
+    layout_bins: int = 0
+    """Layout models: the tokenizer's position_bins (set from conditioning.layout, not by hand)."""
 
     def __post_init__(self):
         if self.width % self.heads:
@@ -36,6 +48,10 @@ class TextTransformerConfig:
         for name in ("vocab_size", "max_length", "width", "depth", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"text_transformer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.box_fourier < 0:
+            raise ValueError(f"text_transformer.box_fourier must be >= 0, got {self.box_fourier}")
+        if self.box_class and not self.box_fourier:
+            raise ValueError("text_transformer.box_class adds to box_fourier's box features: set box_fourier too")
 
 
 class TextTransformer(nn.Module):
@@ -50,6 +66,13 @@ class TextTransformer(nn.Module):
                                            batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.width)
+        self.box_embedding = None
+        if cfg.box_fourier:
+            if cfg.layout_classes < 1 or cfg.layout_bins < 1:
+                raise ValueError("trainable_text.box_fourier is for layout models (conditioning.kind: layout); "
+                                 "set it to 0 for captions")
+            self.box_embedding = BoxFourierEmbedding(cfg.layout_classes, cfg.layout_bins, cfg.box_fourier, cfg.width,
+                                                     cfg.box_class)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding, std=0.01)
 
@@ -58,6 +81,8 @@ class TextTransformer(nn.Module):
         if L > self.cfg.max_length:
             raise ValueError(f"text_transformer: {L} tokens > max_length={self.cfg.max_length}")
         h = self.token_embedding(ids) + self.position_embedding[:, :L]  # (B, L, width)
+        if self.box_embedding is not None:
+            h = h + self.box_embedding(ids)
         pad = None if mask is None else ~mask.bool()  # (B, L) True = ignore
         return self.norm(self.blocks(h, src_key_padding_mask=pad))  # (B, L, width)
 
