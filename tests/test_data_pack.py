@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from tar_files import read_samples
 
 from ldm_lightning.data import pack
 from ldm_lightning.data.mnist import caption, load_mnist
@@ -18,13 +18,7 @@ from ldm_lightning.data.shardwriter import sha256_file
 
 
 def _read_shards(out: Path) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(out.glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
+    return {k: v for shard in sorted(out.glob("shard-*.tar")) for k, v in read_samples(shard).items()}
 
 
 def _check_manifest(out: Path) -> dict:

@@ -4,13 +4,13 @@ paths agreeing, the autoencoder-hash guard, the `sample` CLI, and denoiser expor
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from float_paths import assert_close_for, sum_length
+from tar_files import read_samples
 
 from ldm_lightning.autoencoder import Autoencoder, get_preset
 
@@ -54,15 +54,6 @@ def ckpt(aes, tmp_path_factory) -> str:
     return str(root / "d.ckpt")
 
 
-def _samples(tar_path: str) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar_path) as tf:
-        for m in tf.getmembers():
-            key, ext = m.name.split(".", 1)
-            out.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return out
-
-
 def test_encode_writes_latent_shards_and_manifest(latents, mnist_shards, aes):
     from ldm_lightning.autoencoder.load import load_autoencoder
     from ldm_lightning.autoencoder import autoencoder_hash
@@ -74,8 +65,8 @@ def test_encode_writes_latent_shards_and_manifest(latents, mnist_shards, aes):
     assert man["autoencoder"]["hash"] == autoencoder_hash(load_autoencoder(aes["a"]))
     assert man["autoencoder"]["scale_factor"] == pytest.approx(0.7)
     assert man["autoencoder"]["shift_factor"] == pytest.approx(0.1)
-    lat = _samples(str(Path(latents) / man["shards"][0]["name"]))
-    img = _samples(str(Path(mnist_shards["test"]) / man["shards"][0]["name"]))
+    lat = read_samples(str(Path(latents) / man["shards"][0]["name"]))
+    img = read_samples(str(Path(mnist_shards["test"]) / man["shards"][0]["name"]))
     assert lat.keys() == img.keys()
     k = next(iter(lat))
     assert lat[k]["cls"] == img[k]["cls"] and lat[k]["txt"] == img[k]["txt"]
@@ -281,7 +272,7 @@ def test_encode_sample_mode_stores_point_posteriors(mnist_shards, aes, tmp_path)
                             "--mode", "sample", "--seed", "3"]) == 0
     man = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert man["mode"] == "sample" and man["num_samples"] == 125 and len(man["shards"]) == 1
-    a, b = (_samples(str(tmp_path / r / "shard-000000.tar")) for r in ("a", "b"))
+    a, b = (read_samples(str(tmp_path / r / "shard-000000.tar")) for r in ("a", "b"))
     k = sorted(a)[0]
     m = np.load(__import__("io").BytesIO(a[k]["moments.npy"]))
     assert np.all(m[4:] == LOGVAR_MIN)  # logvar at the clamp floor: sample() returns the stored z

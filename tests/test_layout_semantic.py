@@ -9,13 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tar_files import read_samples
 
 from ldm_lightning.diffusion.conditioning import ConditioningConfig, Conditioner
 from ldm_lightning.diffusion.layout import LayoutConfig, LayoutError, LayoutTokenizer, read_layouts
@@ -75,21 +75,12 @@ def test_box_fourier_gives_each_box_its_geometry_and_class_on_all_its_tokens():
         ConditioningConfig(kind="text", trainable_text={"box_fourier": 6})
 
 
-def _members(shard: Path) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(shard) as t:
-        for m in t.getmembers():
-            key, ext = m.name.split(".", 1)
-            out.setdefault(key, {})[ext] = t.extractfile(m).read()
-    return out
-
-
 @pytest.mark.longest
 def test_canvas_pack_fit_and_sample_with_layouts_and_maps(tmp_path):
     data = tmp_path / "canvas"
     _cli(["data", "pack", "--source", "mnist-canvas", "--split", "test", "--limit", "16", "--samples-per-shard", "8",
           "--class-maps", "--out", str(data), "--no-progress"], tmp_path)
-    samples = _members(data / "shard-000000.tar")
+    samples = read_samples(data / "shard-000000.tar")
     assert len(samples) == 8
     maps = tmp_path / "maps"
     maps.mkdir()

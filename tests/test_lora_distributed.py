@@ -69,6 +69,6 @@ def test_lora_trains_adapters_only_under_ddp_and_zero2(tiny_ae, mnist_shards, tm
     # ZeRO pads each rank's partition to an alignment; the frozen base (~100x the adapters here) is not in it
     assert adapter_numel <= partitioned < adapter_numel + 2 * 64, (adapter_numel, partitioned)
     _lora_fit(tmp_path, tiny_ae, mnist_shards, "deepspeed-zero2.yaml", "zero", 4, "--ckpt_path", "last")
-    ds_state = torch.load(os.path.join(ds_last, "checkpoint", "mp_rank_00_model_states.pt"), map_location="cpu",
-                          weights_only=True, mmap=True)  # as resume.py reads the step
+    states_file = os.path.join(ds_last, "checkpoint", "mp_rank_00_model_states.pt")
+    ds_state = torch.load(states_file, weights_only=True, map_location="cpu", mmap=True)  # as resume.py reads the step
     assert ds_state["global_step"] == 4, {k: v for k, v in ds_state.items() if "step" in k}
