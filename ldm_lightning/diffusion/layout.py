@@ -50,6 +50,12 @@ class LayoutConfig:
                 raise ValueError(f"conditioning.layout.{name} must be >= 1, got {getattr(self, name)}")
 
 
+def bin_centre(token, num_classes: int, position_bins: int):
+    """The coordinate (a fraction of the image side) that a position token, an int or a tensor of them, stands for:
+    its bin's centre (position tokens follow the class tokens in the vocabulary)."""
+    return (token - num_classes + 0.5) / position_bins
+
+
 class LayoutTokenizer:
     """Layouts <-> token ids (see the module docstring for the vocabulary)."""
 
@@ -106,7 +112,7 @@ class LayoutTokenizer:
         """The layout of token ids (positions at their bins' centres)."""
         c, bins = self.cfg.num_classes, self.cfg.position_bins
         body = [int(i) for i in ids[1:] if int(i) != self.pad]
-        return [[body[k], *((body[k + j] - c + 0.5) / bins for j in range(1, 5))] for k in range(0, len(body), 5)]
+        return [[body[k], *(bin_centre(body[k + j], c, bins) for j in range(1, 5))] for k in range(0, len(body), 5)]
 
     def batch(self, layouts: list, device=None, where: str = "layout") -> dict:
         """{'context_ids' (B, L) int64, 'context_mask' (B, L) bool (False = pad)}: τθ's input."""
@@ -145,7 +151,8 @@ class BoxFourierEmbedding(nn.Module):
             raise ValueError(f"box_fourier: {L} layout tokens; a layout is 1 + 5 * max_boxes tokens")
         boxes = ids[:, 1:].reshape(B, (L - 1) // 5, 5)  # (B, K, 5): class, x0, y0, x1, y1
         real = (boxes[..., 0] < self.num_classes).unsqueeze(-1)  # (B, K, 1); pad boxes are not real
-        xy = ((boxes[..., 1:] - self.num_classes).clamp(0, self.position_bins - 1).float() + 0.5) / self.position_bins
+        positions = boxes[..., 1:].clamp(self.num_classes, self.num_classes + self.position_bins - 1)  # pad: any bin
+        xy = bin_centre(positions.float(), self.num_classes, self.position_bins)  # (B, K, 4) in (0, 1)
         angles = xy.unsqueeze(-1) * self.scales  # (B, K, 4, F)
         feats = torch.cat([angles.sin(), angles.cos()], -1).flatten(2)  # (B, K, 8 F)
         emb = self.proj(feats)  # (B, K, width)
