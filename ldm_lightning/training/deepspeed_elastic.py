@@ -93,7 +93,8 @@ def restore_untrained_state(module: torch.nn.Module, path: str | os.PathLike) ->
         state = ranks[0]["module"]
         frozen = {name: torch.cat([r["frozen_param_fragments"][name].flatten() for r in ranks])[:shape.numel()]
                   .view(shape) for name, shape in (ranks[0].get("frozen_param_shapes") or {}).items()}
-    unexpected = [k for k in [*state, *frozen] if k not in params and k not in dict(module.named_buffers())]
+    buffers = dict(module.named_buffers())
+    unexpected = [k for k in [*state, *frozen] if k not in params and k not in buffers]
     if unexpected:
         raise UniversalConversionError(f"cannot resume {path}: it holds entries this model lacks ({unexpected[:3]})")
     module.load_state_dict({k: v for k, v in state.items() if k not in params}, strict=False)  # the buffers
